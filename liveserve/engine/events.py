@@ -1,0 +1,54 @@
+"""What a session reports: one decision per frame, and streamed responses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FrameDecision:
+    """The streaming-EOS decision at a frame's last token.
+
+    p_silent is P(interval token); the session stays silent when p_silent >= threshold and the
+    interval token then wins the argmax. `action` is "silent", "respond", or "query" when a user
+    query at this frame's time pre-empts the decision (as in the reference). `token_id` is the
+    argmax after thresholding; any non-interval argmax fires, even if it is not the respond token.
+    """
+
+    timestamp: float
+    frame_index: int
+    p_silent: float
+    fired: bool
+    action: str
+    token_id: int
+    lag_s: float  # decision time minus the frame's arrival, wall clock
+    cache_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseStarted:
+    timestamp: float  # stream time of the trigger (frame or query)
+    trigger: str  # "proactive" | "query"
+    query: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseDelta:
+    timestamp: float
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseDone:
+    timestamp: float
+    trigger: str
+    query: str | None
+    text: str
+    num_tokens: int
+    finish_reason: str  # "eos" | "length"
+    ttft_s: float  # trigger to first token, wall clock
+    duration_s: float
+
+
+Event = FrameDecision | ResponseStarted | ResponseDelta | ResponseDone

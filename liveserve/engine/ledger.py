@@ -1,0 +1,73 @@
+"""Which cached tokens belong to which part of the stream, and what a cache policy evicts.
+
+The cache is a sequence of whole segments, in cache order:
+  prefix  bos + system prompt (+ a first query): the attention sink, never evicted
+  frame   10 <v> tokens plus the "," that joins the frame to the next one
+  text    a user or assistant turn, e.g. "]\\nUser: q\\nAssistant: a<eos>\\n[" (framing included)
+Eviction removes whole segments only, so no frame is split and the framing of what stays is intact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from liveserve.config import CacheConfig
+
+
+@dataclass(slots=True)
+class Segment:
+    kind: str  # "prefix" | "frame" | "text"
+    length: int
+    pinned: bool = False  # the first user instruction stays with the sink
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.length for s in self.segments)
+
+    def add(self, kind: str, length: int, pinned: bool = False) -> None:
+        if length:
+            self.segments.append(Segment(kind, length, pinned))
+
+    def extend_last(self, length: int) -> None:
+        self.segments[-1].length += length
+
+    def count(self, kind: str) -> int:
+        return sum(1 for s in self.segments if s.kind == kind)
+
+    def plan_eviction(self, config: CacheConfig, incoming_frames: int) -> list[int] | None:
+        """Segment indices to evict so the kept frames (with `incoming_frames` more) and text fit the
+        window, or None when nothing needs to go. Frames go `evict_frames` at a time (oldest first);
+        text goes oldest turn first but the newest turn always stays."""
+        if config.policy != "sink_window":
+            return None
+        victims: list[int] = []
+        frames = [i for i, s in enumerate(self.segments) if s.kind == "frame"]
+        if len(frames) + incoming_frames > config.window_frames:
+            excess = len(frames) + incoming_frames - config.window_frames
+            victims += frames[: min(len(frames), max(excess, config.evict_frames))]
+        texts = [i for i, s in enumerate(self.segments) if s.kind == "text" and not s.pinned]
+        text_tokens = sum(self.segments[i].length for i in texts)
+        for i in texts[:-1]:
+            if text_tokens <= config.text_window_tokens:
+                break
+            victims.append(i)
+            text_tokens -= self.segments[i].length
+        return sorted(victims) or None
+
+    def evict(self, victims: list[int]) -> torch.Tensor:
+        """Drop the victim segments; return the cache indices of the kept tokens, ascending."""
+        drop = set(victims)
+        keep, start = [], 0
+        for i, seg in enumerate(self.segments):
+            if i not in drop:
+                keep.append(torch.arange(start, start + seg.length))
+            start += seg.length
+        self.segments = [s for i, s in enumerate(self.segments) if i not in drop]
+        return torch.cat(keep) if keep else torch.empty(0, dtype=torch.long)

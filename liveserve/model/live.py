@@ -1,0 +1,73 @@
+"""The LIVE model: vision tower -> connector (Linear, GELU, Linear) -> causal LM, plus the stream template.
+
+Frame features (the vision tower's output) are what Perception sends and what training reads; the
+connector maps them into the LM's embedding space at the <v> slots. The LM runs with the "liveserve"
+attention backend so sessions own their KV storage.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from liveserve.engine.attention import StepContext
+from liveserve.model.template import StreamTemplate
+from liveserve.model.vision import FrameLayout, VisionEncoder
+
+
+def build_connector(vision_hidden: int, hidden: int) -> nn.Sequential:
+    # Same module indices as VideoLLM-online (connector.0 / connector.2), so its weights load as-is.
+    return nn.Sequential(nn.Linear(vision_hidden, hidden, bias=True), nn.GELU(), nn.Linear(hidden, hidden, bias=True))
+
+
+class LiveModel(nn.Module):
+    def __init__(self, lm: nn.Module, connector: nn.Module, template: StreamTemplate, layout: FrameLayout,
+                 vision: VisionEncoder | None, *, vision_hidden_size: int, frame_size: int, system_prompt: str,
+                 name: str = "") -> None:
+        super().__init__()
+        self.lm, self.connector, self.vision = lm, connector, vision
+        self.template, self.layout = template, layout
+        self.vision_hidden_size, self.frame_size = vision_hidden_size, frame_size
+        self.system_prompt, self.name = system_prompt, name
+        text = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        self.num_layers = text.num_hidden_layers
+        self.num_kv_heads = text.num_key_value_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.max_positions = text.max_position_embeddings
+        self.hidden_size = text.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.connector[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.connector[0].weight.dtype
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.lm.model.rotary_emb.inv_freq
+
+    @torch.inference_mode()
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 images [N, 3, S, S] -> vision features [N, tokens_per_frame, vision_hidden]."""
+        if self.vision is None:
+            raise RuntimeError(f"model {self.name!r} was loaded without a vision tower; send frame features instead")
+        return self.vision(pixels.to(self.device))
+
+    def embed_frames(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features [N, tokens_per_frame, vision_hidden] -> LM embeddings [N * tokens_per_frame, hidden]."""
+        out = self.connector(features.to(self.device, self.dtype))
+        return out.reshape(-1, out.shape[-1])
+
+    def embed_ids(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return self.lm.get_input_embeddings()(ids)
+
+    def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, step: StepContext,
+                     logits_at: torch.Tensor) -> torch.Tensor:
+        """One forward over packed new tokens [T, hidden] at `positions` [T]; returns fp32 logits at the
+        packed indices `logits_at` (each sequence's last token, typically)."""
+        out = self.lm.model(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False, kv_step=step)
+        hidden = out.last_hidden_state[0, logits_at]
+        return self.lm.lm_head(hidden).float()

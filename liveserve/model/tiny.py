@@ -1,0 +1,144 @@
+"""Tiny random-weight checkpoints in the exact layouts of the real ones, for tests, the demo and benchmarks.
+
+Everything is built from configs and a fixed seed in a second or two; nothing is downloaded. The
+tokenizer is a small byte-level BPE with Llama-3's pre-tokenizer split, trained on template text, so
+"," and "]\\n" are single tokens as in Llama-3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM, SiglipConfig, SiglipModel, SiglipVisionConfig,
+                          SiglipVisionModel)
+
+from liveserve.model.live import build_connector
+from liveserve.model.loading import CONNECTOR_FILE, LIVE_CONFIG, LIVE_FORMAT
+from liveserve.model.template import DEFAULT_SYSTEM_PROMPT
+
+BOS, EOS = "<|begin_of_text|>", "<|eot_id|>"
+# Llama-3's pre-tokenizer pattern: keeps "]\n" (punctuation + newlines) together so BPE can merge it.
+_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_WORDS = ("red green blue yellow purple orange white black square circle triangle star ball box car person "
+          "appears enters moves left right up down across the frame screen turns becomes changes colour color "
+          "to from leaves disappears stops slowly quickly now there is a an of and in on at what happening "
+          "see video please narrate real time describe you I it this that where how many")
+LAYOUTS = ("liveserve", "videollm-online")
+LLM_FAMILIES = ("llama", "qwen2")
+VISION_FAMILIES = ("siglip", "clip")
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    corpus = [f"{BOS}{DEFAULT_SYSTEM_PROMPT}\n\n[<v>,<v>,<v>]\nUser: Please narrate the video in real time."
+              f"\nAssistant: A red square appears.{EOS}\n[<v>,<v>]\nAssistant: It moves left.{EOS}\n["] * 20
+    corpus += [_WORDS] * 10 + [" " + w for w in _WORDS.split()] * 5 + ["]\n[,]\n,]\n"] * 50
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=640, special_tokens=[BOS, EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS)
+
+
+def _lm(family: str, vocab: int, bos: int, eos: int, max_positions: int):
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                  bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False,
+                  rope_theta=500000.0)
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common))
+    if family == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common))
+    raise ValueError(f"tiny LLM family must be one of {LLM_FAMILIES}, got {family!r}")
+
+
+def _vision(family: str, image_size: int, full: bool):
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=8)
+    if family == "siglip":
+        if full:  # google/siglip-* checkpoints are full SiglipModel (text + vision)
+            text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, max_position_embeddings=16)
+            return SiglipModel(SiglipConfig(text_config=text, vision_config=common)), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        return SiglipVisionModel(SiglipVisionConfig(**common)), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    if family == "clip":
+        return CLIPVisionModel(CLIPVisionConfig(**common, projection_dim=32)), \
+            (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    raise ValueError(f"tiny vision family must be one of {VISION_FAMILIES}, got {family!r}")
+
+
+def write_tiny_checkpoint(out_dir: str | Path, *, layout: str = "liveserve", llm: str = "llama",
+                          vision: str = "siglip", seed: int = 0, image_size: int = 64,
+                          max_positions: int = 131072, lora_rank: int = 8) -> Path:
+    """Write a random-weight LIVE checkpoint to `out_dir` and return the directory `load_model` takes.
+
+    layout="videollm-online" writes base/ (LLM), vision/ (full SigLIP) and adapter/ (PEFT LoRA with the
+    connector in modules_to_save) and returns adapter/, whose config points at the other two.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    vocab = ((len(tokenizer) + 63) // 64) * 64
+    lm = _lm(llm, vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, max_positions)
+    tower, mean, std = _vision(vision, image_size, full=layout == "videollm-online")
+    vision_hidden = 32
+    connector = build_connector(vision_hidden, lm.config.hidden_size)
+    llm_dir, vision_dir = out / ("llm" if layout == "liveserve" else "base"), out / "vision"
+    lm.save_pretrained(llm_dir)
+    tokenizer.save_pretrained(llm_dir)
+    tower.save_pretrained(vision_dir)
+    (vision_dir / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": list(mean), "image_std": list(std), "size": {"height": image_size, "width": image_size}}))
+    if layout == "liveserve":
+        save_file({f"{k}": v.contiguous() for k, v in connector.state_dict().items()}, str(out / CONNECTOR_FILE))
+        (out / LIVE_CONFIG).write_text(json.dumps({
+            "format": LIVE_FORMAT, "llm": "llm", "vision": "vision", "frame_cls_token": True, "frame_pooled": 3,
+            "system_prompt": DEFAULT_SYSTEM_PROMPT}, indent=2))
+        return out
+    return _write_adapter(out, lm, connector, vision_hidden, lora_rank)
+
+
+def _write_adapter(out: Path, lm, connector, vision_hidden: int, rank: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    lm.connector = connector
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, init_lora_weights=False,
+                        target_modules=r"model.*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head$",
+                        modules_to_save=["connector"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(lm, config)
+    with torch.no_grad():  # a trained connector differs from the base's freshly initialised one
+        for p in peft_model.base_model.model.connector.modules_to_save["default"].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    adapter_dir = out / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "../base"
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    (adapter_dir / "config.json").write_text(json.dumps({
+        "model_type": "live_llama", "vision_pretrained": "../vision", "frame_token_cls": True,
+        "frame_token_pooled": [3, 3], "frame_num_tokens": 10, "frame_token_interval": ",",
+        "v_placeholder": "<v>", "vision_hidden_size": vision_hidden}, indent=2))
+    return adapter_dir
+
+
+def tiny_checkpoint(root: str | Path | None = None) -> Path:
+    """The default tiny checkpoint, written once into a cache directory and reused."""
+    base = Path(root or os.environ.get("LIVESERVE_CACHE", Path.home() / ".cache" / "liveserve"))
+    target = base / "tiny-live"
+    if not (target / LIVE_CONFIG).is_file():
+        tmp = base / f".tiny-live.{os.getpid()}"
+        write_tiny_checkpoint(tmp)
+        tmp.replace(target) if not target.exists() else None
+    return target
