@@ -7,7 +7,7 @@ liveserve layout (what `liveserve train` and the tiny factory write)::
     DIR/live_config.json      {"format": "liveserve.live/1", "llm": "llm", "vision": "vision", ...}
     DIR/llm/                  a Hugging Face causal LM (Llama or Qwen2 family) + its tokenizer
     DIR/vision/               a SigLIP or CLIP vision model (full or vision-only checkpoint)
-    DIR/connector.safetensors connector.{0,2}.{weight,bias}
+    DIR/connector.safetensors {0,2}.{weight,bias} (Linear, GELU, Linear)
 
 VideoLLM-online release layout (e.g. videollm-online-8b-v1plus)::
 
@@ -110,6 +110,8 @@ def _load_videollm_online(path: Path, base_model, vision_model, device, dtype, m
     peft_model = PeftModel.from_pretrained(lm, str(path), is_trainable=False)
     lm = peft_model.merge_and_unload() if merge_lora else peft_model.base_model.model
     connector = lm.connector
+    if hasattr(connector, "modules_to_save"):  # unmerged: PEFT keeps a ModulesToSaveWrapper around the copy
+        connector = connector.modules_to_save["default"]
     del lm.connector
     vision = _load_vision(vision_dir, layout, device, dtype) if load_vision else None
     system_prompt = extra.get("system_prompt", DEFAULT_SYSTEM_PROMPT)

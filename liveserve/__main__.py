@@ -1,0 +1,5 @@
+import sys
+
+from liveserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""`liveserve run`: stream a video file through one session and print what the model says, as it says it."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from liveserve.config import SessionConfig
+from liveserve.engine.events import FrameDecision, ResponseDelta, ResponseDone, ResponseStarted
+from liveserve.engine.session import Session
+from liveserve.model.live import LiveModel
+from liveserve.video import VideoFrame, iter_video_frames, paced, probe_video
+
+DEFAULT_QUERY = (0.0, "Please narrate the video in real time.")
+
+
+@dataclass(slots=True)
+class RunStats:
+    frames: int = 0
+    fired: int = 0
+    responses: int = 0
+    busy_s: float = 0.0  # time spent encoding and stepping (the reference's "processing FPS" basis)
+    peak_cache_bytes: int = 0
+    max_lag_s: float = 0.0
+
+
+class Printer:
+    """Timestamped, streamed output on stdout; a progress line on stderr."""
+
+    def __init__(self, total_frames: int, out=sys.stdout, err=sys.stderr) -> None:
+        self.total, self.out, self.err = total_frames, out, err
+        self.tty = err.isatty()
+        self._open_line = False
+        self._next_report = 0.1
+
+    def event(self, event) -> None:
+        if isinstance(event, ResponseStarted):
+            self._clear_progress()
+            if event.query is not None:
+                self.out.write(f"[{event.timestamp:7.2f}s] User: {event.query}\n")
+            self.out.write(f"[{event.timestamp:7.2f}s] Assistant:")
+        elif isinstance(event, ResponseDelta):
+            self.out.write(event.text.replace("\n", " "))
+        elif isinstance(event, ResponseDone):
+            self.out.write(f"  ({event.num_tokens} tokens, {event.finish_reason}, ttft {event.ttft_s * 1e3:.0f} ms)\n")
+        self.out.flush()
+
+    def progress(self, stats: RunStats, cache_tokens: int) -> None:
+        done = stats.frames / max(self.total, 1)
+        fps = stats.frames / stats.busy_s if stats.busy_s else 0.0
+        line = (f"frames {stats.frames}/{self.total}  fired {stats.fired}  responses {stats.responses}  "
+                f"cache {cache_tokens} tok  {fps:.1f} FPS")
+        if self.tty:
+            self.err.write(f"\r{line}")
+            self._open_line = True
+        elif done >= self._next_report or stats.frames == self.total:
+            self.err.write(f"{line}\n")
+            self._next_report = done + 0.1
+        self.err.flush()
+
+    def finish(self) -> None:
+        self._clear_progress()
+
+    def _clear_progress(self) -> None:
+        if self._open_line:
+            self.err.write("\r\033[K")
+            self._open_line = False
+
+
+def run_video(model: LiveModel, video: str, *, fps: float, config: SessionConfig, queries: list[tuple[float, str]],
+              realtime: bool = False, max_frames: int | None = None, printer: Printer | None = None) -> RunStats:
+    info = probe_video(video)
+    total = info.num_frames_at(fps) if max_frames is None else min(max_frames, info.num_frames_at(fps))
+    printer = printer or Printer(total)
+    session = Session(model, config, session_id="run")
+    due = sorted(queries)  # each query enters the stream when the video reaches its time
+    stats = RunStats()
+    frames = iter_video_frames(video, fps=fps, size=model.frame_size, max_frames=max_frames)
+
+    def handle_events() -> None:
+        last = time.perf_counter()
+        for event in session.process():
+            now = time.perf_counter()
+            stats.busy_s, last = stats.busy_s + now - last, now
+            if isinstance(event, FrameDecision):
+                stats.frames += 1
+                stats.fired += event.fired
+                stats.max_lag_s = max(stats.max_lag_s, event.lag_s)
+                stats.peak_cache_bytes = max(stats.peak_cache_bytes, session.cache.nbytes)
+                printer.progress(stats, event.cache_tokens)
+            elif isinstance(event, ResponseDone):
+                stats.responses += 1
+            printer.event(event)
+
+    if realtime:
+        _run_realtime(session, frames, due, handle_events)
+    else:
+        for frame in frames:
+            _push(session, frame, due)
+            handle_events()
+    for timestamp, text in due:  # queries timed after the last frame
+        session.push_query(timestamp, text)
+    handle_events()
+    printer.finish()
+    return stats
+
+
+def _push(session: Session, frame: VideoFrame, due: list[tuple[float, str]]) -> None:
+    while due and due[0][0] <= frame.timestamp:
+        session.push_query(*due.pop(0))
+    session.push_frame(frame.timestamp, frame.pixels)
+
+
+def _run_realtime(session: Session, frames, due, handle_events) -> None:
+    """Frames arrive at wall-clock pace from a reader thread; whatever queued up during a reply is
+    processed afterwards, in order, and its lag shows in the decisions."""
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            for frame in paced(frames):
+                _push(session, frame, due)
+        except BaseException as exc:  # surfaced on the main thread
+            failure.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=reader, name="video-reader", daemon=True)
+    thread.start()
+    while not done.is_set() or session.backlog:
+        handle_events()
+        time.sleep(0.002)
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def parse_query(spec: str) -> tuple[float, str]:
+    """'12.5:What is he holding?' -> (12.5, 'What is he holding?')."""
+    time_part, sep, text = spec.partition(":")
+    try:
+        timestamp = float(time_part)
+    except ValueError:
+        timestamp = float("nan")
+    if not sep or not text.strip() or not timestamp >= 0:
+        raise ValueError(f"--query must look like 'SECONDS:text' with SECONDS >= 0, got {spec!r}")
+    return timestamp, text.strip()

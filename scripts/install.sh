@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create a virtualenv with liveserve and its test extras. torch is installed as the pinned CPU build
+# (2.13.0) unless the environment already has a torch: a bare "torch" requirement would otherwise pull
+# several GB of CUDA packages.
+set -euo pipefail
+venv="${1:-.venv}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "install: creating $venv" >&2
+  "$python" -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  echo "install: torch==2.13.0" >&2
+  "$venv/bin/python" -m pip install -q "torch==2.13.0"
+fi
+echo "install: liveserve[test]" >&2
+"$venv/bin/python" -m pip install -q -e ".[test]"
