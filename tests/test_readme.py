@@ -1,0 +1,17 @@
+"""The README's Python example runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_python_example_runs(tiny_dir, monkeypatch, capsys):
+    block = re.search(r"## Python API\n+```python\n(.*?)```", README.read_text(), re.S).group(1)
+    monkeypatch.setenv("LIVESERVE_CACHE", str(tiny_dir.parent))  # tiny_checkpoint() writes/reuses here
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.count("P(silent)=") == 6
+    assert "tokens," in out
