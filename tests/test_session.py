@@ -281,3 +281,17 @@ def test_pushing_from_another_thread_while_processing_loses_nothing(mixed_model)
     thread.join()
     seen += [e.frame_index for e in session.process() if isinstance(e, FrameDecision)]
     assert seen == list(range(40))
+
+
+def test_sampled_replies_are_reproducible_by_seed(tiny_model):
+    def reply(seed):
+        session = Session(tiny_model, SessionConfig(threshold=1.0, max_new_tokens=12, temperature=1.0, top_p=0.9,
+                                                    seed=seed))
+        session.push_frame(0.0, frame_bank(tiny_model, 1)[0])
+        return next(e.text for e in session.process() if isinstance(e, ResponseDone))
+
+    greedy = Session(tiny_model, SessionConfig(threshold=1.0, max_new_tokens=12))
+    greedy.push_frame(0.0, frame_bank(tiny_model, 1)[0])
+    greedy_text = next(e.text for e in greedy.process() if isinstance(e, ResponseDone))
+    assert reply(1) == reply(1)
+    assert len({reply(1), reply(2), reply(3), greedy_text}) > 1
