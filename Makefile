@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml scripts/install.sh
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/liveserve run
+	$(BIN)/liveserve run --max-new-tokens 24
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -7,8 +7,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from liveserve.config import CACHE_POLICIES, DEFAULT_THRESHOLD, CacheConfig, SessionConfig
+
+if TYPE_CHECKING:  # torch/transformers take seconds to import; the CLI imports them only when needed
+    from liveserve.model.live import LiveModel
 
 _CACHE_DEFAULTS = CacheConfig()
 
@@ -73,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load(args) -> "LiveModel":  # noqa: F821 (import kept lazy: torch/transformers take seconds)
+def load(args) -> LiveModel:
     from liveserve.model.loading import load_model
     from liveserve.model.tiny import tiny_checkpoint
 

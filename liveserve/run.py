@@ -32,9 +32,10 @@ class RunStats:
 class Printer:
     """Timestamped, streamed output on stdout; a progress line on stderr."""
 
-    def __init__(self, total_frames: int, out=sys.stdout, err=sys.stderr) -> None:
-        self.total, self.out, self.err = total_frames, out, err
-        self.tty = err.isatty()
+    def __init__(self, total_frames: int, out=None, err=None) -> None:
+        # Resolve the streams now, not at import: callers may have redirected them since.
+        self.total, self.out, self.err = total_frames, out or sys.stdout, err or sys.stderr
+        self.tty = self.err.isatty()
         self._open_line = False
         self._next_report = 0.1
 
