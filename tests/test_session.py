@@ -295,3 +295,12 @@ def test_sampled_replies_are_reproducible_by_seed(tiny_model):
     greedy_text = next(e.text for e in greedy.process() if isinstance(e, ResponseDone))
     assert reply(1) == reply(1)
     assert len({reply(1), reply(2), reply(3), greedy_text}) > 1
+
+
+def test_a_closed_session_refuses_input(tiny_model):
+    session = Session(tiny_model, SessionConfig())
+    session.close()
+    with pytest.raises(SessionError, match="closed"):
+        session.push_frame(0.0, frame_bank(tiny_model, 1)[0])
+    with pytest.raises(SessionError, match="closed"):
+        session.push_query(0.0, "hi")

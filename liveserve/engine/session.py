@@ -82,6 +82,7 @@ class Session:
         self._last_frame_time = -math.inf
         self._rng = torch.Generator().manual_seed(self.config.seed)
         self.frames_decided = self.responses = 0
+        self.closed = False
 
     # ---- input -------------------------------------------------------------------------------
 
@@ -89,11 +90,12 @@ class Session:
         """Queue a frame: an image (uint8 tensor [3,H,W], numpy [H,W,3] or PIL image, resized and padded
         to the tower's input) or precomputed vision features [tokens_per_frame, vision_hidden]."""
         timestamp = _check_time(timestamp, "frame")
-        if timestamp < self._last_frame_time:
-            raise SessionError(f"frame timestamp {timestamp:.3f}s is before the previous frame's "
-                               f"{self._last_frame_time:.3f}s; timestamps must not go backwards")
         item = self._as_frame(timestamp, frame)
         with self._lock:
+            self._check_open()
+            if timestamp < self._last_frame_time:
+                raise SessionError(f"frame timestamp {timestamp:.3f}s is before the previous frame's "
+                                   f"{self._last_frame_time:.3f}s; timestamps must not go backwards")
             self._last_frame_time = timestamp
             self._frames.append(item)
 
@@ -105,6 +107,7 @@ class Session:
         if n > self.config.max_query_tokens:
             raise SessionError(f"query is {n} tokens; the limit is {self.config.max_query_tokens}")
         with self._lock:
+            self._check_open()
             self._queries.append(_Query(timestamp, time.monotonic(), text.strip()))
 
     @property
@@ -279,8 +282,13 @@ class Session:
         self.cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=1, max_tokens=0, dtype=self.model.dtype,
                              device=self.model.device, initial_capacity=0)
         with self._lock:
+            self.closed = True
             self._frames.clear()
             self._queries.clear()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SessionError("session is closed")
 
     # ---- validation ------------------------------------------------------------------------------
 
@@ -296,12 +304,12 @@ class Session:
         if isinstance(frame, (torch.Tensor, np.ndarray)) or hasattr(frame, "convert"):
             from liveserve.video import resize_and_pad
 
+            if self.model.vision is None:
+                raise SessionError("this model has no vision tower loaded; send frame features")
             try:
                 pixels = resize_and_pad(frame, self.model.frame_size)
             except ValueError as exc:
                 raise SessionError(f"bad frame image: {exc}") from exc
-            if self.model.vision is None:
-                raise SessionError("this model has no vision tower loaded; send frame features")
             return _Frame(timestamp, arrival, pixels=pixels)
         raise SessionError(f"a frame is an image or a features tensor, got {type(frame).__name__}")
 
