@@ -26,10 +26,6 @@ class StepContext:
     def __init__(self, parts: list[tuple[KVCache, int]]) -> None:
         self.parts = parts
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.parts)
-
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
         # query [1, heads, T, dim]; key/value [1, kv_heads, T, dim] -> output [1, T, heads, dim]
