@@ -72,6 +72,15 @@ class KVCache:
         self.positions[self.length:self.length + n] = positions
         self.length += n
 
+    def kept_positions(self) -> torch.Tensor:
+        return self.positions[: self.length]
+
+    def close(self) -> None:
+        """Drop the storage; the cache holds nothing afterwards."""
+        self.keys = self.values = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.positions = torch.empty(0, dtype=torch.long, device=self.device)
+        self.length, self._capacity, self.max_tokens = 0, 0, 0
+
     def keep(self, index: torch.Tensor, inv_freq: torch.Tensor | None) -> None:
         """Keep only the tokens at `index` (ascending), moved to the front. With `inv_freq`, positions
         become contiguous 0..k-1 and the keys are re-rotated to match; without, positions are kept."""

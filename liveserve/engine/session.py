@@ -4,51 +4,70 @@ One session owns one KV cache that only ever grows by appends (earlier tokens ar
 and shrinks by whole-segment evictions under a bounded policy. Each frame is one forward of
 [pending tokens + the frame's <v> embeddings]; the decision is read at the frame's last token.
 
-The request path, top to bottom:
-    push_frame / push_query   validate, queue (thread-safe; callers may push while `process` runs)
-    process                   take the next input in stream-time order -> step -> events
-    _step_frame / _respond    make room (evict) -> forward -> update ledger, pending tokens, state
+A session is a state machine driven one forward at a time, so the same code runs alone or batched:
+    push_frame / push_query   validate, queue (thread-safe; callers may push while steps run)
+    plan                      take the next piece of work (frame, reply prompt or reply token), make
+                              room in the cache (evict), reserve it -> a StepInput
+    (a forward)               `process` runs it alone; BatchEngine packs many sessions' inputs in one
+    complete                  the logits at the step's last token -> ledger, pending tokens, events
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from liveserve.config import SessionConfig
 from liveserve.engine.attention import StepContext
 from liveserve.engine.events import Event, FrameDecision, ResponseDelta, ResponseDone, ResponseStarted
+from liveserve.engine.inputs import QueuedFrame, QueuedQuery, SessionError, SubmitFrame, as_frame, check_time
 from liveserve.engine.kv_cache import CacheFullError, KVCache
 from liveserve.engine.ledger import Ledger
 from liveserve.model.live import LiveModel
 
+__all__ = ["Session", "SessionError", "StepInput", "ForwardTrace", "cache_limit"]
+
 NEW, STREAMING, REPLIED = "new", "streaming", "replied"  # nothing fed / inside "[..." / after a reply's eos
 
 
-class SessionError(ValueError):
-    """Bad input for a session (the session itself is unaffected)."""
+@dataclass(frozen=True, slots=True)
+class StepInput:
+    """One session's share of a forward: text ids, then (for a frame step) the frame's vision features."""
+
+    ids: tuple[int, ...]
+    features: torch.Tensor | None  # [tokens_per_frame, vision_hidden]
+    positions: torch.Tensor  # [num_tokens]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.numel()
+
+
+@dataclass(slots=True)
+class _Reply:
+    trigger: str  # "proactive" | "query"
+    timestamp: float
+    query: str | None
+    started: float  # wall clock at the trigger
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    ttft: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
-class _Frame:
-    timestamp: float
-    arrival: float
-    pixels: torch.Tensor | None = None  # uint8 [3, S, S]
-    features: torch.Tensor | None = None  # [tokens_per_frame, vision_hidden]
-
-
-@dataclass(frozen=True, slots=True)
-class _Query:
-    timestamp: float
-    arrival: float
-    text: str
+class _Planned:
+    kind: str  # "frame" | "prompt" | "token"
+    step: StepInput
+    frame: QueuedFrame | None = None
+    segment: str = ""  # prompt: ledger segment kind of the new text
+    pending: int = 0  # prompt: pending tokens that close the previous segment
+    pinned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,43 +83,53 @@ class ForwardTrace:
 
 
 class Session:
-    def __init__(self, model: LiveModel, config: SessionConfig | None = None, session_id: str = "") -> None:
+    def __init__(self, model: LiveModel, config: SessionConfig | None = None, session_id: str = "", *,
+                 cache=None, encoder: SubmitFrame | None = None) -> None:
+        """`cache`: a PagedCache from a KVPool (batched serving); by default the session owns a KVCache.
+        `encoder`: submits pushed images for batched encoding; by default frames are encoded when stepped."""
         self.model, self.config, self.session_id = model, config or SessionConfig(), session_id
         self.template = model.template
         self.system_prompt = self.config.system_prompt or model.system_prompt
         self.ledger = Ledger()
-        self.cache = KVCache(num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
-                             max_tokens=self._cache_limit(), dtype=model.dtype, device=model.device)
+        self.cache = cache if cache is not None else KVCache(
+            num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+            max_tokens=cache_limit(model, self.config), dtype=model.dtype, device=model.device)
+        self.encoder = encoder
         self.trace: list[ForwardTrace] | None = None
         self._contiguous = self.config.cache.positions == "contiguous"
         self._state, self._pending = NEW, []
         self._next_position = 0
         self._instruction_pinned = False
-        self._frames: deque[_Frame] = deque()
-        self._queries: deque[_Query] = deque()
+        self._reply: _Reply | None = None
+        self._prompted = False  # the reply's prompt has been fed
+        self._planned: _Planned | None = None
+        self._frames: deque[QueuedFrame] = deque()
+        self._queries: deque[QueuedQuery] = deque()
         self._lock = threading.Lock()
-        self._last_frame_time = -math.inf
+        self._last_frame_time = -float("inf")
         self._rng = torch.Generator().manual_seed(self.config.seed)
-        self.frames_decided = self.responses = 0
+        self.frames_decided = self.frames_dropped = self.responses = 0
         self.closed = False
+        self.failure: str | None = None
 
     # ---- input -------------------------------------------------------------------------------
 
     def push_frame(self, timestamp: float, frame) -> None:
-        """Queue a frame: an image (uint8 tensor [3,H,W], numpy [H,W,3] or PIL image, resized and padded
-        to the tower's input) or precomputed vision features [tokens_per_frame, vision_hidden]."""
-        timestamp = _check_time(timestamp, "frame")
-        item = self._as_frame(timestamp, frame)
+        """Queue a frame: encoded image bytes, an image (uint8 tensor [3,H,W], numpy [H,W,3] or PIL image,
+        resized and padded to the tower's input) or precomputed vision features [tokens_per_frame, hidden]."""
+        timestamp = check_time(timestamp, "frame")
+        with self._lock:  # refuse early and cheaply, before decoding
+            self._check_open()
+            self._check_order(timestamp)
+        item = as_frame(self.model, timestamp, frame, self.encoder)
         with self._lock:
             self._check_open()
-            if timestamp < self._last_frame_time:
-                raise SessionError(f"frame timestamp {timestamp:.3f}s is before the previous frame's "
-                                   f"{self._last_frame_time:.3f}s; timestamps must not go backwards")
+            self._check_order(timestamp)
             self._last_frame_time = timestamp
             self._frames.append(item)
 
     def push_query(self, timestamp: float, text: str) -> None:
-        timestamp = _check_time(timestamp, "query")
+        timestamp = check_time(timestamp, "query")
         if not isinstance(text, str) or not text.strip():
             raise SessionError("query text is empty")
         n = len(self.template.encode(text))
@@ -108,49 +137,139 @@ class Session:
             raise SessionError(f"query is {n} tokens; the limit is {self.config.max_query_tokens}")
         with self._lock:
             self._check_open()
-            self._queries.append(_Query(timestamp, time.monotonic(), text.strip()))
+            self._queries.append(QueuedQuery(timestamp, time.monotonic(), text.strip()))
 
     @property
     def backlog(self) -> int:
         return len(self._frames)
 
-    # ---- processing ----------------------------------------------------------------------------
+    def drop_stale_frames(self, max_lag_s: float | None, max_queued: int) -> list[float]:
+        """Keep the session real-time: drop the oldest queued frames while more than `max_queued` wait or
+        they span more than `max_lag_s` of stream time (the newest frame always stays). Returns the
+        dropped frames' timestamps."""
+        dropped = []
+        with self._lock:
+            frames = self._frames
+            while len(frames) > 1 and (len(frames) > max_queued or (
+                    max_lag_s is not None and frames[-1].timestamp - frames[0].timestamp > max_lag_s)):
+                frame = frames.popleft()
+                if isinstance(frame.features, Future):
+                    frame.features.cancel()  # spare the encoder work nobody will read
+                dropped.append(frame.timestamp)
+        self.frames_dropped += len(dropped)
+        return dropped
+
+    # ---- processing: alone -------------------------------------------------------------------------
 
     def process(self) -> Iterator[Event]:
-        """Process everything queued, in stream-time order, yielding events as they happen. A query is
-        answered before the first frame later than it, or right after a frame at the same time."""
-        while (item := self._next_item()) is not None:
-            if isinstance(item, _Query):
-                yield from self._respond("query", item.timestamp, item.text)
-                continue
-            decision, query = self._step_frame(item)
-            yield decision
-            if query is not None:
-                yield from self._respond("query", query.timestamp, query.text)
-            elif decision.fired:
-                yield from self._respond("proactive", item.timestamp, None)
+        """Process everything queued, in stream-time order, one forward at a time, yielding events as
+        they happen. A query is answered before the first frame later than it, or right after a frame at
+        the same time."""
+        while (events := self.step_alone()) is not None:
+            yield from events
 
-    def _next_item(self) -> _Frame | _Query | None:
+    def step_alone(self) -> list[Event] | None:
+        """One step (plan -> a forward of this session alone -> complete); None when there is no work."""
+        step = self.plan()
+        if step is None:
+            return None
+        embeds = self.model.embed_step([step])
+        n = step.num_tokens
+        with torch.inference_mode():
+            logits = self.model.forward_step(embeds, step.positions, StepContext([(self.cache, n)]),
+                                             torch.tensor([n - 1], device=self.model.device))[0]
+        return self.complete(logits)
+
+    # ---- processing: one step ----------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Whether `plan` has work that can run now (a queued frame's encoding may still be pending)."""
+        if self.closed:
+            return False
+        if self._reply is not None:
+            return True
         with self._lock:
-            if self._queries and (not self._frames or self._queries[0].timestamp < self._frames[0].timestamp):
-                return self._queries.popleft()
-            return self._frames.popleft() if self._frames else None
+            item = self._peek_item()
+        return item is not None and (isinstance(item, QueuedQuery) or item.ready)
 
-    def _step_frame(self, frame: _Frame) -> tuple[FrameDecision, _Query | None]:
-        features = frame.features if frame.features is not None else self.model.encode_frames(frame.pixels[None])[0]
-        if self._state == NEW:
-            ids = self.template.start_ids(self.system_prompt)
-        elif self._state == REPLIED:
-            ids = self._pending + list(self.template.stream_open_ids)
+    def next_step_tokens(self) -> int:
+        """How many tokens the next `plan` would feed (0: nothing to do); the scheduler's batch budget."""
+        if self._reply is not None:
+            return 1 if self._prompted else len(self._prompt_ids(self._reply.trigger, self._reply.query)[0])
+        with self._lock:
+            item = self._peek_item()
+        if item is None:
+            return 0
+        if isinstance(item, QueuedQuery):
+            return len(self._prompt_ids("query", item.text)[0])
+        return len(self._frame_ids()) + self.model.layout.num_tokens
+
+    def fail(self, message: str) -> None:
+        """Stop the session for good (its memory returns at once); later input is refused with `message`."""
+        self.failure = message
+        self.close()
+
+    def plan(self) -> StepInput | None:
+        """Take the next piece of work and make room for it; None when there is nothing to do. Raises
+        CacheFullError (nothing written) when the work cannot fit the cache or the model's positions."""
+        if self._planned is not None:
+            raise RuntimeError(f"session {self.session_id!r}: complete the planned step before planning another")
+        if self.closed:
+            return None
+        if self._reply is not None:
+            planned = self._plan_token() if self._prompted else self._plan_prompt()
         else:
-            ids = self._pending
+            with self._lock:
+                item = self._pop_item()
+            if item is None:
+                return None
+            if isinstance(item, QueuedQuery):
+                self._start_reply("query", item.timestamp, item.text)
+                planned = self._plan_prompt()
+            else:
+                planned = self._plan_frame(item)
+        self._planned = planned
+        return planned.step
+
+    def complete(self, logits: torch.Tensor) -> list[Event]:
+        """Apply the planned step's result: fp32 logits [vocab] at its last token."""
+        planned, self._planned = self._planned, None
+        if planned is None:
+            raise RuntimeError(f"session {self.session_id!r}: no planned step to complete")
+        step = planned.step
+        self.cache.commit(step.positions)
+        self._next_position = int(step.positions[-1]) + 1
+        if self.trace is not None:
+            self._record(step, logits)
+        if planned.kind == "frame":
+            return self._complete_frame(planned, logits)
+        events: list[Event] = []
+        if planned.kind == "prompt":
+            if planned.pending:
+                self.ledger.extend_last(planned.pending)
+            self.ledger.add(planned.segment, step.num_tokens - planned.pending, planned.pinned)
+            self._instruction_pinned |= self._reply.trigger == "query"
+            self._prompted = True
+            events.append(ResponseStarted(self._reply.timestamp, self._reply.trigger, self._reply.query))
+        else:
+            self.ledger.extend_last(1)
+        return events + self._next_token(logits)
+
+    # ---- frames ----------------------------------------------------------------------------------------
+
+    def _plan_frame(self, frame: QueuedFrame) -> _Planned:
+        features = frame.vision_features(self.model)
+        ids = self._frame_ids()
         self._make_room(incoming_frames=1)
-        logits = self._forward(ids, features)
+        return _Planned("frame", self._reserve(ids, features), frame=frame)
+
+    def _complete_frame(self, planned: _Planned, logits: torch.Tensor) -> list[Event]:
+        frame, ids = planned.frame, planned.step.ids
         if self._state == NEW:
             self.ledger.add("prefix", len(ids))
         elif ids:
             self.ledger.extend_last(len(ids))  # "," closes the previous frame; eos + "\n[" close the turn
-        self.ledger.add("frame", features.shape[0])
+        self.ledger.add("frame", self.model.layout.num_tokens)
         self._state, self._pending = STREAMING, []
         with self._lock:
             query = self._queries.popleft() if self._queries and self._queries[0].timestamp <= frame.timestamp else None
@@ -164,52 +283,69 @@ class Session:
             self._pending = [self.template.interval_id]
         self.frames_decided += 1
         action = "query" if query is not None else ("respond" if fired else "silent")
-        return FrameDecision(frame.timestamp, self.frames_decided - 1, p_silent, fired, action, token,
-                             time.monotonic() - frame.arrival, self.cache.length), query
+        decision = FrameDecision(frame.timestamp, self.frames_decided - 1, p_silent, fired, action, token,
+                                 time.monotonic() - frame.arrival, self.cache.length)
+        if query is not None:
+            self._start_reply("query", query.timestamp, query.text)
+        elif fired:
+            self._start_reply("proactive", frame.timestamp, None)
+        return [decision]
 
-    def _respond(self, trigger: str, timestamp: float, query: str | None) -> Iterator[Event]:
-        started = time.monotonic()
-        pending: list[int] = []
-        kind, pinned = "text", False
+    # ---- replies ---------------------------------------------------------------------------------------
+
+    def _start_reply(self, trigger: str, timestamp: float, query: str | None) -> None:
+        self._reply = _Reply(trigger, timestamp, query, time.monotonic())
+        self._prompted = False
+
+    def _prompt_ids(self, trigger: str, query: str | None) -> tuple[list[int], str, int, bool]:
+        """A reply's prompt: (ids, ledger segment kind, pending tokens it starts with, pinned)."""
         if trigger == "proactive":
-            ids = list(self.template.stream_reply_ids)
-        elif self._state == NEW:
-            ids, kind = self.template.first_query_ids(self.system_prompt, query), "prefix"
-        else:
-            pending = self._pending if self._state == REPLIED else []  # a pending "," is dropped: "]" closes
-            ids = pending + self.template.query_ids(query, stream_open=self._state == STREAMING)
-            pinned = not self._instruction_pinned
+            return list(self.template.stream_reply_ids), "text", 0, False
+        if self._state == NEW:
+            return self.template.first_query_ids(self.system_prompt, query), "prefix", 0, False
+        pending = self._pending if self._state == REPLIED else []  # a pending "," is dropped: "]" closes
+        ids = pending + self.template.query_ids(query, stream_open=self._state == STREAMING)
+        return ids, "text", len(pending), not self._instruction_pinned
+
+    def _frame_ids(self) -> list[int]:
+        if self._state == NEW:
+            return self.template.start_ids(self.system_prompt)
+        if self._state == REPLIED:
+            return self._pending + list(self.template.stream_open_ids)
+        return self._pending
+
+    def _plan_prompt(self) -> _Planned:
+        ids, segment, pending, pinned = self._prompt_ids(self._reply.trigger, self._reply.query)
         self._make_room(incoming_frames=0)
         self._check_room(len(ids) + self.config.max_new_tokens + 1)
-        yield ResponseStarted(timestamp, trigger, query)
-        logits = self._forward(ids, None)
-        if pending:
-            self.ledger.extend_last(len(pending))
-        self.ledger.add(kind, len(ids) - len(pending), pinned)
-        self._instruction_pinned |= trigger == "query"
-        tokens: list[int] = []
-        text, ttft = "", 0.0
-        while True:
-            token = self._pick(logits)
-            tokens.append(token)
-            if len(tokens) == 1:
-                ttft = time.monotonic() - started
-            if token == self.template.eos_id:
-                finish, self._pending = "eos", [token]
-                break
-            decoded = self.template.decode(tokens)
-            if not decoded.endswith("\ufffd") and len(decoded) > len(text):  # hold back split UTF-8
-                yield ResponseDelta(timestamp, decoded[len(text):], (token,))
-                text = decoded
-            if len(tokens) == self.config.max_new_tokens:
-                finish, self._pending = "length", [token, self.template.eos_id]  # close the turn properly
-                break
-            logits = self._forward([token], None)
-            self.ledger.extend_last(1)
-        self._state = REPLIED
+        return _Planned("prompt", self._reserve(ids, None), segment=segment, pending=pending, pinned=pinned)
+
+    def _plan_token(self) -> _Planned:
+        return _Planned("token", self._reserve([self._reply.tokens[-1]], None))
+
+    def _next_token(self, logits: torch.Tensor) -> list[Event]:
+        reply = self._reply
+        token = self._pick(logits)
+        reply.tokens.append(token)
+        if len(reply.tokens) == 1:
+            reply.ttft = time.monotonic() - reply.started
+        if token == self.template.eos_id:
+            return [self._finish_reply("eos", [token])]
+        events: list[Event] = []
+        decoded = self.template.decode(reply.tokens)
+        if not decoded.endswith("\ufffd") and len(decoded) > len(reply.text):  # hold back split UTF-8
+            events.append(ResponseDelta(reply.timestamp, decoded[len(reply.text):], (token,)))
+            reply.text = decoded
+        if len(reply.tokens) == self.config.max_new_tokens:
+            events.append(self._finish_reply("length", [token, self.template.eos_id]))  # close the turn properly
+        return events
+
+    def _finish_reply(self, finish: str, pending: list[int]) -> ResponseDone:
+        reply, self._reply = self._reply, None
+        self._state, self._pending = REPLIED, pending
         self.responses += 1
-        text = self.template.decode(tokens)
-        yield ResponseDone(timestamp, trigger, query, text, len(tokens), finish, ttft, time.monotonic() - started)
+        return ResponseDone(reply.timestamp, reply.trigger, reply.query, self.template.decode(reply.tokens),
+                            len(reply.tokens), finish, reply.ttft, time.monotonic() - reply.started)
 
     def _pick(self, logits: torch.Tensor) -> int:
         if self.config.temperature == 0.0:
@@ -221,20 +357,20 @@ class Session:
             probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
         return int(torch.multinomial(probs.cpu(), 1, generator=self._rng))
 
-    # ---- cache -----------------------------------------------------------------------------------
+    # ---- queues ----------------------------------------------------------------------------------------
 
-    def _cache_limit(self) -> int:
-        cache, limit = self.config.cache, self.model.max_positions
-        if cache.policy == "full":
-            return limit
-        turn = self.config.max_query_tokens + self.config.max_new_tokens + 16  # framing of one turn
-        prefix = len(self.template.start_ids(self.config.system_prompt or self.model.system_prompt)) + turn
-        frame = self.model.layout.num_tokens + 1
-        bound = prefix + (cache.window_frames + 2) * frame + cache.text_window_tokens + 2 * turn
-        if cache.positions == "contiguous" and bound > limit:
-            raise ValueError(f"sink_window needs up to {bound} positions but the model has {limit}; "
-                             "lower window_frames, text_window_tokens or max_new_tokens")
-        return min(bound, limit)
+    def _peek_item(self) -> QueuedFrame | QueuedQuery | None:
+        if self._queries and (not self._frames or self._queries[0].timestamp < self._frames[0].timestamp):
+            return self._queries[0]
+        return self._frames[0] if self._frames else None
+
+    def _pop_item(self) -> QueuedFrame | QueuedQuery | None:
+        item = self._peek_item()
+        if item is not None:
+            (self._queries if isinstance(item, QueuedQuery) else self._frames).popleft()
+        return item
+
+    # ---- cache -----------------------------------------------------------------------------------------
 
     def _make_room(self, incoming_frames: int) -> None:
         victims = self.ledger.plan_eviction(self.config.cache, incoming_frames)
@@ -256,69 +392,50 @@ class Session:
             raise CacheFullError(f"cache holds {self.cache.length} tokens; {n} more would pass its limit "
                                  f"of {self.cache.max_tokens}")
 
-    def _forward(self, ids: list[int], features: torch.Tensor | None) -> torch.Tensor:
-        parts = [self.model.embed_ids(ids)] if ids else []
-        if features is not None:
-            parts.append(self.model.embed_frames(features[None]))
-        embeds = torch.cat(parts) if len(parts) > 1 else parts[0]
-        n = embeds.shape[0]
+    def _reserve(self, ids: list[int], features: torch.Tensor | None) -> StepInput:
+        n = len(ids) + (0 if features is None else features.shape[0])
         self._check_room(n)
         self.cache.reserve(n)
         start = self.cache.length if self._contiguous else self._next_position
         positions = torch.arange(start, start + n, device=self.model.device)
-        with torch.inference_mode():
-            logits = self.model.forward_step(embeds, positions, StepContext([(self.cache, n)]),
-                                             torch.tensor([n - 1], device=self.model.device))[0]
-        self.cache.commit(positions)
-        self._next_position = start + n
-        if self.trace is not None:
-            self.trace.append(ForwardTrace(embeds.detach().clone(), positions.clone(),
-                                           self.cache.positions[: self.cache.length].clone(), logits.clone(),
-                                           tuple(ids), 0 if features is None else features.shape[0]))
-        return logits
+        return StepInput(tuple(ids), features, positions)
+
+    def _record(self, step: StepInput, logits: torch.Tensor) -> None:
+        embeds = self.model.embed_step([step])
+        self.trace.append(ForwardTrace(embeds.detach().clone(), step.positions.clone(),
+                                       self.cache.kept_positions().clone(), logits.clone(), step.ids,
+                                       0 if step.features is None else step.features.shape[0]))
 
     def close(self) -> None:
         """Release the cache memory; the session cannot be used afterwards."""
-        self.cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=1, max_tokens=0, dtype=self.model.dtype,
-                             device=self.model.device, initial_capacity=0)
         with self._lock:
             self.closed = True
             self._frames.clear()
             self._queries.clear()
+        self.cache.close()
 
     def _check_open(self) -> None:
+        if self.failure is not None:
+            raise SessionError(f"session failed: {self.failure}")
         if self.closed:
             raise SessionError("session is closed")
 
-    # ---- validation ------------------------------------------------------------------------------
-
-    def _as_frame(self, timestamp: float, frame) -> _Frame:
-        arrival = time.monotonic()
-        expected = (self.model.layout.num_tokens, self.model.vision_hidden_size)
-        if isinstance(frame, torch.Tensor) and frame.is_floating_point():
-            if tuple(frame.shape) != expected:
-                raise SessionError(f"frame features must have shape {expected}, got {tuple(frame.shape)}")
-            if not bool(torch.isfinite(frame).all()):
-                raise SessionError("frame features contain NaN or infinite values")
-            return _Frame(timestamp, arrival, features=frame)
-        if isinstance(frame, (torch.Tensor, np.ndarray)) or hasattr(frame, "convert"):
-            from liveserve.video import resize_and_pad
-
-            if self.model.vision is None:
-                raise SessionError("this model has no vision tower loaded; send frame features")
-            try:
-                pixels = resize_and_pad(frame, self.model.frame_size)
-            except ValueError as exc:
-                raise SessionError(f"bad frame image: {exc}") from exc
-            return _Frame(timestamp, arrival, pixels=pixels)
-        raise SessionError(f"a frame is an image or a features tensor, got {type(frame).__name__}")
+    def _check_order(self, timestamp: float) -> None:
+        if timestamp < self._last_frame_time:
+            raise SessionError(f"frame timestamp {timestamp:.3f}s is before the previous frame's "
+                               f"{self._last_frame_time:.3f}s; timestamps must not go backwards")
 
 
-def _check_time(timestamp, what: str) -> float:
-    try:
-        value = float(timestamp)
-    except (TypeError, ValueError):
-        raise SessionError(f"{what} timestamp must be a number, got {timestamp!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise SessionError(f"{what} timestamp must be finite and >= 0, got {timestamp!r}")
-    return value
+def cache_limit(model: LiveModel, config: SessionConfig) -> int:
+    """The most tokens a session's cache can hold under its policy: what a KV pool reserves for it."""
+    cache, limit = config.cache, model.max_positions
+    if cache.policy == "full":
+        return limit
+    turn = config.max_query_tokens + config.max_new_tokens + 16  # framing of one turn
+    prefix = len(model.template.start_ids(config.system_prompt or model.system_prompt)) + turn
+    frame = model.layout.num_tokens + 1
+    bound = prefix + (cache.window_frames + 2) * frame + cache.text_window_tokens + 2 * turn
+    if cache.positions == "contiguous" and bound > limit:
+        raise ValueError(f"sink_window needs up to {bound} positions but the model has {limit}; "
+                         "lower window_frames, text_window_tokens or max_new_tokens")
+    return min(bound, limit)

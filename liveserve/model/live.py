@@ -64,6 +64,29 @@ class LiveModel(nn.Module):
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         return self.lm.get_input_embeddings()(ids)
 
+    def embed_step(self, steps) -> torch.Tensor:
+        """Pack the inputs of one or more sessions' steps (each: text ids, then optional frame features)
+        into one [total_tokens, hidden] sequence, with one embedding lookup and one connector call."""
+        ids = [i for step in steps for i in step.ids]
+        features = [step.features for step in steps if step.features is not None]
+        pieces = []
+        if ids:
+            pieces.append(self.embed_ids(ids))
+        if features:
+            pieces.append(self.embed_frames(torch.stack([f.to(self.device) for f in features])))
+        table = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if len(steps) == 1:
+            return table  # ids then frame tokens: already in packing order
+        # Rows of `table`: all ids first, then all frame tokens; interleave them back per session.
+        frame_tokens, order, next_id, next_frame = self.layout.num_tokens, [], 0, len(ids)
+        for step in steps:
+            order.extend(range(next_id, next_id + len(step.ids)))
+            next_id += len(step.ids)
+            if step.features is not None:
+                order.extend(range(next_frame, next_frame + frame_tokens))
+                next_frame += frame_tokens
+        return table[torch.tensor(order, device=self.device)]
+
     def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, step: StepContext,
                      logits_at: torch.Tensor) -> torch.Tensor:
         """One forward over packed new tokens [T, hidden] at `positions` [T]; returns fp32 logits at the

@@ -1,0 +1,89 @@
+"""What a session queues, and the checks every input passes before it is queued.
+
+Validation happens on the caller's thread, before any state changes, so bad input is reported to its
+sender as a SessionError and never reaches the model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+# Submits uint8 pixels [3, S, S] for encoding and returns the features [tokens_per_frame, hidden] later.
+SubmitFrame = Callable[[torch.Tensor], "Future[torch.Tensor]"]
+
+
+class SessionError(ValueError):
+    """Bad input for a session (the session itself is unaffected)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedFrame:
+    timestamp: float
+    arrival: float  # time.monotonic() when pushed
+    pixels: torch.Tensor | None = None  # uint8 [3, S, S], encoded when the frame is stepped
+    features: torch.Tensor | Future | None = None  # [tokens_per_frame, vision_hidden], or a pending encode
+
+    @property
+    def ready(self) -> bool:
+        return not isinstance(self.features, Future) or self.features.done()
+
+    def vision_features(self, model) -> torch.Tensor:
+        if isinstance(self.features, Future):
+            return self.features.result()
+        if self.features is not None:
+            return self.features
+        return model.encode_frames(self.pixels[None])[0]
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedQuery:
+    timestamp: float
+    arrival: float
+    text: str
+
+
+def check_time(timestamp, what: str) -> float:
+    try:
+        value = float(timestamp)
+    except (TypeError, ValueError):
+        raise SessionError(f"{what} timestamp must be a number, got {timestamp!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise SessionError(f"{what} timestamp must be finite and >= 0, got {timestamp!r}")
+    return value
+
+
+def as_frame(model, timestamp: float, frame, encoder: SubmitFrame | None) -> QueuedFrame:
+    """An encoded image (bytes), an image (uint8 tensor [3,H,W], numpy [H,W,3], PIL) or precomputed vision
+    features [tokens_per_frame, vision_hidden] -> a queued frame. Images are decoded, resized and padded
+    now; with an `encoder` they are also submitted for (batched) encoding right away."""
+    arrival = time.monotonic()
+    expected = (model.layout.num_tokens, model.vision_hidden_size)
+    if isinstance(frame, torch.Tensor) and frame.is_floating_point():
+        if tuple(frame.shape) != expected:
+            raise SessionError(f"frame features must have shape {expected}, got {tuple(frame.shape)}")
+        if not bool(torch.isfinite(frame).all()):
+            raise SessionError("frame features contain NaN or infinite values")
+        return QueuedFrame(timestamp, arrival, features=frame)
+    if not isinstance(frame, (bytes, bytearray, memoryview, torch.Tensor, np.ndarray)) and not hasattr(frame, "convert"):
+        raise SessionError(f"a frame is an image or a features tensor, got {type(frame).__name__}")
+    if model.vision is None:
+        raise SessionError("this model has no vision tower loaded; send frame features")
+    from liveserve.video import VideoError, decode_image_bytes, resize_and_pad
+
+    try:
+        if isinstance(frame, (bytes, bytearray, memoryview)):
+            pixels = decode_image_bytes(bytes(frame), model.frame_size)
+        else:
+            pixels = resize_and_pad(frame, model.frame_size)
+    except (ValueError, VideoError) as exc:
+        raise SessionError(f"bad frame image: {exc}") from exc
+    if encoder is not None:
+        return QueuedFrame(timestamp, arrival, features=encoder(pixels))
+    return QueuedFrame(timestamp, arrival, pixels=pixels)
