@@ -72,3 +72,83 @@ class SessionConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_query_tokens < 1:
             raise ValueError(f"max_query_tokens must be >= 1, got {self.max_query_tokens}")
+
+
+ATTENTION_KERNELS = ("auto", "sdpa", "flash")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """The KV pool of one model replica.
+
+    The budget is `budget_tokens`, else `budget_bytes`, else a default: 25% of the free device memory on
+    CUDA, 1 GiB on CPU. Each admitted session reserves its cache policy's worst case (see docs); `full`
+    sessions would reserve the model's whole context, so `max_session_tokens` caps them.
+    """
+
+    budget_tokens: int | None = None
+    budget_bytes: int | None = None
+    block_size: int = 16
+    max_session_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("budget_tokens", "budget_bytes", "max_session_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """How one engine step is filled, and how a lagging session catches up.
+
+    A step serves each ready session at most once (a session's next step needs this step's logits),
+    least recently served first, up to `max_batch_sessions` sessions and `max_batch_tokens` new tokens.
+    A session whose queued frames span more than `max_lag_s` seconds of stream time, or number more
+    than `max_queued_frames`, drops its oldest queued frames (reported) and keeps the newest.
+    """
+
+    max_batch_sessions: int = 64
+    max_batch_tokens: int = 4096
+    max_lag_s: float | None = 2.0
+    max_queued_frames: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_batch_sessions < 1 or self.max_batch_tokens < 1:
+            raise ValueError("max_batch_sessions and max_batch_tokens must be >= 1")
+        if self.max_lag_s is not None and not self.max_lag_s >= 0:
+            raise ValueError(f"max_lag_s must be >= 0 or None, got {self.max_lag_s}")
+        if self.max_queued_frames < 1:
+            raise ValueError(f"max_queued_frames must be >= 1, got {self.max_queued_frames}")
+
+
+@dataclass(frozen=True, slots=True)
+class PerceptionConfig:
+    """Dynamic batching of frame encoding. The encoder takes up to `max_batch_size` waiting frames as soon
+    as it is free, so batches grow with load; `max_wait_ms` > 0 makes a small batch wait up to that long
+    for company (fuller batches, for towers whose per-call cost dominates, at that much latency)."""
+
+    max_batch_size: int = 32
+    max_wait_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """A batched engine: many sessions on one model replica."""
+
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    perception: PerceptionConfig = field(default_factory=PerceptionConfig)
+    attention: str = "auto"  # auto: flash-attn when usable (CUDA, fp16/bf16, installed), else torch SDPA
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")

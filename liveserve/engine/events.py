@@ -51,4 +51,21 @@ class ResponseDone:
     duration_s: float
 
 
-Event = FrameDecision | ResponseStarted | ResponseDelta | ResponseDone
+@dataclass(frozen=True, slots=True)
+class FramesDropped:
+    """The session fell behind its stream: these queued frames were skipped to catch up (newest kept)."""
+
+    timestamps: tuple[float, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFailed:
+    """The session cannot go on (e.g. its cache is full under the `full` policy); it takes no more input.
+    Its neighbours are unaffected."""
+
+    code: str  # "cache_full" | "internal"
+    message: str
+
+
+Event = FrameDecision | ResponseStarted | ResponseDelta | ResponseDone | FramesDropped | SessionFailed

@@ -1,0 +1,205 @@
+"""One device-resident KV pool per model replica, shared by many sessions in fixed-size blocks.
+
+Layout: keys and values are [layers, slots, kv_heads, head_dim] with slots = blocks * block_size. A
+session's cache is a list of blocks (its block table); logical token
+i lives in slot table[i // block_size] * block_size + i % block_size. Blocks come from a free list, so
+sessions join and leave between steps without moving anyone else's memory.
+
+Admission reserves a session's worst case up front (its cache policy's token limit, in whole blocks)
+and refuses a session whose reservation does not fit; blocks are then taken lazily as the cache grows.
+Because reservations never exceed the pool, an admitted session can always grow to its limit: no
+neighbour can starve it, and nothing is ever evicted from one session to make room for another.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from liveserve.config import PoolConfig
+from liveserve.engine.kv_cache import CacheFullError
+from liveserve.engine.rope import shift_keys
+
+
+def default_budget_bytes(device: torch.device) -> int:
+    """A quarter of the free device memory on CUDA (weights are already loaded); 1 GiB on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    return 1 << 30
+
+
+class PoolFullError(RuntimeError):
+    """Admitting a session would over-commit the pool; nothing was allocated."""
+
+
+class KVPool:
+    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, budget_tokens: int, block_size: int = 16) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if budget_tokens < block_size:
+            raise ValueError(f"the pool budget of {budget_tokens} tokens is less than one block of {block_size}")
+        self.block_size = block_size
+        self.num_blocks = budget_tokens // block_size
+        self.device, self.dtype = torch.device(device), dtype
+        slots = self.num_blocks * block_size
+        # Unwritten slots are never read (attention gathers only a session's committed and new tokens),
+        # so the storage needs no zeroing.
+        self.keys = torch.empty(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+        self.values = torch.empty_like(self.keys)
+        self._free = list(range(self.num_blocks - 1, -1, -1))  # a stack: low block ids are handed out first
+        self.reserved_blocks = 0
+        self.num_caches = 0
+
+    @classmethod
+    def for_model(cls, model, config: PoolConfig) -> KVPool:
+        """A pool shaped for `model`'s KV heads, sized by `config` (tokens, bytes, or a device default)."""
+        element = torch.empty(0, dtype=model.dtype).element_size()
+        per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * element
+        tokens = config.budget_tokens
+        if tokens is None:
+            tokens = (config.budget_bytes or default_budget_bytes(model.device)) // per_token
+        return cls(num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+                   dtype=model.dtype, device=model.device, budget_tokens=tokens, block_size=config.block_size)
+
+    # ---- accounting ----------------------------------------------------------------------------
+
+    @property
+    def bytes_per_token(self) -> int:
+        _, _, heads, dim = self.keys.shape
+        return 2 * self.keys.shape[0] * heads * dim * self.keys.element_size()
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity_tokens * self.bytes_per_token
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def can_admit(self, max_tokens: int) -> bool:
+        return self.reserved_blocks + self.blocks_for(max_tokens) <= self.num_blocks
+
+    # ---- sessions --------------------------------------------------------------------------------
+
+    def open_cache(self, max_tokens: int) -> PagedCache:
+        """Reserve room for a cache of up to `max_tokens` tokens or raise PoolFullError."""
+        need = self.blocks_for(max_tokens)
+        if self.reserved_blocks + need > self.num_blocks:
+            free = (self.num_blocks - self.reserved_blocks) * self.block_size
+            raise PoolFullError(
+                f"the session's cache policy needs up to {need * self.block_size} KV tokens "
+                f"({need * self.block_size * self.bytes_per_token / 2**20:.1f} MiB) but only {free} of the pool's "
+                f"{self.capacity_tokens} are unreserved ({self.num_caches} sessions hold the rest); "
+                "retry later, use another replica, or lower the session's window")
+        self.reserved_blocks += need
+        self.num_caches += 1
+        return PagedCache(self, max_tokens, need)
+
+    def _take_block(self) -> int:
+        return self._free.pop()  # cannot be empty: every block taken is covered by a reservation
+
+    def _give_back(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+    def _close(self, cache: PagedCache) -> None:
+        self._give_back(cache.blocks)
+        self.reserved_blocks -= cache.reserved_blocks
+        self.num_caches -= 1
+
+
+class PagedCache:
+    """One session's cache inside a KVPool; the same interface as KVCache, minus the per-layer write
+    (a PackedStep writes all sessions of a step at once)."""
+
+    def __init__(self, pool: KVPool, max_tokens: int, reserved_blocks: int) -> None:
+        self.pool, self.max_tokens, self.reserved_blocks = pool, max_tokens, reserved_blocks
+        self.blocks: list[int] = []
+        self.length = 0
+        self.closed = False
+        self._table = torch.empty(0, dtype=torch.long, device=pool.device)
+        # RoPE position of every cached token (small: kept per session, grown by doubling like KVCache).
+        self.positions = torch.zeros(min(256, max_tokens), dtype=torch.long, device=pool.device)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.blocks) * self.pool.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * self.pool.bytes_per_token
+
+    def reserve(self, n: int) -> None:
+        """Take blocks for n more tokens or raise CacheFullError before anything is written."""
+        need = self.length + n
+        if self.closed:
+            raise CacheFullError("cache is closed")
+        if need > self.max_tokens:
+            raise CacheFullError(f"cache holds {self.length} tokens; {n} more would pass its limit of {self.max_tokens}")
+        if need > self.capacity:
+            while self.capacity < need:
+                self.blocks.append(self.pool._take_block())
+            self._table = torch.tensor(self.blocks, dtype=torch.long, device=self.pool.device)
+
+    def slots(self, start: int, n: int) -> torch.Tensor:
+        """Pool slot indices of logical tokens start .. start+n-1 (blocks must already be reserved)."""
+        return self.slots_of(torch.arange(start, start + n, device=self.pool.device))
+
+    def slots_of(self, index: torch.Tensor) -> torch.Tensor:
+        size = self.pool.block_size
+        return self._table[index // size] * size + index % size
+
+    def commit(self, positions: torch.Tensor) -> None:
+        """The step's keys/values are in the pool (written by PackedStep); record positions, advance."""
+        end = self.length + positions.numel()
+        if end > self.positions.numel():
+            grown = torch.zeros(min(max(end, 2 * self.positions.numel()), self.max_tokens), dtype=torch.long,
+                                device=self.positions.device)
+            grown[: self.length] = self.positions[: self.length]
+            self.positions = grown
+        self.positions[self.length:end] = positions
+        self.length = end
+
+    def kept_positions(self) -> torch.Tensor:
+        return self.positions[: self.length]
+
+    def keep(self, index: torch.Tensor, inv_freq: torch.Tensor | None) -> None:
+        """Keep only the tokens at `index` (ascending), moved to the front, and return the blocks past
+        them to the pool. With `inv_freq`, positions become contiguous 0..k-1 and keys are re-rotated."""
+        pool = self.pool
+        index = index.to(pool.device)
+        k = index.numel()
+        source, target = self.slots_of(index), self.slots(0, k)
+        keys, values = pool.keys[:, source], pool.values[:, source]  # gathers copy, so overlap is safe
+        old_positions = self.positions[index]
+        new_positions = old_positions
+        if inv_freq is not None:
+            new_positions = torch.arange(k, device=pool.device)
+            shift = old_positions - new_positions
+            moved = shift != 0
+            if bool(moved.any()):
+                # [layers, tokens, heads, dim] -> shift_keys wants tokens second to last
+                rotated = shift_keys(keys[:, moved].transpose(1, 2), shift[moved], inv_freq)
+                keys[:, moved] = rotated.transpose(1, 2)
+        pool.keys[:, target], pool.values[:, target] = keys, values
+        self.positions[:k] = new_positions
+        self.length = k
+        keep_blocks = pool.blocks_for(k)
+        pool._give_back(self.blocks[keep_blocks:])
+        self.blocks = self.blocks[:keep_blocks]
+        self._table = self._table[:keep_blocks]
+
+    def close(self) -> None:
+        """Return every block and the reservation to the pool (idempotent)."""
+        if not self.closed:
+            self.pool._close(self)
+            self.blocks, self.length, self.closed = [], 0, True
+            self._table = self._table[:0]

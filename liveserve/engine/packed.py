@@ -1,0 +1,99 @@
+"""Attention for a packed multi-session forward over a KVPool.
+
+The new tokens of every scheduled session are packed into one [1, T] sequence (each with its own
+positions, so RoPE is per session). Per layer, `PackedStep.attend` scatters all new keys/values into
+their sessions' pool slots in one write, then each session's queries attend over that session's
+cache only: causal among its own new tokens, everything it cached before.
+
+Two kernels:
+  sdpa   the reference path (CPU, and GPU without flash-attn): gathers each session's K/V into a
+         padded [sessions, kv_heads, longest, dim] batch and runs torch SDPA with a per-session mask.
+  flash  flash-attn's varlen kernel (CUDA, fp16/bf16, when the optional `flash-attn` is installed):
+         K/V gathered back to back without padding, causal alignment bottom-right per session.
+All index tensors are built once per step and shared by every layer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from liveserve.config import ATTENTION_KERNELS
+from liveserve.engine.kv_pool import KVPool, PagedCache
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_kernel(requested: str, pool: KVPool) -> str:
+    """auto -> flash when it can run here, else sdpa; an explicit "flash" that cannot run is an error."""
+    if requested not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {requested!r}")
+    usable = pool.device.type == "cuda" and pool.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
+    if requested == "flash" and not usable:
+        raise ValueError("attention 'flash' needs CUDA, fp16/bf16 weights and the flash-attn package")
+    return "flash" if requested == "flash" or (requested == "auto" and usable) else "sdpa"
+
+
+class PackedStep:
+    def __init__(self, pool: KVPool, parts: list[tuple[PagedCache, int]], kernel: str = "sdpa") -> None:
+        self.pool, self.parts, self.kernel = pool, parts, kernel
+        device, size = pool.device, pool.block_size
+        counts = torch.tensor([n for _, n in parts], device=device)
+        before = torch.tensor([cache.length for cache, _ in parts], device=device)
+        totals = before + counts
+        widest, longest = int(counts.max()), int(totals.max())
+        # Every session's block table, padded with its own first block: [sessions, most blocks]
+        tables = [cache.blocks for cache, _ in parts]
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + t[:1] * (width - len(t)) for t in tables], device=device)
+        column = torch.arange(longest, device=device)
+        kv_slots = table[:, column // size] * size + column % size  # [sessions, longest]
+        valid = column[None] < totals[:, None]
+        # Padding keys point at the session's own first slot (real data, never NaN); the mask hides them.
+        self.gather = torch.where(valid, kv_slots, kv_slots[:, :1])
+        # Packed token t belongs to session `owner[t]` and is its `rank[t]`-th new token.
+        owner = torch.repeat_interleave(torch.arange(len(parts), device=device), counts)
+        offsets = counts.cumsum(0) - counts
+        rank = torch.arange(owner.numel(), device=device) - offsets[owner]
+        self.write_slots = self.gather[owner, before[owner] + rank]
+        if kernel == "flash":
+            self.kv_slots = kv_slots[valid]  # back to back, session by session
+            self.cu_q = _cumulative(counts)
+            self.cu_k = _cumulative(totals)
+            self.max_q, self.max_k = widest, longest
+            return
+        rows = torch.arange(widest, device=device)
+        self.query_index = offsets[:, None] + torch.where(rows[None] < counts[:, None], rows[None], 0)
+        # Query j of a session sees keys 0 .. before + j; padding rows see the whole (valid) cache.
+        limit = torch.minimum(before[:, None] + rows[None], totals[:, None] - 1)
+        self.mask = (column[None, None, :] <= limit[:, :, None])[:, None]
+        self.unpack = owner * widest + rank
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        # query [1, heads, T, dim]; key/value [1, kv_heads, T, dim] -> output [1, T, heads, dim]
+        keys, values = self.pool.keys[layer], self.pool.values[layer]  # [slots, kv_heads, dim] views
+        keys.index_copy_(0, self.write_slots, key[0].transpose(0, 1))
+        values.index_copy_(0, self.write_slots, value[0].transpose(0, 1))
+        q = query[0].transpose(0, 1)  # [T, heads, dim]
+        if self.kernel == "flash":
+            from flash_attn import flash_attn_varlen_func
+
+            out = flash_attn_varlen_func(q, keys[self.kv_slots], values[self.kv_slots], self.cu_q, self.cu_k,
+                                         self.max_q, self.max_k, softmax_scale=scaling, causal=True)
+            return out[None]
+        heads, dim = q.shape[1], q.shape[2]
+        padded_q = q[self.query_index].transpose(1, 2)  # [sessions, heads, widest, dim]
+        padded_k = keys[self.gather].transpose(1, 2)  # [sessions, kv_heads, longest, dim]
+        padded_v = values[self.gather].transpose(1, 2)
+        out = F.scaled_dot_product_attention(padded_q, padded_k, padded_v, attn_mask=self.mask, scale=scaling,
+                                             enable_gqa=padded_k.shape[1] != heads)
+        return out.transpose(1, 2).reshape(-1, heads, dim)[self.unpack][None]
+
+
+def _cumulative(counts: torch.Tensor) -> torch.Tensor:
+    return F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
