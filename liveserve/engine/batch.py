@@ -1,0 +1,206 @@
+"""Many sessions on one model replica: the batched engine.
+
+Sessions are admitted against a KV pool (refused with PoolFullError when their reservation does not
+fit), their frames are encoded by a shared dynamic-batching encoder, and every `step` is one
+explicit pass of
+
+    schedule   pick ready sessions fairly; drop frames of sessions lagging behind their stream
+    execute    plan each session's next piece of work, pack all of them into one forward
+    update     hand each session the logits at its last token -> decisions and reply tokens
+
+A session's step is a frame (decision), a reply prompt or one reply token, so frame steps and reply
+decoding of different sessions share forwards (continuous batching). A session whose own work cannot
+fit its cache fails alone (SessionFailed); its neighbours go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from liveserve.config import EngineConfig, SessionConfig
+from liveserve.engine.events import Event, SessionFailed
+from liveserve.engine.inputs import SessionError
+from liveserve.engine.kv_cache import CacheFullError
+from liveserve.engine.kv_pool import KVPool
+from liveserve.engine.packed import PackedStep, resolve_kernel
+from liveserve.engine.perception import BatchedFrameEncoder
+from liveserve.engine.scheduler import Scheduler
+from liveserve.engine.session import Session, StepInput, cache_limit
+from liveserve.model.live import LiveModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    sessions: int
+    steps: int
+    pool_capacity_tokens: int
+    pool_reserved_tokens: int
+    pool_used_tokens: int
+    pool_bytes: int
+    bytes_per_token: int
+    perception_batches: int
+    perception_frames: int
+
+
+class BatchEngine:
+    def __init__(self, model: LiveModel, config: EngineConfig | None = None) -> None:
+        self.model, self.config = model, config or EngineConfig()
+        self.pool = KVPool.for_model(model, self.config.pool)
+        self.kernel = resolve_kernel(self.config.attention, self.pool)
+        self.encoder = BatchedFrameEncoder(model, self.config.perception) if model.vision is not None else None
+        self._wakeup = threading.Event()  # set by pushes: there may be work
+        self.scheduler = Scheduler(self.config.scheduler)
+        self.steps = 0
+        self.last_batch: tuple[str, ...] = ()  # the sessions the latest step ran (introspection, metrics)
+        self._sessions: dict[str, Session] = {}  # admission order
+        # Held for a whole step and by open/close: the pool's block lists and a session's cache change only
+        # under it, so closing a session from another thread never frees memory a running forward uses.
+        self._step_lock = threading.Lock()
+
+    # ---- sessions --------------------------------------------------------------------------------------
+
+    def open(self, session_id: str, config: SessionConfig | None = None) -> Session:
+        """Admit a session or raise PoolFullError (why, and how much is free) / SessionError (id in use)."""
+        config = config or SessionConfig()
+        limit = cache_limit(self.model, config)
+        if config.cache.policy == "full" and self.config.pool.max_session_tokens is not None:
+            limit = min(limit, self.config.pool.max_session_tokens)
+        with self._step_lock:
+            if session_id in self._sessions:
+                raise SessionError(f"session {session_id!r} is already open")
+            cache = self.pool.open_cache(limit)
+            encoder = self.encoder.submit if self.encoder is not None else None
+            session = Session(self.model, config, session_id, cache=cache, encoder=encoder)
+            self._sessions[session_id] = session
+        return session
+
+    def session(self, session_id: str) -> Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise SessionError(f"unknown session {session_id!r}") from None
+
+    def push_frame(self, session_id: str, timestamp: float, frame) -> None:
+        self.session(session_id).push_frame(timestamp, frame)
+        self._wakeup.set()
+
+    def push_query(self, session_id: str, timestamp: float, text: str) -> None:
+        self.session(session_id).push_query(timestamp, text)
+        self._wakeup.set()
+
+    def close(self, session_id: str) -> None:
+        """Close a session and return its memory to the pool (safe while another thread steps)."""
+        with self._step_lock:
+            session = self._sessions.pop(session_id, None)
+            if session is None:
+                raise SessionError(f"unknown session {session_id!r}")
+            session.close()
+            self.scheduler.forget(session_id)
+
+    def shutdown(self) -> None:
+        with self._step_lock:
+            for session in self._sessions.values():
+                session.close()
+            self._sessions.clear()
+        if self.encoder is not None:
+            self.encoder.close()
+
+    @property
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    # ---- one step: schedule -> execute -> update ----------------------------------------------------
+
+    def step(self) -> list[tuple[str, Event]]:
+        with self._step_lock:
+            if self.encoder is not None:
+                self.encoder.encode_waiting()  # perception for every frame that arrived since the last step
+            schedule = self.scheduler.schedule([s for s in self._sessions.values() if not s.closed])
+            events: list[tuple[str, Event]] = list(schedule.dropped)
+            planned: list[tuple[Session, StepInput]] = []
+            for session in schedule.sessions:
+                try:
+                    step = session.plan()
+                except CacheFullError as exc:
+                    events.append(self._fail(session, "cache_full", str(exc)))
+                    continue
+                if step is not None:
+                    planned.append((session, step))
+            self.last_batch = tuple(s.session_id for s, _ in planned)
+            if not planned:
+                return events
+            try:
+                logits = self._execute(planned)
+            except Exception as exc:  # e.g. device OOM: the sessions of this batch fail, the engine goes on
+                log.exception("batched forward failed for %d sessions", len(planned))
+                return events + [self._fail(s, "internal", f"batched forward failed: {exc}") for s, _ in planned]
+            for (session, _), row in zip(planned, logits):
+                events.extend((session.session_id, event) for event in session.complete(row))
+            self.steps += 1
+            return events
+
+    def _execute(self, planned: list[tuple[Session, StepInput]]) -> torch.Tensor:
+        steps = [step for _, step in planned]
+        counts = torch.tensor([step.num_tokens for step in steps])
+        embeds = self.model.embed_step(steps)
+        positions = torch.cat([step.positions for step in steps])
+        packed = PackedStep(self.pool, [(s.cache, step.num_tokens) for s, step in planned], self.kernel)
+        with torch.inference_mode():
+            return self.model.forward_step(embeds, positions, packed, (counts.cumsum(0) - 1).to(self.model.device))
+
+    def _fail(self, session: Session, code: str, message: str) -> tuple[str, SessionFailed]:
+        session.fail(message)
+        return session.session_id, SessionFailed(code, message)
+
+    # ---- driving ---------------------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        """Whether any session has queued input or a step in progress (ready now or once encoded)."""
+        return any(s.backlog or s.ready() for s in self._sessions.values() if not s.closed)
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Block until a step has something to do (an input arrived, or frames to encode have waited
+        `max_wait_ms` for company) or the timeout passes; True when there is work. Lets a serving loop
+        sleep instead of spinning."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._wakeup.clear()  # clear first: a push landing between the check and the wait still wakes us
+            if any(s.ready() for s in self._sessions.values()):
+                return True
+            pending = self.encoder is not None and self.encoder.queue_depth > 0
+            wait = self.encoder.worth_waiting() if pending else deadline - time.monotonic()
+            if pending and wait <= 0:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._wakeup.wait(min(wait, remaining))
+
+    def run_until_idle(self, timeout_s: float = 60.0) -> list[tuple[str, Event]]:
+        """Step until no session has queued work, waiting for frames still being encoded. For tests and
+        batch jobs; a server runs `step` / `wait_for_work` in its own loop."""
+        deadline = time.monotonic() + timeout_s
+        events: list[tuple[str, Event]] = []
+        while self.has_work():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"engine still busy after {timeout_s}s")
+            if self.wait_for_work(min(remaining, 0.1)):
+                events.extend(self.step())
+        return events
+
+    def stats(self) -> EngineStats:
+        pool, perception = self.pool, self.encoder.stats if self.encoder is not None else None
+        return EngineStats(
+            sessions=len(self._sessions), steps=self.steps, pool_capacity_tokens=pool.capacity_tokens,
+            pool_reserved_tokens=pool.reserved_blocks * pool.block_size,
+            pool_used_tokens=pool.used_blocks * pool.block_size, pool_bytes=pool.nbytes,
+            bytes_per_token=pool.bytes_per_token, perception_batches=perception.batches if perception else 0,
+            perception_frames=perception.frames if perception else 0)

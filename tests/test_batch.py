@@ -1,0 +1,316 @@
+"""The batched engine: isolation (batched == alone), pool budget and reuse, admission, fairness and lag."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from engine_helpers import frame_bank, steered
+from liveserve.config import CacheConfig, EngineConfig, PerceptionConfig, PoolConfig, SchedulerConfig, SessionConfig
+from liveserve.engine.batch import BatchEngine
+from liveserve.engine.events import FrameDecision, FramesDropped, ResponseDone, SessionFailed
+from liveserve.engine.kv_pool import KVPool, PoolFullError
+from liveserve.engine.session import Session, SessionError, cache_limit
+
+TIMING_FIELDS = {"lag_s", "ttft_s", "duration_s"}
+WORDS = "what is the man holding now and where does he go".split()
+
+
+@pytest.fixture(scope="module")
+def mixed_model(tiny_model):
+    """Sharpened attention (larger q/k weights) so that any token seen by the wrong query moves the logits
+    well past float noise; steered to a mix of silent frames, replies and reply lengths."""
+    model = steered(tiny_model, interval_bias=8.0, eos_bias=7.8)
+    with torch.no_grad():
+        for layer in model.lm.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bank(mixed_model):
+    return frame_bank(mixed_model, 8, seed=5)
+
+
+def comparable(event) -> dict:
+    return {"type": type(event).__name__,
+            **{f: getattr(event, f) for f in event.__slots__ if f not in TIMING_FIELDS}}
+
+
+def assert_same_events(batched: list, alone: list) -> None:
+    assert [e["type"] for e in batched] == [e["type"] for e in alone]
+    for got, want in zip(batched, alone):
+        for field, value in want.items():
+            if isinstance(value, float):
+                assert got[field] == pytest.approx(value, abs=1e-4), (field, got, want)
+            else:
+                assert got[field] == value, (field, got, want)
+
+
+def no_drops(**pool) -> EngineConfig:
+    return EngineConfig(pool=PoolConfig(**pool), scheduler=SchedulerConfig(max_lag_s=None, max_queued_frames=10_000))
+
+
+session_configs = st.builds(
+    lambda threshold, max_new, policy, positions, window: SessionConfig(
+        threshold=threshold, max_new_tokens=max_new,
+        cache=CacheConfig(policy=policy, positions=positions, window_frames=window, evict_frames=min(2, window),
+                          text_window_tokens=30)),
+    threshold=st.floats(0.3, 0.8), max_new=st.integers(1, 4), policy=st.sampled_from(["full", "sink_window"]),
+    positions=st.sampled_from(["contiguous", "original"]), window=st.integers(1, 4))
+
+# A script over up to 4 sessions: join, push a frame, push a query, run one engine step, leave.
+script_ops = st.lists(st.one_of(
+    st.tuples(st.just("open"), st.integers(0, 3), session_configs),
+    st.tuples(st.just("frame"), st.integers(0, 3), st.sampled_from([0.0, 0.5])),
+    st.tuples(st.just("frame"), st.integers(0, 3), st.sampled_from([0.0, 0.5])),
+    st.tuples(st.just("query"), st.integers(0, 3), st.integers(1, 4)),
+    st.tuples(st.just("step"), st.integers(1, 3)),
+    st.tuples(st.just("close"), st.integers(0, 3)),
+), min_size=5, max_size=45)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=st.lists(session_configs, min_size=2, max_size=4), script=script_ops,
+       block_size=st.sampled_from([1, 4, 16]))
+def test_batched_sessions_equal_sessions_run_alone(mixed_model, bank, first, script, block_size):
+    """Random interleavings of sessions joining, streaming, querying, replying and leaving: each session's
+    decisions and replies in the batched engine equal the same inputs run through a Session alone."""
+    engine = BatchEngine(mixed_model, no_drops(budget_tokens=64_000, block_size=block_size, max_session_tokens=4000))
+    inputs: dict[str, list] = {}  # session id -> its pushes and the engine steps that ran it, in order
+    configs: dict[str, SessionConfig] = {}
+    batched: dict[str, list] = {}
+    clock: dict[str, float] = {}
+    finished: list[str] = []
+    traces: dict[str, list] = {}
+    generation, widest_step = 0, 0
+
+    def record(events):
+        nonlocal widest_step
+        widest_step = max(widest_step, len(engine.last_batch))
+        for sid in engine.last_batch:
+            inputs[sid].append(("step", None, None))
+        for sid, item in events:
+            batched[sid].append(comparable(item))
+
+    def leave(sid):
+        while engine.session(sid).backlog or engine.session(sid).ready():
+            record(engine.step())
+        traces[sid] = engine.session(sid).trace
+        engine.close(sid)
+        finished.append(sid)
+
+    open_ids: dict[int, str] = {}
+    script = [("open", slot, config) for slot, config in enumerate(first)] + script
+    for op in script:
+        kind, slot = op[0], op[1]
+        sid = open_ids.get(slot)
+        if kind == "open" and sid is None:
+            sid = open_ids[slot] = f"s{slot}-{generation}"
+            generation += 1
+            engine.open(sid, op[2]).trace = []
+            configs[sid], inputs[sid], batched[sid], clock[sid] = op[2], [], [], 0.0
+        elif kind == "frame" and sid is not None:
+            clock[sid] += op[2]
+            frame = bank[len(inputs[sid]) % len(bank)]
+            engine.push_frame(sid, clock[sid], frame)
+            inputs[sid].append(("frame", clock[sid], frame))
+        elif kind == "query" and sid is not None:
+            text = " ".join(WORDS[: op[2]])
+            engine.push_query(sid, clock[sid], text)
+            inputs[sid].append(("query", clock[sid], text))
+        elif kind == "step":
+            for _ in range(slot):
+                record(engine.step())
+        elif kind == "close" and sid is not None:
+            leave(open_ids.pop(slot))
+    for sid in list(open_ids.values()):
+        leave(sid)
+    assert engine.pool.reserved_blocks == 0 and engine.pool.used_blocks == 0  # every block came back
+
+    for sid in finished:
+        # Replay alone: the same pushes, and one solo step wherever the engine stepped this session, so
+        # both see the same queue at every step (a query pushed before or after a frame is decided differs).
+        alone = Session(mixed_model, configs[sid], sid)
+        alone.trace = []
+        events = []
+        for kind, timestamp, payload in inputs[sid]:
+            if kind == "step":
+                events.extend(alone.step_alone())
+            else:
+                (alone.push_frame if kind == "frame" else alone.push_query)(timestamp, payload)
+        assert alone.step_alone() is None
+        batched_logits = [t.logits for t in traces[sid]]
+        assert len(batched_logits) == len(alone.trace)
+        if alone.trace:
+            torch.testing.assert_close(torch.stack(batched_logits), torch.stack([t.logits for t in alone.trace]),
+                                       atol=2e-5, rtol=0)
+        assert_same_events(batched[sid], [comparable(e) for e in events])
+        event(f"replies: {min(sum(isinstance(e, ResponseDone) for e in events), 3)}+")
+    event(f"sessions: {len(finished)}, most sessions in one step: {widest_step}")
+    engine.shutdown()
+
+
+def test_pixels_are_encoded_in_batches_and_match_encoding_alone(mixed_model):
+    frames = [torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+              for i in range(6)]
+    config = SessionConfig(threshold=0.5, max_new_tokens=3)
+    engine = BatchEngine(mixed_model, EngineConfig(pool=PoolConfig(budget_tokens=20_000, max_session_tokens=2000),
+                                                   scheduler=SchedulerConfig(max_lag_s=None),
+                                                   perception=PerceptionConfig(max_batch_size=8, max_wait_ms=50)))
+    for k in range(4):
+        engine.open(f"s{k}", config)
+    for i, frame in enumerate(frames):
+        for k in range(4):
+            engine.push_frame(f"s{k}", i * 0.5, frame)
+    events = engine.run_until_idle()
+    stats = engine.stats()
+    assert stats.perception_frames == 24 and stats.perception_batches < 24  # frames of all sessions together
+    alone = Session(mixed_model, config)
+    for i, frame in enumerate(frames):
+        alone.push_frame(i * 0.5, frame)
+    want = [comparable(e) for e in alone.process()]
+    for k in range(4):
+        assert_same_events([comparable(e) for sid, e in events if sid == f"s{k}"], want)
+    engine.shutdown()
+
+
+def test_pool_never_exceeds_budget_and_reuses_freed_blocks(mixed_model, bank):
+    config = SessionConfig(cache=CacheConfig(policy="sink_window", window_frames=3, evict_frames=1,
+                                             text_window_tokens=20), max_new_tokens=3, max_query_tokens=8)
+    per_session = cache_limit(mixed_model, config)
+    engine = BatchEngine(mixed_model, no_drops(budget_tokens=2 * per_session + 16, block_size=16))
+    pool = engine.pool
+    a, b = engine.open("a", config), engine.open("b", config)
+    with pytest.raises(PoolFullError, match="unreserved"):
+        engine.open("c", config)  # a third reservation does not fit: refused, nothing allocated
+    assert pool.num_caches == 2
+    for i in range(40):
+        for sid in ("a", "b"):
+            engine.push_frame(sid, i * 0.5, bank[i % len(bank)])
+        engine.run_until_idle()
+        assert pool.used_blocks <= pool.num_blocks
+        assert a.cache.length <= a.cache.max_tokens and b.cache.length <= b.cache.max_tokens
+    blocks_of_a = set(a.cache.blocks)
+    assert blocks_of_a and not blocks_of_a & set(b.cache.blocks)
+    engine.close("a")
+    c = engine.open("c", config)  # admitted now, into a's memory
+    engine.push_frame("c", 0.0, bank[0])
+    engine.run_until_idle()
+    assert set(c.cache.blocks) <= blocks_of_a | set(range(pool.num_blocks)) - set(b.cache.blocks)
+    assert set(c.cache.blocks) & blocks_of_a
+    engine.shutdown()
+
+
+def test_neighbours_are_not_corrupted_when_a_session_leaves_or_fails(mixed_model, bank):
+    """b's cache must be bit-identical whether or not a neighbour grows, fails and leaves beside it."""
+    config = SessionConfig(threshold=0.5, max_new_tokens=2, cache=CacheConfig(policy="sink_window", window_frames=3,
+                                                                              evict_frames=1))
+    engine = BatchEngine(mixed_model, no_drops(budget_tokens=8000, max_session_tokens=60))
+    engine.open("a", SessionConfig(threshold=0.5, max_new_tokens=2))  # full policy, capped at 60: fails soon
+    b = engine.open("b", config)
+    failed = []
+    for i in range(8):
+        for sid in ("a", "b"):
+            try:
+                engine.push_frame(sid, i * 0.5, bank[i % len(bank)])
+            except SessionError as exc:
+                assert sid == "a" and "session failed" in str(exc)
+        failed += [e for sid, e in engine.run_until_idle() if isinstance(e, SessionFailed)]
+    assert len(failed) == 1 and failed[0].code == "cache_full" and "limit of 60" in failed[0].message
+    alone = Session(mixed_model, config)
+    for i in range(8):
+        alone.push_frame(i * 0.5, bank[i % len(bank)])
+    list(alone.process())
+    n = b.cache.length
+    assert n == alone.cache.length
+    slots = b.cache.slots(0, n)
+    torch.testing.assert_close(engine.pool.keys[:, slots].transpose(1, 2), alone.cache.keys[:, :, :n], atol=1e-5, rtol=0)
+    engine.shutdown()
+
+
+def test_lagging_sessions_drop_old_frames_and_every_session_progresses(mixed_model, bank):
+    """More load than capacity: 6 sessions, at most 2 per step. Every session keeps deciding frames, drops are
+    reported per session, and a lagging session keeps the newest frames."""
+    silent = steered(mixed_model, interval_bias=100.0)
+    engine = BatchEngine(silent, EngineConfig(pool=PoolConfig(budget_tokens=40_000, max_session_tokens=3000),
+                                              scheduler=SchedulerConfig(max_batch_sessions=2, max_lag_s=1.0)))
+    ids = [f"s{k}" for k in range(6)]
+    for sid in ids:
+        engine.open(sid)
+    decided = {sid: [] for sid in ids}
+    dropped = {sid: [] for sid in ids}
+    for i in range(30):  # a frame per session every tick, but only one step per tick
+        for sid in ids:
+            engine.push_frame(sid, i * 0.5, bank[i % len(bank)])
+        for sid, item in engine.step():
+            if isinstance(item, FrameDecision):
+                decided[sid].append(item.timestamp)
+            elif isinstance(item, FramesDropped):
+                assert "behind" in item.reason
+                dropped[sid].extend(item.timestamps)
+    for sid in ids:
+        assert len(decided[sid]) >= 8, decided  # 30 steps x 2 slots over 6 sessions: ~10 each
+        assert dropped[sid], dropped
+        assert not set(decided[sid]) & set(dropped[sid])
+        assert decided[sid] == sorted(decided[sid])
+        # keeps up: within max_lag_s plus one turn of the 3-step rotation of the newest frame (14.5 s)
+        assert decided[sid][-1] >= 29 * 0.5 - 1.0 - 1.5 - 1e-9
+        backlog = engine.session(sid).backlog
+        assert backlog <= 3  # at most max_lag_s of stream (1 s at 2 fps) plus the newest frame
+    counts = [len(decided[sid]) for sid in ids]
+    assert max(counts) - min(counts) <= 1  # fair: least recently served goes first
+    engine.shutdown()
+
+
+def test_token_budget_splits_a_step_without_starving_anyone(mixed_model, bank):
+    engine = BatchEngine(mixed_model, EngineConfig(
+        pool=PoolConfig(budget_tokens=20_000, max_session_tokens=2000),
+        scheduler=SchedulerConfig(max_batch_tokens=30, max_lag_s=None)))
+    for sid in ("a", "b", "c"):
+        engine.open(sid, SessionConfig(threshold=0.0))
+        engine.push_frame(sid, 0.0, bank[0])
+    first = engine.scheduler.schedule(engine.sessions)
+    assert len(first.sessions) == 1  # a first frame carries the system prompt: one per step fits the budget
+    engine.run_until_idle()
+    assert all(s.frames_decided == 1 for s in engine.sessions)
+    engine.shutdown()
+
+
+def test_admission_and_input_errors_are_specific(mixed_model):
+    engine = BatchEngine(mixed_model, no_drops(budget_tokens=4000))
+    engine.open("a", SessionConfig(cache=CacheConfig(policy="sink_window", window_frames=4, evict_frames=2)))
+    with pytest.raises(SessionError, match="already open"):
+        engine.open("a")
+    with pytest.raises(PoolFullError, match="needs up to"):
+        engine.open("b")  # a full-policy session reserves the model's whole context without a cap
+    with pytest.raises(SessionError, match="unknown session 'zz'"):
+        engine.push_frame("zz", 0.0, torch.zeros(10, mixed_model.vision_hidden_size))
+    with pytest.raises(SessionError, match="bad frame image|cannot decode"):
+        engine.push_frame("a", 0.0, b"not an image")
+    with pytest.raises(SessionError, match="unknown session"):
+        engine.close("zz")
+    engine.shutdown()
+
+
+def test_pool_rejects_a_budget_below_one_block():
+    with pytest.raises(ValueError, match="less than one block"):
+        KVPool(num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float32, device="cpu", budget_tokens=8,
+               block_size=16)
+
+
+def test_replies_of_several_sessions_share_forwards(mixed_model, bank):
+    talkative = steered(mixed_model, interval_bias=-100.0, eos_bias=-100.0)  # every frame fires a full reply
+    engine = BatchEngine(talkative, no_drops(budget_tokens=20_000, max_session_tokens=2000))
+    for sid in ("a", "b", "c"):
+        engine.open(sid, SessionConfig(max_new_tokens=5))
+        engine.push_frame(sid, 0.0, bank[0])
+    events = engine.run_until_idle()
+    done = [e for _, e in events if isinstance(e, ResponseDone)]
+    assert len(done) == 3 and all(e.num_tokens == 5 for e in done)
+    # 1 frame step + 1 prompt step + 4 more tokens, for all three sessions at once
+    assert engine.steps == 6
+    engine.shutdown()
