@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--window", type=int, default=50, help="frames averaged at each length (default: 50)")
     engine.add_argument("--json", dest="json_out", required=True, help="where to write the results")
 
+    batch = bench_sub.add_parser("batch", help="many streams: batched engine versus sequential sessions")
+    _add_model_options(batch)
+    batch.add_argument("--sessions", default="1,2,4,8,16,32,64", help="session counts (default: 1,2,4,8,16,32,64)")
+    batch.add_argument("--rounds", type=int, default=20, help="measured frames per session (default: 20)")
+    batch.add_argument("--warmup", type=int, default=3, help="unmeasured frames per session first (default: 3)")
+    batch.add_argument("--input", choices=("pixels", "features"), default="pixels",
+                       help="pixels: include batched frame encoding; features: decision steps only (default: pixels)")
+    batch.add_argument("--json", dest="json_out", required=True, help="where to write the results")
+
     tiny = sub.add_parser("tiny", help="write a tiny random-weight checkpoint")
     tiny.add_argument("out", help="output directory")
     tiny.add_argument("--layout", choices=("liveserve", "videollm-online"), default="liveserve")
@@ -114,6 +123,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.bench == "batch":
+        return cmd_bench_batch(args)
     from liveserve.bench.engine import run_engine_bench
 
     lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
@@ -124,6 +135,20 @@ def cmd_bench(args) -> int:
     if not lengths or lengths[0] < 1 or args.window < 1:
         raise ValueError("--lengths must be positive frame counts and --window >= 1")
     run_engine_bench(load(args), lengths=lengths, policies=policies, window=args.window, out=args.json_out)
+    return 0
+
+
+def cmd_bench_batch(args) -> int:
+    from liveserve.bench.batch import run_batch_bench
+
+    try:
+        sessions = sorted({int(x) for x in args.sessions.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"--sessions must be a comma-separated list of counts, got {args.sessions!r}") from None
+    if not sessions or sessions[0] < 1 or args.rounds < 1 or args.warmup < 0:
+        raise ValueError("--sessions must be positive counts, --rounds >= 1 and --warmup >= 0")
+    run_batch_bench(load(args), sessions=sessions, rounds=args.rounds, warmup=args.warmup, input_kind=args.input,
+                    out=args.json_out)
     return 0
 
 

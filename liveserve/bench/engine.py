@@ -9,34 +9,17 @@ over the `window` frames before L.
 
 from __future__ import annotations
 
-import json
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from liveserve.bench.common import environment, force_silence, sync, write_report
 from liveserve.config import CacheConfig, SessionConfig
 from liveserve.engine.kv_cache import CacheFullError
 from liveserve.engine.session import Session
 from liveserve.model.live import LiveModel
-
-
-def _force_silence(model: LiveModel):
-    interval = model.template.interval_id
-
-    def hook(_module, _inputs, output):
-        output[..., interval] += 100.0
-        return output
-
-    return model.lm.lm_head.register_forward_hook(hook)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_policy(model: LiveModel, policy: str, lengths: list[int], window: int) -> dict:
@@ -56,7 +39,7 @@ def bench_policy(model: LiveModel, policy: str, lengths: list[int], window: int)
         except CacheFullError as exc:
             refused_at = {"frame": i, "reason": str(exc)}
             break
-        _sync(model.device)
+        sync(model.device)
         step_s.append(time.perf_counter() - start)
         peak_cache_bytes = max(peak_cache_bytes, session.cache.nbytes)
         if i + 1 in lengths:
@@ -86,7 +69,7 @@ def bench_policy(model: LiveModel, policy: str, lengths: list[int], window: int)
 
 
 def run_engine_bench(model: LiveModel, *, lengths: list[int], policies: list[str], window: int, out: str) -> dict:
-    handle = _force_silence(model)
+    handle = force_silence(model)
     try:
         results = {}
         for policy in policies:
@@ -94,24 +77,11 @@ def run_engine_bench(model: LiveModel, *, lengths: list[int], policies: list[str
             results[policy] = bench_policy(model, policy, lengths, window)
     finally:
         handle.remove()
-    report = {
-        "benchmark": "engine",
-        "model": model.name,
-        "device": str(model.device),
-        "device_name": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
-        or platform.machine(),
-        "dtype": str(model.dtype),
-        "torch_threads": torch.get_num_threads(),
-        "lengths": lengths,
-        "window": window,
-        "policies": results,
-    }
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2))
+    report = {"benchmark": "engine", **environment(model), "lengths": lengths, "window": window, "policies": results}
+    write_report(report, out)
     for policy, r in results.items():
         lat = ", ".join(f"{k}: {v['p50_ms']:.2f} ms" for k, v in r["latency_ms_at_length"].items())
         ratio = f"{r['latency_ratio']:.2f}" if r["latency_ratio"] else "n/a"
         print(f"{policy}: {r['frames_per_s']:.1f} frames/s; p50 at length {lat}; latency_ratio {ratio}",
               file=sys.stderr)
-    print(f"wrote {out}", file=sys.stderr)
     return report
