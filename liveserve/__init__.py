@@ -24,6 +24,14 @@ _EXPORTS = {
     "ResponseStarted": "liveserve.engine.events",
     "ResponseDelta": "liveserve.engine.events",
     "ResponseDone": "liveserve.engine.events",
+    "FramesDropped": "liveserve.engine.events",
+    "SessionFailed": "liveserve.engine.events",
+    "BatchEngine": "liveserve.engine.batch",
+    "EngineConfig": "liveserve.config",
+    "PoolConfig": "liveserve.config",
+    "SchedulerConfig": "liveserve.config",
+    "PerceptionConfig": "liveserve.config",
+    "PoolFullError": "liveserve.engine.kv_pool",
 }
 __all__ = sorted(_EXPORTS)
 

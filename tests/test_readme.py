@@ -15,3 +15,13 @@ def test_readme_python_example_runs(tiny_dir, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.count("P(silent)=") == 6
     assert "tokens," in out
+
+
+def test_readme_batched_engine_example_runs(tiny_dir, monkeypatch, capsys):
+    block = re.search(r"## Many streams.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    monkeypatch.setenv("LIVESERVE_CACHE", str(tiny_dir.parent))
+    exec(compile(block, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("cam-1 FrameDecision") for line in lines) == 4
+    assert sum(line.startswith("cam-2 FrameDecision") for line in lines) == 4
+    assert "cam-2 ResponseStarted" in lines  # the query is answered
