@@ -314,3 +314,26 @@ def test_replies_of_several_sessions_share_forwards(mixed_model, bank):
     # 1 frame step + 1 prompt step + 4 more tokens, for all three sessions at once
     assert engine.steps == 6
     engine.shutdown()
+
+
+def test_frame_encoder_batches_waits_for_company_and_skips_dropped_frames(tiny_model):
+    from liveserve.engine.perception import BatchedFrameEncoder
+
+    encoder = BatchedFrameEncoder(tiny_model, PerceptionConfig(max_batch_size=3, max_wait_ms=60_000))
+    size = tiny_model.frame_size
+    pixels = [torch.full((3, size, size), 40 * i, dtype=torch.uint8) for i in range(5)]
+    futures = [encoder.submit(p) for p in pixels[:2]]
+    assert encoder.worth_waiting() > 1.0  # two of three: worth waiting for a third
+    futures.append(encoder.submit(pixels[2]))
+    assert encoder.worth_waiting() == 0.0  # a full batch goes now
+    futures += [encoder.submit(p) for p in pixels[3:]]
+    futures[3].cancel()  # a frame dropped by its lagging session
+    assert encoder.encode_waiting() == 4
+    assert encoder.stats.batches == 2 and encoder.stats.max_batch == 3
+    alone = tiny_model.encode_frames(torch.stack(pixels))
+    for i in (0, 1, 2, 4):
+        torch.testing.assert_close(futures[i].result(), alone[i], atol=1e-5, rtol=1e-5)
+    late = encoder.submit(pixels[0])
+    encoder.close()
+    with pytest.raises(RuntimeError, match="closed before this frame was encoded"):
+        late.result()
