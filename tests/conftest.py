@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,15 @@ def tiny_model(tiny_dir):
 def release_dir(tmp_path_factory) -> Path:
     """A VideoLLM-online release layout (base/, vision/, adapter/); returns adapter/."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-release"), layout="videollm-online")
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """REDIS_URL when set, else one embedded redis-server on 127.0.0.1 for the whole test session."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    from liveserve.services.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        yield server.url
