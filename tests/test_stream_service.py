@@ -1,0 +1,174 @@
+"""The public LiveStream API over real gRPC on 127.0.0.1, served by a batched engine."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from engine_helpers import steered
+from liveserve.api.v1 import live_stream_pb2 as pb
+from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
+from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
+from liveserve.engine.batch import BatchEngine
+from liveserve.services.engine_worker import EngineWorker
+from liveserve.services.stream_service import StreamLimits, start_server
+
+
+def jpeg(seed: int, size=(64, 48)) -> bytes:
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    out = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(out, format="JPEG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    """One engine and gRPC server for the module, on its own event-loop thread."""
+    model = steered(tiny_model, interval_bias=8.0, eos_bias=7.8)
+    engine = BatchEngine(model, EngineConfig(pool=PoolConfig(budget_tokens=200_000),
+                                             scheduler=SchedulerConfig(max_lag_s=None)))
+    worker = EngineWorker(engine)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    state = {}
+
+    async def serve():
+        defaults = SessionConfig(max_new_tokens=4, cache=CacheConfig(policy="sink_window", window_frames=8,
+                                                                     evict_frames=4))
+        state["server"], state["port"] = await start_server(worker, "127.0.0.1:0", defaults=defaults,
+                                                            limits=StreamLimits(max_frame_bytes=64 << 10))
+        started.set()
+        await state["server"].wait_for_termination()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert started.wait(30)
+    yield f"127.0.0.1:{state['port']}", engine
+    asyncio.run_coroutine_threadsafe(state["server"].stop(0), loop).result(10)
+    thread.join(10)
+    worker.stop()
+
+
+def stream(address: str, messages, timeout: float = 60.0) -> list[pb.ServerMessage]:
+    with grpc.insecure_channel(address) as channel:
+        return list(pb_grpc.LiveStreamStub(channel).Stream(iter(messages), timeout=timeout))
+
+
+def session_messages(frames: int, threshold: float | None = None, queries=(), close=True, extra=()):
+    open_ = pb.Open(fps=2.0)
+    if threshold is not None:
+        open_.threshold = threshold
+    yield pb.ClientMessage(open=open_)
+    pending = sorted(queries)
+    for i in range(frames):
+        t = i * 0.5
+        while pending and pending[0][0] <= t:
+            q_t, text = pending.pop(0)
+            yield pb.ClientMessage(query=pb.Query(timestamp=q_t, text=text))
+        yield pb.ClientMessage(frame=pb.Frame(timestamp=t, image=jpeg(i)))
+        for when, message in extra:
+            if when == i:
+                yield message
+    if close:
+        yield pb.ClientMessage(close=pb.Close())
+
+
+def kinds(replies) -> list[str]:
+    return [r.WhichOneof("kind") for r in replies]
+
+
+def test_one_session_end_to_end(server):
+    address, engine = server
+    replies = stream(address, session_messages(6, queries=[(1.0, "what is happening")]))
+    assert kinds(replies)[0] == "opened" and kinds(replies)[-1] == "closed"
+    assert replies[0].opened.limits.tokens_per_frame == 11
+    decisions = [r.decision for r in replies if r.WhichOneof("kind") == "decision"]
+    assert [d.timestamp for d in decisions] == [i * 0.5 for i in range(6)]
+    assert any(d.action == pb.ACTION_QUERY and d.timestamp == 1.0 for d in decisions)
+    started = [r.response_started for r in replies if r.WhichOneof("kind") == "response_started"]
+    assert any(s.trigger == pb.TRIGGER_QUERY and s.query == "what is happening" for s in started)
+    assert replies[-1].closed.frames_decided == 6
+    assert not engine.sessions  # closed and released
+
+
+def test_eight_concurrent_sessions_with_different_thresholds(server):
+    address, _ = server
+    thresholds = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 1.0]
+    results = [None] * len(thresholds)
+
+    def run(k):
+        results[k] = stream(address, session_messages(8, threshold=thresholds[k]))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(thresholds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    fired = []
+    for replies in results:
+        decisions = [r.decision for r in replies if r.WhichOneof("kind") == "decision"]
+        assert len(decisions) == 8 and replies[-1].WhichOneof("kind") == "closed"
+        fired.append(sum(d.fired for d in decisions))
+    assert fired[0] == 0 and fired[-1] == 8  # threshold 0 never speaks; 1 always does (silence needs P >= 1)
+
+
+def test_bad_input_gets_specific_warnings_and_the_session_goes_on(server):
+    address, _ = server
+    extra = [
+        (1, pb.ClientMessage(frame=pb.Frame(timestamp=5.0, image=b"not an image"))),
+        (2, pb.ClientMessage(frame=pb.Frame(timestamp=0.0, image=jpeg(99)))),  # backwards in time
+        (3, pb.ClientMessage(frame=pb.Frame(timestamp=1.6, image=b"\xff" * (70 << 10)))),  # over max_frame_bytes
+        (3, pb.ClientMessage(query=pb.Query(timestamp=1.6, text="   "))),
+        (4, pb.ClientMessage(open=pb.Open())),
+    ]
+    replies = stream(address, session_messages(6, extra=extra))
+    warnings = [r.warning for r in replies if r.WhichOneof("kind") == "warning"]
+    messages = [w.message for w in warnings]
+    assert any(w.code == pb.WARNING_CODE_BAD_FRAME and "cannot decode" in w.message for w in warnings), messages
+    assert any(w.code == pb.WARNING_CODE_BAD_FRAME and "must not go backwards" in w.message for w in warnings)
+    assert any(w.code == pb.WARNING_CODE_BAD_FRAME and "limit is 65536" in w.message for w in warnings)
+    assert any(w.code == pb.WARNING_CODE_BAD_QUERY and "empty" in w.message for w in warnings)
+    assert any("open is not valid after open" in m for m in messages)
+    assert sum(r.WhichOneof("kind") == "decision" for r in replies) == 6  # every good frame decided
+    assert replies[-1].WhichOneof("kind") == "closed"
+
+
+def test_call_level_errors_have_status_codes(server):
+    address, _ = server
+    with pytest.raises(grpc.RpcError) as info:
+        stream(address, [pb.ClientMessage(frame=pb.Frame(timestamp=0.0, image=jpeg(0)))])
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "must be open" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stream(address, [pb.ClientMessage(open=pb.Open(threshold=1.5))])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "threshold must be in [0, 1]" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stream(address, [pb.ClientMessage(open=pb.Open(cache=pb.CacheOptions(policy="everything")))])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache policy" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # beyond the transport's message limit
+        stream(address, [pb.ClientMessage(open=pb.Open()),
+                         pb.ClientMessage(frame=pb.Frame(timestamp=0.0, image=b"\0" * (1 << 20)))])
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_health_and_a_client_that_vanishes(server):
+    address, engine = server
+    with grpc.insecure_channel(address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="liveserve.api.v1.LiveStream"), timeout=10)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        call = pb_grpc.LiveStreamStub(channel).Stream(session_messages(50, close=False), timeout=60)
+        assert next(call).WhichOneof("kind") == "opened"
+        call.cancel()  # the client disappears mid-stream
+    deadline = time.monotonic() + 10
+    while engine.sessions:  # its session is closed and its memory returned
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert engine.pool.reserved_blocks == 0
