@@ -64,6 +64,11 @@ class Printer:
             self._next_report = done + 0.1
         self.err.flush()
 
+    def warn(self, text: str) -> None:
+        self._clear_progress()
+        self.err.write(f"liveserve: warning: {text}\n")
+        self.err.flush()
+
     def finish(self) -> None:
         self._clear_progress()
 

@@ -59,3 +59,29 @@ def to_message(event: Event) -> pb.ServerMessage:
 
 def warning(code: int, message: str, timestamps=()) -> pb.ServerMessage:
     return pb.ServerMessage(warning=pb.Warning(code=code, message=message, timestamps=list(timestamps)))
+
+
+_ACTION_NAMES = {v: k for k, v in _ACTIONS.items()}
+_TRIGGER_NAMES = {v: k for k, v in _TRIGGERS.items()}
+_FINISH_NAMES = {v: k for k, v in _FINISH.items()}
+
+
+def from_message(message: pb.ServerMessage) -> Event | None:
+    """The engine event a server message carries (clients reuse the engine's printers); None for
+    messages that are not events (opened, warnings, errors, closed)."""
+    kind = message.WhichOneof("kind")
+    if kind == "decision":
+        d = message.decision
+        return FrameDecision(d.timestamp, d.frame_index, d.p_silent, d.fired, _ACTION_NAMES.get(d.action, "silent"),
+                             -1, d.lag_s, 0)
+    if kind == "response_started":
+        r = message.response_started
+        return ResponseStarted(r.timestamp, _TRIGGER_NAMES.get(r.trigger, "proactive"), r.query or None)
+    if kind == "response_delta":
+        r = message.response_delta
+        return ResponseDelta(r.timestamp, r.text, ())
+    if kind == "response_done":
+        r = message.response_done
+        return ResponseDone(r.timestamp, _TRIGGER_NAMES.get(r.trigger, "proactive"), None, r.text, r.num_tokens,
+                            _FINISH_NAMES.get(r.finish_reason, "eos"), r.ttft_s, r.duration_s)
+    return None

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
-from liveserve.config import SessionConfig
+from liveserve.config import CacheConfig, SessionConfig
 from liveserve.engine.events import SessionFailed
 from liveserve.engine.inputs import SessionError
 from liveserve.engine.kv_pool import PoolFullError
@@ -42,7 +42,9 @@ class StreamLimits:
 class LiveStreamService(pb_grpc.LiveStreamServicer):
     def __init__(self, worker: EngineWorker, defaults: SessionConfig | None = None,
                  limits: StreamLimits | None = None) -> None:
-        self.worker, self.defaults, self.limits = worker, defaults or SessionConfig(), limits or StreamLimits()
+        # Served sessions default to a bounded cache: a `full` one would reserve the model's whole context.
+        defaults = defaults or SessionConfig(cache=CacheConfig(policy="sink_window"))
+        self.worker, self.defaults, self.limits = worker, defaults, limits or StreamLimits()
 
     async def Stream(self, request_iterator, context: grpc.aio.ServicerContext):
         first = await anext(aiter(request_iterator), None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import threading
 import time
@@ -17,9 +16,8 @@ from engine_helpers import steered
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
 from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
-from liveserve.engine.batch import BatchEngine
-from liveserve.services.engine_worker import EngineWorker
-from liveserve.services.stream_service import StreamLimits, start_server
+from liveserve.services.local import start_local
+from liveserve.services.stream_service import StreamLimits
 
 
 def jpeg(seed: int, size=(64, 48)) -> bytes:
@@ -31,30 +29,14 @@ def jpeg(seed: int, size=(64, 48)) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    """One engine and gRPC server for the module, on its own event-loop thread."""
+    """One engine and gRPC server for the module."""
     model = steered(tiny_model, interval_bias=8.0, eos_bias=7.8)
-    engine = BatchEngine(model, EngineConfig(pool=PoolConfig(budget_tokens=200_000),
-                                             scheduler=SchedulerConfig(max_lag_s=None)))
-    worker = EngineWorker(engine)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    state = {}
-
-    async def serve():
-        defaults = SessionConfig(max_new_tokens=4, cache=CacheConfig(policy="sink_window", window_frames=8,
-                                                                     evict_frames=4))
-        state["server"], state["port"] = await start_server(worker, "127.0.0.1:0", defaults=defaults,
-                                                            limits=StreamLimits(max_frame_bytes=64 << 10))
-        started.set()
-        await state["server"].wait_for_termination()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert started.wait(30)
-    yield f"127.0.0.1:{state['port']}", engine
-    asyncio.run_coroutine_threadsafe(state["server"].stop(0), loop).result(10)
-    thread.join(10)
-    worker.stop()
+    defaults = SessionConfig(max_new_tokens=4, cache=CacheConfig(policy="sink_window", window_frames=8, evict_frames=4))
+    local = start_local(model, "127.0.0.1:0", defaults=defaults, limits=StreamLimits(max_frame_bytes=64 << 10),
+                        engine_config=EngineConfig(pool=PoolConfig(budget_tokens=200_000),
+                                                   scheduler=SchedulerConfig(max_lag_s=None)))
+    yield local.address, local.worker.engine
+    local.stop(grace_s=1)
 
 
 def stream(address: str, messages, timeout: float = 60.0) -> list[pb.ServerMessage]:

@@ -1,0 +1,101 @@
+"""`liveserve client`: stream a video file over the public API and print what comes back, as it comes.
+
+Frames are sampled at `fps`, letterboxed to `size` pixels and sent as JPEG with their stream
+timestamps; queries are sent when the video reaches their time. With `realtime`, frames leave at
+wall-clock pace (what a camera does); otherwise as fast as the server takes them.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from PIL import Image
+
+from liveserve.api.v1 import live_stream_pb2 as pb
+from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
+from liveserve.engine.events import FrameDecision, ResponseDone
+from liveserve.run import Printer, RunStats
+from liveserve.services.messages import from_message
+from liveserve.video import iter_video_frames, paced, probe_video
+
+
+class ClientError(RuntimeError):
+    """The server ended the stream with an error status; the message names it."""
+
+
+@dataclass(slots=True)
+class ClientResult:
+    session_id: str = ""
+    decisions: int = 0
+    fired: int = 0
+    responses: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    max_lag_s: float = 0.0
+
+
+def encode_jpeg(pixels, quality: int = 90) -> bytes:
+    """uint8 [3, H, W] -> JPEG bytes."""
+    out = io.BytesIO()
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def requests(video: str, *, fps: float, size: int, realtime: bool, queries: list[tuple[float, str]],
+             open_message: pb.Open, max_frames: int | None):
+    yield pb.ClientMessage(open=open_message)
+    due = sorted(queries)
+    frames = iter_video_frames(video, fps=fps, size=size, max_frames=max_frames)
+    for frame in paced(frames) if realtime else frames:
+        while due and due[0][0] <= frame.timestamp:
+            timestamp, text = due.pop(0)
+            yield pb.ClientMessage(query=pb.Query(timestamp=timestamp, text=text))
+        yield pb.ClientMessage(frame=pb.Frame(timestamp=frame.timestamp, image=encode_jpeg(frame.pixels)))
+    for timestamp, text in due:  # queries timed after the last frame
+        yield pb.ClientMessage(query=pb.Query(timestamp=timestamp, text=text))
+    yield pb.ClientMessage(close=pb.Close())
+
+
+def stream_video(address: str, video: str, *, fps: float = 2.0, size: int = 384, realtime: bool = False,
+                 queries: list[tuple[float, str]] = (), threshold: float | None = None,
+                 max_frames: int | None = None, printer: Printer | None = None,
+                 timeout_s: float = 3600.0) -> ClientResult:
+    info = probe_video(video)  # fail on a bad file before connecting
+    total = info.num_frames_at(fps) if max_frames is None else min(max_frames, info.num_frames_at(fps))
+    printer = printer or Printer(total)
+    open_message = pb.Open(fps=fps)
+    if threshold is not None:
+        open_message.threshold = threshold
+    result, stats, started = ClientResult(), RunStats(), time.perf_counter()
+    with grpc.insecure_channel(address) as channel:
+        call = pb_grpc.LiveStreamStub(channel).Stream(
+            requests(video, fps=fps, size=size, realtime=realtime, queries=list(queries), open_message=open_message,
+                     max_frames=max_frames), timeout=timeout_s)
+        try:
+            for message in call:
+                kind = message.WhichOneof("kind")
+                if kind == "opened":
+                    result.session_id = message.opened.session_id
+                elif kind == "warning":
+                    result.warnings.append(message.warning.message)
+                    printer.warn(message.warning.message)
+                event = from_message(message)
+                if isinstance(event, FrameDecision):
+                    result.decisions += 1
+                    result.fired += event.fired
+                    result.max_lag_s = max(result.max_lag_s, event.lag_s)
+                    stats.frames, stats.fired = result.decisions, result.fired
+                    stats.busy_s = time.perf_counter() - started
+                    printer.progress(stats, 0)
+                elif isinstance(event, ResponseDone):
+                    result.responses.append(event.text)
+                    stats.responses += 1
+                if event is not None:
+                    printer.event(event)
+        except grpc.RpcError as exc:
+            raise ClientError(f"{exc.code().name}: {exc.details()}") from None
+        finally:
+            printer.finish()
+    return result
