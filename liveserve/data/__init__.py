@@ -1,0 +1,1 @@
+"""Training and evaluation data for LIVE models: the streaming-dialogue format, synthetic clips, and labels."""
