@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, SiglipVisionModel
 
 from liveserve.engine.attention import ATTN_IMPLEMENTATION
@@ -198,6 +198,25 @@ def _local_dir(value, root: Path, what: str, source: str, option: str) -> Path:
         raise CheckpointError(f"{what} {value!r} (from {source} or {option}) is not a local directory; "
                               f"models are never downloaded, pass {option}")
     return candidate
+
+
+def write_liveserve_layout(out: str | Path, *, lm, tokenizer, tower, mean: tuple[float, ...], std: tuple[float, ...],
+                           connector: torch.nn.Module, layout: FrameLayout = FrameLayout(),
+                           system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> Path:
+    """Write the liveserve layout (see module docs) that `load_model` reads back; returns `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm.save_pretrained(out / "llm")
+    tokenizer.save_pretrained(out / "llm")
+    tower.save_pretrained(out / "vision")
+    size = tower.config.image_size
+    (out / "vision" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": list(mean), "image_std": list(std), "size": {"height": size, "width": size}}))
+    save_file({k: v.detach().contiguous() for k, v in connector.state_dict().items()}, str(out / CONNECTOR_FILE))
+    (out / LIVE_CONFIG).write_text(json.dumps({
+        "format": LIVE_FORMAT, "llm": "llm", "vision": "vision", "frame_cls_token": layout.cls_token,
+        "frame_pooled": layout.pooled, "system_prompt": system_prompt}, indent=2))
+    return out
 
 
 def _read_json(file: Path) -> dict:

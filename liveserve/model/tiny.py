@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM, SiglipConfig, SiglipModel, SiglipVisionConfig,
                           SiglipVisionModel)
 
 from liveserve.model.live import build_connector
-from liveserve.model.loading import CONNECTOR_FILE, LIVE_CONFIG, LIVE_FORMAT
+from liveserve.model.loading import LIVE_CONFIG, write_liveserve_layout
 from liveserve.model.template import DEFAULT_SYSTEM_PROMPT
 
 BOS, EOS = "<|begin_of_text|>", "<|eot_id|>"
@@ -49,9 +49,26 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS)
 
 
-def _lm(family: str, vocab: int, bos: int, eos: int, max_positions: int):
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+@dataclass(frozen=True, slots=True)
+class TinySizes:
+    """Layer sizes of a random-weight checkpoint (the defaults are the test/demo tiny model)."""
+
+    lm_hidden: int = 64
+    lm_intermediate: int = 128
+    lm_layers: int = 2
+    lm_heads: int = 4
+    lm_kv_heads: int = 2
+    vision_hidden: int = 32
+    vision_intermediate: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    patch_size: int = 8
+
+
+def _lm(family: str, vocab: int, bos: int, eos: int, max_positions: int, sizes: TinySizes):
+    common = dict(vocab_size=vocab, hidden_size=sizes.lm_hidden, intermediate_size=sizes.lm_intermediate,
+                  num_hidden_layers=sizes.lm_layers, num_attention_heads=sizes.lm_heads,
+                  num_key_value_heads=sizes.lm_kv_heads, max_position_embeddings=max_positions,
                   bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False,
                   rope_theta=500000.0)
     if family == "llama":
@@ -61,24 +78,26 @@ def _lm(family: str, vocab: int, bos: int, eos: int, max_positions: int):
     raise ValueError(f"tiny LLM family must be one of {LLM_FAMILIES}, got {family!r}")
 
 
-def _vision(family: str, image_size: int, full: bool):
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=image_size, patch_size=8)
+def _vision(family: str, image_size: int, full: bool, sizes: TinySizes):
+    common = dict(hidden_size=sizes.vision_hidden, intermediate_size=sizes.vision_intermediate,
+                  num_hidden_layers=sizes.vision_layers, num_attention_heads=sizes.vision_heads,
+                  image_size=image_size, patch_size=sizes.patch_size)
     if family == "siglip":
         if full:  # google/siglip-* checkpoints are full SiglipModel (text + vision)
             text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, max_position_embeddings=16)
-            return SiglipModel(SiglipConfig(text_config=text, vision_config=common)), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+            return SiglipModel(SiglipConfig(text_config=text, vision_config=common)), (0.5, 0.5, 0.5), \
+                (0.5, 0.5, 0.5)
         return SiglipVisionModel(SiglipVisionConfig(**common)), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     if family == "clip":
-        return CLIPVisionModel(CLIPVisionConfig(**common, projection_dim=32)), \
+        return CLIPVisionModel(CLIPVisionConfig(**common, projection_dim=sizes.vision_hidden)), \
             (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     raise ValueError(f"tiny vision family must be one of {VISION_FAMILIES}, got {family!r}")
 
 
 def write_tiny_checkpoint(out_dir: str | Path, *, layout: str = "liveserve", llm: str = "llama",
                           vision: str = "siglip", seed: int = 0, image_size: int = 64,
-                          max_positions: int = 131072, lora_rank: int = 8) -> Path:
+                          max_positions: int = 131072, lora_rank: int = 8, sizes: TinySizes = TinySizes()) -> Path:
     """Write a random-weight LIVE checkpoint to `out_dir` and return the directory `load_model` takes.
 
     layout="videollm-online" writes base/ (LLM), vision/ (full SigLIP) and adapter/ (PEFT LoRA with the
@@ -91,22 +110,18 @@ def write_tiny_checkpoint(out_dir: str | Path, *, layout: str = "liveserve", llm
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
     vocab = ((len(tokenizer) + 63) // 64) * 64
-    lm = _lm(llm, vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, max_positions)
-    tower, mean, std = _vision(vision, image_size, full=layout == "videollm-online")
-    vision_hidden = 32
+    lm = _lm(llm, vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, max_positions, sizes)
+    tower, mean, std = _vision(vision, image_size, layout == "videollm-online", sizes)
+    vision_hidden = sizes.vision_hidden
     connector = build_connector(vision_hidden, lm.config.hidden_size)
-    llm_dir, vision_dir = out / ("llm" if layout == "liveserve" else "base"), out / "vision"
-    lm.save_pretrained(llm_dir)
-    tokenizer.save_pretrained(llm_dir)
-    tower.save_pretrained(vision_dir)
-    (vision_dir / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": list(mean), "image_std": list(std), "size": {"height": image_size, "width": image_size}}))
     if layout == "liveserve":
-        save_file({f"{k}": v.contiguous() for k, v in connector.state_dict().items()}, str(out / CONNECTOR_FILE))
-        (out / LIVE_CONFIG).write_text(json.dumps({
-            "format": LIVE_FORMAT, "llm": "llm", "vision": "vision", "frame_cls_token": True, "frame_pooled": 3,
-            "system_prompt": DEFAULT_SYSTEM_PROMPT}, indent=2))
-        return out
+        return write_liveserve_layout(out, lm=lm, tokenizer=tokenizer, tower=tower, mean=mean, std=std,
+                                      connector=connector)
+    lm.save_pretrained(out / "base")
+    tokenizer.save_pretrained(out / "base")
+    tower.save_pretrained(out / "vision")
+    (out / "vision" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": list(mean), "image_std": list(std), "size": {"height": image_size, "width": image_size}}))
     return _write_adapter(out, lm, connector, vision_hidden, lora_rank)
 
 
