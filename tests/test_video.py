@@ -303,16 +303,15 @@ def test_paced_rejects_bad_speed() -> None:
 
 
 def test_bundled_sample() -> None:
+    """The sample is clip 2 of synthetic seed 7, at the stream rate: frame k of the file is stream frame k."""
     assert SAMPLE_VIDEO.is_file()
     assert SAMPLE_VIDEO.stat().st_size < 500_000
     info = probe_video(SAMPLE_VIDEO)
-    assert (info.width, info.height) == (320, 240)
-    assert info.duration_s == pytest.approx(12.0, abs=0.5)
+    assert (info.width, info.height) == (128, 128)
+    assert info.duration_s == pytest.approx(14.0, abs=0.5)
     frames = list(iter_video_frames(SAMPLE_VIDEO, fps=2, size=64))
-    assert len(frames) == info.num_frames_at(2) == 24
+    assert len(frames) == info.num_frames_at(2) == 28
     assert frames[0].pixels.shape == (3, 64, 64)
-    # 320x240 -> 64x48: 8-pixel bars top and bottom, coloured content in between.
-    assert frames[0].pixels[:, :8].eq(0).all() and frames[0].pixels[:, 56:].eq(0).all()
-    assert frames[0].pixels[:, 8:56].float().mean() > 20
+    assert frames[0].pixels.float().mean() > 20  # a plain background, no letterbox bars
     # Something actually happens: frames differ over time.
     assert not torch.equal(frames[0].pixels, frames[6].pixels)
