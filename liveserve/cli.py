@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from liveserve import cli_serve
 from liveserve.config import CACHE_POLICIES, DEFAULT_THRESHOLD, CacheConfig, SessionConfig
 
 if TYPE_CHECKING:  # torch/transformers take seconds to import; the CLI imports them only when needed
@@ -27,11 +28,28 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _default_model() -> str:
+    """'default' (the bundled trained narrator) when it is built, else the random-weight 'tiny'."""
+    from liveserve.model.registry import default_model_available
+
+    return "default" if default_model_available() else "tiny"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser, default: str = "tiny") -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="tiny",
-                       help="model directory (liveserve or VideoLLM-online layout), or 'tiny' for the bundled "
-                            "random-weight model (default: tiny)")
+    group.add_argument("--model", default=default,
+                       help="model directory (liveserve or VideoLLM-online layout), 'default' for the bundled "
+                            "trained narrator or 'tiny' for a random-weight model (default: %(default)s)")
     group.add_argument("--base-model", help="local base LLM directory for a VideoLLM-online adapter")
     group.add_argument("--vision-model", help="local SigLIP/CLIP directory for a VideoLLM-online adapter")
     group.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -43,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="stream a video through the model and print its narration")
     run.add_argument("video", nargs="?", help="video file (default: the bundled sample)")
-    _add_model_options(run)
+    _add_model_options(run, _default_model())
     run.add_argument("--fps", type=_positive_float, default=2.0, help="frames per second to sample (default: 2)")
     run.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                      help="streaming threshold: stay silent only when P(interval) >= this (default: 0.725)")
@@ -83,15 +101,73 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layout", choices=("liveserve", "videollm-online"), default="liveserve")
     tiny.add_argument("--llm", choices=("llama", "qwen2"), default="llama")
     tiny.add_argument("--vision", choices=("siglip", "clip"), default="siglip")
+
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data", required=True)
+    synth = data_sub.add_parser("synth", help="write a synthetic streaming-narration dataset")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--videos", type=_positive_int, default=100, help="number of videos (default: 100)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    synth.add_argument("--fps", type=_positive_float, default=2.0, help="stream frame rate (default: 2)")
+    synth.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("W", "H"),
+                       help="frame size in pixels (default: 128 128)")
+
+    _add_train_parser(sub)
+
+    ev = sub.add_parser("eval", help="evaluate a model on a dataset (JSON out)")
+    _add_model_options(ev, "default")
+    ev.add_argument("--data", help="dataset directory (default: a held-out synthetic set, generated once)")
+    ev.add_argument("--json", dest="json_out", help="also write the results here")
+    ev.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                    help="streaming threshold of the free-running pass (default: 0.725)")
+    ev.add_argument("--max-new-tokens", type=_positive_int, default=32, help="reply length cap (default: 32)")
+    ev.add_argument("--no-stream", action="store_true", help="teacher-forced metrics only (skip the Session pass)")
+    ev.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+
+    cli_serve.add_parsers(sub, lambda p: _add_model_options(p, _default_model()), _positive_float)
     return parser
+
+
+def _add_train_parser(sub) -> None:
+    from liveserve.train.config import LORA_TARGETS, MODES, TrainConfig
+
+    d = TrainConfig("", "")
+    train = sub.add_parser("train", help="train a LIVE model on a dataset")
+    train.add_argument("--data", required=True, help="dataset directory (dialogues.json + videos)")
+    train.add_argument("--out", required=True, help="output directory (checkpoint, train_log.jsonl, model/)")
+    train.add_argument("--model", default="tiny", help="base model: directory, 'tiny' or 'default' (default: tiny)")
+    train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, help="optimizer steps")
+    length.add_argument("--epochs", type=_positive_float, default=d.epochs, help="passes over the data (default: 1)")
+    train.add_argument("--lr", type=_positive_float, default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
+    train.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="warmup share (default: 0.05)")
+    train.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: 0)")
+    train.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
+                       help=f"dialogues per optimizer step (default: {d.grad_accum})")
+    train.add_argument("--stream-loss-weight", type=float, default=d.stream_loss_weight,
+                       help="loss weight of the per-frame decisions (default: 1.0)")
+    train.add_argument("--mode", choices=MODES, default=d.mode, help="lora or full fine-tuning (default: lora)")
+    train.add_argument("--lora-r", type=_positive_int, default=d.lora_r, help=f"LoRA rank (default: {d.lora_r})")
+    train.add_argument("--lora-alpha", type=_positive_int, default=d.lora_alpha,
+                       help=f"LoRA alpha (default: {d.lora_alpha})")
+    train.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="LoRA dropout (default: 0.05)")
+    train.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
+                       help="comma-separated module names (default: all projections and lm_head)")
+    train.add_argument("--seed", type=int, default=d.seed, help="random seed (default: 0)")
+    train.add_argument("--log-every", type=_positive_int, default=d.log_every, help="steps between log lines")
+    train.add_argument("--save-every", type=int, default=d.save_every,
+                       help="steps between resumable checkpoints (default: 0 = only at the end)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when present")
+    train.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
 
 
 def load(args) -> LiveModel:
     from liveserve.model.loading import load_model
-    from liveserve.model.tiny import tiny_checkpoint
+    from liveserve.model.registry import resolve_model
 
-    path = tiny_checkpoint() if args.model == "tiny" else Path(args.model)
-    return load_model(path, base_model=args.base_model, vision_model=args.vision_model, device=args.device)
+    return load_model(resolve_model(args.model), base_model=args.base_model, vision_model=args.vision_model,
+                      device=args.device)
 
 
 def cmd_run(args) -> int:
@@ -160,18 +236,89 @@ def cmd_tiny(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from liveserve.data.synthetic import DATASET_DIALOGUES, write_dataset
+
+    def report(done: int, total: int, video) -> None:
+        if done == total or done % 50 == 0:
+            print(f"liveserve: {done}/{total} videos", file=sys.stderr, flush=True)
+
+    out = write_dataset(args.out, args.videos, args.seed, args.fps, tuple(args.size), progress=report)
+    print(out / DATASET_DIALOGUES)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from liveserve.data.synthetic import DATASET_DIALOGUES
+    from liveserve.model.loading import load_model
+    from liveserve.model.registry import resolve_model
+    from liveserve.train.config import TrainConfig
+    from liveserve.train.trainer import train
+
+    dialogues = Path(args.data) / DATASET_DIALOGUES
+    if not dialogues.is_file():
+        raise FileNotFoundError(f"{dialogues}: no such file (expected a dataset directory; see `liveserve data synth`)")
+    config = TrainConfig(
+        data=args.data, out=args.out, model=args.model, steps=args.steps, epochs=args.epochs, lr=args.lr,
+        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
+        stream_loss_weight=args.stream_loss_weight, mode=args.mode, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        seed=args.seed, log_every=args.log_every, save_every=args.save_every, resume=args.resume, threads=args.threads)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(resolve_model(args.model), device=device, dtype=torch.float32)  # fp32 master weights
+    result = train(config, model)
+    print(result.model_dir)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from liveserve.train.evaluate import evaluate, heldout_dataset
+
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    data = Path(args.data) if args.data else None
+    if data is not None and not data.is_dir():
+        raise FileNotFoundError(f"dataset directory {data} does not exist")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = load(args)
+
+    def log(msg: str) -> None:
+        print(f"liveserve eval: {msg}", file=sys.stderr, flush=True)
+
+    data = data or heldout_dataset(log=log)
+    results = evaluate(model, data, threshold=args.threshold, stream=not args.no_stream,
+                       max_new_tokens=args.max_new_tokens, log=log)
+    text = json.dumps(results, indent=2)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are always local
     from liveserve.logs import quiet_library_logs
     from liveserve.model.loading import CheckpointError
+    from liveserve.services.client import ClientError
     from liveserve.video import VideoError
 
     quiet_library_logs()
-    commands = {"run": cmd_run, "bench": cmd_bench, "tiny": cmd_tiny}
+    commands = {"run": cmd_run, "bench": cmd_bench, "tiny": cmd_tiny, "data": cmd_data, "train": cmd_train,
+                "eval": cmd_eval, "serve": lambda a: cli_serve.cmd_serve(a, load), "client": cli_serve.cmd_client,
+                "demo": lambda a: cli_serve.cmd_demo(a, load)}
     try:
         return commands[args.command](args)
-    except (CheckpointError, VideoError, ValueError, FileNotFoundError) as exc:
+    except (CheckpointError, VideoError, ValueError, FileNotFoundError, ClientError) as exc:
         print(f"liveserve: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

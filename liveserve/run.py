@@ -51,11 +51,12 @@ class Printer:
             self.out.write(f"  ({event.num_tokens} tokens, {event.finish_reason}, ttft {event.ttft_s * 1e3:.0f} ms)\n")
         self.out.flush()
 
-    def progress(self, stats: RunStats, cache_tokens: int) -> None:
+    def progress(self, stats: RunStats, cache_tokens: int | None = None) -> None:
         done = stats.frames / max(self.total, 1)
         fps = stats.frames / stats.busy_s if stats.busy_s else 0.0
+        cache = "" if cache_tokens is None else f"cache {cache_tokens} tok  "  # unknown to a remote client
         line = (f"frames {stats.frames}/{self.total}  fired {stats.fired}  responses {stats.responses}  "
-                f"cache {cache_tokens} tok  {fps:.1f} FPS")
+                f"{cache}{fps:.1f} FPS")
         if self.tty:
             self.err.write(f"\r{line}")
             self._open_line = True

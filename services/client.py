@@ -88,7 +88,7 @@ def stream_video(address: str, video: str, *, fps: float = 2.0, size: int = 384,
                     result.max_lag_s = max(result.max_lag_s, event.lag_s)
                     stats.frames, stats.fired = result.decisions, result.fired
                     stats.busy_s = time.perf_counter() - started
-                    printer.progress(stats, 0)
+                    printer.progress(stats)
                 elif isinstance(event, ResponseDone):
                     result.responses.append(event.text)
                     stats.responses += 1
