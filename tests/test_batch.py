@@ -337,3 +337,24 @@ def test_frame_encoder_batches_waits_for_company_and_skips_dropped_frames(tiny_m
     encoder.close()
     with pytest.raises(RuntimeError, match="closed before this frame was encoded"):
         late.result()
+
+
+def test_a_frame_that_fails_to_encode_fails_only_its_session(mixed_model, monkeypatch):
+    engine = BatchEngine(mixed_model, no_drops(budget_tokens=20_000, max_session_tokens=2000))
+    for sid in ("a", "b"):
+        engine.open(sid, SessionConfig(threshold=0.0))
+    size = mixed_model.frame_size
+    engine.push_frame("b", 0.0, torch.zeros(10, mixed_model.vision_hidden_size))  # features: no encoding
+    real_encode = mixed_model.encode_frames
+    monkeypatch.setattr(mixed_model, "encode_frames", lambda pixels: (_ for _ in ()).throw(RuntimeError("tower down")))
+    engine.push_frame("a", 0.0, torch.zeros(3, size, size, dtype=torch.uint8))
+    events = engine.run_until_idle()
+    failed = [(sid, e) for sid, e in events if isinstance(e, SessionFailed)]
+    assert failed == [("a", SessionFailed("internal", "RuntimeError: tower down"))]
+    assert [sid for sid, e in events if isinstance(e, FrameDecision)] == ["b"]
+    monkeypatch.setattr(mixed_model, "encode_frames", real_encode)
+    engine.push_frame("b", 0.5, torch.zeros(3, size, size, dtype=torch.uint8))  # b goes on, encoding again
+    assert [type(e).__name__ for _, e in engine.run_until_idle()] == ["FrameDecision"]
+    with pytest.raises(SessionError, match="session failed: RuntimeError: tower down"):
+        engine.push_frame("a", 1.0, torch.zeros(10, mixed_model.vision_hidden_size))
+    engine.shutdown()

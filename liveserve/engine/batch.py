@@ -131,6 +131,10 @@ class BatchEngine:
                 except CacheFullError as exc:
                     events.append(self._fail(session, "cache_full", str(exc)))
                     continue
+                except Exception as exc:  # e.g. its frame failed to encode: this session fails, not the step
+                    log.exception("planning session %s failed", session.session_id)
+                    events.append(self._fail(session, "internal", f"{type(exc).__name__}: {exc}"))
+                    continue
                 if step is not None:
                     planned.append((session, step))
             self.last_batch = tuple(s.session_id for s, _ in planned)
@@ -142,7 +146,11 @@ class BatchEngine:
                 log.exception("batched forward failed for %d sessions", len(planned))
                 return events + [self._fail(s, "internal", f"batched forward failed: {exc}") for s, _ in planned]
             for (session, _), row in zip(planned, logits):
-                events.extend((session.session_id, event) for event in session.complete(row))
+                try:
+                    events.extend((session.session_id, event) for event in session.complete(row))
+                except Exception as exc:  # a bug in one session's bookkeeping must not stall the others
+                    log.exception("completing session %s failed", session.session_id)
+                    events.append(self._fail(session, "internal", f"{type(exc).__name__}: {exc}"))
             self.steps += 1
             return events
 
