@@ -49,10 +49,15 @@ def requests(video: str, *, fps: float, size: int, realtime: bool, queries: list
     due = sorted(queries)
     frames = iter_video_frames(video, fps=fps, size=size, max_frames=max_frames)
     for frame in paced(frames) if realtime else frames:
-        while due and due[0][0] <= frame.timestamp:
+        while due and due[0][0] < frame.timestamp:
             timestamp, text = due.pop(0)
             yield pb.ClientMessage(query=pb.Query(timestamp=timestamp, text=text))
         yield pb.ClientMessage(frame=pb.Frame(timestamp=frame.timestamp, image=encode_jpeg(frame.pixels)))
+        # A query at a frame's own time goes after that frame: the engine answers it at that frame, as it
+        # would if both were queued together (and as the models are trained), whatever the network timing.
+        while due and due[0][0] <= frame.timestamp:
+            timestamp, text = due.pop(0)
+            yield pb.ClientMessage(query=pb.Query(timestamp=timestamp, text=text))
     for timestamp, text in due:  # queries timed after the last frame
         yield pb.ClientMessage(query=pb.Query(timestamp=timestamp, text=text))
     yield pb.ClientMessage(close=pb.Close())

@@ -45,3 +45,14 @@ def test_client_fails_fast_on_a_missing_video(local_server):
 
     with pytest.raises((VideoError, FileNotFoundError)):
         stream_video(local_server.address, "/nonexistent.mp4")
+
+
+def test_a_query_at_a_frames_time_is_sent_after_that_frame():
+    from liveserve.api.v1 import live_stream_pb2 as pb
+    from liveserve.services.client import requests
+
+    sent = list(requests(str(SAMPLE_VIDEO), fps=2, size=64, realtime=False, open_message=pb.Open(), max_frames=3,
+                         queries=[(0.0, "a"), (0.5, "b"), (0.7, "c"), (9.0, "late")]))
+    order = [(m.WhichOneof("kind"), m.frame.timestamp if m.HasField("frame") else m.query.text) for m in sent]
+    assert order == [("open", ""), ("frame", 0.0), ("query", "a"), ("frame", 0.5), ("query", "b"), ("query", "c"),
+                     ("frame", 1.0), ("query", "late"), ("close", "")]
