@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pixels: include batched frame encoding; features: decision steps only (default: pixels)")
     batch.add_argument("--json", dest="json_out", required=True, help="where to write the results")
 
+    service = bench_sub.add_parser("service", help="gRPC service path versus the in-process engine, same load")
+    _add_model_options(service)
+    service.add_argument("--sessions", default="1,8", help="session counts (default: 1,8)")
+    service.add_argument("--rounds", type=int, default=20, help="measured frames per session (default: 20)")
+    service.add_argument("--warmup", type=int, default=3, help="unmeasured frames per session first (default: 3)")
+    service.add_argument("--json", dest="json_out", required=True, help="where to write the results")
+
     tiny = sub.add_parser("tiny", help="write a tiny random-weight checkpoint")
     tiny.add_argument("out", help="output directory")
     tiny.add_argument("--layout", choices=("liveserve", "videollm-online"), default="liveserve")
@@ -199,8 +206,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.bench == "batch":
-        return cmd_bench_batch(args)
+    if args.bench in ("batch", "service"):
+        return cmd_bench_sessions(args)
     from liveserve.bench.engine import run_engine_bench
 
     lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
@@ -214,15 +221,20 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def cmd_bench_batch(args) -> int:
-    from liveserve.bench.batch import run_batch_bench
-
+def cmd_bench_sessions(args) -> int:
     try:
         sessions = sorted({int(x) for x in args.sessions.split(",") if x.strip()})
     except ValueError:
         raise ValueError(f"--sessions must be a comma-separated list of counts, got {args.sessions!r}") from None
     if not sessions or sessions[0] < 1 or args.rounds < 1 or args.warmup < 0:
         raise ValueError("--sessions must be positive counts, --rounds >= 1 and --warmup >= 0")
+    if args.bench == "service":
+        from liveserve.bench.service import run_service_bench
+
+        run_service_bench(load(args), sessions=sessions, rounds=args.rounds, warmup=args.warmup, out=args.json_out)
+        return 0
+    from liveserve.bench.batch import run_batch_bench
+
     run_batch_bench(load(args), sessions=sessions, rounds=args.rounds, warmup=args.warmup, input_kind=args.input,
                     out=args.json_out)
     return 0

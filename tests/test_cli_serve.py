@@ -56,3 +56,16 @@ def test_serve_process_answers_a_client_and_stops_on_sigint(tiny_dir):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_bench_service_compares_grpc_with_in_process(tiny_dir, tmp_path):
+    import json
+
+    out = tmp_path / "service.json"
+    assert main(["bench", "service", "--model", str(tiny_dir), "--sessions", "2", "--rounds", "2", "--warmup", "0",
+                 "--json", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["sessions"] == 2
+    for path in ("in_process", "grpc"):
+        assert result[path]["frames"] == 4 and result[path]["p99_ms"] >= result[path]["p50_ms"] > 0
+    assert result["overhead"]["throughput_ratio"] > 0
