@@ -87,21 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--window", type=int, default=50, help="frames averaged at each length (default: 50)")
     engine.add_argument("--json", dest="json_out", required=True, help="where to write the results")
 
-    batch = bench_sub.add_parser("batch", help="many streams: batched engine versus sequential sessions")
-    _add_model_options(batch)
-    batch.add_argument("--sessions", default="1,2,4,8,16,32,64", help="session counts (default: 1,2,4,8,16,32,64)")
-    batch.add_argument("--rounds", type=int, default=20, help="measured frames per session (default: 20)")
-    batch.add_argument("--warmup", type=int, default=3, help="unmeasured frames per session first (default: 3)")
+    batch = _add_sessions_bench(bench_sub, "batch", "many streams: batched engine versus sequential sessions",
+                                "1,2,4,8,16,32,64")
     batch.add_argument("--input", choices=("pixels", "features"), default="pixels",
                        help="pixels: include batched frame encoding; features: decision steps only (default: pixels)")
-    batch.add_argument("--json", dest="json_out", required=True, help="where to write the results")
-
-    service = bench_sub.add_parser("service", help="gRPC service path versus the in-process engine, same load")
-    _add_model_options(service)
-    service.add_argument("--sessions", default="1,8", help="session counts (default: 1,8)")
-    service.add_argument("--rounds", type=int, default=20, help="measured frames per session (default: 20)")
-    service.add_argument("--warmup", type=int, default=3, help="unmeasured frames per session first (default: 3)")
-    service.add_argument("--json", dest="json_out", required=True, help="where to write the results")
+    _add_sessions_bench(bench_sub, "service", "gRPC service path versus the in-process engine, same load", "1,8")
 
     tiny = sub.add_parser("tiny", help="write a tiny random-weight checkpoint")
     tiny.add_argument("out", help="output directory")
@@ -132,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
 
     cli_serve.add_parsers(sub, lambda p: _add_model_options(p, _default_model()), _positive_float)
+    return parser
+
+
+def _add_sessions_bench(bench_sub, name: str, help_text: str, sessions: str) -> argparse.ArgumentParser:
+    """A benchmark over session counts in lockstep rounds (batch, service)."""
+    parser = bench_sub.add_parser(name, help=help_text)
+    _add_model_options(parser)
+    parser.add_argument("--sessions", default=sessions, help=f"session counts (default: {sessions})")
+    parser.add_argument("--rounds", type=int, default=20, help="measured frames per session (default: 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured frames per session first (default: 3)")
+    parser.add_argument("--json", dest="json_out", required=True, help="where to write the results")
     return parser
 
 

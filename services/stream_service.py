@@ -58,8 +58,9 @@ class LiveStreamService(pb_grpc.LiveStreamServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad open: {exc}")
         session_id = uuid.uuid4().hex
-        try:
-            events = self.worker.open(session_id, config, asyncio.get_running_loop())
+        events: asyncio.Queue = asyncio.Queue()
+        try:  # admission may wait for a running step: keep the event loop free meanwhile
+            await asyncio.to_thread(self.worker.open, session_id, config, events, asyncio.get_running_loop())
         except PoolFullError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no room for a new session: {exc}")
         engine = self.worker.engine
@@ -84,11 +85,12 @@ class LiveStreamService(pb_grpc.LiveStreamServicer):
                                                            responses=session.responses))
         finally:
             reader.cancel()
-            self._close(session_id)
+            self.worker.close_when_drained(session_id, timeout_s=0)  # no-op when already closed
 
     async def _read(self, session_id: str, request_iterator, events: asyncio.Queue) -> None:
-        """Push the client's frames and queries into the engine; on Close (or half-close) drain, then
-        end the event stream."""
+        """Push the client's frames and queries into the engine; on Close (or half-close) have the
+        session closed once all of it is decided, which ends the event stream."""
+        drain_s = self.limits.drain_timeout_s
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("kind")
@@ -105,12 +107,12 @@ class LiveStreamService(pb_grpc.LiveStreamServicer):
                 except SessionError as exc:
                     code = pb.WARNING_CODE_BAD_QUERY if kind == "query" else pb.WARNING_CODE_BAD_FRAME
                     events.put_nowait(warning(code, str(exc)))
-            await self._drain(session_id)
         except asyncio.CancelledError:
             raise
         except Exception:  # the client went away mid-stream, or a bug: end this session only
             log.exception("reading session %s failed", session_id)
-        self._close(session_id)
+            drain_s = 0.0
+        self.worker.close_when_drained(session_id, drain_s)
 
     def _push_frame(self, session_id: str, frame: pb.Frame) -> None:
         size = len(frame.image)
@@ -118,20 +120,6 @@ class LiveStreamService(pb_grpc.LiveStreamServicer):
             raise SessionError(f"frame at {frame.timestamp:.3f}s is {size} bytes; the limit is "
                                f"{self.limits.max_frame_bytes}")
         self.worker.push_frame(session_id, frame.timestamp, frame.image)
-
-    async def _drain(self, session_id: str) -> None:
-        deadline = asyncio.get_running_loop().time() + self.limits.drain_timeout_s
-        while not self.worker.drained(session_id):
-            if asyncio.get_running_loop().time() > deadline:
-                log.warning("session %s did not drain in %.0fs; closing it", session_id, self.limits.drain_timeout_s)
-                return
-            await asyncio.sleep(0.005)
-
-    def _close(self, session_id: str) -> None:
-        try:
-            self.worker.close(session_id)
-        except SessionError:
-            pass  # already closed
 
 
 async def start_server(worker: EngineWorker, address: str = "127.0.0.1:0", *, defaults: SessionConfig | None = None,

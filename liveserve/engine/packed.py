@@ -42,10 +42,12 @@ class PackedStep:
     def __init__(self, pool: KVPool, parts: list[tuple[PagedCache, int]], kernel: str = "sdpa") -> None:
         self.pool, self.parts, self.kernel = pool, parts, kernel
         device, size = pool.device, pool.block_size
-        counts = torch.tensor([n for _, n in parts], device=device)
-        before = torch.tensor([cache.length for cache, _ in parts], device=device)
+        sizes = [n for _, n in parts]
+        lengths = [cache.length for cache, _ in parts]
+        widest, longest = max(sizes), max(b + n for b, n in zip(lengths, sizes))  # host ints: no device sync
+        counts = torch.tensor(sizes, device=device)
+        before = torch.tensor(lengths, device=device)
         totals = before + counts
-        widest, longest = int(counts.max()), int(totals.max())
         # Every session's block table, padded with its own first block: [sessions, most blocks]
         tables = [cache.blocks for cache, _ in parts]
         width = max(len(t) for t in tables)

@@ -42,7 +42,8 @@ class StepInput:
 
     ids: tuple[int, ...]
     features: torch.Tensor | None  # [tokens_per_frame, vision_hidden]
-    positions: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]: start, start + 1, ...
+    start: int  # the first position, kept as a Python int so completing a step never syncs the device
 
     @property
     def num_tokens(self) -> int:
@@ -90,6 +91,7 @@ class Session:
         self.model, self.config, self.session_id = model, config or SessionConfig(), session_id
         self.template = model.template
         self.system_prompt = self.config.system_prompt or model.system_prompt
+        self._start_ids = self.template.start_ids(self.system_prompt)  # tokenized once, not per first frame
         self.ledger = Ledger()
         self.cache = cache if cache is not None else KVCache(
             num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
@@ -238,7 +240,7 @@ class Session:
             raise RuntimeError(f"session {self.session_id!r}: no planned step to complete")
         step = planned.step
         self.cache.commit(step.positions)
-        self._next_position = int(step.positions[-1]) + 1
+        self._next_position = step.start + step.num_tokens
         if self.trace is not None:
             self._record(step, logits)
         if planned.kind == "frame":
@@ -309,7 +311,7 @@ class Session:
 
     def _frame_ids(self) -> list[int]:
         if self._state == NEW:
-            return self.template.start_ids(self.system_prompt)
+            return self._start_ids
         if self._state == REPLIED:
             return self._pending + list(self.template.stream_open_ids)
         return self._pending
@@ -398,7 +400,7 @@ class Session:
         self.cache.reserve(n)
         start = self.cache.length if self._contiguous else self._next_position
         positions = torch.arange(start, start + n, device=self.model.device)
-        return StepInput(tuple(ids), features, positions)
+        return StepInput(tuple(ids), features, positions, start)
 
     def _record(self, step: StepInput, logits: torch.Tensor) -> None:
         embeds = self.model.embed_step([step])
