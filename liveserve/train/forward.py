@@ -23,8 +23,8 @@ def input_embeddings(model: LiveModel, input_ids: torch.Tensor, frame_positions:
     ids = ids.masked_fill(ids == model.template.v_id, 0)
     embeds = model.lm.get_input_embeddings()(ids)
     if frame_positions.numel():
-        frames = model.connector(features.to(model.device, model.dtype))
-        embeds = embeds.index_put((frame_positions.reshape(-1).to(model.device),), frames.reshape(-1, embeds.shape[-1]))
+        slots = frame_positions.reshape(-1).to(model.device)
+        embeds = embeds.index_put((slots,), model.embed_frames(features))  # what a Session feeds
     return embeds
 
 
