@@ -48,6 +48,9 @@ class CacheConfig:
             raise ValueError(f"evict_frames must be in [1, window_frames={self.window_frames}], got {self.evict_frames}")
 
 
+REPLY_MODES = ("inline", "external", "on_request")
+
+
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
     """What one video session asks of the engine."""
@@ -60,8 +63,15 @@ class SessionConfig:
     system_prompt: str | None = None  # None: the model's default system prompt
     max_query_tokens: int = 256
     cache: CacheConfig = field(default_factory=CacheConfig)
+    # Who writes the replies. "inline": this session generates them (one model does everything).
+    # "external": a Decision session; it reports ReplyRequested, keeps deciding frames without firing again,
+    # and appends the reply another model wrote (push_reply). "on_request": a Reaction session; it never
+    # fires by itself and answers push_respond / push_query triggers.
+    replies: str = "inline"
 
     def __post_init__(self) -> None:
+        if self.replies not in REPLY_MODES:
+            raise ValueError(f"replies must be one of {', '.join(REPLY_MODES)}, got {self.replies!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.max_new_tokens < 1:

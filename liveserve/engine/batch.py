@@ -95,6 +95,16 @@ class BatchEngine:
         self.session(session_id).push_query(timestamp, text)
         self._wakeup.set()
 
+    def push_respond(self, session_id: str, timestamp: float) -> None:
+        """Reaction sessions: reply proactively at `timestamp` (see Session.push_respond)."""
+        self.session(session_id).push_respond(timestamp)
+        self._wakeup.set()
+
+    def push_reply(self, session_id: str, text: str) -> None:
+        """Decision sessions: append the reply another model wrote (see Session.push_reply)."""
+        self.session(session_id).push_reply(text)
+        self._wakeup.set()
+
     def close(self, session_id: str) -> None:
         """Close a session and return its memory to the pool (safe while another thread steps)."""
         with self._step_lock:
@@ -137,6 +147,8 @@ class BatchEngine:
                     continue
                 if step is not None:
                     planned.append((session, step))
+                else:
+                    events.extend((session.session_id, notice) for notice in session.take_notices())
             self.last_batch = tuple(s.session_id for s, _ in planned)
             if not planned:
                 return events

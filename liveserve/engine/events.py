@@ -33,6 +33,17 @@ class ResponseStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplyRequested:
+    """A Decision session (replies="external") fired or met a query: another model should write the reply
+    and hand it back with `push_reply`. Until then the session keeps deciding frames but does not fire."""
+
+    timestamp: float
+    trigger: str  # "proactive" | "query"
+    query: str | None
+    frame_index: int
+
+
+@dataclass(frozen=True, slots=True)
 class ResponseDelta:
     timestamp: float
     text: str
@@ -68,4 +79,4 @@ class SessionFailed:
     message: str
 
 
-Event = FrameDecision | ResponseStarted | ResponseDelta | ResponseDone | FramesDropped | SessionFailed
+Event = FrameDecision | ResponseStarted | ReplyRequested | ResponseDelta | ResponseDone | FramesDropped | SessionFailed

@@ -44,9 +44,15 @@ class QueuedFrame:
 
 @dataclass(frozen=True, slots=True)
 class QueuedQuery:
+    """A user query, or (text None) a request to respond proactively at this time (Reaction sessions)."""
+
     timestamp: float
     arrival: float
-    text: str
+    text: str | None
+
+    @property
+    def trigger(self) -> str:
+        return "proactive" if self.text is None else "query"
 
 
 def check_time(timestamp, what: str) -> float:

@@ -10,6 +10,11 @@ A session is a state machine driven one forward at a time, so the same code runs
                               room in the cache (evict), reserve it -> a StepInput
     (a forward)               `process` runs it alone; BatchEngine packs many sessions' inputs in one
     complete                  the logits at the step's last token -> ledger, pending tokens, events
+
+Replies are written inline by default. Disaggregated serving splits the roles (SessionConfig.replies): a
+Decision session ("external") reports ReplyRequested and keeps deciding frames while another model writes
+the reply, which it then appends (push_reply); a Reaction session ("on_request") never fires by itself
+and answers the triggers it is given (push_respond / push_query).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import torch
 
 from liveserve.config import SessionConfig
 from liveserve.engine.attention import StepContext
-from liveserve.engine.events import Event, FrameDecision, ResponseDelta, ResponseDone, ResponseStarted
+from liveserve.engine.events import (Event, FrameDecision, ReplyRequested, ResponseDelta, ResponseDone,
+                                     ResponseStarted)
 from liveserve.engine.inputs import QueuedFrame, QueuedQuery, SessionError, SubmitFrame, as_frame, check_time
 from liveserve.engine.kv_cache import CacheFullError, KVCache
 from liveserve.engine.ledger import Ledger
@@ -63,7 +69,7 @@ class _Reply:
 
 @dataclass(frozen=True, slots=True)
 class _Planned:
-    kind: str  # "frame" | "prompt" | "token"
+    kind: str  # "frame" | "prompt" | "token" | "written" (an external reply: its prompt and tokens)
     step: StepInput
     frame: QueuedFrame | None = None
     segment: str = ""  # prompt: ledger segment kind of the new text
@@ -104,6 +110,9 @@ class Session:
         self._instruction_pinned = False
         self._reply: _Reply | None = None
         self._prompted = False  # the reply's prompt has been fed
+        self._awaiting: _Reply | None = None  # replies="external": the trigger whose reply is being written
+        self._written: list[int] | None = None  # ... and that reply's tokens once handed back
+        self._notices: list[Event] = []  # events raised while planning, returned with the next completion
         self._planned: _Planned | None = None
         self._frames: deque[QueuedFrame] = deque()
         self._queries: deque[QueuedQuery] = deque()
@@ -141,6 +150,36 @@ class Session:
             self._check_open()
             self._queries.append(QueuedQuery(timestamp, time.monotonic(), text.strip()))
 
+    def push_respond(self, timestamp: float) -> None:
+        """Reaction sessions (replies="on_request"): reply proactively at `timestamp`, after the frames up
+        to that time."""
+        timestamp = check_time(timestamp, "trigger")
+        if self.config.replies != "on_request":
+            raise SessionError(f"push_respond needs replies='on_request'; this session's is {self.config.replies!r}")
+        with self._lock:
+            self._check_open()
+            if self._last_frame_time == -float("inf"):
+                raise SessionError("a proactive reply needs at least one frame first")
+            self._queries.append(QueuedQuery(timestamp, time.monotonic(), None))
+
+    def push_reply(self, text: str) -> None:
+        """Decision sessions (replies="external"): the reply another model wrote for the last ReplyRequested.
+        It is appended to this session's cache (its prompt, then the reply); firing resumes after it. An
+        empty text means the reply failed: nothing is appended and firing resumes at once."""
+        ids = self.template.encode(text)[: self.config.max_new_tokens] if text else []
+        with self._lock:
+            self._check_open()
+            if self._awaiting is None or self._written is not None:
+                raise SessionError("no reply was requested")
+            if ids:
+                self._written = ids
+            else:
+                self._awaiting = None
+
+    @property
+    def awaiting_reply(self) -> bool:
+        return self._awaiting is not None
+
     @property
     def backlog(self) -> int:
         return len(self._frames)
@@ -174,7 +213,7 @@ class Session:
         """One step (plan -> a forward of this session alone -> complete); None when there is no work."""
         step = self.plan()
         if step is None:
-            return None
+            return self.take_notices() or None
         embeds = self.model.embed_step([step])
         n = step.num_tokens
         with torch.inference_mode():
@@ -191,6 +230,8 @@ class Session:
         if self._reply is not None:
             return True
         with self._lock:
+            if self._written is not None:
+                return True
             item = self._peek_item()
         return item is not None and (isinstance(item, QueuedQuery) or item.ready)
 
@@ -199,11 +240,13 @@ class Session:
         if self._reply is not None:
             return 1 if self._prompted else len(self._prompt_ids(self._reply.trigger, self._reply.query)[0])
         with self._lock:
+            if self._written is not None:
+                return len(self._prompt_ids(self._awaiting.trigger, self._awaiting.query)[0]) + len(self._written)
             item = self._peek_item()
         if item is None:
             return 0
         if isinstance(item, QueuedQuery):
-            return len(self._prompt_ids("query", item.text)[0])
+            return len(self._prompt_ids(item.trigger, item.text)[0])
         return len(self._frame_ids()) + self.model.layout.num_tokens
 
     def fail(self, message: str) -> None:
@@ -220,18 +263,29 @@ class Session:
             return None
         if self._reply is not None:
             planned = self._plan_token() if self._prompted else self._plan_prompt()
+        elif self._written is not None:
+            planned = self._plan_written()
         else:
-            with self._lock:
-                item = self._pop_item()
-            if item is None:
-                return None
-            if isinstance(item, QueuedQuery):
-                self._start_reply("query", item.timestamp, item.text)
-                planned = self._plan_prompt()
-            else:
-                planned = self._plan_frame(item)
+            while True:
+                with self._lock:
+                    item = self._pop_item()
+                if item is None:
+                    return None
+                if isinstance(item, QueuedFrame):
+                    planned = self._plan_frame(item)
+                    break
+                self._notices += self._trigger(item.trigger, item.timestamp, item.text)
+                if self._reply is not None:
+                    planned = self._plan_prompt()
+                    break
+                # external: the query went to the reply writer; the next frame is stepped meanwhile
         self._planned = planned
         return planned.step
+
+    def take_notices(self) -> list[Event]:
+        """Events raised by a `plan` that found no step to run (an external reply request)."""
+        notices, self._notices = self._notices, []
+        return notices
 
     def complete(self, logits: torch.Tensor) -> list[Event]:
         """Apply the planned step's result: fp32 logits [vocab] at its last token."""
@@ -243,9 +297,11 @@ class Session:
         self._next_position = step.start + step.num_tokens
         if self.trace is not None:
             self._record(step, logits)
+        events, self._notices = self._notices, []
         if planned.kind == "frame":
-            return self._complete_frame(planned, logits)
-        events: list[Event] = []
+            return events + self._complete_frame(planned, logits)
+        if planned.kind == "written":
+            return events + self._complete_written(planned)
         if planned.kind == "prompt":
             if planned.pending:
                 self.ledger.extend_last(planned.pending)
@@ -274,13 +330,18 @@ class Session:
         self.ledger.add("frame", self.model.layout.num_tokens)
         self._state, self._pending = STREAMING, []
         with self._lock:
-            query = self._queries.popleft() if self._queries and self._queries[0].timestamp <= frame.timestamp else None
+            awaiting = self._awaiting is not None
+            query = None
+            if not awaiting and self._queries and self._queries[0].timestamp <= frame.timestamp:
+                query = self._queries.popleft()
         probs = logits.softmax(-1)
         p_silent = float(probs[self.template.interval_id])
         if p_silent < self.config.threshold:
             probs[self.template.interval_id] = 0.0
         token = int(probs.argmax())
-        fired = query is None and token != self.template.interval_id
+        # One reply at a time; a Reaction session speaks only when asked.
+        may_fire = not awaiting and self.config.replies != "on_request"
+        fired = query is None and may_fire and token != self.template.interval_id
         if query is None and not fired:
             self._pending = [self.template.interval_id]
         self.frames_decided += 1
@@ -288,10 +349,41 @@ class Session:
         decision = FrameDecision(frame.timestamp, self.frames_decided - 1, p_silent, fired, action, token,
                                  time.monotonic() - frame.arrival, self.cache.length)
         if query is not None:
-            self._start_reply("query", query.timestamp, query.text)
-        elif fired:
-            self._start_reply("proactive", frame.timestamp, None)
+            return [decision] + self._trigger(query.trigger, query.timestamp, query.text)
+        if fired:
+            return [decision] + self._trigger("proactive", frame.timestamp, None)
         return [decision]
+
+    def _trigger(self, trigger: str, timestamp: float, query: str | None) -> list[Event]:
+        """Start a reply here, or (replies="external") ask for it to be written elsewhere."""
+        if self.config.replies != "external":
+            self._start_reply(trigger, timestamp, query)
+            return []
+        with self._lock:
+            self._awaiting = _Reply(trigger, timestamp, query, time.monotonic())
+        if self._state == STREAMING:
+            self._pending = [self.template.interval_id]  # frames stay ","-separated until the reply is in
+        return [ReplyRequested(timestamp, trigger, query, self.frames_decided - 1)]
+
+    def _plan_written(self) -> _Planned:
+        awaiting = self._awaiting
+        ids, segment, pending, pinned = self._prompt_ids(awaiting.trigger, awaiting.query)
+        ids = ids + self._written
+        self._make_room(incoming_frames=0)
+        self._check_room(len(ids) + 1)
+        return _Planned("written", self._reserve(ids, None), segment=segment, pending=pending, pinned=pinned)
+
+    def _complete_written(self, planned: _Planned) -> list[Event]:
+        """The external reply is in the cache: the turn ends as an inline reply's would (its eos pending)."""
+        if planned.pending:
+            self.ledger.extend_last(planned.pending)
+        self.ledger.add(planned.segment, planned.step.num_tokens - planned.pending, planned.pinned)
+        self._instruction_pinned |= self._awaiting.trigger == "query"
+        self._state, self._pending = REPLIED, [self.template.eos_id]
+        with self._lock:
+            self._awaiting = self._written = None
+        self.responses += 1
+        return []
 
     # ---- replies ---------------------------------------------------------------------------------------
 
@@ -362,7 +454,9 @@ class Session:
     # ---- queues ----------------------------------------------------------------------------------------
 
     def _peek_item(self) -> QueuedFrame | QueuedQuery | None:
-        if self._queries and (not self._frames or self._queries[0].timestamp < self._frames[0].timestamp):
+        # While an external reply is being written, queries wait for it; frames go on.
+        if self._awaiting is None and self._queries and (
+                not self._frames or self._queries[0].timestamp < self._frames[0].timestamp):
             return self._queries[0]
         return self._frames[0] if self._frames else None
 
