@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from liveserve import cli_serve
+from liveserve import cli_loadtest, cli_serve
 from liveserve.config import CACHE_POLICIES, DEFAULT_THRESHOLD, CacheConfig, SessionConfig
 
 if TYPE_CHECKING:  # torch/transformers take seconds to import; the CLI imports them only when needed
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
 
     cli_serve.add_parsers(sub, lambda p: _add_model_options(p, _default_model()), _positive_float)
+    cli_loadtest.add_parser(sub)
     return parser
 
 
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_logs()
     commands = {"run": cmd_run, "bench": cmd_bench, "tiny": cmd_tiny, "data": cmd_data, "train": cmd_train,
                 "eval": cmd_eval, "serve": lambda a: cli_serve.cmd_serve(a, load), "client": cli_serve.cmd_client,
-                "demo": lambda a: cli_serve.cmd_demo(a, load)}
+                "demo": lambda a: cli_serve.cmd_demo(a, load), "loadtest": cli_loadtest.cmd_loadtest}
     try:
         return commands[args.command](args)
     except (CheckpointError, VideoError, ValueError, FileNotFoundError, ClientError) as exc:
