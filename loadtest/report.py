@@ -110,6 +110,10 @@ def plot_latency_over_time(report: RunReport, path: Path) -> Path:
         ax.plot(x, [p.p50_ms for p in points], color=colour, label=f"{label} p50")
         ax.plot(x, [p.p99_ms for p in points], color=colour, linestyle="--", label=f"{label} p99")
     ax.axhline(report.slo_ms, color="tab:red", linestyle=":", label=f"SLO {report.slo_ms:g} ms")
+    values = [v for level in report.levels for p in level.timeline for v in (p.p50_ms, p.p99_ms) if v]
+    wide = bool(values) and max(values) > 30 * min(values)  # a collapsed level would flatten the healthy ones
+    if wide:
+        ax.set_yscale("log")
     ax.set_xlabel("seconds since the level started (by decision arrival)")
     ax.set_ylabel("frame -> decision latency (ms)")
     ax.set_title("Frame-to-decision latency over time")
@@ -120,8 +124,9 @@ def plot_latency_over_time(report: RunReport, path: Path) -> Path:
                   color="grey", alpha=0.5, label="sessions streaming")
         twin.set_ylabel("sessions streaming")
         twin.set_ylim(0, max(level.sessions, 1) * 1.15)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
+    if not wide:
+        ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3, which="both")
     _legend_below(fig, fig.axes)
     fig.savefig(path)
     plt.close(fig)
