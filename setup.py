@@ -7,7 +7,7 @@ top-level name like `services` in site-packages.
 
 from setuptools import find_packages, setup
 
-MAPPED = {"liveserve.services": "services", "liveserve.loadtest": "loadtest"}
+MAPPED = {"liveserve.services": "services", "liveserve.loadtest": "loadtest", "liveserve.orchestration": "orchestration"}
 
 packages = find_packages(include=["liveserve", "liveserve.*"])
 for name, folder in MAPPED.items():

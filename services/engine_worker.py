@@ -98,7 +98,8 @@ class EngineWorker:
                 session = self.engine.session(session_id)
             except SessionError:  # closed meanwhile by another path
                 continue
-            drained = session.closed or not (session.backlog or session.ready())
+            # an external reply still being written counts as work: its text is appended before close
+            drained = session.closed or not (session.backlog or session.ready() or session.awaiting_reply)
             if drained or now >= deadline:
                 if not drained:
                     log.info("session %s closed with input still queued (client gone or drain timed out)",

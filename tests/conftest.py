@@ -44,3 +44,19 @@ def redis_url():
 
     with EmbeddedRedis() as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def ray_app(tiny_dir, redis_url):
+    """The Serve application on one local Ray cluster for the whole test session: two Decision replicas,
+    the tiny model, short record TTLs so expiry is observable."""
+    pytest.importorskip("ray.serve")
+    from liveserve.orchestration.launch import free_port, load_config, start
+
+    args = {"model": str(tiny_dir), "max_new_tokens": 8, "window_frames": 8, "max_lag_s": 30.0, "pool_mb": 64,
+            "max_frame_bytes": 64 << 10, "heartbeat_s": 0.5, "session_ttl_s": 10.0, "closed_ttl_s": 3.0,
+            "reaction_sync_frames": 4}
+    config = load_config(grpc_port=free_port(), args=args, replicas={"Decision": 2})
+    app = start(config, redis_url=redis_url, timeout_s=300, progress=lambda message: None)
+    yield app
+    app.stop()

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 from engine_helpers import steered
+from stream_helpers import jpeg, kinds, session_messages, stream
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
 from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
 from liveserve.services.local import start_local
 from liveserve.services.stream_service import StreamLimits
-
-
-def jpeg(seed: int, size=(64, 48)) -> bytes:
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-    out = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(out, format="JPEG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -37,34 +28,6 @@ def server(tiny_model):
                                                    scheduler=SchedulerConfig(max_lag_s=None)))
     yield local.address, local.worker.engine
     local.stop(grace_s=1)
-
-
-def stream(address: str, messages, timeout: float = 60.0) -> list[pb.ServerMessage]:
-    with grpc.insecure_channel(address) as channel:
-        return list(pb_grpc.LiveStreamStub(channel).Stream(iter(messages), timeout=timeout))
-
-
-def session_messages(frames: int, threshold: float | None = None, queries=(), close=True, extra=()):
-    open_ = pb.Open(fps=2.0)
-    if threshold is not None:
-        open_.threshold = threshold
-    yield pb.ClientMessage(open=open_)
-    pending = sorted(queries)
-    for i in range(frames):
-        t = i * 0.5
-        while pending and pending[0][0] <= t:
-            q_t, text = pending.pop(0)
-            yield pb.ClientMessage(query=pb.Query(timestamp=q_t, text=text))
-        yield pb.ClientMessage(frame=pb.Frame(timestamp=t, image=jpeg(i)))
-        for when, message in extra:
-            if when == i:
-                yield message
-    if close:
-        yield pb.ClientMessage(close=pb.Close())
-
-
-def kinds(replies) -> list[str]:
-    return [r.WhichOneof("kind") for r in replies]
 
 
 def test_one_session_end_to_end(server):

@@ -1,0 +1,180 @@
+"""Start the liveserve Serve application: local Ray (or RAY_ADDRESS), Redis (REDIS_URL or an embedded
+server), then the deployments from a Serve config, and wait until every one is running.
+
+The config is Ray Serve's own format (orchestration/serve_config.yaml), so the same file runs here and
+inside a KubeRay RayService. Local runs override a few fields: the gRPC port, the HTTP proxy's port
+(a free one, on 127.0.0.1), application args and replica counts, and REDIS_URL in the application's
+runtime environment.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from liveserve.services.redis_server import EmbeddedRedis
+from liveserve.services.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+DEFAULT_CONFIG = Path(__file__).with_name("serve_config.yaml")
+APP_NAME = "liveserve"
+
+
+class LaunchError(RuntimeError):
+    """The application could not be started; the message says what failed and where to look."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load_config(path: str | Path | None = None, *, grpc_port: int | None = None, args: dict | None = None,
+                replicas: dict[str, int] | None = None) -> dict:
+    """The Serve config at `path` (default: the bundled one) with local overrides applied and checked."""
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        config = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise LaunchError(f"cannot read the Serve config {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise LaunchError(f"{path} is not valid YAML: {exc}") from None
+    config = copy.deepcopy(config)
+    app = _app(config, path)
+    app["args"] = {**(app.get("args") or {}), **(args or {})}
+    try:
+        ServiceSettings.from_dict(app["args"])
+    except (TypeError, ValueError) as exc:
+        raise LaunchError(f"bad application args in {path}: {exc}") from None
+    deployments = {d["name"]: d for d in app.setdefault("deployments", [])}
+    for name, count in (replicas or {}).items():
+        entry = deployments.get(name) or app["deployments"].append({"name": name}) or app["deployments"][-1]
+        entry.pop("autoscaling_config", None)
+        entry["num_replicas"] = count
+    if grpc_port is not None:
+        config.setdefault("grpc_options", {})["port"] = grpc_port
+    try:
+        ServeDeploySchema.model_validate(config)
+    except Exception as exc:
+        raise LaunchError(f"{path} is not a valid Serve config: {exc}") from None
+    return config
+
+
+def _app(config: dict, path: Path) -> dict:
+    apps = [a for a in config.get("applications") or [] if a.get("name") == APP_NAME]
+    if not apps:
+        raise LaunchError(f"{path} has no application named {APP_NAME!r}")
+    return apps[0]
+
+
+@dataclass
+class RunningApp:
+    """A started application; `stop` tears down what this process started (and only that)."""
+
+    address: str  # host:port of the public gRPC API
+    redis_url: str
+    config: dict
+    redis: EmbeddedRedis | None = None
+    started_ray: bool = False
+    stopped: bool = field(default=False, init=False)
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        import ray
+        from ray import serve
+
+        try:
+            serve.delete(APP_NAME)
+            if self.started_ray:
+                serve.shutdown()
+        finally:
+            if self.started_ray:
+                ray.shutdown()
+            if self.redis is not None:
+                self.redis.stop()
+
+
+def start(config: dict, *, ray_address: str | None = None, redis_url: str | None = None, timeout_s: float = 600.0,
+          progress: Callable[[str], None] = log.info, log_to_driver: bool = False) -> RunningApp:
+    """Deploy `config` (see load_config) and wait for it to run. Joins `ray_address` or RAY_ADDRESS when
+    given, else starts a local Ray; uses `redis_url` or REDIS_URL when set, else starts an embedded Redis."""
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    config = copy.deepcopy(config)
+    redis_server = None
+    redis_url = redis_url or os.environ.get("REDIS_URL", "")
+    if not redis_url:
+        redis_server = EmbeddedRedis().start()
+        redis_url = redis_server.url
+        progress(f"started an embedded Redis at {redis_url}")
+    app = _app(config, Path("<config>"))
+    env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+    env.setdefault("REDIS_URL", redis_url)
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    started_ray = not ray.is_initialized()
+    running = None
+    try:
+        if started_ray:
+            progress(f"joining Ray at {address}" if address else "starting a local Ray")
+            ray.init(address=address, namespace="serve", include_dashboard=False, log_to_driver=log_to_driver,
+                     configure_logging=False)
+        grpc = config.get("grpc_options") or {}
+        http = {**(config.get("http_options") or {})}
+        if not address:
+            http.update(host="127.0.0.1", port=free_port())  # local: no fixed HTTP port to collide on
+        serve.start(proxy_location=config.get("proxy_location", "EveryNode"), http_options=HTTPOptions(**http),
+                    grpc_options=gRPCOptions(**grpc))
+        running = RunningApp(f"127.0.0.1:{grpc.get('port', 9000)}", redis_url, config, redis_server, started_ray)
+        progress(f"deploying {APP_NAME} ({', '.join(d['name'] for d in app['deployments'])})")
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
+        _wait_running(timeout_s, progress)
+        return running
+    except BaseException:
+        if running is not None:
+            running.stop()
+        else:
+            if started_ray and ray.is_initialized():
+                ray.shutdown()
+            if redis_server is not None:
+                redis_server.stop()
+        raise
+
+
+def _wait_running(timeout_s: float, progress: Callable[[str], None]) -> None:
+    from ray import serve
+
+    deadline, last = time.monotonic() + timeout_s, ""
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        state = str(app.status) if app else "NOT_STARTED"
+        if state.endswith("RUNNING"):
+            return
+        if state.endswith("DEPLOY_FAILED") or state.endswith("UNHEALTHY"):
+            raise LaunchError(f"deploying {APP_NAME} failed: {app.message or state}")
+        if app is not None:
+            summary = ", ".join(f"{name} {str(d.status).rsplit('.', 1)[-1].lower()}"
+                                for name, d in sorted(app.deployments.items()))
+            if summary and summary != last:
+                progress(summary)
+                last = summary
+        if time.monotonic() > deadline:
+            raise LaunchError(f"{APP_NAME} was not running after {timeout_s:.0f}s ({state}); see the replica "
+                              "logs under /tmp/ray/session_latest/logs/serve/")
+        time.sleep(0.5)

@@ -1,0 +1,103 @@
+"""Reaction: the asynchronous reply writer, with its own per-session cache.
+
+A session is opened here on its first call and then only ever appended to: each Respond call carries the
+frames this replica has not seen (numbered, so a gap is caught instead of silently skipped), they are
+prefilled in batches with other sessions' work, and the reply is generated from the up-to-date cache.
+The cost of a reply therefore depends on the frames since the previous call, not on the stream's length.
+The Reaction model may be a larger checkpoint than Decision's (`reaction_model`), or the same one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from ray import serve
+
+from liveserve.api.v1 import live_stream_pb2 as pb
+from liveserve.config import EngineConfig, SchedulerConfig
+from liveserve.engine.batch import BatchEngine
+from liveserve.engine.events import FrameDecision, ResponseDone, SessionFailed
+from liveserve.engine.inputs import SessionError
+from liveserve.internal.v1 import reaction_pb2 as rpb
+from liveserve.services import tensors
+from liveserve.services.engine_worker import EngineWorker
+from liveserve.services.messages import session_config, to_message
+from liveserve.services.routing import SESSION_ROUTER
+from liveserve.services.replica import load_replica_model
+from liveserve.services.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Writer:
+    events: asyncio.Queue
+    next_frame_index: int = 0
+
+
+@serve.deployment(name="Reaction", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
+                  request_router_config=SESSION_ROUTER)
+class Reaction:
+    def __init__(self, settings: dict | None = None) -> None:
+        self.settings = ServiceSettings.from_dict(settings)
+        self.model = load_replica_model(self.settings.reaction_model or self.settings.model, vision=False,
+                                        threads=self.settings.threads)
+        # Frames arrive in bursts at triggers and must all be read: never drop them for lag here.
+        scheduler = SchedulerConfig(max_lag_s=None, max_queued_frames=1 << 20)
+        self.engine = BatchEngine(self.model, EngineConfig(pool=self.settings.pool(), scheduler=scheduler))
+        self.worker = EngineWorker(self.engine)
+        self.defaults = self.settings.session_defaults()
+        self.sessions: dict[str, _Writer] = {}
+
+    async def Respond(self, request: rpb.RespondRequest):
+        """Catch the session up on `frames`, then (unless the trigger is unspecified: a sync only) stream
+        the reply: ResponseStarted, ResponseDelta..., ResponseDone."""
+        sid = request.session_id
+        writer = self.sessions.get(sid) or await self._open(request)
+        if request.first_frame_index != writer.next_frame_index:
+            raise SessionError(f"session {sid!r}: frames from index {request.first_frame_index} sent, but this "
+                               f"replica has seen {writer.next_frame_index}; the gap cannot be replied over")
+        for frame in request.frames:
+            self.engine.push_frame(sid, frame.timestamp, tensors.from_message(frame.features))
+            writer.next_frame_index += 1
+        if request.trigger == pb.TRIGGER_UNSPECIFIED:
+            return
+        if request.trigger == pb.TRIGGER_QUERY:
+            self.engine.push_query(sid, request.timestamp, request.query)
+        else:
+            self.engine.push_respond(sid, request.timestamp)
+        while True:
+            event = await writer.events.get()
+            if event is None:
+                raise SessionError(f"session {sid!r} was closed while its reply was being written")
+            if isinstance(event, SessionFailed):
+                raise RuntimeError(f"session {sid!r} failed on its Reaction replica: {event.message}")
+            if isinstance(event, FrameDecision):  # frames are read here, never decided on
+                continue
+            yield to_message(event)
+            if isinstance(event, ResponseDone):
+                return
+
+    async def Close(self, request: rpb.CloseRequest) -> rpb.CloseResponse:
+        if self.sessions.pop(request.session_id, None) is not None:
+            self.worker.close_when_drained(request.session_id, 0)
+        return rpb.CloseResponse()
+
+    def record_routing_stats(self) -> dict:
+        pool = self.engine.pool
+        return {"sessions": len(self.sessions), "free_fraction": 1.0 - pool.reserved_blocks / max(1, pool.num_blocks)}
+
+    async def _open(self, request: rpb.RespondRequest) -> _Writer:
+        config = dataclasses.replace(session_config(request.open, self.defaults), replies="on_request")
+        writer = _Writer(asyncio.Queue())
+        await asyncio.to_thread(self.worker.open, request.session_id, config, writer.events, asyncio.get_running_loop())
+        self.sessions[request.session_id] = writer
+        return writer
+
+    def __del__(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.stop()

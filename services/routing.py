@@ -1,0 +1,68 @@
+"""Session-sticky request routing for replicas that hold session state in memory (Ray Serve router).
+
+A Decision replica holds its sessions' KV caches, a Reaction replica its sessions' reply caches: every
+call for a session must reach the replica holding it.
+
+- A call with a `route_to` keyword (a replica id the gateway read from the session registry in Redis)
+  goes to that replica only. If the replica is gone the call waits for it; callers bound the wait and
+  report UNAVAILABLE rather than guess (another replica has no state for the session).
+- A call whose first argument names a session this router placed before (`.session_id`) returns to the
+  same replica: the Decision replica owning a session is its Reaction's only caller, so the affinity can
+  live in this process. A `Close` call forgets it.
+- Anything else (an Open, a session's first Reaction call) goes to the replica with the most room, from the routing stats each
+  replica reports (`free_fraction` of its KV pool, then fewest `sessions`); ties rotate.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+
+def replica_key(replica: RunningReplica) -> str:
+    return replica.replica_id.unique_id
+
+
+class SessionRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, **kwargs) -> None:
+        self._affinity: dict[str, str] = {}  # session id -> replica key, for calls without route_to
+        self._turn = itertools.count()
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> Sequence[list[RunningReplica]]:
+        if pending_request is None:
+            return [candidate_replicas]
+        pending_request.routing_context.should_backoff = True  # back off while a pinned replica is busy
+        route_to = pending_request.kwargs.get("route_to")
+        session_id = getattr(pending_request.args[0], "session_id", "") if pending_request.args else ""
+        if not route_to and session_id:
+            route_to = self._affinity.get(session_id)
+        if route_to:
+            pinned = [r for r in candidate_replicas if replica_key(r) == route_to]
+            if pinned and pending_request.metadata.call_method == "Close":
+                self._affinity.pop(session_id, None)
+            return [pinned] if pinned else []
+        ranked = self.rank_by_room(candidate_replicas)
+        # An Open's owner goes to the registry (later calls carry route_to); other first calls stick here.
+        if session_id and ranked and pending_request.metadata.call_method != "Open":
+            self._affinity[session_id] = replica_key(ranked[0])
+        return [[replica] for replica in ranked]
+
+    def rank_by_room(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
+        if not replicas:
+            return []
+        turn = next(self._turn) % len(replicas)
+        rotated = replicas[turn:] + replicas[:turn]  # equal room: spread new sessions round-robin
+
+        def room(replica: RunningReplica) -> tuple[float, int]:
+            stats = replica.routing_stats or {}
+            return -float(stats.get("free_fraction", 1.0)), int(stats.get("sessions", 0))
+
+        return sorted(rotated, key=room)  # stable: the rotation breaks ties
+
+
+# For deployments whose replicas hold session state (Decision, Reaction).
+SESSION_ROUTER = RequestRouterConfig(request_router_class=f"{__name__}.SessionRouter")

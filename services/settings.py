@@ -1,0 +1,74 @@
+"""The application's settings: the `args` of the Serve config, validated once, shared by every service.
+
+The same dictionary configures a local `liveserve serve` and a KubeRay RayService (see orchestration/),
+so a value means the same thing everywhere. Unknown keys are refused by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from liveserve.config import CacheConfig, PoolConfig, SchedulerConfig, SessionConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    model: str = "default"  # "default" (bundled), "tiny", or a checkpoint directory
+    reaction_model: str = ""  # "" = the same checkpoint as Decision
+    threads: int = 1  # torch CPU threads per replica
+    # Decision
+    pool_mb: int | None = None  # KV pool per Decision replica; None = 25% of free GPU memory, 1 GiB on CPU
+    max_lag_s: float = 2.0  # queued frames further behind their stream than this are dropped (reported)
+    threshold: float | None = None  # default streaming threshold for sessions that set none
+    max_new_tokens: int = 64
+    cache_policy: str = "sink_window"
+    window_frames: int = 64
+    reaction_sync_frames: int = 32  # send Reaction unseen frames once this many have piled up
+    # Perception
+    max_batch_size: int = 16
+    batch_wait_ms: float = 5.0
+    # Gateway
+    max_frame_bytes: int = 4 << 20
+    call_timeout_s: float = 30.0  # an internal call that takes longer fails the session with UNAVAILABLE
+    drain_timeout_s: float = 60.0  # Close waits this long for queued frames and replies to finish
+    # Registry
+    session_ttl_s: float = 30.0  # an open session's record expires this long after its last heartbeat
+    closed_ttl_s: float = 600.0  # a closed session's record (and history) is kept this long
+    heartbeat_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.threads < 1 or self.max_batch_size < 1 or self.reaction_sync_frames < 1 or self.window_frames < 2:
+            raise ValueError("threads, max_batch_size and reaction_sync_frames must be >= 1, window_frames >= 2")
+        for name in ("batch_wait_ms", "call_timeout_s", "drain_timeout_s", "session_ttl_s", "closed_ttl_s", "heartbeat_s", "max_lag_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.heartbeat_s >= self.session_ttl_s:
+            raise ValueError("heartbeat_s must be shorter than session_ttl_s, or records expire between beats")
+        if self.pool_mb is not None and self.pool_mb < 1:
+            raise ValueError(f"pool_mb must be >= 1, got {self.pool_mb}")
+        self.session_defaults()  # validates threshold, cache policy and lengths
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> ServiceSettings:
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def session_defaults(self) -> SessionConfig:
+        cache = CacheConfig(policy=self.cache_policy, window_frames=self.window_frames,
+                            evict_frames=min(CacheConfig().evict_frames, self.window_frames))
+        extra = {} if self.threshold is None else {"threshold": self.threshold}
+        return SessionConfig(max_new_tokens=self.max_new_tokens, cache=cache, **extra)
+
+    def pool(self) -> PoolConfig:
+        return PoolConfig(budget_bytes=self.pool_mb << 20 if self.pool_mb else None)
+
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(max_lag_s=self.max_lag_s)

@@ -1,0 +1,222 @@
+"""The disaggregated application on real Ray Serve, real gRPC on 127.0.0.1 and real Redis: Gateway,
+Perception, two Decision replicas and Reaction, driven through the public API."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from liveserve.api.v1 import live_stream_pb2 as pb
+from liveserve.services.registry import SessionRegistry
+from stream_helpers import jpeg, kinds, session_messages, stream
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def paced(messages, interval_s: float):
+    """The scripted messages with `interval_s` between frames, as a live client sends them."""
+    for message in messages:
+        if message.WhichOneof("kind") == "frame":
+            time.sleep(interval_s)
+        yield message
+
+
+def of_kind(replies, kind: str) -> list:
+    return [getattr(r, kind) for r in replies if r.WhichOneof("kind") == kind]
+
+
+@pytest.fixture(scope="module")
+def registry(ray_app):
+    return SessionRegistry(redis.Redis.from_url(ray_app.redis_url, decode_responses=True))
+
+
+def decision_handle():
+    from ray import serve
+
+    return serve.get_deployment_handle("Decision", app_name="liveserve")
+
+
+def test_one_session_end_to_end_with_a_query_and_its_record_in_redis(ray_app, registry):
+    replies = stream(ray_app.address, session_messages(6, threshold=0.0, queries=[(1.0, "what is happening")]))
+    assert kinds(replies)[0] == "opened" and kinds(replies)[-1] == "closed", kinds(replies)
+    opened = replies[0].opened
+    assert opened.limits.tokens_per_frame == 11 and opened.limits.max_frame_bytes == 64 << 10
+    decisions = of_kind(replies, "decision")
+    assert [d.timestamp for d in decisions] == [i * 0.5 for i in range(6)]
+    assert all(d.lag_s > 0 for d in decisions)  # gateway receipt -> decision, wall clock
+    done = of_kind(replies, "response_done")
+    assert pb.TRIGGER_QUERY in [d.trigger for d in done] and all(d.num_tokens > 0 for d in done)
+    assert len(of_kind(replies, "response_started")) == len(done) and of_kind(replies, "response_delta")
+    assert replies[-1].closed.frames_decided == 6 and replies[-1].closed.responses == len(done)
+
+    record = registry.get(opened.session_id)
+    assert record is not None and record.state == "closed" and record.owner
+    assert {"t": 1.0, "role": "user", "text": "what is happening"} in record.history
+    assert [t["text"] for t in record.history if t["role"] == "assistant"] == [d.text for d in done]
+
+
+def test_session_metadata_expires_after_close(ray_app, registry):
+    replies = stream(ray_app.address, session_messages(2, threshold=0.0))
+    session_id = replies[0].opened.session_id
+    key = f"{registry.prefix}:session:{session_id}"
+    assert 0 < registry.client.pttl(key) <= 3000  # closed_ttl_s of the test deployment
+    deadline = time.monotonic() + 10
+    while registry.get(session_id) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert registry.get(session_id) is None
+
+
+def test_eight_concurrent_sessions_with_different_thresholds(ray_app):
+    thresholds = [0.0, 0.0, 0.3, 0.5, 0.7, 0.9, 1.0, 1.0]
+    results: dict[int, list] = {}
+
+    def run(i: int) -> None:
+        results[i] = stream(ray_app.address, paced(session_messages(8, threshold=thresholds[i]), 0.05))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(thresholds))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(results) == list(range(8))
+    ids = {r[0].opened.session_id for r in results.values()}
+    assert len(ids) == 8
+    for i, replies in results.items():
+        assert kinds(replies)[-1] == "closed" and replies[-1].closed.frames_decided == 8, (i, kinds(replies))
+        assert len(of_kind(replies, "response_done")) == replies[-1].closed.responses
+    # The first frame meets the same cache in every session, so its P(silent) is the same; each session's
+    # own threshold then decides: below it the session must speak, at or above it the argmax decides
+    # (the same way for all of them).
+    first = [of_kind(results[i], "decision")[0] for i in range(8)]
+    p_silent = first[0].p_silent
+    assert all(d.p_silent == pytest.approx(p_silent, abs=1e-4) for d in first)
+    assert all(d.fired for d, t in zip(first, thresholds) if p_silent < t)
+    assert len({d.fired for d, t in zip(first, thresholds) if p_silent >= t}) <= 1
+    assert any(p_silent < t for t in thresholds) and any(p_silent >= t for t in thresholds)
+
+
+def test_decisions_keep_arriving_while_a_reply_is_written(ray_app):
+    open_ = pb.Open(threshold=1.0, max_new_tokens=48)
+    messages = [pb.ClientMessage(open=open_)]
+    messages += [pb.ClientMessage(frame=pb.Frame(timestamp=i * 0.05, image=jpeg(i))) for i in range(40)]
+    replies = stream(ray_app.address, paced(messages + [pb.ClientMessage(close=pb.Close())], 0.02))
+    order = kinds(replies)
+    assert order[-1] == "closed"
+    started, done = order.index("response_started"), order.index("response_done")
+    trigger = of_kind(replies, "response_started")[0].timestamp
+    during = [r.decision for r in replies[started:done] if r.WhichOneof("kind") == "decision"]
+    assert during and all(d.timestamp > trigger and not d.fired for d in during)
+    # One reply at a time: a frame fires again only after the previous reply is done.
+    in_flight = 0
+    for reply in replies:
+        kind = reply.WhichOneof("kind")
+        if kind == "decision" and reply.decision.fired:
+            assert in_flight == 0
+            in_flight += 1
+        elif kind == "response_done":
+            in_flight -= 1
+
+
+def test_every_frame_of_a_session_is_stepped_on_its_one_decision_replica(ray_app, registry):
+    """Sessions spread over both Decision replicas; each lives on exactly the replica its Redis record
+    names, and every frame decided so far was decided there."""
+    handle = decision_handle()
+    holds = threading.Event()
+    results: dict[int, list] = {}
+
+    def run(i: int) -> None:
+        def messages():
+            yield from session_messages(5, threshold=0.0, close=False)
+            holds.wait(60)  # keep the session open while the replicas are inspected
+            yield pb.ClientMessage(close=pb.Close())
+        results[i] = stream(ray_app.address, messages())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            open_ids = [k.rsplit(":", 1)[-1] for k in registry.client.scan_iter(f"{registry.prefix}:session:*")
+                        if not k.endswith(":history")]
+            records = [r for r in map(registry.get, open_ids) if r is not None and r.state == "open"]
+            if len(records) == 4:
+                break
+            time.sleep(0.2)
+        owners = {r.session_id: r.owner for r in records}
+        assert len(set(owners.values())) == 2  # both replicas got sessions
+        deadline = time.monotonic() + 60
+        while True:
+            held = {}
+            for replica in set(owners.values()):
+                held[replica] = handle.Sessions.remote(route_to=replica).result(timeout_s=30)
+            if all(held[o].get(s, {}).get("frames_decided") == 5 for s, o in owners.items()):
+                break
+            assert time.monotonic() < deadline, held
+            time.sleep(0.2)
+        for session_id, owner in owners.items():
+            elsewhere = [r for r in held if r != owner and session_id in held[r]]
+            assert not elsewhere and held[owner][session_id]["replica"] == owner
+    finally:
+        holds.set()
+        for thread in threads:
+            thread.join(60)
+    assert all(kinds(r)[-1] == "closed" and r[-1].closed.frames_decided == 5 for r in results.values())
+
+
+def test_bad_input_gets_a_specific_answer_and_the_neighbours_go_on(ray_app):
+    neighbour: list = []
+    runner = threading.Thread(target=lambda: neighbour.extend(
+        stream(ray_app.address, paced(session_messages(8, threshold=0.0), 0.05))))
+    runner.start()
+
+    corrupt = pb.ClientMessage(frame=pb.Frame(timestamp=0.6, image=b"\xff\xd8 not really a jpeg"))
+    backwards = pb.ClientMessage(frame=pb.Frame(timestamp=0.1, image=jpeg(99)))
+    oversized = pb.ClientMessage(frame=pb.Frame(timestamp=0.7, image=b"\x00" * (65 << 10)))
+    empty_query = pb.ClientMessage(query=pb.Query(timestamp=0.8, text="  "))
+    replies = stream(ray_app.address, session_messages(4, threshold=0.0, extra=[
+        (1, corrupt), (1, backwards), (1, oversized), (1, empty_query)]))
+    warnings = of_kind(replies, "warning")
+    codes = [w.code for w in warnings]
+    assert codes.count(pb.WARNING_CODE_BAD_FRAME) == 3 and pb.WARNING_CODE_BAD_QUERY in codes, warnings
+    assert any("bad frame image" in w.message for w in warnings)
+    assert any("must not go backwards" in w.message for w in warnings)
+    assert any("the limit is" in w.message for w in warnings)
+    assert kinds(replies)[-1] == "closed" and replies[-1].closed.frames_decided == 4  # the session went on
+
+    with pytest.raises(grpc.RpcError) as failed:
+        stream(ray_app.address, [pb.ClientMessage(frame=pb.Frame(timestamp=0.0, image=jpeg(0)))])
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "must be open" in failed.value.details()
+    with pytest.raises(grpc.RpcError) as failed:
+        stream(ray_app.address, [pb.ClientMessage(open=pb.Open(threshold=1.5))])
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "threshold" in failed.value.details()
+
+    runner.join(120)
+    assert kinds(neighbour)[-1] == "closed" and neighbour[-1].closed.frames_decided == 8
+
+
+def test_an_unknown_session_is_refused_by_name(ray_app):
+    from liveserve.engine.inputs import SessionError
+    from liveserve.internal.v1 import decision_pb2 as dpb
+
+    handle = decision_handle()
+    request = dpb.PushRequest(session_id="no-such-session", epoch=1, close=dpb.CloseSession(drain=True))
+    with pytest.raises(SessionError, match="unknown session 'no-such-session'"):
+        handle.Push.remote(request).result(timeout_s=30)
+
+
+def test_health_checking_and_reflection(ray_app):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(ray_app.address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        listing = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30)
+        names = {s.name for response in listing for s in response.list_services_response.service}
+    assert "liveserve.api.v1.LiveStream" in names
