@@ -7,7 +7,9 @@ runs, so `liveserve --help` stays fast).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from liveserve.loadtest.config import (DEFAULT_ADDRESS, MAX_DURATION_S, MAX_FPS, MAX_QUERIES_PER_MIN, MAX_RAMP_UP_S,
                                        MAX_SESSIONS, MAX_SWEEP_LEVELS, ConfigError, LoadConfig, parse_levels)
@@ -127,6 +129,20 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         drain_timeout_s=args.drain_timeout, streams_per_connection=args.streams_per_connection)
 
 
+def _check_writable(flag: str, path: str | None) -> None:
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot create {target.parent}: {exc.strerror}") from None
+    if not os.access(target.parent, os.W_OK):
+        raise ConfigError(f"{flag}: {target.parent} is not writable")
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from liveserve.loadtest.progress import Progress
     from liveserve.loadtest.report import summary_text, write_html, write_json
@@ -135,16 +151,22 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args)
+        for flag, path in (("--json", args.json_out), ("--html", args.html_out)):
+            _check_writable(flag, path)  # before the run, not after an hour of it
         report = run(config, progress=Progress(None if args.quiet else sys.stderr), handle_signals=True)
     except (ConfigError, LoadTestError, VideoError) as exc:
         print(f"liveserve: error: {exc}", file=sys.stderr)
         return 2
     print(summary_text(report))
     written = []
-    if args.json_out:
-        written.append(write_json(report, args.json_out))
-    if args.html_out:
-        written += write_html(report, args.html_out)
+    try:
+        if args.json_out:
+            written.append(write_json(report, args.json_out))
+        if args.html_out:
+            written += write_html(report, args.html_out)
+    except OSError as exc:
+        print(f"liveserve: error: cannot write the report: {exc}", file=sys.stderr)
+        return 2
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     if report.sweep:

@@ -161,6 +161,7 @@ class LevelReport:
     ttft_proactive_ms: Distribution
     ttft_query_ms: Distribution
     tpot_ms: Distribution  # (last delta - first delta) / (tokens - 1), per response
+    server_ttft_ms: Distribution  # the server's trigger -> first token (ResponseDone.ttft_s)
     send_slip_ms: Distribution  # how late the client sent frames: the load generator's own health
     queries_sent: int
     responses: int
@@ -220,6 +221,7 @@ def aggregate(records: Sequence[SessionRecord], *, sessions: int, wall_s: float,
         ttft_proactive_ms=Distribution.of(v for trigger, v in ttft if trigger == "proactive"),
         ttft_query_ms=Distribution.of(v for trigger, v in ttft if trigger == "query"),
         tpot_ms=Distribution.of(v for r in records for v in r.tpot_s),
+        server_ttft_ms=Distribution.of(v for r in records for v in r.server_ttft_s),
         send_slip_ms=Distribution.of(v for r in records for v in r.send_slip_s),
         queries_sent=sum(r.queries_sent for r in records), responses=sum(r.responses for r in records),
         response_tokens=sum(r.response_tokens for r in records),

@@ -200,6 +200,7 @@ def _dist_rows(level: LevelReport) -> list[list[str]]:
               ("server receive -> decide", level.server_lag_ms), ("open -> session opened", level.open_ms),
               ("TTFT (all)", level.ttft_ms), ("TTFT after query", level.ttft_query_ms),
               ("TTFT after fired decision", level.ttft_proactive_ms), ("TPOT", level.tpot_ms),
+              ("server TTFT (ResponseDone.ttft_s)", level.server_ttft_ms),
               ("client send slip", level.send_slip_ms)]
     return [[name, str(d.count), *(_f(getattr(d, f), 2) for f in ("mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms"))]
             for name, d in fields if isinstance(d, Distribution)]

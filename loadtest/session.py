@@ -45,6 +45,7 @@ class SessionRecord:
     undecided: int = 0
     ttft: list[tuple[str, float]] = field(default_factory=list)  # (trigger, seconds)
     tpot_s: list[float] = field(default_factory=list)
+    server_ttft_s: list[float] = field(default_factory=list)  # ResponseDone.ttft_s: also replies with no text
     responses: int = 0
     response_tokens: int = 0
     warnings: Counter = field(default_factory=Counter)
@@ -133,8 +134,12 @@ class SessionDriver:
             first = await asyncio.wait_for(call.read(), self.config.open_timeout_s)
         except TimeoutError:
             raise TimeoutError(f"no SessionOpened within {self.config.open_timeout_s:g} s") from None
-        if first is grpc.aio.EOF or first.WhichOneof("kind") != "opened":
+        if first is grpc.aio.EOF:
             return  # ended before opening: the status says why
+        if first.WhichOneof("kind") != "opened":  # a server breaking the protocol fails the session
+            self.record.status = "UNKNOWN"
+            self.record.detail = f"expected SessionOpened first, got {first.WhichOneof('kind')}"
+            return
         self._t0 = self.clock()
         self.record.open_s = self._t0 - sent
         receiver = asyncio.create_task(self._receive(call))
@@ -226,6 +231,7 @@ class SessionDriver:
         record, reply = self.record, self._reply
         record.responses += 1
         record.response_tokens += done.num_tokens
+        record.server_ttft_s.append(done.ttft_s)
         if reply is not None and reply.first_at is not None and done.num_tokens > 1:
             record.tpot_s.append((reply.last_at - reply.first_at) / (done.num_tokens - 1))
         self._reply = None

@@ -62,7 +62,8 @@ class FrameBank:
     def frame(self, session: int, index: int, fps: float) -> bytes:
         clip = self.clips[session % len(self.clips)]
         offset = (session // len(self.clips)) * 7  # sessions sharing a clip start at different points
-        return clip[(int(index / fps * self.content_fps) + offset) % len(clip)]
+        content_index = int(index * self.content_fps / fps + 1e-9)  # 7 * 3 / 3 must be 7, not 6.999...
+        return clip[(content_index + offset) % len(clip)]
 
     @property
     def mean_bytes(self) -> float:

@@ -178,11 +178,30 @@ def test_synthetic_frames_are_deterministic_images(image_format, magic):
     assert bank.frame(0, 0, 4.0) != bank.frame(1, 0, 4.0)  # neighbouring sessions stream different clips
 
 
+def test_video_frames_follow_the_stream_rate_and_loop():
+    from liveserve.loadtest.workload import FrameBank, video_bank
+    from liveserve.video import SAMPLE_VIDEO, VideoError, probe_video
+
+    bank = video_bank(str(SAMPLE_VIDEO), fps=1.0, size=64, image_format="jpeg")
+    (clip,) = bank.clips
+    assert len(clip) == probe_video(SAMPLE_VIDEO).num_frames_at(1.0)
+    assert Image.open(io.BytesIO(clip[0])).size == (64, 64)
+    assert bank.frame(0, len(clip) + 2, 1.0) == clip[2]  # loops
+    frames = FrameBank([[bytes([k]) for k in range(10)]], content_fps=3.0, description="")
+    assert [frames.frame(0, k, 3.0) for k in range(10)] == [bytes([k]) for k in range(10)]  # no 6.999 -> 6
+    assert frames.frame(0, 7, 6.0) == bytes([3])  # content at 3 fps, sent at 6: each frame twice
+    with pytest.raises(VideoError, match="no such file"):
+        video_bank("/nonexistent.mp4", fps=1.0, size=64, image_format="jpeg")
+
+
 # ---- one session's accounting, with exact times ------------------------------------------------------------------
 
 class _FakeCall:
     def __init__(self, messages, clock, times):
         self.messages, self.clock, self.times = list(messages), clock, list(times)
+
+    async def write(self, message) -> None:
+        pass
 
     async def read(self):
         import grpc
@@ -200,10 +219,13 @@ class _Clock:
         return self.now
 
 
+def _driver() -> SessionDriver:
+    return SessionDriver(0, LoadConfig(duration_s=1.5, fps=2), stub=None, bank=None, live=LiveStats(), origin=9.0,
+                         start_delay_s=0, stop=asyncio.Event(), run_id="t")
+
+
 def test_session_matches_decisions_replies_and_drops_by_timestamp():
-    config = LoadConfig(duration_s=1.5, fps=2)
-    driver = SessionDriver(0, config, stub=None, bank=None, live=LiveStats(), origin=9.0, start_delay_s=0,
-                           stop=asyncio.Event(), run_id="t")
+    driver = _driver()
     driver.clock = clock = _Clock()
     driver._t0 = 10.0
     driver._sent_at = {0.0: 10.0, 0.5: 10.5, 1.0: 11.0}
@@ -214,11 +236,11 @@ def test_session_matches_decisions_replies_and_drops_by_timestamp():
         m(response_started=pb.ResponseStarted(timestamp=0.0, trigger=pb.TRIGGER_PROACTIVE)),
         m(response_delta=pb.ResponseDelta(timestamp=0.0, text="a")),  # at 10.3: TTFT 200 ms after the decision
         m(response_delta=pb.ResponseDelta(timestamp=0.0, text="b")),
-        m(response_done=pb.ResponseDone(timestamp=0.0, num_tokens=3)),  # TPOT (10.5 - 10.3) / 2
+        m(response_done=pb.ResponseDone(timestamp=0.0, num_tokens=3, ttft_s=0.15)),  # TPOT (10.5 - 10.3) / 2
         m(warning=pb.Warning(code=pb.WARNING_CODE_FRAME_DROPPED, timestamps=[0.5])),
         m(response_started=pb.ResponseStarted(timestamp=0.75, trigger=pb.TRIGGER_QUERY, query="q")),
         m(response_delta=pb.ResponseDelta(timestamp=0.75, text="c")),  # at 10.85: TTFT 50 ms after the query
-        m(response_done=pb.ResponseDone(timestamp=0.75, num_tokens=1)),
+        m(response_done=pb.ResponseDone(timestamp=0.75, num_tokens=1, ttft_s=0.04)),
         m(decision=pb.Decision(timestamp=9.0)),  # not a frame this session sent: ignored
         m(closed=pb.SessionClosed()),
     ]
@@ -229,9 +251,18 @@ def test_session_matches_decisions_replies_and_drops_by_timestamp():
     assert list(r.lag_s) == pytest.approx([0.1]) and list(r.server_lag_s) == pytest.approx([0.05])
     assert r.ttft == [("proactive", pytest.approx(0.2)), ("query", pytest.approx(0.05))]
     assert r.tpot_s == [pytest.approx(0.1)]  # the one-token reply has no inter-token time
+    assert r.server_ttft_s == [pytest.approx(0.15), pytest.approx(0.04)]
     assert r.dropped == {0.5} and r.warnings == {"FRAME_DROPPED": 1}
     assert set(driver._sent_at) == {1.0}  # sent, neither decided nor dropped: counted undecided at the end
     assert r.responses == 2 and r.response_tokens == 4 and r.closed
+
+
+def test_a_server_that_answers_open_with_something_else_fails_the_session():
+    driver = _driver()
+    driver.clock = clock = _Clock()
+    asyncio.run(driver._stream(_FakeCall([pb.ServerMessage(decision=pb.Decision())], clock, [1.0])))
+    assert driver.record.status == "UNKNOWN" and driver.record.detail == "expected SessionOpened first, got decision"
+    assert not driver.record.sustained and driver.record.frames_sent == 0
 
 
 # ---- real loads on 127.0.0.1 --------------------------------------------------------------------------------------
@@ -254,7 +285,7 @@ def test_a_short_load_against_a_real_server(server):
     assert level.open_ms.count == 3
     assert 0 <= level.slo_attainment <= level.frames_decided / level.frames_scheduled <= 1
     assert level.responses >= queries and level.ttft_query_ms.count == queries  # every query is answered
-    assert level.ttft_ms.p50_ms > 0 and level.tpot_ms.count > 0
+    assert level.ttft_ms.p50_ms > 0 and level.tpot_ms.count > 0 and level.server_ttft_ms.count == level.responses
     assert sum(p.decided for p in level.timeline) == level.frames_decided
     assert max(p.sessions_active for p in level.timeline) == 3
     assert report.capacity is None and not report.sweep
@@ -322,6 +353,12 @@ def test_an_unreachable_target_is_a_clear_error(capsys):
 def test_cli_rejects_over_cap_settings_in_one_line(capsys):
     assert main(["loadtest", "--sessions", "5000"]) == 2
     assert capsys.readouterr().err == "liveserve: error: --sessions is 5000; the hard cap is 1000\n"
+
+
+def test_cli_checks_report_paths_before_running(tmp_path, capsys):
+    # The address is unreachable: a path error must come first, before any connection attempt.
+    assert main(["loadtest", "--address", f"127.0.0.1:{free_port()}", "--html", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"liveserve: error: --html {tmp_path} is a directory; give a file name\n"
 
 
 def test_help_explains_every_flag():
