@@ -145,10 +145,11 @@ class SessionDriver:
         receiver = asyncio.create_task(self._receive(call))
         sender = asyncio.create_task(self._send(call))
         await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
-        if not sender.done():  # the server ended the stream while we were still sending
-            sender.cancel()
+        if receiver.done():  # the server ended the stream before we were done sending
+            if not sender.done():
+                sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
-            await receiver
+            await receiver  # raises the call's error status, if it ended with one
             return
         if (failure := sender.exception()) is not None:
             if not isinstance(failure, (grpc.aio.AioRpcError, asyncio.InvalidStateError)):
