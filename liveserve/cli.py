@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "1,2,4,8,16,32,64")
     batch.add_argument("--input", choices=("pixels", "features"), default="pixels",
                        help="pixels: include batched frame encoding; features: decision steps only (default: pixels)")
-    _add_sessions_bench(bench_sub, "service", "gRPC service path versus the in-process engine, same load", "1,8")
+    service = _add_sessions_bench(bench_sub, "service",
+                                  "gRPC and Ray Serve service paths versus the in-process engine, same load", "1,8")
+    service.add_argument("--ray", action="store_true",
+                         help="also benchmark the disaggregated Ray Serve application (starts a local Ray)")
 
     tiny = sub.add_parser("tiny", help="write a tiny random-weight checkpoint")
     tiny.add_argument("out", help="output directory")
@@ -233,7 +236,8 @@ def cmd_bench_sessions(args) -> int:
     if args.bench == "service":
         from liveserve.bench.service import run_service_bench
 
-        run_service_bench(load(args), sessions=sessions, rounds=args.rounds, warmup=args.warmup, out=args.json_out)
+        run_service_bench(load(args), sessions=sessions, rounds=args.rounds, warmup=args.warmup, out=args.json_out,
+                          ray_model=args.model if args.ray else None)
         return 0
     from liveserve.bench.batch import run_batch_bench
 
@@ -323,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are always local
     from liveserve.logs import quiet_library_logs
     from liveserve.model.loading import CheckpointError
+    from liveserve.orchestration.launch import LaunchError
     from liveserve.services.client import ClientError
+    from liveserve.services.redis_server import RedisUnavailable
     from liveserve.video import VideoError
 
     quiet_library_logs()
@@ -332,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                 "demo": lambda a: cli_serve.cmd_demo(a, load), "loadtest": cli_loadtest.cmd_loadtest}
     try:
         return commands[args.command](args)
-    except (CheckpointError, VideoError, ValueError, FileNotFoundError, ClientError) as exc:
+    except (CheckpointError, VideoError, ValueError, FileNotFoundError, ClientError, LaunchError,
+            RedisUnavailable) as exc:
         print(f"liveserve: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,27 +4,50 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
+from pathlib import Path
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 def add_parsers(sub, add_model_options, positive_float) -> None:
-    serve = sub.add_parser("serve", help="serve the LiveStream gRPC API (single process: gateway + batched engine)")
+    serve = sub.add_parser("serve", help="serve the LiveStream gRPC API: the Ray Serve application (Gateway, "
+                                         "Perception, Decision, Reaction), or one process with --local")
     add_model_options(serve)
-    serve.add_argument("--address", default=DEFAULT_ADDRESS, help=f"host:port to listen on (default: {DEFAULT_ADDRESS})")
-    serve.add_argument("--pool-mb", type=int, help="KV pool size in MiB (default: 25%% of free GPU memory, 1 GiB on CPU)")
-    serve.add_argument("--max-frame-kb", type=int, default=4096, help="largest accepted frame (default: 4096 KiB)")
+    serve.add_argument("--address", default=DEFAULT_ADDRESS,
+                       help=f"host:port of the gRPC API (default: {DEFAULT_ADDRESS}); on Ray the port is the Serve "
+                            "gRPC proxy's, which listens on every interface")
+    serve.add_argument("--pool-mb", type=int, help="KV pool size in MiB per Decision replica (default: 25%% of free "
+                                                   "GPU memory, 1 GiB on CPU)")
+    serve.add_argument("--max-frame-kb", type=int, help="largest accepted frame (default: 4096 KiB)")
+    _add_ray_options(serve)
 
     client = sub.add_parser("client", help="stream a video over the LiveStream API and print what the model says")
     client.add_argument("video", nargs="?", help="video file (default: the bundled sample)")
     client.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default: {DEFAULT_ADDRESS})")
     _add_stream_options(client, positive_float)
 
-    demo = sub.add_parser("demo", help="start a local server, stream the bundled sample through it, shut down")
+    demo = sub.add_parser("demo", help="serve the application on a local Ray, stream the bundled sample through it, "
+                                       "shut down")
     add_model_options(demo)
     _add_stream_options(demo, positive_float)
+    _add_ray_options(demo)
+
+
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("deployment")
+    group.add_argument("--local", action="store_true",
+                       help="one process instead of Ray: gateway and batched engine together (replies inline)")
+    group.add_argument("--config", help="Ray Serve config (default: the bundled orchestration/serve_config.yaml)")
+    group.add_argument("--reaction-model", help="checkpoint that writes the replies (default: the --model one)")
+    for name in ("decision", "perception", "reaction"):
+        group.add_argument(f"--{name}-replicas", type=int, metavar="N",
+                           help=f"fixed number of {name.capitalize()} replicas (default: the config's)")
+    group.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+
 
 
 def _add_stream_options(parser: argparse.ArgumentParser, positive_float) -> None:
@@ -66,19 +89,84 @@ def cmd_client(args) -> int:
 
 
 def cmd_serve(args, load) -> int:
+    logging.basicConfig(level=logging.INFO, format="liveserve: %(message)s")
+    if args.local:
+        return _serve_local(args, load)
+    port = _port(args.address)
+    app = _start_app(args, port)
+    print(f"liveserve: serving liveserve.api.v1.LiveStream on {app.address} (Ray Serve application "
+          f"'liveserve'; Redis {app.redis_url}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    print("liveserve: shutting down", file=sys.stderr, flush=True)
+    app.stop()
+    return 0
+
+
+def cmd_demo(args, load) -> int:
+    if args.local:
+        return _demo_local(args, load)
+    from liveserve.orchestration.launch import free_port
+
+    app = _start_app(args, free_port())
+    print(f"liveserve: demo application on {app.address}; streaming the bundled sample through it",
+          file=sys.stderr, flush=True)
+    try:
+        return _stream(args, app.address)
+    finally:
+        app.stop()
+        print("liveserve: demo application stopped", file=sys.stderr)
+
+
+def _start_app(args, port: int):
+    from liveserve.orchestration.launch import load_config, start
+
+    settings = {"model": _model_ref(args.model)}
+    if args.reaction_model:
+        settings["reaction_model"] = _model_ref(args.reaction_model)
+    if getattr(args, "pool_mb", None) is not None:
+        settings["pool_mb"] = args.pool_mb
+    if getattr(args, "max_frame_kb", None) is not None:
+        settings["max_frame_bytes"] = args.max_frame_kb << 10
+    replicas = {name.capitalize(): count for name in ("decision", "perception", "reaction")
+                if (count := getattr(args, f"{name}_replicas")) is not None}
+    for name, count in replicas.items():
+        if count < 1:
+            raise ValueError(f"--{name.lower()}-replicas must be >= 1, got {count}")
+    config = load_config(args.config, grpc_port=port, args=settings, replicas=replicas)
+    return start(config, ray_address=args.ray_address,
+                 progress=lambda message: print(f"liveserve: {message}", file=sys.stderr, flush=True))
+
+
+def _model_ref(model: str) -> str:
+    """Replicas run in other processes (and directories): a checkpoint path must be absolute."""
+    return model if model in ("default", "tiny") else str(Path(model).expanduser().resolve())
+
+
+def _port(address: str) -> int:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--address must be host:port with a port in 1..65535, got {address!r}")
+    return int(port)
+
+
+def _serve_local(args, load) -> int:
     from liveserve.config import EngineConfig, PoolConfig
     from liveserve.services.local import serve_forever, start_local
     from liveserve.services.stream_service import StreamLimits
 
     if args.pool_mb is not None and args.pool_mb < 1:
         raise ValueError(f"--pool-mb must be >= 1, got {args.pool_mb}")
-    if args.max_frame_kb < 1:
-        raise ValueError(f"--max-frame-kb must be >= 1, got {args.max_frame_kb}")
-    logging.basicConfig(level=logging.INFO, format="liveserve: %(message)s")
+    max_frame_kb = 4096 if args.max_frame_kb is None else args.max_frame_kb
+    if max_frame_kb < 1:
+        raise ValueError(f"--max-frame-kb must be >= 1, got {max_frame_kb}")
     model = load(args)
     pool = PoolConfig(budget_bytes=args.pool_mb << 20 if args.pool_mb else None)
     server = start_local(model, args.address, engine_config=EngineConfig(pool=pool),
-                         limits=StreamLimits(max_frame_bytes=args.max_frame_kb << 10))
+                         limits=StreamLimits(max_frame_bytes=max_frame_kb << 10))
     engine = server.worker.engine
     print(f"liveserve: serving liveserve.api.v1.LiveStream on {server.address} (model {model.name} on "
           f"{model.device}; KV pool {engine.pool.nbytes / 2**20:.0f} MiB, {engine.kernel} attention); "
@@ -87,7 +175,7 @@ def cmd_serve(args, load) -> int:
     return 0
 
 
-def cmd_demo(args, load) -> int:
+def _demo_local(args, load) -> int:
     from liveserve.config import EngineConfig, PoolConfig
     from liveserve.services.local import start_local
 

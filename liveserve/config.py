@@ -48,7 +48,7 @@ class CacheConfig:
             raise ValueError(f"evict_frames must be in [1, window_frames={self.window_frames}], got {self.evict_frames}")
 
 
-REPLY_MODES = ("inline", "external", "on_request")
+REPLY_MODES = ("inline", "external", "on_request", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +66,8 @@ class SessionConfig:
     # Who writes the replies. "inline": this session generates them (one model does everything).
     # "external": a Decision session; it reports ReplyRequested, keeps deciding frames without firing again,
     # and appends the reply another model wrote (push_reply). "on_request": a Reaction session; it never
-    # fires by itself and answers push_respond / push_query triggers.
+    # fires by itself and answers push_respond / push_query triggers. "none": decisions only (event
+    # detection): fired decisions are reported, no reply is written, and queries are refused.
     replies: str = "inline"
 
     def __post_init__(self) -> None:

@@ -79,7 +79,8 @@ class Decision:
 
     async def Open(self, request: dpb.OpenRequest) -> dpb.OpenResponse:
         """Admit the session here (PoolFullError when the KV pool has no room) and register it in Redis."""
-        config = dataclasses.replace(session_config(request.open, self.defaults), replies="external")
+        config = session_config(request.open, self.defaults)
+        config = dataclasses.replace(config, replies="none" if config.replies == "none" else "external")
         sid, events = request.session_id, asyncio.Queue()
         await asyncio.to_thread(self.worker.open, sid, config, events, asyncio.get_running_loop())
         try:

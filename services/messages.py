@@ -31,7 +31,8 @@ def session_config(open_: pb.Open, defaults: SessionConfig) -> SessionConfig:
         max_new_tokens=open_.max_new_tokens or defaults.max_new_tokens,
         temperature=defaults.temperature, top_p=defaults.top_p, seed=defaults.seed,
         system_prompt=open_.system_prompt or defaults.system_prompt,
-        max_query_tokens=defaults.max_query_tokens, cache=cache)
+        max_query_tokens=defaults.max_query_tokens, cache=cache,
+        replies="none" if open_.decisions_only else defaults.replies)
 
 
 def to_message(event: Event) -> pb.ServerMessage:

@@ -18,13 +18,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_demo_serves_the_sample_and_shuts_down(tiny_dir, capsys):
-    code = main(["demo", "--model", str(tiny_dir), "--max-frames", "3"])
+def test_demo_runs_the_application_on_its_own_ray_and_shuts_down(tiny_dir):
+    """The README's first command as a user runs it: its own local Ray and embedded Redis (the one test
+    that starts a second Ray cluster; everything else shares the session's), the sample streamed through
+    Gateway, Perception, Decision and Reaction, then a clean shutdown."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "REDIS_URL")}
+    demo = subprocess.run([sys.executable, "-m", "liveserve", "demo", "--model", str(tiny_dir), "--max-frames", "4"],
+                          capture_output=True, text=True, timeout=400, env={**env, "PYTHONUNBUFFERED": "1"})
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert demo.stdout.startswith("[   0.00s] User: Please narrate the video in real time.\n")
+    err = demo.stderr
+    assert "liveserve: started an embedded Redis at redis://127.0.0.1:" in err
+    assert "liveserve: demo application on 127.0.0.1:" in err and "4 frames decided" in err
+    assert err.rstrip().endswith("liveserve: demo application stopped")
+
+
+def test_demo_in_one_process(tiny_dir, capsys):
+    code = main(["demo", "--local", "--model", str(tiny_dir), "--max-frames", "3"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.startswith("[   0.00s] User: Please narrate the video in real time.\n")
     assert "liveserve: demo server on 127.0.0.1:" in err and "3 frames decided" in err
     assert err.rstrip().endswith("liveserve: demo server stopped")
+
+
+def test_serve_refuses_bad_deployment_options_before_starting_anything(tmp_path, capsys):
+    assert main(["serve", "--address", "127.0.0.1"]) == 2
+    assert "--address must be host:port" in capsys.readouterr().err
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("applications:\n  - name: liveserve\n    import_path: liveserve.services.app:build_app\n"
+                   "    args: {modle: tiny}\n")
+    assert main(["serve", "--config", str(bad)]) == 2
+    assert "unknown setting(s) modle" in capsys.readouterr().err
+    assert main(["serve", "--decision-replicas", "0"]) == 2
+    assert "--decision-replicas must be >= 1" in capsys.readouterr().err
 
 
 def test_client_without_a_server_is_a_one_line_error(capsys):
@@ -33,9 +60,9 @@ def test_client_without_a_server_is_a_one_line_error(capsys):
     assert code == 2 and err.startswith("liveserve: error: UNAVAILABLE") and err.count("\n") == 1
 
 
-def test_serve_process_answers_a_client_and_stops_on_sigint(tiny_dir):
+def test_single_process_server_answers_a_client_and_stops_on_sigint(tiny_dir):
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "liveserve", "serve", "--model", str(tiny_dir),
+    server = subprocess.Popen([sys.executable, "-m", "liveserve", "serve", "--local", "--model", str(tiny_dir),
                                "--address", f"127.0.0.1:{port}", "--pool-mb", "64"],
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -15,8 +15,6 @@ from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.services.registry import SessionRegistry
 from stream_helpers import jpeg, kinds, session_messages, stream
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
 
 def paced(messages, interval_s: float):
     """The scripted messages with `interval_s` between frames, as a live client sends them."""

@@ -135,3 +135,16 @@ def test_the_batched_engine_reports_a_query_handed_out_before_any_frame(chatty, 
     assert isinstance(events[0][1], FrameDecision)  # the reply was appended first, then the frame stepped
     assert engine.session("d").responses == 1
     engine.shutdown()
+
+
+def test_a_decisions_only_session_reports_firing_but_reads_the_stream_as_if_silent(chatty, frames):
+    only = Session(chatty, SessionConfig(replies="none"))
+    reader = Session(chatty, SessionConfig(replies="on_request"))  # never fires: "," between all frames
+    for i, features in enumerate(frames):
+        only.push_frame(i * 0.5, features)
+        reader.push_frame(i * 0.5, features)
+    got, want = list(only.process()), list(reader.process())
+    assert all(isinstance(e, FrameDecision) for e in got) and any(e.fired for e in got)
+    assert [e.p_silent for e in got] == pytest.approx([e.p_silent for e in want], abs=1e-5)
+    with pytest.raises(SessionError, match="decisions only"):
+        only.push_query(9.0, "anyone there?")

@@ -1,12 +1,15 @@
-"""Service-path benchmark: what the gRPC API costs on top of the in-process batched engine.
+"""Service-path benchmark: what the serving paths cost on top of the in-process batched engine.
 
 Same model, same load, one run. N sessions advance in lockstep rounds: each round every session sends
 one JPEG frame, and the round ends when all N decisions are back.
   in_process  BatchEngine.push_frame / step in the caller's thread; latency = push -> decision
-  grpc        `liveserve serve`'s server on 127.0.0.1 and N client streams; latency = the client's
-              send -> the client's receipt of the Decision (serialisation, HTTP/2, the engine thread
-              hand-off and the event queue included)
-Decisions are forced silent (common.force_silence), so every step is a frame step.
+  grpc        the single-process server (`liveserve serve --local`) on 127.0.0.1 and N client streams;
+              latency = the client's send -> the client's receipt of the Decision (serialisation,
+              HTTP/2, the engine thread hand-off and the event queue included)
+  ray         (--ray) the disaggregated Serve application (`liveserve serve`) on a local Ray cluster:
+              Serve's gRPC proxy, the Gateway, a Perception replica and a Decision replica, each frame
+              crossing three processes; same client and latency as grpc
+Sessions report decisions only (no replies are written), so every step is a frame step.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import queue
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
-from liveserve.bench.common import environment, force_silence, percentile, write_report
+from liveserve.bench.common import environment, percentile, write_report
 from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
 from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import FrameDecision
@@ -50,7 +54,7 @@ def _summary(latencies: list[float], wall_s: float) -> dict:
 
 def bench_in_process(model: LiveModel, sessions: int, rounds: int, warmup: int, frames: list[bytes]) -> dict:
     engine = BatchEngine(model, _engine_config(sessions))
-    config = SessionConfig(cache=CacheConfig(policy="sink_window"))
+    config = SessionConfig(cache=CacheConfig(policy="sink_window"), replies="none")
     ids = [f"s{k}" for k in range(sessions)]
     for sid in ids:
         engine.open(sid, config)
@@ -70,6 +74,29 @@ def bench_in_process(model: LiveModel, sessions: int, rounds: int, warmup: int, 
 
 def bench_grpc(model: LiveModel, sessions: int, rounds: int, warmup: int, frames: list[bytes]) -> dict:
     server = start_local(model, "127.0.0.1:0", engine_config=_engine_config(sessions))
+    try:
+        return drive(server.address, sessions, rounds, warmup, frames)
+    finally:
+        server.stop(grace_s=1)
+
+
+def bench_ray(model_path: str, sessions: int, rounds: int, warmup: int, frames: list[bytes]) -> dict:
+    from liveserve.orchestration.launch import free_port, load_config, start
+
+    if model_path not in ("default", "tiny"):
+        model_path = str(Path(model_path).resolve())  # replicas load it from other working directories
+    args = {"model": model_path, "max_lag_s": 600.0, "max_batch_size": max(1, sessions), "batch_wait_ms": 2.0}
+    config = load_config(grpc_port=free_port(), args=args,
+                         replicas={"Gateway": 1, "Perception": 1, "Decision": 1, "Reaction": 1})
+    app = start(config, progress=lambda message: print(f"  ray: {message}", file=sys.stderr, flush=True))
+    try:
+        return drive(app.address, sessions, rounds, warmup, frames)
+    finally:
+        app.stop()
+
+
+def drive(address: str, sessions: int, rounds: int, warmup: int, frames: list[bytes]) -> dict:
+    """N client streams against `address` in lockstep rounds; latency = send -> Decision received."""
     outboxes = [queue.Queue() for _ in range(sessions)]
     sent_at: list[dict[float, float]] = [{} for _ in range(sessions)]
     decided = [0] * sessions
@@ -78,7 +105,7 @@ def bench_grpc(model: LiveModel, sessions: int, rounds: int, warmup: int, frames
     failures: list[BaseException] = []
 
     def requests(k: int):
-        yield pb.ClientMessage(open=pb.Open(fps=2.0))
+        yield pb.ClientMessage(open=pb.Open(fps=2.0, decisions_only=True))
         while (message := outboxes[k].get()) is not None:
             yield message
         yield pb.ClientMessage(close=pb.Close())
@@ -99,7 +126,7 @@ def bench_grpc(model: LiveModel, sessions: int, rounds: int, warmup: int, frames
             with progress:
                 progress.notify_all()
 
-    channel = grpc.insecure_channel(server.address)
+    channel = grpc.insecure_channel(address)
     readers = [threading.Thread(target=read, args=(k, channel), daemon=True) for k in range(sessions)]
     for thread in readers:
         thread.start()
@@ -123,31 +150,38 @@ def bench_grpc(model: LiveModel, sessions: int, rounds: int, warmup: int, frames
         for thread in readers:
             thread.join(30)
         channel.close()
-        server.stop(grace_s=1)
     return _summary(latencies, wall)
 
 
-def run_service_bench(model: LiveModel, *, sessions: list[int], rounds: int, warmup: int, out: str) -> dict:
+def run_service_bench(model: LiveModel, *, sessions: list[int], rounds: int, warmup: int, out: str,
+                      ray_model: str | None = None) -> dict:
+    """`ray_model`: the model's name or directory, to benchmark the Ray application too (its replicas load
+    the model themselves)."""
     frames = _frames(model)
-    handle = force_silence(model)  # the server runs in this process, on this very model
-    try:
-        results = [_compare(model, n, rounds, warmup, frames) for n in sessions]
-    finally:
-        handle.remove()
+    results = [_compare(model, n, rounds, warmup, frames, ray_model) for n in sessions]
+    paths = "in-process engine, single-process gRPC server" + (", Ray Serve application" if ray_model else "")
     report = {"benchmark": "service", **environment(model), "rounds": rounds, "warmup": warmup,
-              "path": "single-process gRPC server on 127.0.0.1", "results": results}
+              "paths": paths, "address": "127.0.0.1", "results": results}
     write_report(report, out)
     return report
 
 
-def _compare(model: LiveModel, n: int, rounds: int, warmup: int, frames: list[bytes]) -> dict:
+def _ratios(path: dict, base: dict) -> dict:
+    return {"throughput_ratio": path["frames_per_s"] / base["frames_per_s"],
+            "added_p50_ms": path["p50_ms"] - base["p50_ms"], "added_p99_ms": path["p99_ms"] - base["p99_ms"]}
+
+
+def _compare(model: LiveModel, n: int, rounds: int, warmup: int, frames: list[bytes], ray_model: str | None) -> dict:
     print(f"liveserve bench service: {n} sessions x {rounds} rounds", file=sys.stderr, flush=True)
-    in_process = bench_in_process(model, n, rounds, warmup, frames)
-    over_grpc = bench_grpc(model, n, rounds, warmup, frames)
-    overhead = {"throughput_ratio": over_grpc["frames_per_s"] / in_process["frames_per_s"],
-                "added_p50_ms": over_grpc["p50_ms"] - in_process["p50_ms"],
-                "added_p99_ms": over_grpc["p99_ms"] - in_process["p99_ms"]}
-    print(f"  in-process {in_process['frames_per_s']:.0f} frames/s (p50 {in_process['p50_ms']:.1f} ms, "
-          f"p99 {in_process['p99_ms']:.1f} ms); gRPC {over_grpc['frames_per_s']:.0f} frames/s "
-          f"(p50 {over_grpc['p50_ms']:.1f} ms, p99 {over_grpc['p99_ms']:.1f} ms)", file=sys.stderr, flush=True)
-    return {"sessions": n, "in_process": in_process, "grpc": over_grpc, "overhead": overhead}
+    result = {"sessions": n, "in_process": bench_in_process(model, n, rounds, warmup, frames),
+              "grpc": bench_grpc(model, n, rounds, warmup, frames)}
+    if ray_model:
+        result["ray"] = bench_ray(ray_model, n, rounds, warmup, frames)
+    base = result["in_process"]
+    result["overhead"] = _ratios(result["grpc"], base)
+    if ray_model:
+        result["ray_overhead"] = _ratios(result["ray"], base)
+    line = ", ".join(f"{path} {result[path]['frames_per_s']:.0f} frames/s (p50 {result[path]['p50_ms']:.1f} ms, "
+                     f"p99 {result[path]['p99_ms']:.1f} ms)" for path in ("in_process", "grpc", "ray") if path in result)
+    print(f"  {line}", file=sys.stderr, flush=True)
+    return result

@@ -141,6 +141,8 @@ class Session:
 
     def push_query(self, timestamp: float, text: str) -> None:
         timestamp = check_time(timestamp, "query")
+        if self.config.replies == "none":
+            raise SessionError("this session reports decisions only; queries are not answered")
         if not isinstance(text, str) or not text.strip():
             raise SessionError("query text is empty")
         n = len(self.template.encode(text))
@@ -356,6 +358,9 @@ class Session:
 
     def _trigger(self, trigger: str, timestamp: float, query: str | None) -> list[Event]:
         """Start a reply here, or (replies="external") ask for it to be written elsewhere."""
+        if self.config.replies == "none":
+            self._pending = [self.template.interval_id]  # decisions only: the stream goes on as if silent
+            return []
         if self.config.replies != "external":
             self._start_reply(trigger, timestamp, query)
             return []

@@ -62,7 +62,7 @@ class ClientMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., query: _Optional[_Union[Query, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("model", "threshold", "fps", "cache", "max_new_tokens", "system_prompt", "credentials", "client_session_id")
+    __slots__ = ("model", "threshold", "fps", "cache", "max_new_tokens", "system_prompt", "credentials", "client_session_id", "decisions_only")
     class CredentialsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class Open(_message.Message):
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_ONLY_FIELD_NUMBER: _ClassVar[int]
     model: str
     threshold: float
     fps: float
@@ -86,7 +87,8 @@ class Open(_message.Message):
     system_prompt: str
     credentials: _containers.ScalarMap[str, str]
     client_session_id: str
-    def __init__(self, model: _Optional[str] = ..., threshold: _Optional[float] = ..., fps: _Optional[float] = ..., cache: _Optional[_Union[CacheOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., system_prompt: _Optional[str] = ..., credentials: _Optional[_Mapping[str, str]] = ..., client_session_id: _Optional[str] = ...) -> None: ...
+    decisions_only: bool
+    def __init__(self, model: _Optional[str] = ..., threshold: _Optional[float] = ..., fps: _Optional[float] = ..., cache: _Optional[_Union[CacheOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., system_prompt: _Optional[str] = ..., credentials: _Optional[_Mapping[str, str]] = ..., client_session_id: _Optional[str] = ..., decisions_only: _Optional[bool] = ...) -> None: ...
 
 class CacheOptions(_message.Message):
     __slots__ = ("policy", "window_frames", "text_window_tokens")
