@@ -1,0 +1,565 @@
+"""The Kubernetes manifests in k8s/: schema validation (vendored JSON Schemas, no network) and the
+cross-file promises: the RayService embeds orchestration/serve_config.yaml verbatim, every pool's custom
+resource is offered by exactly one worker group, GPU pools get GPUs, every Ray container finds Redis,
+the gRPC Service and the ServiceMonitor point at ports that exist, and kustomize lists every manifest.
+
+Each consistency check returns a list of problems; the tests assert it is empty for the real manifests
+and not empty for a deliberately broken copy, so every check is known to bite.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import sys
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import jsonschema
+import pytest
+import yaml
+from referencing import Registry, Resource
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+SCHEMAS = K8S / "schemas"
+SERVE_CONFIG = ROOT / "orchestration" / "serve_config.yaml"
+SCHEMA_FOR = {
+    ("v1", "Namespace"): "namespace.json",
+    ("v1", "Service"): "service.json",
+    ("apps/v1", "Deployment"): "deployment.json",
+    ("ray.io/v1", "RayService"): "rayservice.json",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.json",
+    ("kustomize.config.k8s.io/v1beta1", "Kustomization"): "kustomization.json",
+}
+SHARED_SCHEMAS = {"k8s-core.json"}
+GPU_POOLS = {"perception", "decision", "reaction"}
+POOL_PREFIX = "liveserve_"
+MANIFESTS = sorted(K8S.glob("*.yaml"))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+@cache
+def _documents(path: Path) -> tuple:
+    return tuple(doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None)
+
+
+def documents(path: Path) -> list[dict]:
+    return copy.deepcopy(list(_documents(path)))
+
+
+def all_documents() -> list[dict]:
+    return [doc for path in MANIFESTS for doc in documents(path)]
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d.get("kind") == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+@cache
+def _registry() -> Registry:
+    resources = []
+    for path in SCHEMAS.glob("*.json"):
+        schema = json.loads(path.read_text())
+        resources.append((schema["$id"], Resource.from_contents(schema)))
+    return Registry().with_resources(resources)
+
+
+@cache
+def _validator(filename: str) -> jsonschema.protocols.Validator:
+    schema = json.loads((SCHEMAS / filename).read_text())
+    return jsonschema.Draft202012Validator(schema, registry=_registry())
+
+
+def schema_errors(doc: object) -> list[str]:
+    """Why `doc` is not a valid manifest of its kind; a kind without a vendored schema is an error."""
+    if not isinstance(doc, dict):
+        return [f"not a mapping: {doc!r:.60}"]
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    if key not in SCHEMA_FOR:
+        return [f"no schema for apiVersion {key[0]!r} kind {key[1]!r}"]
+    errors = _validator(SCHEMA_FOR[key]).iter_errors(doc)
+    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+def serve_config(rayservice: dict) -> dict:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+def cluster(rayservice: dict) -> dict:
+    return rayservice["spec"]["rayClusterConfig"]
+
+
+def ray_templates(rayservice: dict) -> list[tuple[str, dict]]:
+    """(group, pod template) for the head ("head") and every worker group."""
+    spec = cluster(rayservice)
+    return [("head", spec["headGroupSpec"]["template"])] + [
+        (g["groupName"], g["template"]) for g in spec.get("workerGroupSpecs", [])]
+
+
+def pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
+    """(owner, pod template) of every workload in `docs`."""
+    out = []
+    for doc in docs:
+        if doc.get("kind") == "Deployment":
+            out.append((f"Deployment/{doc['metadata']['name']}", doc["spec"]["template"]))
+        elif doc.get("kind") == "RayService":
+            out += [(f"RayService/{doc['metadata']['name']}/{group}", t) for group, t in ray_templates(doc)]
+    return out
+
+
+def labels_of(template: dict) -> dict:
+    return (template.get("metadata") or {}).get("labels") or {}
+
+
+def matches(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def matches_label_selector(selector: dict, labels: dict) -> bool:
+    ok = matches(selector.get("matchLabels") or {}, labels) if selector.get("matchLabels") else True
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        ok &= {"In": lambda: labels.get(key) in values, "NotIn": lambda: labels.get(key) not in values,
+               "Exists": lambda: key in labels, "DoesNotExist": lambda: key not in labels}[op]()
+    return ok and bool(selector)
+
+
+def container_ports(template: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for c in template["spec"]["containers"]
+            for p in c.get("ports", []) if "name" in p}
+
+
+def has_container_port(template: dict, port: int | str) -> bool:
+    if isinstance(port, str):
+        return port in container_ports(template)
+    return any(p["containerPort"] == port for c in template["spec"]["containers"] for p in c.get("ports", []))
+
+
+def offered_resources(ray_start_params: dict) -> dict[str, float]:
+    """rayStartParams.resources, written for `ray start --resources` as '"{\\"name\\": n}"'."""
+    text = ray_start_params.get("resources")
+    if text is None:
+        return {}
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1].replace('\\"', '"')
+    return json.loads(text)
+
+
+def requested_pools(config: dict) -> dict[str, tuple[str, int]]:
+    """liveserve_* resource -> (deployment, most replicas it can have), from the serve config."""
+    out = {}
+    for app in config["applications"]:
+        for dep in app.get("deployments", []):
+            resources = (dep.get("ray_actor_options") or {}).get("resources") or {}
+            most = (dep.get("autoscaling_config") or {}).get("max_replicas", dep.get("num_replicas", 1))
+            for name, amount in resources.items():
+                if name.startswith(POOL_PREFIX):
+                    out[name] = (dep["name"], most * amount)
+    return out
+
+
+def env_value(container: dict, name: str) -> str | None:
+    return next((e.get("value") for e in container.get("env", []) if e["name"] == name), None)
+
+
+def services(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d.get("kind") == "Service"]
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+def pool_problems(docs: list[dict]) -> list[str]:
+    """Every liveserve_* resource a deployment requests is offered by exactly one worker group, which
+    offers no other pool's, is named after the pool and can host the deployment's most replicas."""
+    rayservice = one(docs, "RayService")
+    requested = requested_pools(serve_config(rayservice))
+    spec = cluster(rayservice)
+    problems = []
+    if not requested:
+        problems.append("the serve config requests no liveserve_* resource")
+    head_offers = offered_resources(spec["headGroupSpec"].get("rayStartParams") or {})
+    if any(name.startswith(POOL_PREFIX) for name in head_offers):
+        problems.append(f"the head offers pool resources {sorted(head_offers)}")
+    if spec["headGroupSpec"].get("rayStartParams", {}).get("num-cpus") != "0":
+        problems.append("the head must not run work: rayStartParams num-cpus should be \"0\"")
+    offered_by: dict[str, list[tuple[str, float, int]]] = {}
+    for group in spec.get("workerGroupSpecs", []):
+        pools = {k: v for k, v in offered_resources(group.get("rayStartParams") or {}).items()
+                 if k.startswith(POOL_PREFIX)}
+        if len(pools) != 1:
+            problems.append(f"group {group['groupName']} offers {len(pools)} pool resources, expected one")
+        for name, units in pools.items():
+            offered_by.setdefault(name, []).append((group["groupName"], units, group["maxReplicas"]))
+            if name != POOL_PREFIX + group["groupName"]:
+                problems.append(f"group {group['groupName']} offers {name}, expected {POOL_PREFIX}{group['groupName']}")
+        if not group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]:
+            problems.append(f"group {group['groupName']}: replicas outside minReplicas..maxReplicas")
+    for name, (deployment, most) in requested.items():
+        groups = offered_by.get(name, [])
+        if len(groups) != 1:
+            problems.append(f"{name} (requested by {deployment}) is offered by {len(groups)} worker groups")
+        elif groups[0][1] * groups[0][2] < most:
+            problems.append(f"group {groups[0][0]} holds at most {groups[0][1] * groups[0][2]:g} units of {name}; "
+                            f"{deployment} may need {most}")
+    for name, groups in offered_by.items():
+        if name not in requested:
+            problems.append(f"{name} is offered by {[g for g, *_ in groups]} but no deployment requests it")
+    return problems
+
+
+def gpu_problems(docs: list[dict]) -> list[str]:
+    """GPU pools' pods request and limit nvidia.com/gpu and tolerate GPU nodes; the others ask for none."""
+    problems = []
+    groups = {name for name, _ in ray_templates(one(docs, "RayService"))}
+    if not GPU_POOLS <= groups:
+        problems.append(f"missing GPU worker groups: {sorted(GPU_POOLS - groups)}")
+    for group, template in ray_templates(one(docs, "RayService")):
+        resources = template["spec"]["containers"][0].get("resources") or {}
+        limit = (resources.get("limits") or {}).get("nvidia.com/gpu")
+        request = (resources.get("requests") or {}).get("nvidia.com/gpu", limit)
+        if group in GPU_POOLS:
+            if not limit or int(limit) < 1 or request != limit:
+                problems.append(f"{group}: the ray container must request and limit nvidia.com/gpu (>= 1, equal)")
+            if not any(t.get("key") == "nvidia.com/gpu" for t in template["spec"].get("tolerations", [])):
+                problems.append(f"{group}: no toleration for nvidia.com/gpu nodes")
+        elif limit:
+            problems.append(f"{group}: a CPU group requests nvidia.com/gpu")
+    return problems
+
+
+def redis_problems(docs: list[dict]) -> list[str]:
+    """Every container of the RayService has REDIS_URL, naming a port of the Redis Service."""
+    redis_services = {s["metadata"]["name"]: {p["port"] for p in s["spec"]["ports"]} for s in services(docs)
+                      if any(matches(s["spec"].get("selector") or {}, labels_of(t)) and
+                             any(c["name"] == "redis" for c in t["spec"]["containers"])
+                             for _, t in pod_templates(docs))}
+    if not redis_services:
+        return ["no Service selects the Redis pods"]
+    problems = []
+    for group, template in ray_templates(one(docs, "RayService")):
+        for container in template["spec"]["containers"]:
+            url = env_value(container, "REDIS_URL")
+            if not url:
+                problems.append(f"{group}/{container['name']}: no REDIS_URL")
+                continue
+            parts = urlsplit(url)
+            if parts.scheme not in ("redis", "rediss") or parts.port not in redis_services.get(parts.hostname, ()):
+                problems.append(f"{group}/{container['name']}: REDIS_URL {url} names no Redis Service port "
+                                f"({redis_services})")
+    return problems
+
+
+def grpc_service_problems(docs: list[dict]) -> list[str]:
+    """The gRPC Service serves the serve config's gRPC port from every worker pod (whose proxies run the
+    API) and no other pod; those pods are Ready only while their Serve proxy answers on the HTTP port."""
+    rayservice = one(docs, "RayService")
+    config = serve_config(rayservice)
+    grpc_port = config["grpc_options"]["port"]
+    http_port = config["http_options"]["port"]
+    grpc = [s for s in services(docs) if any(p.get("appProtocol") == "grpc" for p in s["spec"]["ports"])]
+    if len(grpc) != 1:
+        return [f"expected one Service with an appProtocol grpc port, found {len(grpc)}"]
+    service = grpc[0]
+    port = next(p for p in service["spec"]["ports"] if p.get("appProtocol") == "grpc")
+    problems = []
+    if port["port"] != grpc_port or port.get("targetPort", port["port"]) not in (grpc_port, "grpc"):
+        problems.append(f"{service['metadata']['name']} must forward port {grpc_port} to {grpc_port}, "
+                        f"got {port['port']} -> {port.get('targetPort')}")
+    selector = service["spec"].get("selector") or {}
+    selected = {owner for owner, t in pod_templates(docs) if matches(selector, labels_of(t))}
+    workers = {f"RayService/{rayservice['metadata']['name']}/{g}" for g, _ in ray_templates(rayservice) if g != "head"}
+    if selected != workers:
+        problems.append(f"{service['metadata']['name']} selects {sorted(selected)}, expected the worker pods "
+                        f"{sorted(workers)}")
+    for group, template in ray_templates(rayservice):
+        if group == "head":
+            continue
+        ports = container_ports(template)
+        if ports.get("grpc") != grpc_port or ports.get("serve") != http_port:
+            problems.append(f"{group}: container ports grpc/serve should be {grpc_port}/{http_port}, got {ports}")
+        probe = (template["spec"]["containers"][0].get("readinessProbe") or {}).get("httpGet") or {}
+        if probe.get("path") != "/-/healthz" or probe.get("port") not in (http_port, "serve"):
+            problems.append(f"{group}: readinessProbe should GET /-/healthz on the Serve HTTP port {http_port}")
+    return problems
+
+
+def metrics_problems(docs: list[dict]) -> list[str]:
+    """The ServiceMonitor selects a Service whose named port exists, and that Service reaches Ray's
+    metrics export port on every Ray pod."""
+    rayservice = one(docs, "RayService")
+    monitor = one(docs, "ServiceMonitor")
+    selected = [s for s in services(docs)
+                if matches_label_selector(monitor["spec"]["selector"], s["metadata"].get("labels") or {})]
+    if not selected:
+        return [f"ServiceMonitor {monitor['metadata']['name']} selects no Service"]
+    problems = []
+    ray_pods = ray_templates(rayservice)
+    for endpoint in monitor["spec"]["endpoints"]:
+        for service in selected:
+            name = service["metadata"]["name"]
+            port = next((p for p in service["spec"]["ports"] if p.get("name") == endpoint.get("port")), None)
+            if port is None:
+                problems.append(f"Service {name} has no port named {endpoint.get('port')!r}")
+                continue
+            target = port.get("targetPort", port["port"])
+            pods = [(o, t) for o, t in pod_templates(docs) if matches(service["spec"].get("selector") or {}, labels_of(t))]
+            if len(pods) != len(ray_pods):
+                problems.append(f"Service {name} selects {len(pods)} pod templates, expected all {len(ray_pods)} Ray ones")
+            for owner, template in pods:
+                if not has_container_port(template, target):
+                    problems.append(f"{owner} has no container port {target!r} for Service {name}")
+    for group in [cluster(rayservice)["headGroupSpec"]] + cluster(rayservice).get("workerGroupSpecs", []):
+        exported = group.get("rayStartParams", {}).get("metrics-export-port")
+        ports = container_ports(group["template"])
+        if exported is None or ports.get("metrics") != int(exported):
+            problems.append(f"{group.get('groupName', 'head')}: metrics-export-port {exported} vs container "
+                            f"port 'metrics' {ports.get('metrics')}")
+    return problems
+
+
+def selector_problems(docs: list[dict]) -> list[str]:
+    """Deployments select their own pods, and every Service selects some pod of these manifests."""
+    problems = []
+    for doc in docs:
+        if doc.get("kind") == "Deployment" and not matches_label_selector(doc["spec"]["selector"],
+                                                                         labels_of(doc["spec"]["template"])):
+            problems.append(f"Deployment {doc['metadata']['name']}: selector does not match its template")
+    for service in services(docs):
+        selector = service["spec"].get("selector") or {}
+        if not any(matches(selector, labels_of(t)) for _, t in pod_templates(docs)):
+            problems.append(f"Service {service['metadata']['name']} selects no pod")
+    return problems
+
+
+def kustomization_problems(kustomization: dict) -> list[str]:
+    listed = kustomization.get("resources") or []
+    expected = sorted(p.name for p in MANIFESTS if p.name != "kustomization.yaml")
+    problems = [f"kustomization lists {r}, which does not exist" for r in listed if not (K8S / r).is_file()]
+    problems += [f"kustomization does not list {name}" for name in expected if name not in listed]
+    return problems
+
+
+CHECKS = {
+    "pools": pool_problems,
+    "gpus": gpu_problems,
+    "redis": redis_problems,
+    "grpc": grpc_service_problems,
+    "metrics": metrics_problems,
+    "selectors": selector_problems,
+}
+
+
+# ------------------------------------------------------------------------------------- schema tests
+
+def test_schemas_are_valid_and_all_used():
+    for path in SCHEMAS.glob("*.json"):
+        jsonschema.Draft202012Validator.check_schema(json.loads(path.read_text()))
+    on_disk = {p.name for p in SCHEMAS.glob("*.json")}
+    assert on_disk == set(SCHEMA_FOR.values()) | SHARED_SCHEMAS
+
+
+def test_manifests_exist():
+    names = {p.name for p in MANIFESTS}
+    assert {"kustomization.yaml", "rayservice.yaml", "redis.yaml", "service.yaml", "servicemonitor.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_every_document_validates(path):
+    docs = documents(path)
+    assert docs, f"{path.name} holds no document"
+    for doc in docs:
+        assert schema_errors(doc) == [], f"{path.name}: {doc.get('kind')} {doc.get('metadata', {}).get('name')}"
+
+
+def test_unknown_kinds_are_refused():
+    assert schema_errors({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {}})
+    assert schema_errors({"apiVersion": "ray.io/v1alpha1", "kind": "RayService", "metadata": {"name": "x"}})
+    assert schema_errors(["not", "a", "mapping"])
+
+
+def _rename(mapping: dict, old: str, new: str) -> None:
+    mapping[new] = mapping.pop(old)
+
+
+def _groups(docs):
+    return cluster(one(docs, "RayService"))["workerGroupSpecs"]
+
+
+BROKEN = {
+    "worker group: minReplicas misspelled": lambda d: _rename(_groups(d)[0], "minReplicas", "minReplica"),
+    "worker group: replicas as a string": lambda d: _groups(d)[1].__setitem__("replicas", "1"),
+    "rayStartParams: a number, not a string": lambda d: cluster(one(d, "RayService"))["headGroupSpec"][
+        "rayStartParams"].__setitem__("num-cpus", 0),
+    "autoscaler: unknown upscalingMode": lambda d: cluster(one(d, "RayService"))["autoscalerOptions"].__setitem__(
+        "upscalingMode", "Fast"),
+    "spec: serveConfigV2 misspelled": lambda d: _rename(one(d, "RayService")["spec"], "serveConfigV2", "serveConfig"),
+    "serveConfigV2 as a mapping": lambda d: one(d, "RayService")["spec"].__setitem__("serveConfigV2", {"a": 1}),
+    "container: env misspelled": lambda d: _rename(_groups(d)[2]["template"]["spec"]["containers"][0], "env", "envs"),
+    "container port: name over 15 characters": lambda d: _groups(d)[0]["template"]["spec"]["containers"][0][
+        "ports"][0].__setitem__("name", "serve-http-proxy-port"),
+    "pod label: a boolean value": lambda d: labels_of(_groups(d)[0]["template"]).__setitem__("liveserve.io/ray", True),
+    "resources: a bad quantity": lambda d: _groups(d)[1]["template"]["spec"]["containers"][0]["resources"][
+        "limits"].__setitem__("memory", "32 GB"),
+    "Deployment: replicas as a string": lambda d: one(d, "Deployment")["spec"].__setitem__("replicas", "1"),
+    "Deployment: probe without a handler": lambda d: one(d, "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["readinessProbe"].pop("exec"),
+    "Service: port as a string": lambda d: services(d)[0]["spec"]["ports"][0].__setitem__("port", "6379"),
+    "Service: selector misspelled": lambda d: _rename(services(d)[0]["spec"], "selector", "selectors"),
+    "ServiceMonitor: bad interval": lambda d: one(d, "ServiceMonitor")["spec"]["endpoints"][0].__setitem__(
+        "interval", "15 seconds"),
+    "ServiceMonitor: endpoints missing": lambda d: one(d, "ServiceMonitor")["spec"].pop("endpoints"),
+    "Kustomization: resources misspelled": lambda d: _rename(one(d, "Kustomization"), "resources", "resource"),
+}
+
+
+@pytest.mark.parametrize("mutate", BROKEN.values(), ids=BROKEN.keys())
+def test_broken_copies_fail_validation(mutate):
+    docs = all_documents()
+    mutate(docs)
+    broken = [doc for doc in docs if schema_errors(doc)]
+    assert len(broken) == 1, "the broken copy should fail validation (and nothing else should)"
+
+
+# ------------------------------------------------------------------------------ serve config tests
+
+def test_serve_config_embedded_verbatim():
+    rayservice = one(documents(K8S / "rayservice.yaml"), "RayService")
+    text = SERVE_CONFIG.read_text()
+    assert rayservice["spec"]["serveConfigV2"] == text, "run: python k8s/sync_serve_config.py"
+    assert serve_config(rayservice) == yaml.safe_load(text)
+
+
+def test_embedded_serve_config_is_a_valid_serve_deploy_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = serve_config(one(documents(K8S / "rayservice.yaml"), "RayService"))
+    schema = ServeDeploySchema.model_validate(config)
+    assert [d.name for d in schema.applications[0].deployments] == ["Gateway", "Perception", "Decision", "Reaction"]
+    broken = copy.deepcopy(config)
+    broken["applications"][0]["deployments"][0]["num_replicas"] = "many"
+    with pytest.raises(ValueError):  # pydantic's ValidationError
+        ServeDeploySchema.model_validate(broken)
+
+
+@pytest.fixture(scope="module")
+def sync():
+    sys.path.insert(0, str(K8S))
+    try:
+        import sync_serve_config
+    finally:
+        sys.path.remove(str(K8S))
+    return sync_serve_config
+
+
+def test_sync_script_repairs_a_stale_copy(sync, tmp_path):
+    current = (K8S / "rayservice.yaml").read_text()
+    assert sync.main(["--check"]) == 0
+    stale = current.replace("max_new_tokens: 64", "max_new_tokens: 65", 1)
+    assert stale != current
+    (tmp_path / "rayservice.yaml").write_text(stale)
+    assert sync.main(["--check", "--manifest", str(tmp_path / "rayservice.yaml")]) == 1
+    assert sync.main(["--manifest", str(tmp_path / "rayservice.yaml")]) == 0
+    assert (tmp_path / "rayservice.yaml").read_text() == current
+
+
+@pytest.mark.parametrize("config", ["a: 1\n", "a: 1", "a: 1\n\n\n", "# head\n\nb:\n  - 2   \n", "  a: 1\n"])
+def test_sync_embeds_any_text_verbatim(sync, config):
+    manifest = sync.embed((K8S / "rayservice.yaml").read_text(), config)
+    assert yaml.safe_load(manifest)["spec"]["serveConfigV2"] == config
+    assert yaml.safe_load(manifest)["spec"]["rayClusterConfig"] == cluster(one(documents(K8S / "rayservice.yaml"),
+                                                                              "RayService"))
+
+
+# --------------------------------------------------------------------------------- consistency tests
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_consistency(name):
+    assert CHECKS[name](all_documents()) == []
+
+
+def _drop_group(docs, group):
+    specs = _groups(docs)
+    specs[:] = [g for g in specs if g["groupName"] != group]
+
+
+def _worker(docs, group):
+    return next(g for g in _groups(docs) if g["groupName"] == group)
+
+
+def _ray_container(docs, group):
+    return _worker(docs, group)["template"]["spec"]["containers"][0]
+
+
+def _set_resources(docs, group, value):
+    _worker(docs, group)["rayStartParams"]["resources"] = value
+
+
+def _grpc_port(docs):
+    return next(p for s in services(docs) for p in s["spec"]["ports"] if p.get("appProtocol") == "grpc")
+
+
+BROKEN_CONSISTENCY = [
+    ("pools", "decision group gone", lambda d: _drop_group(d, "decision")),
+    ("pools", "gateway also offers decision",
+     lambda d: _set_resources(d, "gateway", '"{\\"liveserve_gateway\\": 4, \\"liveserve_decision\\": 1}"')),
+    ("pools", "a group offers an unrequested pool", lambda d: _set_resources(d, "reaction", '"{\\"liveserve_x\\": 1}"')),
+    ("pools", "too few units for max replicas", lambda d: _worker(d, "decision").__setitem__("maxReplicas", 2)),
+    ("pools", "head offers a pool", lambda d: cluster(one(d, "RayService"))["headGroupSpec"]["rayStartParams"]
+     .__setitem__("resources", '"{\\"liveserve_gateway\\": 1}"')),
+    ("pools", "head takes work", lambda d: cluster(one(d, "RayService"))["headGroupSpec"]["rayStartParams"].pop("num-cpus")),
+    ("gpus", "decision without GPU", lambda d: _ray_container(d, "decision")["resources"]["limits"].pop("nvidia.com/gpu")),
+    ("gpus", "reaction without toleration", lambda d: _worker(d, "reaction")["template"]["spec"].pop("tolerations")),
+    ("gpus", "gateway with a GPU", lambda d: _ray_container(d, "gateway")["resources"]["limits"]
+     .__setitem__("nvidia.com/gpu", 1)),
+    ("redis", "perception without REDIS_URL", lambda d: _ray_container(d, "perception").pop("env")),
+    ("redis", "REDIS_URL to a wrong host", lambda d: _ray_container(d, "reaction")["env"][0]
+     .__setitem__("value", "redis://redis:6379/0")),
+    ("grpc", "gRPC Service on another port", lambda d: _grpc_port(d).__setitem__("port", 9000)),
+    ("grpc", "gRPC Service selects the head too", lambda d: next(
+        s for s in services(d) if "liveserve.io/ray-node" in (s["spec"].get("selector") or {}))["spec"]["selector"]
+     .pop("liveserve.io/ray-node")),
+    ("grpc", "a worker without the grpc port", lambda d: _ray_container(d, "decision")["ports"].pop(1)),
+    ("grpc", "a worker without the proxy readiness probe", lambda d: _ray_container(d, "gateway").pop("readinessProbe")),
+    ("metrics", "ServiceMonitor selects nothing", lambda d: one(d, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+     .__setitem__("app.kubernetes.io/component", "nope")),
+    ("metrics", "ServiceMonitor scrapes a port name that does not exist",
+     lambda d: one(d, "ServiceMonitor")["spec"]["endpoints"][0].__setitem__("port", "prometheus")),
+    ("metrics", "a Ray pod without the metrics port", lambda d: _ray_container(d, "reaction")["ports"].pop(2)),
+    ("metrics", "metrics-export-port differs", lambda d: _worker(d, "perception")["rayStartParams"]
+     .__setitem__("metrics-export-port", "9090")),
+    ("selectors", "Deployment selector off its pods", lambda d: one(d, "Deployment")["spec"]["selector"]["matchLabels"]
+     .__setitem__("app.kubernetes.io/name", "other")),
+    ("selectors", "Service selects nothing", lambda d: one(d, "Service", "liveserve-redis")["spec"]
+     .__setitem__("selector", {"app": "nothing"})),
+]
+
+
+@pytest.mark.parametrize("check,mutate", [(c, m) for c, _, m in BROKEN_CONSISTENCY],
+                         ids=[f"{c}: {what}" for c, what, _ in BROKEN_CONSISTENCY])
+def test_consistency_checks_catch_broken_copies(check, mutate):
+    docs = all_documents()
+    mutate(docs)
+    assert CHECKS[check](docs), "the check should report the broken copy"
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = one(documents(K8S / "kustomization.yaml"), "Kustomization")
+    assert kustomization_problems(kustomization) == []
+    partial = copy.deepcopy(kustomization)
+    partial["resources"] = [r for r in partial["resources"] if r != "servicemonitor.yaml"] + ["missing.yaml"]
+    assert len(kustomization_problems(partial)) == 2
+
+
+def test_image_is_the_same_on_every_ray_pod():
+    rayservice = one(all_documents(), "RayService")
+    images = {c["image"] for _, t in ray_templates(rayservice) for c in t["spec"]["containers"]}
+    assert len(images) == 1, images
+    assert re.fullmatch(r"[\w.-]+(/[\w.-]+)+:[\w.-]+", images.pop())
