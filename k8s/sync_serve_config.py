@@ -2,9 +2,10 @@
 
     python k8s/sync_serve_config.py            # rewrite the embedded copy in place
     python k8s/sync_serve_config.py --check    # exit 1 when the embedded copy is out of date (CI)
-    python k8s/sync_serve_config.py --config my_serve_config.yaml --output overlay/rayservice.yaml
+    python k8s/sync_serve_config.py --config site/serve_config.yaml --manifest site/serve-config-patch.yaml
 
-Only the serveConfigV2 block scalar is replaced; the rest of the manifest (comments included) is kept.
+Only the serveConfigV2 value is replaced (by a literal block); the rest of the file, comments included,
+is kept. The file may also be a kustomize patch holding just the RayService's name and serveConfigV2.
 The result is parsed back and must hold the config's exact text, or nothing is written.
 """
 
@@ -20,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "orchestration" / "serve_config.yaml"
 MANIFEST = ROOT / "k8s" / "rayservice.yaml"
-KEY = re.compile(r"^(?P<indent> *)serveConfigV2:(?: *[|>][-+0-9]*)?(?: +#.*)?$")
+KEY = re.compile(r"^(?P<indent> *)serveConfigV2:(?:[ \t].*)?$")  # any value: a block, "" for a new patch
 
 
 def embed(manifest: str, config: str) -> str:
@@ -28,7 +29,7 @@ def embed(manifest: str, config: str) -> str:
     lines = manifest.splitlines(keepends=True)
     starts = [i for i, line in enumerate(lines) if KEY.match(line.rstrip("\n"))]
     if len(starts) != 1:
-        raise ValueError(f"expected one 'serveConfigV2:' block key, found {len(starts)}")
+        raise ValueError(f"expected one 'serveConfigV2:' key, found {len(starts)}")
     start = starts[0]
     indent = len(KEY.match(lines[start].rstrip("\n")).group("indent"))
     end = start + 1  # the block runs while lines are blank or indented deeper than the key

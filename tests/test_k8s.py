@@ -478,6 +478,19 @@ def test_sync_embeds_any_text_verbatim(sync, config):
                                                                               "RayService"))
 
 
+def test_sync_fills_a_new_overlay_patch(sync, tmp_path):
+    patch = tmp_path / "serve-config-patch.yaml"
+    patch.write_text("apiVersion: ray.io/v1\nkind: RayService\nmetadata:\n  name: liveserve\nspec:\n"
+                     "  serveConfigV2: \"\"\n")
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(SERVE_CONFIG.read_text().replace("model: default", "model: /models/mine", 1))
+    assert sync.main(["--config", str(config), "--manifest", str(patch)]) == 0
+    doc = yaml.safe_load(patch.read_text())
+    assert doc["spec"]["serveConfigV2"] == config.read_text()
+    assert doc["metadata"] == {"name": "liveserve"}
+    assert sync.main(["--check", "--config", str(config), "--manifest", str(patch)]) == 0
+
+
 # --------------------------------------------------------------------------------- consistency tests
 
 @pytest.mark.parametrize("name", CHECKS)
