@@ -26,6 +26,9 @@ from liveserve.services.settings import ServiceSettings
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).with_name("serve_config.yaml")
 APP_NAME = "liveserve"
+# The custom resources the Serve config's deployments are placed by (one unit per replica); a local Ray
+# offers enough of each for any replica count a workstation can run.
+POOL_RESOURCES = {f"liveserve_{pool}": 256 for pool in ("gateway", "perception", "decision", "reaction")}
 
 
 class LaunchError(RuntimeError):
@@ -39,8 +42,11 @@ def free_port() -> int:
 
 
 def load_config(path: str | Path | None = None, *, grpc_port: int | None = None, args: dict | None = None,
-                replicas: dict[str, int] | None = None) -> dict:
-    """The Serve config at `path` (default: the bundled one) with local overrides applied and checked."""
+                replicas: dict[str, int] | None = None, deployments: dict[str, dict] | None = None,
+                env: dict[str, str] | None = None) -> dict:
+    """The Serve config at `path` (default: the bundled one) with local overrides applied and checked:
+    application `args`, fixed `replicas` per deployment (replacing its autoscaling), other deployment
+    options by name (e.g. an autoscaling_config), and environment variables for every replica."""
     from ray.serve.schema import ServeDeploySchema
 
     path = Path(path) if path else DEFAULT_CONFIG
@@ -57,11 +63,15 @@ def load_config(path: str | Path | None = None, *, grpc_port: int | None = None,
         ServiceSettings.from_dict(app["args"])
     except (TypeError, ValueError) as exc:
         raise LaunchError(f"bad application args in {path}: {exc}") from None
-    deployments = {d["name"]: d for d in app.setdefault("deployments", [])}
+    app.setdefault("deployments", [])
+    for name, options in (deployments or {}).items():
+        _entry(app, name).update(options)
     for name, count in (replicas or {}).items():
-        entry = deployments.get(name) or app["deployments"].append({"name": name}) or app["deployments"][-1]
+        entry = _entry(app, name)
         entry.pop("autoscaling_config", None)
         entry["num_replicas"] = count
+    if env:
+        app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
     if grpc_port is not None:
         config.setdefault("grpc_options", {})["port"] = grpc_port
     try:
@@ -69,6 +79,14 @@ def load_config(path: str | Path | None = None, *, grpc_port: int | None = None,
     except Exception as exc:
         raise LaunchError(f"{path} is not a valid Serve config: {exc}") from None
     return config
+
+
+def _entry(app: dict, name: str) -> dict:
+    for entry in app["deployments"]:
+        if entry["name"] == name:
+            return entry
+    app["deployments"].append({"name": name})
+    return app["deployments"][-1]
 
 
 def _app(config: dict, path: Path) -> dict:
@@ -87,6 +105,7 @@ class RunningApp:
     config: dict
     redis: EmbeddedRedis | None = None
     started_ray: bool = False
+    metrics_url: str = ""  # this node's Prometheus endpoint (Ray's metrics export)
     stopped: bool = field(default=False, init=False)
 
     def stop(self) -> None:
@@ -108,9 +127,11 @@ class RunningApp:
 
 
 def start(config: dict, *, ray_address: str | None = None, redis_url: str | None = None, timeout_s: float = 600.0,
-          progress: Callable[[str], None] = log.info, log_to_driver: bool = False) -> RunningApp:
+          progress: Callable[[str], None] = log.info, log_to_driver: bool = False,
+          metrics_port: int | None = None) -> RunningApp:
     """Deploy `config` (see load_config) and wait for it to run. Joins `ray_address` or RAY_ADDRESS when
-    given, else starts a local Ray; uses `redis_url` or REDIS_URL when set, else starts an embedded Redis."""
+    given, else starts a local Ray (its Prometheus metrics on `metrics_port`, default a free port); uses
+    `redis_url` or REDIS_URL when set, else starts an embedded Redis."""
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -133,15 +154,19 @@ def start(config: dict, *, ray_address: str | None = None, redis_url: str | None
     try:
         if started_ray:
             progress(f"joining Ray at {address}" if address else "starting a local Ray")
+            metrics_port = metrics_port or free_port()
+            local = {} if address else {"resources": POOL_RESOURCES, "_metrics_export_port": metrics_port}
             ray.init(address=address, namespace="serve", include_dashboard=False, log_to_driver=log_to_driver,
-                     configure_logging=False)
+                     configure_logging=False, **local)
         grpc = config.get("grpc_options") or {}
         http = {**(config.get("http_options") or {})}
         if not address:
             http.update(host="127.0.0.1", port=free_port())  # local: no fixed HTTP port to collide on
         serve.start(proxy_location=config.get("proxy_location", "EveryNode"), http_options=HTTPOptions(**http),
                     grpc_options=gRPCOptions(**grpc))
-        running = RunningApp(f"127.0.0.1:{grpc.get('port', 9000)}", redis_url, config, redis_server, started_ray)
+        running = RunningApp(f"127.0.0.1:{grpc.get('port', 9000)}", redis_url, config, redis_server, started_ray,
+                             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics" if started_ray and not address
+                             else _metrics_url())
         progress(f"deploying {APP_NAME} ({', '.join(d['name'] for d in app['deployments'])})")
         _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
         _wait_running(timeout_s, progress)
@@ -155,6 +180,16 @@ def start(config: dict, *, ray_address: str | None = None, redis_url: str | None
             if redis_server is not None:
                 redis_server.stop()
         raise
+
+
+def _metrics_url() -> str:
+    """The head node's Prometheus endpoint (each Ray node serves its own replicas' metrics)."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("MetricsExportPort"):
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return ""
 
 
 def _wait_running(timeout_s: float, progress: Callable[[str], None]) -> None:

@@ -8,7 +8,8 @@ call for a session must reach the replica holding it.
   report UNAVAILABLE rather than guess (another replica has no state for the session).
 - A call whose first argument names a session this router placed before (`.session_id`) returns to the
   same replica: the Decision replica owning a session is its Reaction's only caller, so the affinity can
-  live in this process. A `Close` call forgets it.
+  live in this process. A `Close` call forgets it, and so does the replica's disappearance (the session
+  is then placed afresh).
 - Anything else (an Open, a session's first Reaction call) goes to the replica with the most room, from the routing stats each
   replica reports (`free_fraction` of its KV pool, then fewest `sessions`); ties rotate.
 """
@@ -30,6 +31,8 @@ class SessionRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, **kwargs) -> None:
         self._affinity: dict[str, str] = {}  # session id -> replica key, for calls without route_to
         self._turn = itertools.count()
+        self._reported: dict[str, dict] = {}  # replica key -> the routing stats last seen from it
+        self._placed: dict[str, int] = {}  # replica key -> sessions placed here since that report
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> Sequence[list[RunningReplica]]:
@@ -38,13 +41,18 @@ class SessionRouter(FIFOMixin, RequestRouter):
         pending_request.routing_context.should_backoff = True  # back off while a pinned replica is busy
         route_to = pending_request.kwargs.get("route_to")
         session_id = getattr(pending_request.args[0], "session_id", "") if pending_request.args else ""
-        if not route_to and session_id:
-            route_to = self._affinity.get(session_id)
-        if route_to:
-            pinned = [r for r in candidate_replicas if replica_key(r) == route_to]
-            if pinned and pending_request.metadata.call_method == "Close":
-                self._affinity.pop(session_id, None)
-            return [pinned] if pinned else []
+        if route_to:  # the registry's owner: that replica or none
+            return [[r for r in candidate_replicas if replica_key(r) == route_to]]
+        remembered = self._affinity.get(session_id) if session_id else None
+        if remembered:
+            pinned = [r for r in candidate_replicas if replica_key(r) == remembered]
+            if pinned:
+                if pending_request.metadata.call_method == "Close":
+                    self._affinity.pop(session_id, None)
+                return [pinned]
+            # The replica is gone (scaled down, restarted): place the session afresh; the new replica
+            # rebuilds what it can from the frames it is sent.
+            self._affinity.pop(session_id, None)
         ranked = self.rank_by_room(candidate_replicas)
         # An Open's owner goes to the registry (later calls carry route_to); other first calls stick here.
         if session_id and ranked and pending_request.metadata.call_method != "Open":
@@ -52,6 +60,9 @@ class SessionRouter(FIFOMixin, RequestRouter):
         return [[replica] for replica in ranked]
 
     def rank_by_room(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
+        """Most free KV pool first (in 5% steps), then fewest sessions; a replica's stats arrive every few
+        seconds, so sessions this router placed since its last report count too (a burst of opens would
+        otherwise all land on the replica that looked emptiest)."""
         if not replicas:
             return []
         turn = next(self._turn) % len(replicas)
@@ -59,10 +70,17 @@ class SessionRouter(FIFOMixin, RequestRouter):
 
         def room(replica: RunningReplica) -> tuple[float, int]:
             stats = replica.routing_stats or {}
-            return -float(stats.get("free_fraction", 1.0)), int(stats.get("sessions", 0))
+            key = replica_key(replica)
+            if self._reported.get(key) != stats:  # a fresh report already counts our placements
+                self._reported[key], self._placed[key] = dict(stats), 0
+            free = round(float(stats.get("free_fraction", 1.0)) * 20) / 20
+            return -free, int(stats.get("sessions", 0)) + self._placed[key]
 
-        return sorted(rotated, key=room)  # stable: the rotation breaks ties
+        ranked = sorted(rotated, key=room)  # stable: the rotation breaks ties
+        self._placed[replica_key(ranked[0])] += 1
+        return ranked
 
 
 # For deployments whose replicas hold session state (Decision, Reaction).
-SESSION_ROUTER = RequestRouterConfig(request_router_class=f"{__name__}.SessionRouter")
+SESSION_ROUTER = RequestRouterConfig(request_router_class=f"{__name__}.SessionRouter",
+                                     request_routing_stats_period_s=2.0)

@@ -1,0 +1,35 @@
+"""Autoscaling policy for the Decision pool (a Ray Serve custom policy, named in the Serve config).
+
+Decision replicas hold state, so request rate is the wrong signal: a replica is busy because of the
+sessions it holds and the KV memory they reserve. Each replica reports both (`record_autoscaling_stats`);
+this policy asks for enough replicas that none holds more than `target_sessions` sessions nor has more
+than `target_kv_fraction` of its KV pool reserved, and never fewer replicas than currently hold
+sessions, so a scale-down only ever removes idle capacity. Serve applies min/max replicas and the
+upscale/downscale delays of the deployment's autoscaling_config on top.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class DecisionScaling:
+    def __init__(self, target_sessions: float = 16, target_kv_fraction: float = 0.7) -> None:
+        if target_sessions <= 0 or not 0 < target_kv_fraction <= 1:
+            raise ValueError("target_sessions must be > 0 and target_kv_fraction in (0, 1]")
+        self.target_sessions, self.target_kv_fraction = target_sessions, target_kv_fraction
+
+    def __call__(self, ctx) -> tuple[int, dict]:
+        metrics = ctx.aggregated_metrics or {}
+        sessions = metrics.get("sessions") or {}
+        kv_used = metrics.get("kv_used_fraction") or {}
+        if not sessions and not kv_used:  # no reports yet (replicas starting): keep the current target
+            return ctx.target_num_replicas, {}
+        return self.desired(list(sessions.values()), list(kv_used.values())), {}
+
+    def desired(self, sessions: list[float], kv_used: list[float]) -> int:
+        """Replicas wanted for these per-replica session counts and KV pool fractions in use."""
+        by_sessions = sum(sessions) / self.target_sessions
+        by_memory = sum(kv_used) / self.target_kv_fraction
+        holding = sum(1 for count in sessions if count > 0)  # their state cannot move: keep them
+        return max(1, math.ceil(by_sessions), math.ceil(by_memory), holding)

@@ -1,0 +1,59 @@
+"""SessionRouter's placement rules on stand-in replicas (the real routing is tested end to end in
+test_ray_services.py: stickiness over two Decision replicas)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.serve")
+from liveserve.services.routing import SessionRouter  # noqa: E402
+
+
+def replica(key: str, **stats):
+    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=key), routing_stats=stats)
+
+
+def request(*args, method: str = "Open", **kwargs):
+    return SimpleNamespace(args=args, kwargs=kwargs, metadata=SimpleNamespace(call_method=method),
+                           routing_context=SimpleNamespace(should_backoff=False))
+
+
+@pytest.fixture
+def router():
+    router = SessionRouter.__new__(SessionRouter)  # the placement logic only; no Serve controller
+    router.initialize_state()
+    return router
+
+
+def choose(router, replicas, pending):
+    return asyncio.run(router.choose_replicas(replicas, pending))
+
+
+def test_route_to_pins_to_the_owner_or_waits_for_it(router):
+    a, b = replica("a"), replica("b")
+    assert choose(router, [a, b], request(route_to="b")) == [[b]]
+    assert choose(router, [a], request(route_to="b")) == [[]]  # owner gone: no other replica has the cache
+
+
+def test_new_sessions_go_where_there_is_room_and_a_burst_is_spread(router):
+    full, empty = replica("full", free_fraction=0.2, sessions=9), replica("empty", free_fraction=1.0, sessions=0)
+    assert choose(router, [full, empty], request())[0] == [empty]
+    a, b = replica("a", free_fraction=1.0, sessions=0), replica("b", free_fraction=1.0, sessions=0)
+    first = [choose(router, [a, b], request(SimpleNamespace(session_id=f"s{i}")))[0][0].replica_id.unique_id
+             for i in range(4)]
+    assert sorted(first) == ["a", "a", "b", "b"]  # stale stats do not send the whole burst to one replica
+
+
+def test_a_session_sticks_to_its_replica_until_close_or_until_the_replica_is_gone(router):
+    a, b = replica("a"), replica("b")
+    session = SimpleNamespace(session_id="s")
+    placed = choose(router, [a, b], request(session, method="Respond"))[0][0]
+    for _ in range(3):
+        assert choose(router, [a, b], request(session, method="Respond")) == [[placed]]
+    other = b if placed is a else a
+    assert choose(router, [other], request(session, method="Respond"))[0] == [other]  # placed afresh
+    assert choose(router, [a, b], request(session, method="Close")) == [[other]]
+    assert "s" not in router._affinity
