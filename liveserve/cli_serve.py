@@ -47,6 +47,8 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{name}-replicas", type=int, metavar="N",
                            help=f"fixed number of {name.capitalize()} replicas (default: the config's)")
     group.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    group.add_argument("--metrics-port", type=int, default=8080,
+                       help="a local Ray's Prometheus endpoint for every service's metrics (default: 8080)")
 
 
 
@@ -95,7 +97,8 @@ def cmd_serve(args, load) -> int:
     port = _port(args.address)
     app = _start_app(args, port)
     print(f"liveserve: serving liveserve.api.v1.LiveStream on {app.address} (Ray Serve application "
-          f"'liveserve'; Redis {app.redis_url}); Ctrl-C to stop", file=sys.stderr, flush=True)
+          f"'liveserve'; Redis {app.redis_url}; metrics {app.metrics_url or 'on each Ray node'}); Ctrl-C to stop",
+          file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -111,6 +114,7 @@ def cmd_demo(args, load) -> int:
         return _demo_local(args, load)
     from liveserve.orchestration.launch import free_port
 
+    args.metrics_port = free_port()  # a demo must not collide with a server already on 8080
     app = _start_app(args, free_port())
     print(f"liveserve: demo application on {app.address}; streaming the bundled sample through it",
           file=sys.stderr, flush=True)
@@ -137,7 +141,7 @@ def _start_app(args, port: int):
         if count < 1:
             raise ValueError(f"--{name.lower()}-replicas must be >= 1, got {count}")
     config = load_config(args.config, grpc_port=port, args=settings, replicas=replicas)
-    return start(config, ray_address=args.ray_address,
+    return start(config, ray_address=args.ray_address, metrics_port=args.metrics_port,
                  progress=lambda message: print(f"liveserve: {message}", file=sys.stderr, flush=True))
 
 

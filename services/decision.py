@@ -16,9 +16,12 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Span
 from ray import serve
 
 from liveserve.api.v1 import live_stream_pb2 as pb
@@ -37,10 +40,20 @@ from liveserve.services.registry import RegistryError, SessionRegistry
 from liveserve.services.routing import SESSION_ROUTER
 from liveserve.services.replica import load_replica_model, replica_id
 from liveserve.services.settings import ServiceSettings
+from liveserve.services.telemetry import DecisionMetrics, GpuMetrics, sample_periodically
+from liveserve.services.tracing import extract, inject, tracer
 
 log = logging.getLogger(__name__)
 _TRIGGERS = {"proactive": pb.TRIGGER_PROACTIVE, "query": pb.TRIGGER_QUERY}
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A frame pushed and not yet decided."""
+
+    received_at: float  # Unix time the gateway received it
+    span: Span  # decision.decide, push -> decision
 
 
 @dataclass(slots=True)
@@ -50,7 +63,9 @@ class _Served:
     open: pb.Open
     session: Session  # the engine's session, kept for its counters after the engine lets go of it
     out: asyncio.Queue  # ServerMessages for the Events stream; None ends it
-    received: dict[float, float] = field(default_factory=dict)  # frame timestamp -> Unix time at the gateway
+    in_flight: dict[float, _InFlight] = field(default_factory=dict)  # by frame timestamp
+    # trace context of recent frames and queries, by timestamp: a reply's trace hangs under its trigger
+    contexts: OrderedDict = field(default_factory=OrderedDict)
     unsynced: list[dpb.FrameFeatures] = field(default_factory=list)  # frames Reaction has not seen
     synced: int = 0  # frames sent to Reaction so far
     reaction_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one Reaction call at a time, in order
@@ -65,7 +80,8 @@ class Decision:
         self.settings = ServiceSettings.from_dict(settings)
         self.model = load_replica_model(self.settings.model, vision=False, threads=self.settings.threads)
         self.engine = BatchEngine(self.model, EngineConfig(pool=self.settings.pool(), scheduler=self.settings.scheduler()))
-        self.worker = EngineWorker(self.engine)
+        self.metrics, self.gpu, self.tracer = DecisionMetrics(), GpuMetrics(), tracer("decision")
+        self.worker = EngineWorker(self.engine, on_step=self.metrics.record_step)
         self.defaults = self.settings.session_defaults()
         self.reaction = reaction
         self.replica = replica_id()
@@ -73,7 +89,7 @@ class Decision:
         self.registry = SessionRegistry(self.redis, ttl_s=self.settings.session_ttl_s,
                                         closed_ttl_s=self.settings.closed_ttl_s)
         self.sessions: dict[str, _Served] = {}
-        self._heartbeat: asyncio.Task | None = None  # started with the first session, on the replica's loop
+        self._background: list[asyncio.Task] = []  # started with the first session, on the replica's loop
 
     # ---- calls from the gateway --------------------------------------------------------------------------
 
@@ -90,8 +106,10 @@ class Decision:
             raise
         served = _Served(sid, record.epoch, request.open, self.engine.session(sid), asyncio.Queue())
         self.sessions[sid] = served
-        if self._heartbeat is None:
-            self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+        if not self._background:
+            loop = asyncio.get_running_loop()
+            self._background = [loop.create_task(self._heartbeat_loop()),
+                                loop.create_task(sample_periodically(self._sample_metrics))]
         self._spawn(served, self._pump(served, events))
         limits = pb.Limits(max_query_tokens=config.max_query_tokens, max_new_tokens=config.max_new_tokens,
                            max_lag_s=self.engine.config.scheduler.max_lag_s or 0.0,
@@ -105,13 +123,18 @@ class Decision:
         if kind == "frame":
             frame = request.frame
             self.worker.push_frame(served.session_id, frame.timestamp, tensors.from_message(frame.features))
-            served.received[frame.timestamp] = frame.received_at
+            span = self.tracer.start_span("decision.decide", context=extract(request.trace_context),
+                                          attributes={"liveserve.session_id": served.session_id,
+                                                      "liveserve.frame_timestamp": frame.timestamp})
+            served.in_flight[frame.timestamp] = _InFlight(frame.received_at, span)
+            _remember(served.contexts, frame.timestamp, trace.set_span_in_context(span))
             served.unsynced.append(frame)
             served.last_timestamp = frame.timestamp
             if len(served.unsynced) >= self.settings.reaction_sync_frames and not served.reaction_lock.locked():
                 self._spawn(served, self._sync_reaction(served))
         elif kind == "query":
             self.worker.push_query(served.session_id, request.query.timestamp, request.query.text)
+            _remember(served.contexts, request.query.timestamp, extract(request.trace_context))
             self._spawn(served, self._record_turn(served, request.query.timestamp, "user", request.query.text))
         elif kind == "close":
             drain_s = self.settings.drain_timeout_s if request.close.drain else 0.0
@@ -134,6 +157,11 @@ class Decision:
                            "awaiting_reply": served.session.awaiting_reply}
         return report
 
+    def record_autoscaling_stats(self) -> dict:
+        """What the Decision pool scales on (services/autoscaling.py): sessions held, KV pool reserved."""
+        pool = self.engine.pool
+        return {"sessions": float(len(self.sessions)), "kv_used_fraction": pool.reserved_blocks / max(1, pool.num_blocks)}
+
     def record_routing_stats(self) -> dict:
         """What the router places new sessions by: the free share of the KV pool, and sessions held."""
         pool = self.engine.pool
@@ -147,20 +175,32 @@ class Decision:
         try:
             while (event := await events.get()) is not None:
                 if isinstance(event, ReplyRequested):
+                    self.metrics.responses.inc(tags={"trigger": event.trigger})
                     self._spawn(served, self._reply(served, event))
                     continue
                 message = to_message(event)
                 if isinstance(event, FrameDecision):  # frame-to-decision from the gateway's receipt of the frame
-                    received = served.received.pop(event.timestamp, None)
-                    if received:
-                        message.decision.lag_s = max(0.0, time.time() - received)
+                    self.metrics.frames_decided.inc()
+                    pending = served.in_flight.pop(event.timestamp, None)
+                    if pending is not None:
+                        message.decision.lag_s = max(0.0, time.time() - pending.received_at)
+                        self.metrics.frame_to_decision.observe(message.decision.lag_s)
+                        pending.span.set_attributes({"liveserve.p_silent": event.p_silent, "liveserve.fired": event.fired,
+                                                     "liveserve.action": event.action})
+                        pending.span.end()
                 elif isinstance(event, FramesDropped):
+                    self.metrics.frames_dropped.inc(len(event.timestamps))
                     for timestamp in event.timestamps:
-                        served.received.pop(timestamp, None)
+                        pending = served.in_flight.pop(timestamp, None)
+                        if pending is not None:
+                            pending.span.set_attribute("liveserve.dropped", True)
+                            pending.span.end()
                 elif isinstance(event, SessionFailed):
                     self.worker.close_when_drained(sid, 0)
                 served.out.put_nowait(message)
         finally:
+            for pending in served.in_flight.values():  # never decided: the session ended first
+                pending.span.end()
             session = served.session
             await asyncio.gather(*(t for t in served.tasks if t is not asyncio.current_task()),
                                  return_exceptions=True)
@@ -178,11 +218,21 @@ class Decision:
     async def _reply(self, served: _Served, event: ReplyRequested) -> None:
         """Have Reaction write the reply, stream it to the client, then append it to the session's cache."""
         text = ""
+        parent = served.contexts.get(event.timestamp)
         async with served.reaction_lock:
             request = self._respond_request(served, upto=event.timestamp)
             request.trigger, request.timestamp, request.query = _TRIGGERS[event.trigger], event.timestamp, event.query or ""
+            span = self.tracer.start_span("decision.reply", context=parent,
+                                          attributes={"liveserve.session_id": served.session_id,
+                                                      "liveserve.trigger": event.trigger})
+            inject(request.trace_context, span)
             try:
-                async for message in self.reaction.options(stream=True).Respond.remote(request):
+                replies = self.reaction.options(stream=True).Respond.remote(request)
+                while True:  # each piece of the reply must come within the call timeout
+                    try:
+                        message = await asyncio.wait_for(anext(replies), self.settings.call_timeout_s)
+                    except StopAsyncIteration:
+                        break
                     if message.WhichOneof("kind") == "response_done":
                         text = message.response_done.text
                     served.out.put_nowait(message)
@@ -190,6 +240,9 @@ class Decision:
                 log.warning("reply for session %s at %.3fs failed", served.session_id, event.timestamp, exc_info=True)
                 served.out.put_nowait(warning(pb.WARNING_CODE_UNSPECIFIED,
                                               f"the reply at {event.timestamp:.3f}s failed: {_reason(exc)}"))
+                span.record_exception(exc)
+            finally:
+                span.end()
         try:
             self.worker.engine.push_reply(served.session_id, text)
         except SessionError:  # closed meanwhile
@@ -252,6 +305,10 @@ class Decision:
                 except Exception:
                     log.warning("heartbeat for session %s failed", served.session_id, exc_info=True)
 
+    def _sample_metrics(self) -> None:
+        self.metrics.record_state(self.engine)
+        self.gpu.sample()
+
     async def _quietly(self, write, *args, **kwargs) -> None:
         try:
             await asyncio.to_thread(write, *args, **kwargs)
@@ -262,6 +319,12 @@ class Decision:
         worker = getattr(self, "worker", None)
         if worker is not None:
             worker.stop()
+
+
+def _remember(contexts: OrderedDict, timestamp: float, context, keep: int = 256) -> None:
+    contexts[timestamp] = context
+    while len(contexts) > keep:
+        contexts.popitem(last=False)
 
 
 def _config_record(config: SessionConfig) -> dict:

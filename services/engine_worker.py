@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from liveserve.config import SessionConfig
 from liveserve.engine.batch import BatchEngine
@@ -30,8 +31,10 @@ class _Subscriber:
 
 
 class EngineWorker:
-    def __init__(self, engine: BatchEngine, idle_wait_s: float = 0.05) -> None:
-        self.engine, self.idle_wait_s = engine, idle_wait_s
+    def __init__(self, engine: BatchEngine, idle_wait_s: float = 0.05,
+                 on_step: Callable[[BatchEngine], None] | None = None) -> None:
+        """`on_step`: called on the engine thread after each step (metrics); its errors are logged."""
+        self.engine, self.idle_wait_s, self.on_step = engine, idle_wait_s, on_step
         self._subscribers: dict[str, _Subscriber] = {}
         self._closing: dict[str, float] = {}  # session id -> deadline (time.monotonic) for its drain
         self._lock = threading.Lock()  # guards the two tables above
@@ -85,6 +88,8 @@ class EngineWorker:
             try:
                 if self.engine.wait_for_work(self.idle_wait_s):
                     self._deliver(self.engine.step())
+                    if self.on_step is not None:
+                        self.on_step(self.engine)
                 self._close_drained()
             except Exception:  # keep serving the other sessions; the step itself fails sessions it must
                 log.exception("engine step failed")

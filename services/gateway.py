@@ -18,10 +18,12 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span, Status, StatusCode
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 
@@ -34,6 +36,8 @@ from liveserve.services.messages import session_config, warning
 from liveserve.services.redis_server import connect
 from liveserve.services.registry import SessionRegistry
 from liveserve.services.settings import ServiceSettings
+from liveserve.services.telemetry import GatewayMetrics
+from liveserve.services.tracing import extract, inject, tracer
 
 log = logging.getLogger(__name__)
 _ORDERED_BACKLOG = 64  # frames and queries between the client and Decision; more waits (flow control)
@@ -50,11 +54,15 @@ class CallFailed(Exception):
         return self.details
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Route:
+    """A session's route (its Decision replica and fencing epoch) and its open frame traces."""
+
     session_id: str
     replica: str
     epoch: int
+    trace_parent: otel_context.Context | None = None  # from the client's traceparent metadata
+    frame_spans: dict[float, Span] = field(default_factory=dict)  # receipt -> decision, by frame timestamp
 
 
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
@@ -65,6 +73,8 @@ class Gateway:
         self.perception, self.decision = perception, decision
         self.registry = SessionRegistry(connect()[0], ttl_s=self.settings.session_ttl_s,
                                         closed_ttl_s=self.settings.closed_ttl_s)
+        self.metrics, self.tracer = GatewayMetrics(), tracer("gateway")
+        self.active = 0
 
     async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
         """grpc.health.v1: SERVING once the application is deployed (Serve routes here only then)."""
@@ -76,6 +86,10 @@ class Gateway:
             if first is None:
                 return
             route, limits = await self._open(first)
+            route.trace_parent = extract(dict(grpc_context.invocation_metadata()))
+            self.metrics.sessions_opened.inc()
+            self.active += 1
+            self.metrics.sessions_active.set(self.active)
             yield pb.ServerMessage(opened=pb.SessionOpened(session_id=route.session_id,
                                                            client_session_id=first.open.client_session_id,
                                                            limits=limits))
@@ -92,10 +106,15 @@ class Gateway:
             finally:
                 for task in tasks:
                     task.cancel()
+                for span in route.frame_spans.values():
+                    span.end()
+                self.active -= 1
+                self.metrics.sessions_active.set(self.active)
                 # Client gone or call failed before its Close went through: free the session now. (A no-op
                 # for a session already closed: Decision no longer knows it.)
                 asyncio.create_task(self._close_now(route))
         except CallFailed as failed:
+            self.metrics.errors.inc(tags={"code": failed.code.name})
             grpc_context.set_code(failed.code)
             grpc_context.set_details(failed.details)
             raise
@@ -138,19 +157,26 @@ class Gateway:
                 if kind == "close":
                     break
                 if kind == "frame":
+                    self.metrics.frames_received.inc()
                     try:
                         last_timestamp = self._check_frame(message.frame, last_timestamp)
                     except SessionError as exc:
-                        out.put_nowait(warning(pb.WARNING_CODE_BAD_FRAME, str(exc), [message.frame.timestamp]))
+                        self._warn(out, pb.WARNING_CODE_BAD_FRAME, str(exc), [message.frame.timestamp])
                         continue
-                    encoding = self.perception.Encode.remote(ppb.EncodeRequest(
-                        session_id=route.session_id, timestamp=message.frame.timestamp, image=message.frame.image))
-                    await ordered.put(("frame", message.frame.timestamp, time.time(), encoding))
+                    timestamp = message.frame.timestamp
+                    span = self.tracer.start_span("frame", context=route.trace_parent,
+                                                  attributes={"liveserve.session_id": route.session_id,
+                                                              "liveserve.frame_timestamp": timestamp})
+                    route.frame_spans[timestamp] = span
+                    request = ppb.EncodeRequest(session_id=route.session_id, timestamp=timestamp,
+                                                image=message.frame.image)
+                    inject(request.trace_context, span)
+                    await ordered.put(("frame", timestamp, time.time(), self.perception.Encode.remote(request)))
                 elif kind == "query":
                     await ordered.put(("query", message.query))
                 else:
-                    out.put_nowait(warning(pb.WARNING_CODE_UNSPECIFIED,
-                                           f"{kind or 'an empty message'} is not valid after open; ignored"))
+                    self._warn(out, pb.WARNING_CODE_UNSPECIFIED,
+                               f"{kind or 'an empty message'} is not valid after open; ignored")
         except Exception:  # the client went away mid-stream: stop the session without draining
             log.info("session %s: client stream ended abruptly", route.session_id, exc_info=True)
             drain = False
@@ -172,30 +198,43 @@ class Gateway:
         while True:
             item = await ordered.get()
             request = dpb.PushRequest(session_id=route.session_id, epoch=route.epoch)
+            query_span = None
             if item[0] == "close":
                 request.close.drain = item[1]
             elif item[0] == "query":
                 request.query.CopyFrom(item[1])
+                query_span = self.tracer.start_span("query", context=route.trace_parent,
+                                                    attributes={"liveserve.session_id": route.session_id,
+                                                                "liveserve.query_timestamp": item[1].timestamp})
+                inject(request.trace_context, query_span)
             else:
                 _, timestamp, received_at, encoding = item
                 try:
                     encoded = await self._call(encoding, f"encoding the frame at {timestamp:.3f}s")
                 except SessionError as exc:
-                    out.put_nowait(warning(pb.WARNING_CODE_BAD_FRAME, str(exc), [timestamp]))
+                    self._end_frame_span(route, timestamp, str(exc))
+                    self._warn(out, pb.WARNING_CODE_BAD_FRAME, str(exc), [timestamp])
                     continue
                 except CallFailed as failed:
                     out.put_nowait(failed)
                     return
                 request.frame.CopyFrom(dpb.FrameFeatures(timestamp=timestamp, features=encoded.features,
                                                          received_at=received_at))
+                if timestamp in route.frame_spans:
+                    inject(request.trace_context, route.frame_spans[timestamp])
             try:
                 await self._call(self.decision.Push.remote(request, route_to=route.replica), "pushing to Decision")
             except SessionError as exc:
                 code = pb.WARNING_CODE_BAD_QUERY if item[0] == "query" else pb.WARNING_CODE_BAD_FRAME
-                out.put_nowait(warning(code, str(exc)))
+                if item[0] == "frame":
+                    self._end_frame_span(route, item[1], str(exc))
+                self._warn(out, code, str(exc))
             except CallFailed as failed:
                 out.put_nowait(failed)
                 return
+            finally:
+                if query_span is not None:
+                    query_span.end()
             if item[0] == "close":
                 return
 
@@ -206,11 +245,32 @@ class Gateway:
             dpb.EventsRequest(session_id=route.session_id, epoch=route.epoch), route_to=route.replica)
         try:
             async for message in events:
+                kind = message.WhichOneof("kind")
+                if kind == "decision":
+                    span = route.frame_spans.pop(message.decision.timestamp, None)
+                    if span is not None:
+                        span.set_attributes({"liveserve.fired": message.decision.fired,
+                                             "liveserve.p_silent": message.decision.p_silent})
+                        span.end()
+                elif kind == "warning":
+                    self.metrics.warnings.inc(tags={"code": pb.WarningCode.Name(message.warning.code)})
+                    for timestamp in message.warning.timestamps:  # dropped frames: their traces end here
+                        self._end_frame_span(route, timestamp, message.warning.message)
                 out.put_nowait(message)
         except Exception as exc:
             log.warning("session %s: events from Decision failed", route.session_id, exc_info=True)
             out.put_nowait(CallFailed(grpc.StatusCode.UNAVAILABLE, f"the session's decision replica failed: {exc}"))
         out.put_nowait(None)
+
+    def _warn(self, out: asyncio.Queue, code: int, message: str, timestamps=()) -> None:
+        self.metrics.warnings.inc(tags={"code": pb.WarningCode.Name(code)})
+        out.put_nowait(warning(code, message, timestamps))
+
+    def _end_frame_span(self, route: _Route, timestamp: float, problem: str) -> None:
+        span = route.frame_spans.pop(timestamp, None)
+        if span is not None:
+            span.set_status(Status(StatusCode.ERROR, problem))
+            span.end()
 
     async def _close_now(self, route: _Route) -> None:
         request = dpb.PushRequest(session_id=route.session_id, epoch=route.epoch, close=dpb.CloseSession(drain=False))

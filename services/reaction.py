@@ -28,6 +28,8 @@ from liveserve.services.messages import session_config, to_message
 from liveserve.services.routing import SESSION_ROUTER
 from liveserve.services.replica import load_replica_model
 from liveserve.services.settings import ServiceSettings
+from liveserve.services.telemetry import GpuMetrics, ReactionMetrics, sample_periodically
+from liveserve.services.tracing import extract, tracer
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +50,23 @@ class Reaction:
         # Frames arrive in bursts at triggers and must all be read: never drop them for lag here.
         scheduler = SchedulerConfig(max_lag_s=None, max_queued_frames=1 << 20)
         self.engine = BatchEngine(self.model, EngineConfig(pool=self.settings.pool(), scheduler=scheduler))
-        self.worker = EngineWorker(self.engine)
+        self.metrics, self.gpu, self.tracer = ReactionMetrics(), GpuMetrics(), tracer("reaction")
+        self.worker = EngineWorker(self.engine, on_step=self.metrics.record_step)
         self.defaults = self.settings.session_defaults()
         self.sessions: dict[str, _Writer] = {}
+        self.replies_in_progress = 0
+        self._sampler: asyncio.Task | None = None
 
     async def Respond(self, request: rpb.RespondRequest):
         """Catch the session up on `frames`, then (unless the trigger is unspecified: a sync only) stream
         the reply: ResponseStarted, ResponseDelta..., ResponseDone."""
+        if self._sampler is None:
+            self._sampler = asyncio.get_running_loop().create_task(sample_periodically(self._sample_metrics))
         sid = request.session_id
-        writer = self.sessions.get(sid) or await self._open(request)
+        writer = self.sessions.get(sid)
+        if writer is None:  # new here; after a replica change it starts from the frames it is sent now
+            writer = await self._open(request)
+            writer.next_frame_index = request.first_frame_index
         if request.first_frame_index != writer.next_frame_index:
             raise SessionError(f"session {sid!r}: frames from index {request.first_frame_index} sent, but this "
                                f"replica has seen {writer.next_frame_index}; the gap cannot be replied over")
@@ -65,26 +75,48 @@ class Reaction:
             writer.next_frame_index += 1
         if request.trigger == pb.TRIGGER_UNSPECIFIED:
             return
-        if request.trigger == pb.TRIGGER_QUERY:
-            self.engine.push_query(sid, request.timestamp, request.query)
-        else:
-            self.engine.push_respond(sid, request.timestamp)
-        while True:
-            event = await writer.events.get()
-            if event is None:
-                raise SessionError(f"session {sid!r} was closed while its reply was being written")
-            if isinstance(event, SessionFailed):
-                raise RuntimeError(f"session {sid!r} failed on its Reaction replica: {event.message}")
-            if isinstance(event, FrameDecision):  # frames are read here, never decided on
-                continue
-            yield to_message(event)
-            if isinstance(event, ResponseDone):
-                return
+        span = self.tracer.start_span("reaction.respond", context=extract(request.trace_context),
+                                      attributes={"liveserve.session_id": sid, "liveserve.frames_read": len(request.frames)})
+        self.replies_in_progress += 1
+        self.metrics.replies_in_progress.set(self.replies_in_progress)
+        try:
+            if request.trigger == pb.TRIGGER_QUERY:
+                self.engine.push_query(sid, request.timestamp, request.query)
+            else:
+                self.engine.push_respond(sid, request.timestamp)
+            while True:
+                event = await writer.events.get()
+                if event is None:
+                    raise SessionError(f"session {sid!r} was closed while its reply was being written")
+                if isinstance(event, SessionFailed):
+                    raise RuntimeError(f"session {sid!r} failed on its Reaction replica: {event.message}")
+                if isinstance(event, FrameDecision):  # frames are read here, never decided on
+                    continue
+                yield to_message(event)
+                if isinstance(event, ResponseDone):
+                    self._record_reply(event, span)
+                    return
+        finally:
+            self.replies_in_progress -= 1
+            self.metrics.replies_in_progress.set(self.replies_in_progress)
+            span.end()
 
     async def Close(self, request: rpb.CloseRequest) -> rpb.CloseResponse:
         if self.sessions.pop(request.session_id, None) is not None:
             self.worker.close_when_drained(request.session_id, 0)
         return rpb.CloseResponse()
+
+    def _record_reply(self, done: ResponseDone, span) -> None:
+        self.metrics.ttft.observe(done.ttft_s)
+        if done.num_tokens > 1:
+            self.metrics.tpot.observe((done.duration_s - done.ttft_s) / (done.num_tokens - 1))
+        self.metrics.replies.inc(tags={"finish": done.finish_reason})
+        span.set_attributes({"liveserve.tokens": done.num_tokens, "liveserve.ttft_s": done.ttft_s,
+                             "liveserve.finish_reason": done.finish_reason})
+
+    def _sample_metrics(self) -> None:
+        self.metrics.record_state(self.engine)
+        self.gpu.sample()
 
     def record_routing_stats(self) -> dict:
         pool = self.engine.pool

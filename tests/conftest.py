@@ -47,16 +47,33 @@ def redis_url():
 
 
 @pytest.fixture(scope="session")
-def ray_app(tiny_dir, redis_url):
+def otlp_collector():
+    """A real OTLP/gRPC trace collector on 127.0.0.1 that keeps every span it is sent."""
+    from otlp_collector import start_collector
+
+    collector = start_collector()
+    yield collector
+    collector.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_app(tiny_dir, redis_url, otlp_collector):
     """The Serve application on one local Ray cluster for the whole test session: two Decision replicas,
-    the tiny model, short record TTLs so expiry is observable."""
+    the tiny model, short record TTLs so expiry is observable, traces exported to the test collector, and
+    a Perception pool that autoscales within seconds."""
     pytest.importorskip("ray.serve")
     from liveserve.orchestration.launch import free_port, load_config, start
 
     args = {"model": str(tiny_dir), "max_new_tokens": 8, "window_frames": 8, "max_lag_s": 30.0, "pool_mb": 64,
             "max_frame_bytes": 64 << 10, "heartbeat_s": 0.5, "session_ttl_s": 10.0, "closed_ttl_s": 3.0,
             "reaction_sync_frames": 4}
-    config = load_config(grpc_port=free_port(), args=args, replicas={"Decision": 2})
+    perception = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                                         "upscale_delay_s": 0.5, "downscale_delay_s": 3.0,
+                                         "metrics_interval_s": 0.5, "look_back_period_s": 1.0}}
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector.endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",
+           "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    config = load_config(grpc_port=free_port(), args=args, replicas={"Decision": 2},
+                         deployments={"Perception": perception}, env=env)
     app = start(config, redis_url=redis_url, timeout_s=300, progress=lambda message: None)
     yield app
     app.stop()

@@ -19,9 +19,9 @@ def jpeg(seed: int, size=(64, 48)) -> bytes:
     return out.getvalue()
 
 
-def stream(address: str, messages, timeout: float = 60.0) -> list[pb.ServerMessage]:
+def stream(address: str, messages, timeout: float = 60.0, metadata=None) -> list[pb.ServerMessage]:
     with grpc.insecure_channel(address) as channel:
-        return list(pb_grpc.LiveStreamStub(channel).Stream(iter(messages), timeout=timeout))
+        return list(pb_grpc.LiveStreamStub(channel).Stream(iter(messages), timeout=timeout, metadata=metadata))
 
 
 def session_messages(frames: int, threshold: float | None = None, queries=(), close=True, extra=()):

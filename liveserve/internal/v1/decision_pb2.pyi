@@ -1,5 +1,6 @@
 from liveserve.api.v1 import live_stream_pb2 as _live_stream_pb2
 from liveserve.internal.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
@@ -36,18 +37,27 @@ class FrameFeatures(_message.Message):
     def __init__(self, timestamp: _Optional[float] = ..., features: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., received_at: _Optional[float] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("session_id", "epoch", "frame", "query", "close")
+    __slots__ = ("session_id", "epoch", "frame", "query", "close", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     epoch: int
     frame: FrameFeatures
     query: _live_stream_pb2.Query
     close: CloseSession
-    def __init__(self, session_id: _Optional[str] = ..., epoch: _Optional[int] = ..., frame: _Optional[_Union[FrameFeatures, _Mapping]] = ..., query: _Optional[_Union[_live_stream_pb2.Query, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., epoch: _Optional[int] = ..., frame: _Optional[_Union[FrameFeatures, _Mapping]] = ..., query: _Optional[_Union[_live_stream_pb2.Query, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CloseSession(_message.Message):
     __slots__ = ("drain",)

@@ -25,17 +25,21 @@ _sym_db = _symbol_database.Default()
 from liveserve.internal.v1 import tensor_pb2 as liveserve_dot_internal_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&liveserve/internal/v1/perception.proto\x12\x15liveserve.internal.v1\x1a\"liveserve/internal/v1/tensor.proto\"E\n\rEncodeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\r\n\x05image\x18\x03 \x01(\x0c\"S\n\x0e\x45ncodeResponse\x12/\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x1d.liveserve.internal.v1.Tensor\x12\x10\n\x08\x65ncode_s\x18\x02 \x01(\x01\x32\x63\n\nPerception\x12U\n\x06\x45ncode\x12$.liveserve.internal.v1.EncodeRequest\x1a%.liveserve.internal.v1.EncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&liveserve/internal/v1/perception.proto\x12\x15liveserve.internal.v1\x1a\"liveserve/internal/v1/tensor.proto\"\xc9\x01\n\rEncodeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\r\n\x05image\x18\x03 \x01(\x0c\x12M\n\rtrace_context\x18\x04 \x03(\x0b\x32\x36.liveserve.internal.v1.EncodeRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x0e\x45ncodeResponse\x12/\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x1d.liveserve.internal.v1.Tensor\x12\x10\n\x08\x65ncode_s\x18\x02 \x01(\x01\x32\x63\n\nPerception\x12U\n\x06\x45ncode\x12$.liveserve.internal.v1.EncodeRequest\x1a%.liveserve.internal.v1.EncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'liveserve.internal.v1.perception_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODEREQUEST']._serialized_start=101
-  _globals['_ENCODEREQUEST']._serialized_end=170
-  _globals['_ENCODERESPONSE']._serialized_start=172
-  _globals['_ENCODERESPONSE']._serialized_end=255
-  _globals['_PERCEPTION']._serialized_start=257
-  _globals['_PERCEPTION']._serialized_end=356
+  _globals['_ENCODEREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_ENCODEREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_ENCODEREQUEST']._serialized_start=102
+  _globals['_ENCODEREQUEST']._serialized_end=303
+  _globals['_ENCODEREQUEST_TRACECONTEXTENTRY']._serialized_start=252
+  _globals['_ENCODEREQUEST_TRACECONTEXTENTRY']._serialized_end=303
+  _globals['_ENCODERESPONSE']._serialized_start=305
+  _globals['_ENCODERESPONSE']._serialized_end=388
+  _globals['_PERCEPTION']._serialized_start=390
+  _globals['_PERCEPTION']._serialized_end=489
 # @@protoc_insertion_point(module_scope)

@@ -26,19 +26,23 @@ from liveserve.api.v1 import live_stream_pb2 as liveserve_dot_api_dot_v1_dot_liv
 from liveserve.internal.v1 import decision_pb2 as liveserve_dot_internal_dot_v1_dot_decision__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$liveserve/internal/v1/reaction.proto\x12\x15liveserve.internal.v1\x1a\"liveserve/api/v1/live_stream.proto\x1a$liveserve/internal/v1/decision.proto\"\xe9\x01\n\x0eRespondRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x04open\x18\x02 \x01(\x0b\x32\x16.liveserve.api.v1.Open\x12\x19\n\x11\x66irst_frame_index\x18\x03 \x01(\x04\x12\x34\n\x06\x66rames\x18\x04 \x03(\x0b\x32$.liveserve.internal.v1.FrameFeatures\x12*\n\x07trigger\x18\x05 \x01(\x0e\x32\x19.liveserve.api.v1.Trigger\x12\x11\n\ttimestamp\x18\x06 \x01(\x01\x12\r\n\x05query\x18\x07 \x01(\t\"\"\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x0f\n\rCloseResponse2\xb3\x01\n\x08Reaction\x12S\n\x07Respond\x12%.liveserve.internal.v1.RespondRequest\x1a\x1f.liveserve.api.v1.ServerMessage0\x01\x12R\n\x05\x43lose\x12#.liveserve.internal.v1.CloseRequest\x1a$.liveserve.internal.v1.CloseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$liveserve/internal/v1/reaction.proto\x12\x15liveserve.internal.v1\x1a\"liveserve/api/v1/live_stream.proto\x1a$liveserve/internal/v1/decision.proto\"\xee\x02\n\x0eRespondRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x04open\x18\x02 \x01(\x0b\x32\x16.liveserve.api.v1.Open\x12\x19\n\x11\x66irst_frame_index\x18\x03 \x01(\x04\x12\x34\n\x06\x66rames\x18\x04 \x03(\x0b\x32$.liveserve.internal.v1.FrameFeatures\x12*\n\x07trigger\x18\x05 \x01(\x0e\x32\x19.liveserve.api.v1.Trigger\x12\x11\n\ttimestamp\x18\x06 \x01(\x01\x12\r\n\x05query\x18\x07 \x01(\t\x12N\n\rtrace_context\x18\x08 \x03(\x0b\x32\x37.liveserve.internal.v1.RespondRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x0f\n\rCloseResponse2\xb3\x01\n\x08Reaction\x12S\n\x07Respond\x12%.liveserve.internal.v1.RespondRequest\x1a\x1f.liveserve.api.v1.ServerMessage0\x01\x12R\n\x05\x43lose\x12#.liveserve.internal.v1.CloseRequest\x1a$.liveserve.internal.v1.CloseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'liveserve.internal.v1.reaction_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RESPONDREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_RESPONDREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_RESPONDREQUEST']._serialized_start=138
-  _globals['_RESPONDREQUEST']._serialized_end=371
-  _globals['_CLOSEREQUEST']._serialized_start=373
-  _globals['_CLOSEREQUEST']._serialized_end=407
-  _globals['_CLOSERESPONSE']._serialized_start=409
-  _globals['_CLOSERESPONSE']._serialized_end=424
-  _globals['_REACTION']._serialized_start=427
-  _globals['_REACTION']._serialized_end=606
+  _globals['_RESPONDREQUEST']._serialized_end=504
+  _globals['_RESPONDREQUEST_TRACECONTEXTENTRY']._serialized_start=453
+  _globals['_RESPONDREQUEST_TRACECONTEXTENTRY']._serialized_end=504
+  _globals['_CLOSEREQUEST']._serialized_start=506
+  _globals['_CLOSEREQUEST']._serialized_end=540
+  _globals['_CLOSERESPONSE']._serialized_start=542
+  _globals['_CLOSERESPONSE']._serialized_end=557
+  _globals['_REACTION']._serialized_start=560
+  _globals['_REACTION']._serialized_end=739
 # @@protoc_insertion_point(module_scope)

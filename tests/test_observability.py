@@ -1,0 +1,138 @@
+"""Operating the application: traces across the services over real OTLP, Prometheus metrics from every
+service, GPU metrics absent without a GPU, and autoscaling (a pool scaling up under load, then down)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from liveserve.api.v1 import live_stream_pb2 as pb
+from liveserve.services.autoscaling import DecisionScaling
+from liveserve.services.gpu import read_gpus
+from stream_helpers import jpeg, kinds, session_messages, stream
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def wait_for(check, timeout_s: float, interval_s: float = 0.25):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(interval_s)
+
+
+def test_a_frame_and_its_reply_are_traced_across_all_four_services(ray_app, otlp_collector):
+    metadata = [("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-01")]
+    replies = stream(ray_app.address, session_messages(3, threshold=1.0), metadata=metadata)
+    assert kinds(replies)[-1] == "closed" and replies[-1].closed.responses >= 1
+
+    wanted = {"frame", "perception.encode", "decision.decide", "decision.reply", "reaction.respond"}
+    spans = wait_for(lambda: (s := otlp_collector.in_trace(TRACE_ID)) and wanted <= {x.name for x in s} and s, 30)
+    assert spans, f"spans seen: {sorted({x.name for x in otlp_collector.in_trace(TRACE_ID)})}"
+    services = {s.name: s.service for s in spans}
+    assert services["frame"] == "liveserve-gateway" and services["perception.encode"] == "liveserve-perception"
+    assert services["decision.decide"] == "liveserve-decision" and services["reaction.respond"] == "liveserve-reaction"
+
+    by_id = {s.span_id: s for s in spans}
+    frames = {s.attributes["liveserve.frame_timestamp"]: s for s in spans if s.name == "frame"}
+    assert frames[0.0].parent_span_id == "00f067aa0ba902b7"  # the client's context is the root
+    for name in ("perception.encode", "decision.decide"):
+        for span in (s for s in spans if s.name == name):
+            assert by_id[span.parent_span_id].name == "frame"
+    reply = next(s for s in spans if s.name == "decision.reply")
+    assert by_id[reply.parent_span_id].name == "decision.decide"  # under the frame that fired
+    respond = next(s for s in spans if s.name == "reaction.respond")
+    assert respond.parent_span_id == reply.span_id and respond.attributes["liveserve.tokens"] >= 1
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def test_every_service_reports_prometheus_metrics_and_no_gpu_means_no_gpu_series(ray_app):
+    stream(ray_app.address, session_messages(4, threshold=1.0, queries=[(0.5, "what do you see")]))
+    expected = ["ray_liveserve_sessions_opened_total", "ray_liveserve_frames_received_total",  # gateway
+                "ray_liveserve_perception_batch_size_bucket", "ray_liveserve_frames_encoded_total",  # perception
+                "ray_liveserve_frames_decided_total", "ray_liveserve_frame_to_decision_seconds_bucket",  # decision
+                "ray_liveserve_decision_kv_pool_reserved_ratio", "ray_liveserve_responses_total",
+                "ray_liveserve_decision_batch_size_bucket",
+                "ray_liveserve_time_to_first_token_seconds_bucket", "ray_liveserve_replies_total"]  # reaction
+    body = wait_for(lambda: (text := scrape(ray_app.metrics_url)) and all(m in text for m in expected) and text, 60, 1)
+    assert body, [m for m in expected if m not in scrape(ray_app.metrics_url)]
+    decided = [line for line in body.splitlines() if line.startswith("ray_liveserve_frames_decided_total{")]
+    assert decided and sum(float(line.rsplit(" ", 1)[1]) for line in decided) >= 4
+    assert 'deployment="Decision"' in decided[0]
+    assert "ray_liveserve_gpu_" not in body  # no GPU here: absent, and no error
+
+
+def test_gpu_readings_are_empty_without_a_gpu():
+    assert read_gpus() == []
+
+
+def perception_replicas() -> int:
+    from ray import serve
+
+    status = serve.status().applications["liveserve"].deployments["Perception"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def test_the_perception_pool_scales_up_under_load_and_back_down_after(ray_app):
+    assert wait_for(lambda: perception_replicas() == 1, 60), "the pool should idle at its minimum first"
+    stop = threading.Event()
+
+    def camera(seed: int) -> None:
+        def messages():
+            yield pb.ClientMessage(open=pb.Open(threshold=0.0, decisions_only=True))
+            i = 0
+            while not stop.is_set():
+                yield pb.ClientMessage(frame=pb.Frame(timestamp=i * 0.1, image=jpeg(seed * 1000 + i % 50)))
+                i += 1
+                time.sleep(0.01)
+            yield pb.ClientMessage(close=pb.Close())
+        stream(ray_app.address, messages(), timeout=120)
+
+    cameras = [threading.Thread(target=camera, args=(k,)) for k in range(6)]
+    for thread in cameras:
+        thread.start()
+    try:
+        scaled_up = wait_for(lambda: perception_replicas() >= 2, 60)
+    finally:
+        stop.set()
+        for thread in cameras:
+            thread.join(60)
+    assert scaled_up, "Perception did not scale up under load"
+    assert wait_for(lambda: perception_replicas() == 1, 60), "Perception did not scale back down after the load"
+
+
+def test_decision_scaling_follows_sessions_and_memory_and_keeps_replicas_holding_sessions():
+    policy = DecisionScaling(target_sessions=4, target_kv_fraction=0.5)
+    assert policy.desired([0.0], [0.0]) == 1
+    assert policy.desired([4.0, 5.0], [0.1, 0.1]) == 3  # 9 sessions at 4 per replica
+    assert policy.desired([1.0, 1.0], [0.6, 0.6]) == 3  # 1.2 pools' worth of KV at 50% each
+    assert policy.desired([1.0, 1.0, 1.0], [0.0, 0.0, 0.0]) == 3  # cannot drop a replica holding a session
+    assert policy.desired([2.0, 0.0, 0.0], [0.1, 0.0, 0.0]) == 1  # idle replicas can go
+    with pytest.raises(ValueError):
+        DecisionScaling(target_sessions=0)
+
+
+def test_the_bundled_serve_config_names_real_policies_and_routers():
+    import importlib
+
+    from liveserve.orchestration.launch import load_config
+
+    def resolve(path: str):
+        module, _, name = path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    app = load_config()["applications"][0]
+    policies = [entry["autoscaling_config"]["policy"] for entry in app["deployments"]
+                if "policy" in entry.get("autoscaling_config", {})]
+    assert policies
+    for policy in policies:
+        resolve(policy["policy_function"])(**policy.get("policy_kwargs", {}))  # constructs with the config's kwargs
