@@ -144,9 +144,18 @@ class Decision:
         return dpb.PushResponse()
 
     async def Events(self, request: dpb.EventsRequest, route_to: str = ""):
+        """The session's messages; whatever is queued when the stream is ready goes as one batch (under
+        load that is many reply deltas and decisions per hop instead of one)."""
         served = self._served(request.session_id, request.epoch)
-        while (message := await served.out.get()) is not None:
-            yield message
+        while True:
+            batch = dpb.EventBatch(messages=[message] if (message := await served.out.get()) is not None else [])
+            while message is not None and not served.out.empty():
+                if (message := served.out.get_nowait()) is not None:
+                    batch.messages.append(message)
+            if batch.messages:
+                yield batch
+            if message is None:
+                return
 
     async def Sessions(self, route_to: str = "") -> dict[str, dict]:
         """This replica's sessions and how far each got (operators' tools, and tests of stickiness)."""

@@ -244,23 +244,28 @@ class Gateway:
         events = self.decision.options(stream=True).Events.remote(
             dpb.EventsRequest(session_id=route.session_id, epoch=route.epoch), route_to=route.replica)
         try:
-            async for message in events:
-                kind = message.WhichOneof("kind")
-                if kind == "decision":
-                    span = route.frame_spans.pop(message.decision.timestamp, None)
-                    if span is not None:
-                        span.set_attributes({"liveserve.fired": message.decision.fired,
-                                             "liveserve.p_silent": message.decision.p_silent})
-                        span.end()
-                elif kind == "warning":
-                    self.metrics.warnings.inc(tags={"code": pb.WarningCode.Name(message.warning.code)})
-                    for timestamp in message.warning.timestamps:  # dropped frames: their traces end here
-                        self._end_frame_span(route, timestamp, message.warning.message)
-                out.put_nowait(message)
+            async for batch in events:
+                for message in batch.messages:
+                    self._relay(route, message, out)
         except Exception as exc:
             log.warning("session %s: events from Decision failed", route.session_id, exc_info=True)
             out.put_nowait(CallFailed(grpc.StatusCode.UNAVAILABLE, f"the session's decision replica failed: {exc}"))
         out.put_nowait(None)
+
+    def _relay(self, route: _Route, message: pb.ServerMessage, out: asyncio.Queue) -> None:
+        """One of Decision's messages on its way to the client: close the frame traces it settles."""
+        kind = message.WhichOneof("kind")
+        if kind == "decision":
+            span = route.frame_spans.pop(message.decision.timestamp, None)
+            if span is not None:
+                span.set_attributes({"liveserve.fired": message.decision.fired,
+                                     "liveserve.p_silent": message.decision.p_silent})
+                span.end()
+        elif kind == "warning":
+            self.metrics.warnings.inc(tags={"code": pb.WarningCode.Name(message.warning.code)})
+            for timestamp in message.warning.timestamps:  # dropped frames: their traces end here
+                self._end_frame_span(route, timestamp, message.warning.message)
+        out.put_nowait(message)
 
     def _warn(self, out: asyncio.Queue, code: int, message: str, timestamps=()) -> None:
         self.metrics.warnings.inc(tags={"code": pb.WarningCode.Name(code)})

@@ -19,7 +19,7 @@ from ray import serve
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.config import EngineConfig, SchedulerConfig
 from liveserve.engine.batch import BatchEngine
-from liveserve.engine.events import FrameDecision, ResponseDone, SessionFailed
+from liveserve.engine.events import FrameDecision, ResponseDelta, ResponseDone, SessionFailed
 from liveserve.engine.inputs import SessionError
 from liveserve.internal.v1 import reaction_pb2 as rpb
 from liveserve.services import tensors
@@ -32,6 +32,23 @@ from liveserve.services.telemetry import GpuMetrics, ReactionMetrics, sample_per
 from liveserve.services.tracing import extract, tracer
 
 log = logging.getLogger(__name__)
+
+
+def _merge_ready_deltas(first: ResponseDelta, events: asyncio.Queue, held: list) -> ResponseDelta:
+    """`first` plus the deltas already queued behind it, as one delta (each one costs a hop through
+    Decision and the Gateway); the first other event read is put in `held`. An idle stream still sends
+    every token as it comes."""
+    texts, ids = [first.text], list(first.token_ids)
+    while not events.empty():
+        event = events.get_nowait()
+        if isinstance(event, FrameDecision):
+            continue
+        if not isinstance(event, ResponseDelta):
+            held.append(event)
+            break
+        texts.append(event.text)
+        ids.extend(event.token_ids)
+    return ResponseDelta(first.timestamp, "".join(texts), tuple(ids))
 
 
 @dataclass(slots=True)
@@ -84,8 +101,11 @@ class Reaction:
                 self.engine.push_query(sid, request.timestamp, request.query)
             else:
                 self.engine.push_respond(sid, request.timestamp)
+            held: list = []  # an event read ahead while merging deltas (it may be None, the end marker)
             while True:
-                event = await writer.events.get()
+                event = held.pop() if held else await writer.events.get()
+                if isinstance(event, ResponseDelta):
+                    event = _merge_ready_deltas(event, writer.events, held)
                 if event is None:
                     raise SessionError(f"session {sid!r} was closed while its reply was being written")
                 if isinstance(event, SessionFailed):

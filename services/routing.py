@@ -10,8 +10,9 @@ call for a session must reach the replica holding it.
   same replica: the Decision replica owning a session is its Reaction's only caller, so the affinity can
   live in this process. A `Close` call forgets it, and so does the replica's disappearance (the session
   is then placed afresh).
-- Anything else (an Open, a session's first Reaction call) goes to the replica with the most room, from the routing stats each
-  replica reports (`free_fraction` of its KV pool, then fewest `sessions`); ties rotate.
+- Anything else (an Open, a session's first Reaction call) goes to a replica with room and the fewest
+  sessions, from the routing stats each replica reports (`free_fraction` of its KV pool, `sessions`);
+  ties rotate.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from typing import Sequence
 
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+
+MIN_FREE = 0.1  # a replica with less of its KV pool unreserved takes new sessions only if all are as full
 
 
 def replica_key(replica: RunningReplica) -> str:
@@ -60,21 +64,22 @@ class SessionRouter(FIFOMixin, RequestRouter):
         return [[replica] for replica in ranked]
 
     def rank_by_room(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
-        """Most free KV pool first (in 5% steps), then fewest sessions; a replica's stats arrive every few
-        seconds, so sessions this router placed since its last report count too (a burst of opens would
-        otherwise all land on the replica that looked emptiest)."""
+        """Replicas with room (at least `MIN_FREE` of their KV pool unreserved) first, fewest sessions
+        first among them, then most free memory. A replica's stats arrive every few seconds, so sessions
+        this router placed since its last report count too (a burst of opens would otherwise all land on
+        the replica that looked emptiest)."""
         if not replicas:
             return []
         turn = next(self._turn) % len(replicas)
         rotated = replicas[turn:] + replicas[:turn]  # equal room: spread new sessions round-robin
 
-        def room(replica: RunningReplica) -> tuple[float, int]:
+        def room(replica: RunningReplica) -> tuple[bool, int, float]:
             stats = replica.routing_stats or {}
             key = replica_key(replica)
             if self._reported.get(key) != stats:  # a fresh report already counts our placements
                 self._reported[key], self._placed[key] = dict(stats), 0
-            free = round(float(stats.get("free_fraction", 1.0)) * 20) / 20
-            return -free, int(stats.get("sessions", 0)) + self._placed[key]
+            free = float(stats.get("free_fraction", 1.0))
+            return free < MIN_FREE, int(stats.get("sessions", 0)) + self._placed[key], -free
 
         ranked = sorted(rotated, key=room)  # stable: the rotation breaks ties
         self._placed[replica_key(ranked[0])] += 1

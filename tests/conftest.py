@@ -67,11 +67,13 @@ def ray_app(tiny_dir, redis_url, otlp_collector):
     args = {"model": str(tiny_dir), "max_new_tokens": 8, "window_frames": 8, "max_lag_s": 30.0, "pool_mb": 64,
             "max_frame_bytes": 64 << 10, "heartbeat_s": 0.5, "session_ttl_s": 10.0, "closed_ttl_s": 3.0,
             "reaction_sync_frames": 4}
-    perception = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-                                         "upscale_delay_s": 0.5, "downscale_delay_s": 3.0,
-                                         "metrics_interval_s": 0.5, "look_back_period_s": 1.0}}
+    perception = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                         "upscale_delay_s": 0.5, "downscale_delay_s": 3.0, "look_back_period_s": 1.0}}
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector.endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",
-           "OTEL_BSP_SCHEDULE_DELAY": "200"}
+           "OTEL_BSP_SCHEDULE_DELAY": "200",  # export spans within a fraction of a second
+           # report load to the autoscaler twice a second (the default is every 10 s)
+           "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+           "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
     config = load_config(grpc_port=free_port(), args=args, replicas={"Decision": 2},
                          deployments={"Perception": perception}, env=env)
     app = start(config, redis_url=redis_url, timeout_s=300, progress=lambda message: None)

@@ -48,7 +48,7 @@ def test_one_session_end_to_end_with_a_query_and_its_record_in_redis(ray_app, re
     assert [d.timestamp for d in decisions] == [i * 0.5 for i in range(6)]
     assert all(d.lag_s > 0 for d in decisions)  # gateway receipt -> decision, wall clock
     done = of_kind(replies, "response_done")
-    assert pb.TRIGGER_QUERY in [d.trigger for d in done] and all(d.num_tokens > 0 for d in done)
+    assert pb.TRIGGER_QUERY in [d.trigger for d in done] and all(d.num_tokens > 0 for d in done), (kinds(replies), [w.message for w in of_kind(replies, "warning")])
     assert len(of_kind(replies, "response_started")) == len(done) and of_kind(replies, "response_delta")
     assert replies[-1].closed.frames_decided == 6 and replies[-1].closed.responses == len(done)
 

@@ -26,7 +26,7 @@ from liveserve.api.v1 import live_stream_pb2 as liveserve_dot_api_dot_v1_dot_liv
 from liveserve.internal.v1 import tensor_pb2 as liveserve_dot_internal_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$liveserve/internal/v1/decision.proto\x12\x15liveserve.internal.v1\x1a\"liveserve/api/v1/live_stream.proto\x1a\"liveserve/internal/v1/tensor.proto\"G\n\x0bOpenRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x04open\x18\x02 \x01(\x0b\x32\x16.liveserve.api.v1.Open\"[\n\x0cOpenResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12(\n\x06limits\x18\x03 \x01(\x0b\x32\x18.liveserve.api.v1.Limits\"h\n\rFrameFeatures\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12/\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x1d.liveserve.internal.v1.Tensor\x12\x13\n\x0breceived_at\x18\x03 \x01(\x01\"\xd1\x02\n\x0bPushRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x35\n\x05\x66rame\x18\x03 \x01(\x0b\x32$.liveserve.internal.v1.FrameFeaturesH\x00\x12(\n\x05query\x18\x04 \x01(\x0b\x32\x17.liveserve.api.v1.QueryH\x00\x12\x34\n\x05\x63lose\x18\x05 \x01(\x0b\x32#.liveserve.internal.v1.CloseSessionH\x00\x12K\n\rtrace_context\x18\x06 \x03(\x0b\x32\x34.liveserve.internal.v1.PushRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04kind\"\x1d\n\x0c\x43loseSession\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\"\x0e\n\x0cPushResponse\"2\n\rEventsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x32\xff\x01\n\x08\x44\x65\x63ision\x12O\n\x04Open\x12\".liveserve.internal.v1.OpenRequest\x1a#.liveserve.internal.v1.OpenResponse\x12O\n\x04Push\x12\".liveserve.internal.v1.PushRequest\x1a#.liveserve.internal.v1.PushResponse\x12Q\n\x06\x45vents\x12$.liveserve.internal.v1.EventsRequest\x1a\x1f.liveserve.api.v1.ServerMessage0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$liveserve/internal/v1/decision.proto\x12\x15liveserve.internal.v1\x1a\"liveserve/api/v1/live_stream.proto\x1a\"liveserve/internal/v1/tensor.proto\"G\n\x0bOpenRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x04open\x18\x02 \x01(\x0b\x32\x16.liveserve.api.v1.Open\"[\n\x0cOpenResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12(\n\x06limits\x18\x03 \x01(\x0b\x32\x18.liveserve.api.v1.Limits\"h\n\rFrameFeatures\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12/\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x1d.liveserve.internal.v1.Tensor\x12\x13\n\x0breceived_at\x18\x03 \x01(\x01\"\xd1\x02\n\x0bPushRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x35\n\x05\x66rame\x18\x03 \x01(\x0b\x32$.liveserve.internal.v1.FrameFeaturesH\x00\x12(\n\x05query\x18\x04 \x01(\x0b\x32\x17.liveserve.api.v1.QueryH\x00\x12\x34\n\x05\x63lose\x18\x05 \x01(\x0b\x32#.liveserve.internal.v1.CloseSessionH\x00\x12K\n\rtrace_context\x18\x06 \x03(\x0b\x32\x34.liveserve.internal.v1.PushRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04kind\"\x1d\n\x0c\x43loseSession\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\"\x0e\n\x0cPushResponse\"?\n\nEventBatch\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.liveserve.api.v1.ServerMessage\"2\n\rEventsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x32\x81\x02\n\x08\x44\x65\x63ision\x12O\n\x04Open\x12\".liveserve.internal.v1.OpenRequest\x1a#.liveserve.internal.v1.OpenResponse\x12O\n\x04Push\x12\".liveserve.internal.v1.PushRequest\x1a#.liveserve.internal.v1.PushResponse\x12S\n\x06\x45vents\x12$.liveserve.internal.v1.EventsRequest\x1a!.liveserve.internal.v1.EventBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,8 +49,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOSESESSION']._serialized_end=776
   _globals['_PUSHRESPONSE']._serialized_start=778
   _globals['_PUSHRESPONSE']._serialized_end=792
-  _globals['_EVENTSREQUEST']._serialized_start=794
-  _globals['_EVENTSREQUEST']._serialized_end=844
-  _globals['_DECISION']._serialized_start=847
-  _globals['_DECISION']._serialized_end=1102
+  _globals['_EVENTBATCH']._serialized_start=794
+  _globals['_EVENTBATCH']._serialized_end=857
+  _globals['_EVENTSREQUEST']._serialized_start=859
+  _globals['_EVENTSREQUEST']._serialized_end=909
+  _globals['_DECISION']._serialized_start=912
+  _globals['_DECISION']._serialized_end=1169
 # @@protoc_insertion_point(module_scope)

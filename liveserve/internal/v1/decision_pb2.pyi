@@ -3,7 +3,7 @@ from liveserve.internal.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -68,6 +68,12 @@ class CloseSession(_message.Message):
 class PushResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class EventBatch(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[_live_stream_pb2.ServerMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[_live_stream_pb2.ServerMessage, _Mapping]]] = ...) -> None: ...
 
 class EventsRequest(_message.Message):
     __slots__ = ("session_id", "epoch")

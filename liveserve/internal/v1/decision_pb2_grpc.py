@@ -3,7 +3,6 @@
 import grpc
 import warnings
 
-from liveserve.api.v1 import live_stream_pb2 as liveserve_dot_api_dot_v1_dot_live__stream__pb2
 from liveserve.internal.v1 import decision_pb2 as liveserve_dot_internal_dot_v1_dot_decision__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -48,7 +47,7 @@ class DecisionStub:
         self.Events = channel.unary_stream(
                 '/liveserve.internal.v1.Decision/Events',
                 request_serializer=liveserve_dot_internal_dot_v1_dot_decision__pb2.EventsRequest.SerializeToString,
-                response_deserializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.ServerMessage.FromString,
+                response_deserializer=liveserve_dot_internal_dot_v1_dot_decision__pb2.EventBatch.FromString,
                 _registered_method=True)
 
 
@@ -69,7 +68,7 @@ class DecisionServicer:
 
     def Events(self, request, context):
         """The session's events in order (decisions, response started/deltas/done, warnings), ending with
-        SessionClosed after Close has drained the session.
+        SessionClosed after Close has drained the session. Events that are ready together travel together.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,7 +90,7 @@ def add_DecisionServicer_to_server(servicer, server):
             'Events': grpc.unary_stream_rpc_method_handler(
                     servicer.Events,
                     request_deserializer=liveserve_dot_internal_dot_v1_dot_decision__pb2.EventsRequest.FromString,
-                    response_serializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.ServerMessage.SerializeToString,
+                    response_serializer=liveserve_dot_internal_dot_v1_dot_decision__pb2.EventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,7 +173,7 @@ class Decision:
             target,
             '/liveserve.internal.v1.Decision/Events',
             liveserve_dot_internal_dot_v1_dot_decision__pb2.EventsRequest.SerializeToString,
-            liveserve_dot_api_dot_v1_dot_live__stream__pb2.ServerMessage.FromString,
+            liveserve_dot_internal_dot_v1_dot_decision__pb2.EventBatch.FromString,
             options,
             channel_credentials,
             insecure,
