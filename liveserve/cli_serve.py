@@ -55,9 +55,12 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
 def _add_stream_options(parser: argparse.ArgumentParser, positive_float) -> None:
     parser.add_argument("--fps", type=positive_float, default=2.0, help="frames per second to send (default: 2)")
     parser.add_argument("--threshold", type=float, help="the session's streaming threshold (default: server's)")
-    parser.add_argument("--fast", action="store_true",
-                        help="send frames as fast as possible instead of at wall-clock pace (the server keeps "
-                             "sessions real-time, so frames more than its max lag behind are dropped and reported)")
+    pace = parser.add_mutually_exclusive_group()
+    pace.add_argument("--realtime", action="store_true",
+                      help="send frames at wall-clock pace, like a camera (the default)")
+    pace.add_argument("--fast", action="store_true",
+                      help="send frames as fast as possible instead of at wall-clock pace (the server keeps "
+                           "sessions real-time, so frames more than its max lag behind are dropped and reported)")
     parser.add_argument("--max-frames", type=int, help="stop after this many frames")
     parser.add_argument("--query", action="append", default=[], metavar="T:TEXT",
                         help="user query at stream time T seconds (repeatable; default: "

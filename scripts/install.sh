@@ -17,3 +17,5 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
 fi
 echo "install: liveserve[test]" >&2
 "$venv/bin/python" -m pip install -q -e ".[test]"
+echo "install: gRPC stubs from protos/" >&2
+"$venv/bin/python" scripts/gen_protos.py 2>/dev/null
