@@ -21,7 +21,7 @@ import itertools
 from typing import Sequence
 
 from ray.serve.config import RequestRouterConfig
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 
 MIN_FREE = 0.1  # a replica with less of its KV pool unreserved takes new sessions only if all are as full
@@ -31,7 +31,10 @@ def replica_key(replica: RunningReplica) -> str:
     return replica.replica_id.unique_id
 
 
-class SessionRouter(FIFOMixin, RequestRouter):
+class SessionRouter(RequestRouter):
+    # No FIFOMixin: it hands a replica chosen for one request to the oldest pending request, which may
+    # belong to another session pinned elsewhere. The base router fulfils exactly the request it routed.
+
     def initialize_state(self, **kwargs) -> None:
         self._affinity: dict[str, str] = {}  # session id -> replica key, for calls without route_to
         self._turn = itertools.count()
