@@ -37,8 +37,8 @@ from liveserve.services.engine_worker import EngineWorker
 from liveserve.services.messages import session_config, to_message, warning
 from liveserve.services.redis_server import connect
 from liveserve.services.registry import RegistryError, SessionRegistry
-from liveserve.services.routing import SESSION_ROUTER
 from liveserve.services.replica import load_replica_model, replica_id
+from liveserve.services.routing import SESSION_ROUTER
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.telemetry import DecisionMetrics, GpuMetrics, sample_periodically
 from liveserve.services.tracing import extract, inject, tracer

@@ -25,8 +25,8 @@ from liveserve.internal.v1 import reaction_pb2 as rpb
 from liveserve.services import tensors
 from liveserve.services.engine_worker import EngineWorker
 from liveserve.services.messages import session_config, to_message
-from liveserve.services.routing import SESSION_ROUTER
 from liveserve.services.replica import load_replica_model
+from liveserve.services.routing import SESSION_ROUTER
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.telemetry import GpuMetrics, ReactionMetrics, sample_periodically
 from liveserve.services.tracing import extract, tracer

@@ -68,7 +68,7 @@ def ray_app(tiny_dir, redis_url, otlp_collector):
             "max_frame_bytes": 64 << 10, "heartbeat_s": 0.5, "session_ttl_s": 10.0, "closed_ttl_s": 3.0,
             "reaction_sync_frames": 4}
     perception = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                                         "upscale_delay_s": 0.5, "downscale_delay_s": 3.0, "look_back_period_s": 1.0}}
+                                         "upscale_delay_s": 0.5, "downscale_delay_s": 3.0, "look_back_period_s": 11.0}}
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector.endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",
            "OTEL_BSP_SCHEDULE_DELAY": "200",  # export spans within a fraction of a second
            # report load to the autoscaler twice a second (the default is every 10 s)

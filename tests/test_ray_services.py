@@ -134,7 +134,9 @@ def test_every_frame_of_a_session_is_stepped_on_its_one_decision_replica(ray_app
             yield pb.ClientMessage(close=pb.Close())
         results[i] = stream(ray_app.address, messages())
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    # Six sessions: even if one replica's last stats report still counts an earlier test's sessions,
+    # placement by fewest sessions must use both replicas.
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
     for thread in threads:
         thread.start()
     try:
@@ -143,7 +145,7 @@ def test_every_frame_of_a_session_is_stepped_on_its_one_decision_replica(ray_app
             open_ids = [k.rsplit(":", 1)[-1] for k in registry.client.scan_iter(f"{registry.prefix}:session:*")
                         if not k.endswith(":history")]
             records = [r for r in map(registry.get, open_ids) if r is not None and r.state == "open"]
-            if len(records) == 4:
+            if len(records) == 6:
                 break
             time.sleep(0.2)
         owners = {r.session_id: r.owner for r in records}
