@@ -8,7 +8,8 @@ are encoded in batches) and on to Decision strictly in the order they were sent.
 events stream back from Decision as they happen, interleaved with the gateway's own warnings.
 
 Recoverable input problems come back as Warnings and the session goes on; problems with the call end
-it with a status: FAILED_PRECONDITION (no Open first), INVALID_ARGUMENT (bad Open), RESOURCE_EXHAUSTED
+it with a status: FAILED_PRECONDITION (no Open first), UNAUTHENTICATED (api keys are configured and the
+Open carries none of them), INVALID_ARGUMENT (bad Open), RESOURCE_EXHAUSTED
 (no replica has room), UNAVAILABLE (a service did not answer in time), INTERNAL.
 """
 
@@ -32,6 +33,7 @@ from liveserve.engine.inputs import SessionError, check_time
 from liveserve.engine.kv_pool import PoolFullError
 from liveserve.internal.v1 import decision_pb2 as dpb
 from liveserve.internal.v1 import perception_pb2 as ppb
+from liveserve.services.auth import api_key_accepted, api_keys_from_env
 from liveserve.services.messages import session_config, warning
 from liveserve.services.redis_server import connect
 from liveserve.services.registry import SessionRegistry
@@ -74,6 +76,9 @@ class Gateway:
         self.registry = SessionRegistry(connect()[0], ttl_s=self.settings.session_ttl_s,
                                         closed_ttl_s=self.settings.closed_ttl_s)
         self.metrics, self.tracer = GatewayMetrics(), tracer("gateway")
+        self.api_keys = api_keys_from_env(self.settings.api_keys_env)
+        if self.settings.api_keys_env and not self.api_keys:
+            raise ValueError(f"api_keys_env names {self.settings.api_keys_env}, which holds no keys")
         self.active = 0
 
     async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
@@ -126,6 +131,8 @@ class Gateway:
         if kind != "open":
             raise CallFailed(grpc.StatusCode.FAILED_PRECONDITION,
                              f"the first message of a stream must be open, got {kind or 'an empty message'}")
+        if not api_key_accepted(first.open.credentials, self.api_keys):
+            raise CallFailed(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown api_key in open.credentials")
         try:
             session_config(first.open, self.defaults)
         except ValueError as exc:

@@ -30,6 +30,7 @@ class ServiceSettings:
     batch_wait_ms: float = 5.0
     # Gateway
     max_frame_bytes: int = 4 << 20
+    api_keys_env: str = ""  # an environment variable listing accepted API keys (comma-separated); "": none
     call_timeout_s: float = 30.0  # an internal call that takes longer fails the session with UNAVAILABLE
     drain_timeout_s: float = 60.0  # Close waits this long for queued frames and replies to finish
     # Registry
