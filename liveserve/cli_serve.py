@@ -108,7 +108,7 @@ def cmd_serve(args, load) -> int:
     while not stop.wait(0.5):
         pass
     print("liveserve: shutting down", file=sys.stderr, flush=True)
-    app.stop()
+    _stop(app)
     return 0
 
 
@@ -124,8 +124,13 @@ def cmd_demo(args, load) -> int:
     try:
         return _stream(args, app.address)
     finally:
-        app.stop()
+        _stop(app)
         print("liveserve: demo application stopped", file=sys.stderr)
+
+
+def _stop(app) -> None:
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's own teardown lines repeat ours
+    app.stop()
 
 
 def _start_app(args, port: int):

@@ -116,9 +116,7 @@ class RunningApp:
         from ray import serve
 
         try:
-            serve.delete(APP_NAME)
-            if self.started_ray:
-                serve.shutdown()
+            serve.delete(APP_NAME)  # replicas shut down gracefully; a Ray we started then goes as a whole
         finally:
             if self.started_ray:
                 ray.shutdown()
