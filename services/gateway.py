@@ -80,6 +80,7 @@ class Gateway:
         if self.settings.api_keys_env and not self.api_keys:
             raise ValueError(f"api_keys_env names {self.settings.api_keys_env}, which holds no keys")
         self.active = 0
+        self._closing: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak refs)
 
     async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
         """grpc.health.v1: SERVING once the application is deployed (Serve routes here only then)."""
@@ -117,7 +118,9 @@ class Gateway:
                 self.metrics.sessions_active.set(self.active)
                 # Client gone or call failed before its Close went through: free the session now. (A no-op
                 # for a session already closed: Decision no longer knows it.)
-                asyncio.create_task(self._close_now(route))
+                closing = asyncio.create_task(self._close_now(route))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
         except CallFailed as failed:
             self.metrics.errors.inc(tags={"code": failed.code.name})
             grpc_context.set_code(failed.code)
