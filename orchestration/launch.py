@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Callable
 
 import yaml
 
-from liveserve.services.redis_server import EmbeddedRedis
+from liveserve.services.redis_server import EmbeddedRedis, free_port
 from liveserve.services.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -33,12 +32,6 @@ POOL_RESOURCES = {f"liveserve_{pool}": 256 for pool in ("gateway", "perception",
 
 class LaunchError(RuntimeError):
     """The application could not be started; the message says what failed and where to look."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load_config(path: str | Path | None = None, *, grpc_port: int | None = None, args: dict | None = None,

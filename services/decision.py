@@ -34,7 +34,7 @@ from liveserve.internal.v1 import decision_pb2 as dpb
 from liveserve.internal.v1 import reaction_pb2 as rpb
 from liveserve.services import tensors
 from liveserve.services.engine_worker import EngineWorker
-from liveserve.services.messages import session_config, to_message, warning
+from liveserve.services.messages import TRIGGERS, session_config, to_message, warning
 from liveserve.services.redis_server import connect
 from liveserve.services.registry import RegistryError, SessionRegistry
 from liveserve.services.replica import load_replica_model, replica_id
@@ -44,7 +44,6 @@ from liveserve.services.telemetry import DecisionMetrics, GpuMetrics, sample_per
 from liveserve.services.tracing import extract, inject, tracer
 
 log = logging.getLogger(__name__)
-_TRIGGERS = {"proactive": pb.TRIGGER_PROACTIVE, "query": pb.TRIGGER_QUERY}
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
 
 
@@ -168,13 +167,11 @@ class Decision:
 
     def record_autoscaling_stats(self) -> dict:
         """What the Decision pool scales on (services/autoscaling.py): sessions held, KV pool reserved."""
-        pool = self.engine.pool
-        return {"sessions": float(len(self.sessions)), "kv_used_fraction": pool.reserved_blocks / max(1, pool.num_blocks)}
+        return {"sessions": float(len(self.sessions)), "kv_used_fraction": self.engine.pool.reserved_fraction}
 
     def record_routing_stats(self) -> dict:
         """What the router places new sessions by: the free share of the KV pool, and sessions held."""
-        pool = self.engine.pool
-        return {"sessions": len(self.sessions), "free_fraction": 1.0 - pool.reserved_blocks / max(1, pool.num_blocks)}
+        return {"sessions": len(self.sessions), "free_fraction": 1.0 - self.engine.pool.reserved_fraction}
 
     # ---- a session's events ----------------------------------------------------------------------------
 
@@ -230,7 +227,7 @@ class Decision:
         parent = served.contexts.get(event.timestamp)
         async with served.reaction_lock:
             request = self._respond_request(served, upto=event.timestamp)
-            request.trigger, request.timestamp, request.query = _TRIGGERS[event.trigger], event.timestamp, event.query or ""
+            request.trigger, request.timestamp, request.query = TRIGGERS[event.trigger], event.timestamp, event.query or ""
             span = self.tracer.start_span("decision.reply", context=parent,
                                           attributes={"liveserve.session_id": served.session_id,
                                                       "liveserve.trigger": event.trigger})

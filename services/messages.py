@@ -12,7 +12,7 @@ from liveserve.engine.events import (Event, FrameDecision, FramesDropped, Respon
                                      SessionFailed)
 
 _ACTIONS = {"silent": pb.ACTION_SILENT, "respond": pb.ACTION_RESPOND, "query": pb.ACTION_QUERY}
-_TRIGGERS = {"proactive": pb.TRIGGER_PROACTIVE, "query": pb.TRIGGER_QUERY}
+TRIGGERS = {"proactive": pb.TRIGGER_PROACTIVE, "query": pb.TRIGGER_QUERY}
 _FINISH = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH}
 FAILURE_STATUS = {"cache_full": grpc.StatusCode.RESOURCE_EXHAUSTED, "internal": grpc.StatusCode.INTERNAL}
 
@@ -42,14 +42,14 @@ def to_message(event: Event) -> pb.ServerMessage:
             action=_ACTIONS[event.action], lag_s=event.lag_s))
     if isinstance(event, ResponseStarted):
         return pb.ServerMessage(response_started=pb.ResponseStarted(
-            timestamp=event.timestamp, trigger=_TRIGGERS[event.trigger], query=event.query or ""))
+            timestamp=event.timestamp, trigger=TRIGGERS[event.trigger], query=event.query or ""))
     if isinstance(event, ResponseDelta):
         now = time.time()
         return pb.ServerMessage(response_delta=pb.ResponseDelta(
             timestamp=event.timestamp, text=event.text, token_times=[now] * len(event.token_ids)))
     if isinstance(event, ResponseDone):
         return pb.ServerMessage(response_done=pb.ResponseDone(
-            timestamp=event.timestamp, trigger=_TRIGGERS[event.trigger], text=event.text, num_tokens=event.num_tokens,
+            timestamp=event.timestamp, trigger=TRIGGERS[event.trigger], text=event.text, num_tokens=event.num_tokens,
             finish_reason=_FINISH[event.finish_reason], ttft_s=event.ttft_s, duration_s=event.duration_s))
     if isinstance(event, FramesDropped):
         return warning(pb.WARNING_CODE_FRAME_DROPPED, event.reason, event.timestamps)
@@ -63,7 +63,7 @@ def warning(code: int, message: str, timestamps=()) -> pb.ServerMessage:
 
 
 _ACTION_NAMES = {v: k for k, v in _ACTIONS.items()}
-_TRIGGER_NAMES = {v: k for k, v in _TRIGGERS.items()}
+_TRIGGER_NAMES = {v: k for k, v in TRIGGERS.items()}
 _FINISH_NAMES = {v: k for k, v in _FINISH.items()}
 
 

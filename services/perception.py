@@ -31,7 +31,7 @@ class Perception:
             raise ValueError(f"model {settings.model!r} has no vision tower to encode frames with")
         self._encode_batch.set_max_batch_size(settings.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
-        self.batches = self.frames = self.in_flight = 0
+        self.in_flight = 0
         self.metrics, self.gpu, self.tracer = PerceptionMetrics(), GpuMetrics(), tracer("perception")
         self._sampler: asyncio.Task | None = None
 
@@ -60,7 +60,6 @@ class Perception:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
         features = await asyncio.to_thread(self._encode, torch.stack(pixels))  # keep the loop taking requests
-        self.batches, self.frames = self.batches + 1, self.frames + len(pixels)
         self.metrics.batch_size.observe(len(pixels))
         self.metrics.frames_encoded.inc(len(pixels))
         return list(features.float().cpu())

@@ -41,8 +41,6 @@ def _merge_ready_deltas(first: ResponseDelta, events: asyncio.Queue, held: list)
     texts, ids = [first.text], list(first.token_ids)
     while not events.empty():
         event = events.get_nowait()
-        if isinstance(event, FrameDecision):
-            continue
         if not isinstance(event, ResponseDelta):
             held.append(event)
             break
@@ -51,9 +49,18 @@ def _merge_ready_deltas(first: ResponseDelta, events: asyncio.Queue, held: list)
     return ResponseDelta(first.timestamp, "".join(texts), tuple(ids))
 
 
+class _ReplyEvents(asyncio.Queue):
+    """A Reaction session's events, without its frames' decisions: frames are only read here, and on a
+    long silent stream their decisions would pile up between replies."""
+
+    def put_nowait(self, item) -> None:
+        if not isinstance(item, FrameDecision):
+            super().put_nowait(item)
+
+
 @dataclass(slots=True)
 class _Writer:
-    events: asyncio.Queue
+    events: _ReplyEvents
     next_frame_index: int = 0
 
 
@@ -110,8 +117,6 @@ class Reaction:
                     raise SessionError(f"session {sid!r} was closed while its reply was being written")
                 if isinstance(event, SessionFailed):
                     raise RuntimeError(f"session {sid!r} failed on its Reaction replica: {event.message}")
-                if isinstance(event, FrameDecision):  # frames are read here, never decided on
-                    continue
                 yield to_message(event)
                 if isinstance(event, ResponseDone):
                     self._record_reply(event, span)
@@ -139,12 +144,11 @@ class Reaction:
         self.gpu.sample()
 
     def record_routing_stats(self) -> dict:
-        pool = self.engine.pool
-        return {"sessions": len(self.sessions), "free_fraction": 1.0 - pool.reserved_blocks / max(1, pool.num_blocks)}
+        return {"sessions": len(self.sessions), "free_fraction": 1.0 - self.engine.pool.reserved_fraction}
 
     async def _open(self, request: rpb.RespondRequest) -> _Writer:
         config = dataclasses.replace(session_config(request.open, self.defaults), replies="on_request")
-        writer = _Writer(asyncio.Queue())
+        writer = _Writer(_ReplyEvents())
         await asyncio.to_thread(self.worker.open, request.session_id, config, writer.events, asyncio.get_running_loop())
         self.sessions[request.session_id] = writer
         return writer

@@ -39,7 +39,8 @@ def find_redis_server() -> str:
                            "or point REDIS_URL at a running Redis")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -49,7 +50,7 @@ class EmbeddedRedis:
     """A private redis-server on 127.0.0.1. Use as a context manager or call start()/stop()."""
 
     def __init__(self, port: int | None = None, startup_timeout_s: float = 10.0) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.startup_timeout_s = startup_timeout_s
         self._process: subprocess.Popen | None = None
         self._dir: str | None = None

@@ -72,8 +72,8 @@ class EngineMetrics:
 
     def record_state(self, engine) -> None:
         pool = engine.pool
-        self.kv_pool_used.set(pool.used_blocks / max(1, pool.num_blocks))
-        self.kv_pool_reserved.set(pool.reserved_blocks / max(1, pool.num_blocks))
+        self.kv_pool_used.set(pool.used_fraction)
+        self.kv_pool_reserved.set(pool.reserved_fraction)
         self.queue_depth.set(sum(s.backlog for s in engine.sessions))
         self.sessions.set(len(engine.sessions))
 

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 from liveserve.cli import main
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from liveserve.services.redis_server import free_port
 
 
 def test_demo_runs_the_application_on_its_own_ray_and_shuts_down(tiny_dir):

@@ -7,7 +7,6 @@ import asyncio
 import io
 import json
 import re
-import socket
 
 import pytest
 from PIL import Image
@@ -21,6 +20,7 @@ from liveserve.loadtest.metrics import (Distribution, LiveHistogram, LiveStats, 
                                         percentile, slo_attainment)
 from liveserve.loadtest.progress import Progress, status_line
 from liveserve.loadtest.runner import LoadTestError, run
+from liveserve.services.redis_server import free_port
 from liveserve.loadtest.session import SessionDriver
 from liveserve.loadtest.workload import QUERIES, query_schedule, stream_plan, synthetic_bank
 from liveserve.services.local import start_local
@@ -28,11 +28,6 @@ from liveserve.services.local import start_local
 # A reservation of the tiny model's sink_window session is ~2.4k KV tokens: 4,000 admit exactly one.
 ONE_SESSION_POOL = 4000
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,15 @@ class KVPool:
     def used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
+    @property
+    def reserved_fraction(self) -> float:
+        """Share of the blocks promised to admitted sessions: what admission (and placement) goes by."""
+        return self.reserved_blocks / self.num_blocks
+
+    @property
+    def used_fraction(self) -> float:
+        return self.used_blocks / self.num_blocks
+
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
