@@ -303,6 +303,24 @@ def test_pool_rejects_a_budget_below_one_block():
                block_size=16)
 
 
+def test_truncating_a_paged_cache_returns_the_blocks_past_it_and_moves_nothing():
+    pool = KVPool(num_layers=1, num_kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu", budget_tokens=64,
+                  block_size=4)
+    cache = pool.open_cache(32)
+    cache.reserve(10)
+    pool.keys[:, cache.slots(0, 10)] = torch.arange(10.0).view(1, 10, 1, 1).expand(1, 10, 1, 2)
+    cache.commit(torch.arange(10))
+    assert pool.used_blocks == 3
+    cache.truncate(5)  # two blocks still hold tokens 0..4; the third goes back
+    assert (cache.length, len(cache.blocks), pool.used_blocks) == (5, 2, 2)
+    assert pool.keys[0, cache.slots(0, 5), 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert cache.kept_positions().tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="cannot truncate a cache of 5 tokens to 6"):
+        cache.truncate(6)
+    cache.truncate(0)
+    assert pool.used_blocks == 0 and pool.reserved_blocks == 8  # the reservation stays with the session
+
+
 def test_replies_of_several_sessions_share_forwards(mixed_model, bank):
     talkative = steered(mixed_model, interval_bias=-100.0, eos_bias=-100.0)  # every frame fires a full reply
     engine = BatchEngine(talkative, no_drops(budget_tokens=20_000, max_session_tokens=2000))

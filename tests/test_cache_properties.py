@@ -128,6 +128,9 @@ def test_plan_eviction_and_evict_on_a_hand_built_ledger():
     assert ledger.plan_eviction(config, incoming_frames=1) == [1, 3, 4]
     assert ledger.plan_eviction(sink_window(3, 3, 11), incoming_frames=1) == [1, 3, 5]
     assert ledger.plan_eviction(sink_window(5, 1, 3), incoming_frames=0) == [4]  # the newest turn always stays
+    # the newest 5 segments (from offset 22) are protected: of the frames and turn it wants, only frame 1 may go
+    assert ledger.plan_eviction(config, incoming_frames=1, protect=5) == [1]
+    assert ledger.plan_eviction(config, incoming_frames=1, protect=7) is None  # only the prefix is older
     keep = ledger.evict([1, 3, 4])
     expected = torch.cat([torch.arange(0, 5), torch.arange(16, 22), torch.arange(40, 65)])
     assert torch.equal(keep, expected)

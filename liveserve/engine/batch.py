@@ -87,8 +87,10 @@ class BatchEngine:
         except KeyError:
             raise SessionError(f"unknown session {session_id!r}") from None
 
-    def push_frame(self, session_id: str, timestamp: float, frame) -> None:
-        self.session(session_id).push_frame(timestamp, frame)
+    def push_frame(self, session_id: str, timestamp: float, frame, frame_id: int | None = None) -> None:
+        """Queue a frame (see Session.push_frame); `frame_id` names it in its decision, by default its
+        number among the session's frames."""
+        self.session(session_id).push_frame(timestamp, frame, frame_id)
         self._wakeup.set()
 
     def push_query(self, session_id: str, timestamp: float, text: str) -> None:
@@ -182,8 +184,9 @@ class BatchEngine:
     # ---- driving ---------------------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        """Whether any session has queued input or a step in progress (ready now or once encoded)."""
-        return any(s.backlog or s.ready() for s in self._sessions.values() if not s.closed)
+        """Whether any session has queued input or a step in progress (ready now or once encoded). Frames
+        held for a reply written elsewhere are not: only its `push_reply` moves them."""
+        return any(s.ready() or (s.backlog and not s.holding_frames) for s in self._sessions.values() if not s.closed)
 
     def wait_for_work(self, timeout_s: float) -> bool:
         """Block until a step has something to do (an input arrived, or frames to encode have waited

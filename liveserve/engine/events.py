@@ -13,6 +13,10 @@ class FrameDecision:
     interval token then wins the argmax. `action` is "silent", "respond", or "query" when a user
     query at this frame's time pre-empts the decision (as in the reference). `token_id` is the
     argmax after thresholding; any non-interval argmax fires, even if it is not the respond token.
+    "suppressed": the argmax says respond, but a reply written elsewhere is still awaited
+    (replies="external"), so the frame does not fire (`fired` is False); once the reply lands the
+    frame is replayed after it as a silent frame.
+    `frame_index` is the frame's id: the caller's, or by default how many frames were pushed before it.
     """
 
     timestamp: float
@@ -35,12 +39,13 @@ class ResponseStarted:
 @dataclass(frozen=True, slots=True)
 class ReplyRequested:
     """A Decision session (replies="external") fired or met a query: another model should write the reply
-    and hand it back with `push_reply`. Until then the session keeps deciding frames but does not fire."""
+    and hand it back with `push_reply`. Until then the session keeps deciding frames but does not fire;
+    the reply is then put in the cache right after the trigger, and those frames after it."""
 
     timestamp: float
     trigger: str  # "proactive" | "query"
     query: str | None
-    frame_index: int
+    frame_index: int  # id of the last frame decided at the trigger; -1 before any
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,7 @@ class FramesDropped:
     """The session fell behind its stream: these queued frames were skipped to catch up (newest kept)."""
 
     timestamps: tuple[float, ...]
+    frame_ids: tuple[int, ...]  # parallel to timestamps
     reason: str
 
 

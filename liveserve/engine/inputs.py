@@ -29,6 +29,7 @@ class QueuedFrame:
     arrival: float  # time.monotonic() when pushed
     pixels: torch.Tensor | None = None  # uint8 [3, S, S], encoded when the frame is stepped
     features: torch.Tensor | Future | None = None  # [tokens_per_frame, vision_hidden], or a pending encode
+    frame_id: int = -1  # set as the session queues it: the caller's id, or its number among the pushed frames
 
     @property
     def ready(self) -> bool:
@@ -63,6 +64,14 @@ def check_time(timestamp, what: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise SessionError(f"{what} timestamp must be finite and >= 0, got {timestamp!r}")
     return value
+
+
+def check_frame_id(frame_id) -> int | None:
+    if frame_id is None:
+        return None
+    if isinstance(frame_id, bool) or not isinstance(frame_id, (int, np.integer)) or frame_id < 0:
+        raise SessionError(f"frame_id must be an integer >= 0, got {frame_id!r}")
+    return int(frame_id)
 
 
 def as_frame(model, timestamp: float, frame, encoder: SubmitFrame | None) -> QueuedFrame:

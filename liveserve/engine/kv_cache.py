@@ -81,6 +81,12 @@ class KVCache:
         self.positions = torch.empty(0, dtype=torch.long, device=self.device)
         self.length, self._capacity, self.max_tokens = 0, 0, 0
 
+    def truncate(self, n: int) -> None:
+        """Drop the tokens from index n on: nothing moves, so the kept tokens are untouched."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
+        self.length = n
+
     def keep(self, index: torch.Tensor, inv_freq: torch.Tensor | None) -> None:
         """Keep only the tokens at `index` (ascending), moved to the front. With `inv_freq`, positions
         become contiguous 0..k-1 and the keys are re-rotated to match; without, positions are kept."""

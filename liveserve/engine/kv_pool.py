@@ -200,9 +200,18 @@ class PagedCache:
                 keys[:, moved] = rotated.transpose(1, 2)
         pool.keys[:, target], pool.values[:, target] = keys, values
         self.positions[:k] = new_positions
-        self.length = k
-        keep_blocks = pool.blocks_for(k)
-        pool._give_back(self.blocks[keep_blocks:])
+        self._shrink(k)
+
+    def truncate(self, n: int) -> None:
+        """Drop the tokens from index n on and return the blocks past them to the pool; nothing moves."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
+        self._shrink(n)
+
+    def _shrink(self, n: int) -> None:
+        self.length = n
+        keep_blocks = self.pool.blocks_for(n)
+        self.pool._give_back(self.blocks[keep_blocks:])
         self.blocks = self.blocks[:keep_blocks]
         self._table = self._table[:keep_blocks]
 

@@ -41,21 +41,23 @@ class Ledger:
     def count(self, kind: str) -> int:
         return sum(1 for s in self.segments if s.kind == kind)
 
-    def plan_eviction(self, config: CacheConfig, incoming_frames: int) -> list[int] | None:
+    def plan_eviction(self, config: CacheConfig, incoming_frames: int, protect: int = 0) -> list[int] | None:
         """Segment indices to evict so the kept frames (with `incoming_frames` more) and text fit the
         window, or None when nothing needs to go. Frames go `evict_frames` at a time (oldest first);
-        text goes oldest turn first but the newest turn always stays."""
+        text goes oldest turn first but the newest turn always stays. The newest `protect` segments stay
+        too: victims are chosen among older ones only, even if that is fewer than the window wants."""
         if config.policy != "sink_window":
             return None
         victims: list[int] = []
+        older = len(self.segments) - protect  # segments before this index may go
         frames = [i for i, s in enumerate(self.segments) if s.kind == "frame"]
         if len(frames) + incoming_frames > config.window_frames:
             excess = len(frames) + incoming_frames - config.window_frames
-            victims += frames[: min(len(frames), max(excess, config.evict_frames))]
+            victims += [i for i in frames[: max(excess, config.evict_frames)] if i < older]
         texts = [i for i, s in enumerate(self.segments) if s.kind == "text" and not s.pinned]
         text_tokens = sum(self.segments[i].length for i in texts)
         for i in texts[:-1]:
-            if text_tokens <= config.text_window_tokens:
+            if text_tokens <= config.text_window_tokens or i >= older:
                 break
             victims.append(i)
             text_tokens -= self.segments[i].length

@@ -44,7 +44,8 @@ class Scheduler:
             if stale:
                 reason = (f"{len(stale)} frame(s) dropped: the session was more than "
                           f"{config.max_lag_s}s or {config.max_queued_frames} frames behind its stream")
-                dropped.append((session.session_id, FramesDropped(tuple(stale), reason)))
+                dropped.append((session.session_id, FramesDropped(tuple(f.timestamp for f in stale),
+                                                                  tuple(f.frame_id for f in stale), reason)))
         ready = sorted((s for s in sessions if s.ready()), key=lambda s: self._last_served.get(s.session_id, 0))
         batch, tokens = [], 0
         for session in ready:

@@ -1,7 +1,8 @@
 """A live video session: frames and queries in, decisions and streamed responses out.
 
-One session owns one KV cache that only ever grows by appends (earlier tokens are never recomputed)
-and shrinks by whole-segment evictions under a bounded policy. Each frame is one forward of
+One session owns one KV cache that grows by appends (earlier tokens are never recomputed, except the
+frames replayed behind an external reply, below) and shrinks by whole-segment evictions under a bounded
+policy. Each frame is one forward of
 [pending tokens + the frame's <v> embeddings]; the decision is read at the frame's last token.
 
 A session is a state machine driven one forward at a time, so the same code runs alone or batched:
@@ -13,8 +14,16 @@ A session is a state machine driven one forward at a time, so the same code runs
 
 Replies are written inline by default. Disaggregated serving splits the roles (SessionConfig.replies): a
 Decision session ("external") reports ReplyRequested and keeps deciding frames while another model writes
-the reply, which it then appends (push_reply); a Reaction session ("on_request") never fires by itself
-and answers the triggers it is given (push_respond / push_query).
+the reply (push_reply hands it back); a Reaction session ("on_request") never fires by itself and answers
+the triggers it is given (push_respond / push_query).
+
+The model was trained with a reply right after its trigger frame, so a Decision session keeps the cache
+in that order: it remembers the cache point at the trigger, and the frames it decides meanwhile
+("tentative" frames, at most half its window) are cut off again when the reply lands, the reply is
+appended at the trigger, and the tentative frames are replayed after it, one frame step each. The cache
+then holds what an inline session's would, had it stayed silent on those frames: exactly, unless a
+sink_window cache had to evict frames older than the trigger during the wait (the reply then sees fewer
+of them than an inline reply did).
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
@@ -32,7 +41,8 @@ from liveserve.config import SessionConfig
 from liveserve.engine.attention import StepContext
 from liveserve.engine.events import (Event, FrameDecision, ReplyRequested, ResponseDelta, ResponseDone,
                                      ResponseStarted)
-from liveserve.engine.inputs import QueuedFrame, QueuedQuery, SessionError, SubmitFrame, as_frame, check_time
+from liveserve.engine.inputs import (QueuedFrame, QueuedQuery, SessionError, SubmitFrame, as_frame, check_frame_id,
+                                     check_time)
 from liveserve.engine.kv_cache import CacheFullError, KVCache
 from liveserve.engine.ledger import Ledger
 from liveserve.model.live import LiveModel
@@ -68,8 +78,23 @@ class _Reply:
 
 
 @dataclass(frozen=True, slots=True)
+class _CachePoint:
+    """Where an external reply belongs: the session at its trigger, before any tentative frame.
+
+    Found again from the cache's end (the tentative frames' segments, and the "," or eos + "\\n[" the first
+    of them added to the trigger's segment), so evictions of older segments meanwhile do not move it."""
+
+    state: str
+    pending: tuple[int, ...]
+    next_position: int
+    last_length: int  # the newest segment's length (0: none yet)
+
+
+@dataclass(frozen=True, slots=True)
 class _Planned:
-    kind: str  # "frame" | "prompt" | "token" | "written" (an external reply: its prompt and tokens)
+    # "frame" | "prompt" | "token" | "written" (an external reply: its prompt and tokens) | "replay" (a
+    # tentative frame fed again after that reply; its logits are not read)
+    kind: str
     step: StepInput
     frame: QueuedFrame | None = None
     segment: str = ""  # prompt: ledger segment kind of the new text
@@ -112,23 +137,33 @@ class Session:
         self._prompted = False  # the reply's prompt has been fed
         self._awaiting: _Reply | None = None  # replies="external": the trigger whose reply is being written
         self._written: list[int] | None = None  # ... and that reply's tokens once handed back
+        self._point: _CachePoint | None = None  # ... where that reply goes in the cache
+        self._tentative: list[QueuedFrame] = []  # frames decided since the trigger, with their features
+        self._replay: deque[QueuedFrame] = deque()  # tentative frames still to be fed after the reply
+        self._max_tentative = max(1, self.config.cache.window_frames // 2)
         self._notices: list[Event] = []  # events raised while planning, returned with the next completion
         self._planned: _Planned | None = None
         self._frames: deque[QueuedFrame] = deque()
         self._queries: deque[QueuedQuery] = deque()
         self._lock = threading.Lock()
         self._last_frame_time = -float("inf")
+        self._frames_pushed = 0
+        self._last_decided_id = -1
         self._rng = torch.Generator().manual_seed(self.config.seed)
         self.frames_decided = self.frames_dropped = self.responses = 0
+        self.frames_replayed = 0  # tentative frames fed a second time, after an external reply
         self.closed = False
         self.failure: str | None = None
 
     # ---- input -------------------------------------------------------------------------------
 
-    def push_frame(self, timestamp: float, frame) -> None:
+    def push_frame(self, timestamp: float, frame, frame_id: int | None = None) -> None:
         """Queue a frame: encoded image bytes, an image (uint8 tensor [3,H,W], numpy [H,W,3] or PIL image,
-        resized and padded to the tower's input) or precomputed vision features [tokens_per_frame, hidden]."""
+        resized and padded to the tower's input) or precomputed vision features [tokens_per_frame, hidden].
+        `frame_id` names the frame in its FrameDecision (or FramesDropped); by default it is the number of
+        frames pushed to this session before it."""
         timestamp = check_time(timestamp, "frame")
+        frame_id = check_frame_id(frame_id)
         with self._lock:  # refuse early and cheaply, before decoding
             self._check_open()
             self._check_order(timestamp)
@@ -137,9 +172,14 @@ class Session:
             self._check_open()
             self._check_order(timestamp)
             self._last_frame_time = timestamp
-            self._frames.append(item)
+            self._frames.append(replace(item, frame_id=self._frames_pushed if frame_id is None else frame_id))
+            self._frames_pushed += 1
 
     def push_query(self, timestamp: float, text: str) -> None:
+        """Queue a user question: answered before the first queued frame later than it, or pre-empting the
+        decision of a frame at its time. In a Decision session (replies="external") a query that arrives
+        while a reply is written elsewhere waits for it and is answered right after it, after the frames
+        replayed behind it (queries in arrival order; queued frames earlier than a query still go first)."""
         timestamp = check_time(timestamp, "query")
         if self.config.replies == "none":
             raise SessionError("this session reports decisions only; queries are not answered")
@@ -166,8 +206,11 @@ class Session:
 
     def push_reply(self, text: str) -> None:
         """Decision sessions (replies="external"): the reply another model wrote for the last ReplyRequested.
-        It is appended to this session's cache (its prompt, then the reply); firing resumes after it. An
-        empty text means the reply failed: nothing is appended and firing resumes at once."""
+        It goes into this session's cache right after its trigger, as an inline reply would (its prompt,
+        then the reply), and the frames decided meanwhile are fed again after it; firing resumes then.
+        Queries that arrived meanwhile are answered next (see push_query). An empty text means the reply
+        failed: nothing is appended, the frames stay as they are (as if the trigger had been silent) and
+        firing resumes at once."""
         ids = self.template.encode(text)[: self.config.max_new_tokens] if text else []
         with self._lock:
             self._check_open()
@@ -176,7 +219,7 @@ class Session:
             if ids:
                 self._written = ids
             else:
-                self._awaiting = None
+                self._awaiting, self._point, self._tentative = None, None, []
 
     @property
     def awaiting_reply(self) -> bool:
@@ -186,10 +229,17 @@ class Session:
     def backlog(self) -> int:
         return len(self._frames)
 
-    def drop_stale_frames(self, max_lag_s: float | None, max_queued: int) -> list[float]:
+    @property
+    def holding_frames(self) -> bool:
+        """Queued frames wait for the reply being written elsewhere: as many frames as may be replayed
+        after it were decided already. Only `push_reply` (or dropping stale frames) moves them."""
+        with self._lock:
+            return self._awaiting is not None and len(self._tentative) >= self._max_tentative
+
+    def drop_stale_frames(self, max_lag_s: float | None, max_queued: int) -> list[QueuedFrame]:
         """Keep the session real-time: drop the oldest queued frames while more than `max_queued` wait or
         they span more than `max_lag_s` of stream time (the newest frame always stays). Returns the
-        dropped frames' timestamps."""
+        dropped frames."""
         dropped = []
         with self._lock:
             frames = self._frames
@@ -198,7 +248,7 @@ class Session:
                 frame = frames.popleft()
                 if isinstance(frame.features, Future):
                     frame.features.cancel()  # spare the encoder work nobody will read
-                dropped.append(frame.timestamp)
+                dropped.append(frame)
         self.frames_dropped += len(dropped)
         return dropped
 
@@ -229,7 +279,7 @@ class Session:
         """Whether `plan` has work that can run now (a queued frame's encoding may still be pending)."""
         if self.closed:
             return False
-        if self._reply is not None:
+        if self._reply is not None or self._replay:
             return True
         with self._lock:
             if self._written is not None:
@@ -243,8 +293,9 @@ class Session:
             return 1 if self._prompted else len(self._prompt_ids(self._reply.trigger, self._reply.query)[0])
         with self._lock:
             if self._written is not None:
-                return len(self._prompt_ids(self._awaiting.trigger, self._awaiting.query)[0]) + len(self._written)
-            item = self._peek_item()
+                prompt = self._prompt_ids(self._awaiting.trigger, self._awaiting.query, self._point)[0]
+                return len(prompt) + len(self._written_ids()[0])
+            item = self._replay[0] if self._replay else self._peek_item()
         if item is None:
             return 0
         if isinstance(item, QueuedQuery):
@@ -267,6 +318,8 @@ class Session:
             planned = self._plan_token() if self._prompted else self._plan_prompt()
         elif self._written is not None:
             planned = self._plan_written()
+        elif self._replay:
+            planned = self._plan_frame(self._replay.popleft(), "replay")
         else:
             while True:
                 with self._lock:
@@ -302,6 +355,8 @@ class Session:
         events, self._notices = self._notices, []
         if planned.kind == "frame":
             return events + self._complete_frame(planned, logits)
+        if planned.kind == "replay":
+            return events + self._complete_replay(planned)
         if planned.kind == "written":
             return events + self._complete_written(planned)
         if planned.kind == "prompt":
@@ -317,38 +372,50 @@ class Session:
 
     # ---- frames ----------------------------------------------------------------------------------------
 
-    def _plan_frame(self, frame: QueuedFrame) -> _Planned:
+    def _plan_frame(self, frame: QueuedFrame, kind: str = "frame") -> _Planned:
         features = frame.vision_features(self.model)
         ids = self._frame_ids()
         self._make_room(incoming_frames=1)
-        return _Planned("frame", self._reserve(ids, features), frame=frame)
+        return _Planned(kind, self._reserve(ids, features), frame=frame)
 
-    def _complete_frame(self, planned: _Planned, logits: torch.Tensor) -> list[Event]:
-        frame, ids = planned.frame, planned.step.ids
+    def _append_frame(self, ids: tuple[int, ...]) -> None:
+        """Book a fed frame: its leading ids close what came before it, then its own segment."""
         if self._state == NEW:
             self.ledger.add("prefix", len(ids))
         elif ids:
             self.ledger.extend_last(len(ids))  # "," closes the previous frame; eos + "\n[" close the turn
         self.ledger.add("frame", self.model.layout.num_tokens)
         self._state, self._pending = STREAMING, []
+
+    def _complete_frame(self, planned: _Planned, logits: torch.Tensor) -> list[Event]:
+        frame = planned.frame
+        self._append_frame(planned.step.ids)
         with self._lock:
-            awaiting = self._awaiting is not None
+            tentative = self._awaiting is not None
+            if tentative:  # kept for the replay after the reply, encoded once
+                self._tentative.append(replace(frame, pixels=None, features=planned.step.features))
             query = None
-            if not awaiting and self._queries and self._queries[0].timestamp <= frame.timestamp:
+            if not tentative and self._queries and self._queries[0].timestamp <= frame.timestamp:
                 query = self._queries.popleft()
         probs = logits.softmax(-1)
         p_silent = float(probs[self.template.interval_id])
         if p_silent < self.config.threshold:
             probs[self.template.interval_id] = 0.0
         token = int(probs.argmax())
+        speaks = token != self.template.interval_id
         # One reply at a time; a Reaction session speaks only when asked.
-        may_fire = not awaiting and self.config.replies != "on_request"
-        fired = query is None and may_fire and token != self.template.interval_id
+        fired = query is None and speaks and not tentative and self.config.replies != "on_request"
         if query is None and not fired:
             self._pending = [self.template.interval_id]
         self.frames_decided += 1
-        action = "query" if query is not None else ("respond" if fired else "silent")
-        decision = FrameDecision(frame.timestamp, self.frames_decided - 1, p_silent, fired, action, token,
+        self._last_decided_id = frame.frame_id
+        if query is not None:
+            action = "query"
+        elif fired:
+            action = "respond"
+        else:
+            action = "suppressed" if tentative and speaks else "silent"
+        decision = FrameDecision(frame.timestamp, frame.frame_id, p_silent, fired, action, token,
                                  time.monotonic() - frame.arrival, self.cache.length)
         if query is not None:
             return [decision] + self._trigger(query.trigger, query.timestamp, query.text)
@@ -364,30 +431,69 @@ class Session:
         if self.config.replies != "external":
             self._start_reply(trigger, timestamp, query)
             return []
+        last_length = self.ledger.segments[-1].length if self.ledger.segments else 0
+        point = _CachePoint(self._state, tuple(self._pending), self._next_position, last_length)
         with self._lock:
-            self._awaiting = _Reply(trigger, timestamp, query, time.monotonic())
+            self._awaiting, self._point = _Reply(trigger, timestamp, query, time.monotonic()), point
         if self._state == STREAMING:
             self._pending = [self.template.interval_id]  # frames stay ","-separated until the reply is in
-        return [ReplyRequested(timestamp, trigger, query, self.frames_decided - 1)]
+        return [ReplyRequested(timestamp, trigger, query, self._last_decided_id)]
+
+    # ---- external replies ----------------------------------------------------------------------------
 
     def _plan_written(self) -> _Planned:
+        if self._point is not None:  # not yet rolled back (a retry after CacheFullError finds it done)
+            self._roll_back()
         awaiting = self._awaiting
         ids, segment, pending, pinned = self._prompt_ids(awaiting.trigger, awaiting.query)
-        ids = ids + self._written
+        fed, held = self._written_ids()
+        ids = ids + fed
         self._make_room(incoming_frames=0)
-        self._check_room(len(ids) + 1)
+        self._check_room(len(ids) + len(held))
         return _Planned("written", self._reserve(ids, None), segment=segment, pending=pending, pinned=pinned)
 
+    def _written_ids(self) -> tuple[list[int], list[int]]:
+        """The external reply's tokens: (fed with its prompt, left pending). It ends as an inline reply
+        does: eos pending, or, at max_new_tokens, the last token with it (fed by the next step, after
+        that step's evictions)."""
+        reply, eos = self._written, [self.template.eos_id]
+        if len(reply) == self.config.max_new_tokens:
+            return reply[:-1], reply[-1:] + eos
+        return reply, eos
+
+    def _roll_back(self) -> None:
+        """Cut the tentative frames off the cache and return to the trigger's cache point, so the reply
+        lands right after its trigger; the frames are queued for replay after it."""
+        point, segments = self._point, self.ledger.segments
+        # Each tentative frame added a segment; before any frame the first one also opened the prefix.
+        added = len(self._tentative) + (point.state == NEW)
+        del segments[len(segments) - added:]
+        if segments:
+            segments[-1].length = point.last_length  # without the first tentative frame's leading ids
+        self.cache.truncate(self.ledger.num_tokens)
+        self._state, self._pending, self._next_position = point.state, list(point.pending), point.next_position
+        with self._lock:
+            self._replay.extend(self._tentative)
+            self._tentative, self._point = [], None
+
     def _complete_written(self, planned: _Planned) -> list[Event]:
-        """The external reply is in the cache: the turn ends as an inline reply's would (its eos pending)."""
+        """The external reply is in the cache: the turn ends as an inline reply's would."""
         if planned.pending:
             self.ledger.extend_last(planned.pending)
         self.ledger.add(planned.segment, planned.step.num_tokens - planned.pending, planned.pinned)
         self._instruction_pinned |= self._awaiting.trigger == "query"
-        self._state, self._pending = REPLIED, [self.template.eos_id]
+        self._state, self._pending = REPLIED, self._written_ids()[1]
         with self._lock:
             self._awaiting = self._written = None
         self.responses += 1
+        return []
+
+    def _complete_replay(self, planned: _Planned) -> list[Event]:
+        """A tentative frame is back after the reply, fed as the silent frame it was decided as (an
+        inline session would have decided it with the reply in view; here it was decided without)."""
+        self._append_frame(planned.step.ids)
+        self._pending = [self.template.interval_id]
+        self.frames_replayed += 1
         return []
 
     # ---- replies ---------------------------------------------------------------------------------------
@@ -396,14 +502,17 @@ class Session:
         self._reply = _Reply(trigger, timestamp, query, time.monotonic())
         self._prompted = False
 
-    def _prompt_ids(self, trigger: str, query: str | None) -> tuple[list[int], str, int, bool]:
-        """A reply's prompt: (ids, ledger segment kind, pending tokens it starts with, pinned)."""
+    def _prompt_ids(self, trigger: str, query: str | None,
+                    at: _CachePoint | None = None) -> tuple[list[int], str, int, bool]:
+        """A reply's prompt: (ids, ledger segment kind, pending tokens it starts with, pinned), from the
+        stream as it is now or, for an external reply not yet put back, as it was `at` its trigger."""
+        state, pending = (self._state, self._pending) if at is None else (at.state, list(at.pending))
         if trigger == "proactive":
             return list(self.template.stream_reply_ids), "text", 0, False
-        if self._state == NEW:
+        if state == NEW:
             return self.template.first_query_ids(self.system_prompt, query), "prefix", 0, False
-        pending = self._pending if self._state == REPLIED else []  # a pending "," is dropped: "]" closes
-        ids = pending + self.template.query_ids(query, stream_open=self._state == STREAMING)
+        pending = pending if state == REPLIED else []  # a pending "," is dropped: "]" closes
+        ids = pending + self.template.query_ids(query, stream_open=state == STREAMING)
         return ids, "text", len(pending), not self._instruction_pinned
 
     def _frame_ids(self) -> list[int]:
@@ -459,9 +568,12 @@ class Session:
     # ---- queues ----------------------------------------------------------------------------------------
 
     def _peek_item(self) -> QueuedFrame | QueuedQuery | None:
-        # While an external reply is being written, queries wait for it; frames go on.
-        if self._awaiting is None and self._queries and (
-                not self._frames or self._queries[0].timestamp < self._frames[0].timestamp):
+        if self._awaiting is not None:
+            # While an external reply is being written, queries wait for it; frames go on, up to half the
+            # window: the tentative frames cannot be evicted (the reply goes back before them), and each is
+            # computed again after the reply.
+            return self._frames[0] if self._frames and len(self._tentative) < self._max_tentative else None
+        if self._queries and (not self._frames or self._queries[0].timestamp < self._frames[0].timestamp):
             return self._queries[0]
         return self._frames[0] if self._frames else None
 
@@ -474,12 +586,11 @@ class Session:
     # ---- cache -----------------------------------------------------------------------------------------
 
     def _make_room(self, incoming_frames: int) -> None:
-        victims = self.ledger.plan_eviction(self.config.cache, incoming_frames)
-        if victims is None:
-            return
-        # The newest frame owes its pending ","; the newest turn its eos: neither can go.
-        last = len(self.ledger.segments) - 1
-        victims = [v for v in victims if v != last]
+        # The newest frame owes its pending ","; the newest turn its eos: neither can go. While a reply is
+        # written elsewhere, the trigger's segment and the tentative frames stay too: the rollback to the
+        # trigger cuts them off again.
+        protect = 1 + len(self._tentative)
+        victims = self.ledger.plan_eviction(self.config.cache, incoming_frames, protect)
         if victims:
             keep = self.ledger.evict(victims)
             self.cache.keep(keep, self.model.inv_freq if self._contiguous else None)
