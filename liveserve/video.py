@@ -75,7 +75,7 @@ def _scaled_size(width: int, height: int, size: int) -> tuple[int, int]:
 
 def _to_chw_tensor(image: torch.Tensor | np.ndarray | Image.Image) -> torch.Tensor:
     if isinstance(image, Image.Image):
-        image = np.array(image.convert("RGB"))  # copy: PIL buffers are read-only
+        image = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # a copy: PIL's buffer is read-only
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an [H, W, 3] array, got shape {image.shape}")
@@ -102,10 +102,15 @@ def resize_and_pad(image: torch.Tensor | np.ndarray | Image.Image, size: int) ->
             chw.unsqueeze(0).float(), size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
         )[0]
         chw = resized.round_().clamp_(0, 255).to(torch.uint8)
+    elif (h, w) == (size, size):
+        return chw.contiguous()  # already square at the tower's size: nothing to pad
     out = torch.zeros((3, size, size), dtype=torch.uint8)
     x0, y0 = (size - new_w) // 2, (size - new_h) // 2
     out[:, y0 : y0 + new_h, x0 : x0 + new_w] = chw
     return out
+
+
+_EXIF_ORIENTATION = 0x0112
 
 
 def decode_image_bytes(data: bytes, size: int) -> torch.Tensor:
@@ -115,11 +120,14 @@ def decode_image_bytes(data: bytes, size: int) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            # Honour EXIF orientation so phone photos are upright, as a viewer would show them.
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
+            # Honour EXIF orientation so phone photos are upright, as a viewer would show them (transposing
+            # copies the image, so only when a tag asks for it).
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            pixels = _to_chw_tensor(img)  # read before the file (and the image with it) is closed
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
         raise VideoError(f"cannot decode image: {exc}") from exc
-    return resize_and_pad(rgb, size)
+    return resize_and_pad(pixels, size)
 
 
 def _open(path: str | os.PathLike[str]) -> tuple[str, av.container.InputContainer, av.video.stream.VideoStream]:
