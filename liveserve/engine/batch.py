@@ -102,9 +102,14 @@ class BatchEngine:
         self.session(session_id).push_respond(timestamp)
         self._wakeup.set()
 
-    def push_reply(self, session_id: str, text: str) -> None:
+    def push_reply(self, session_id: str, text: str, token_ids: tuple[int, ...] = ()) -> None:
         """Decision sessions: append the reply another model wrote (see Session.push_reply)."""
-        self.session(session_id).push_reply(text)
+        self.session(session_id).push_reply(text, token_ids)
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        """Tell a thread waiting in `wait_for_work` there may be work: for callers that push many inputs
+        straight into sessions (`session(id).push_frame(...)`) and want one step to take all of them."""
         self._wakeup.set()
 
     def close(self, session_id: str) -> None:

@@ -65,6 +65,7 @@ class ResponseDone:
     finish_reason: str  # "eos" | "length"
     ttft_s: float  # trigger to first token, wall clock
     duration_s: float
+    token_ids: tuple[int, ...] = ()  # the reply's tokens, without the eos that ended it
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -204,14 +204,23 @@ class Session:
                 raise SessionError("a proactive reply needs at least one frame first")
             self._queries.append(QueuedQuery(timestamp, time.monotonic(), None))
 
-    def push_reply(self, text: str) -> None:
+    def push_reply(self, text: str, token_ids: Sequence[int] = ()) -> None:
         """Decision sessions (replies="external"): the reply another model wrote for the last ReplyRequested.
         It goes into this session's cache right after its trigger, as an inline reply would (its prompt,
         then the reply), and the frames decided meanwhile are fed again after it; firing resumes then.
         Queries that arrived meanwhile are answered next (see push_query). An empty text means the reply
         failed: nothing is appended, the frames stay as they are (as if the trigger had been silent) and
-        firing resumes at once."""
-        ids = self.template.encode(text)[: self.config.max_new_tokens] if text else []
+        firing resumes at once. `token_ids`: the writer's own tokens, when it shares this model's tokenizer
+        (a decoded text does not always encode back to the tokens that were generated); else the text is
+        tokenized here."""
+        if not text:
+            ids = []
+        elif token_ids:
+            ids = [int(token) for token in token_ids[: self.config.max_new_tokens]]
+            if any(not 0 <= token < self.model.vocab_size for token in ids):
+                raise SessionError(f"reply token ids must be in [0, {self.model.vocab_size}), got {ids}")
+        else:
+            ids = self.template.encode(text)[: self.config.max_new_tokens]
         with self._lock:
             self._check_open()
             if self._awaiting is None or self._written is not None:
@@ -552,8 +561,9 @@ class Session:
         reply, self._reply = self._reply, None
         self._state, self._pending = REPLIED, pending
         self.responses += 1
+        text_ids = tuple(reply.tokens[:-1] if finish == "eos" else reply.tokens)  # the reply without its eos
         return ResponseDone(reply.timestamp, reply.trigger, reply.query, self.template.decode(reply.tokens),
-                            len(reply.tokens), finish, reply.ttft, time.monotonic() - reply.started)
+                            len(reply.tokens), finish, reply.ttft, time.monotonic() - reply.started, text_ids)
 
     def _pick(self, logits: torch.Tensor) -> int:
         if self.config.temperature == 0.0:

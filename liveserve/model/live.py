@@ -35,6 +35,7 @@ class LiveModel(nn.Module):
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.max_positions = text.max_position_embeddings
         self.hidden_size = text.hidden_size
+        self.vocab_size = text.vocab_size
 
     @property
     def device(self) -> torch.device:
