@@ -1,7 +1,9 @@
 """The Kubernetes manifests in k8s/: schema validation (vendored JSON Schemas, no network) and the
 cross-file promises: the RayService embeds orchestration/serve_config.yaml verbatim, every pool's custom
 resource is offered by exactly one worker group, GPU pools get GPUs, every Ray container finds Redis,
-the gRPC Service and the ServiceMonitor point at ports that exist, and kustomize lists every manifest.
+the gRPC Service reaches only the gateway pods on the Gateway replicas' own port (the serve config's
+`address`) behind a gRPC readiness probe, the ServiceMonitor points at ports that exist, and kustomize
+lists every manifest.
 
 Each consistency check returns a list of problems; the tests assert it is empty for the real manifests
 and not empty for a deliberately broken copy, so every check is known to bite.
@@ -257,36 +259,77 @@ def redis_problems(docs: list[dict]) -> list[str]:
     return problems
 
 
+def grpc_address_port(config: dict) -> int | None:
+    """The port of the application arg `address`, where each Gateway replica serves the public API."""
+    address = str(config["applications"][0].get("args", {}).get("address", ""))
+    host, sep, port = address.rpartition(":")
+    return int(port) if sep and host and port.isdigit() else None
+
+
+def gateway_group(rayservice: dict) -> str | None:
+    """The worker group offering the Gateway deployment's pool resource (pool_problems checks it is one)."""
+    pools = [name for name, (deployment, _) in requested_pools(serve_config(rayservice)).items()
+             if deployment == "Gateway"]
+    groups = [g["groupName"] for g in cluster(rayservice).get("workerGroupSpecs", [])
+              if set(offered_resources(g.get("rayStartParams") or {})) & set(pools)]
+    return groups[0] if len(groups) == 1 else None
+
+
 def grpc_service_problems(docs: list[dict]) -> list[str]:
-    """The gRPC Service serves the serve config's gRPC port from every worker pod (whose proxies run the
-    API) and no other pod; those pods are Ready only while their Serve proxy answers on the HTTP port."""
+    """The gRPC Service forwards the port of the serve config's `address` to the gateway group's pods and
+    no other pod: each Gateway replica serves the API itself there, and only gateway pods run one. Those
+    pods declare the port as `grpc` and are Ready only while the replica answers a gRPC health probe on
+    it; the other workers keep the Serve HTTP readiness probe and declare no gRPC port."""
     rayservice = one(docs, "RayService")
     config = serve_config(rayservice)
-    grpc_port = config["grpc_options"]["port"]
+    if "grpc_options" in config:
+        return ["the serve config has grpc_options: the Gateway replicas serve gRPC themselves on `address`"]
+    grpc_port = grpc_address_port(config)
+    if not grpc_port:
+        return [f"the serve config's application arg address must be host:port with a fixed port (the Service "
+                f"and probes name it), got {config['applications'][0].get('args', {}).get('address')!r}"]
     http_port = config["http_options"]["port"]
+    gateway = gateway_group(rayservice)
+    if gateway is None:
+        return ["no single worker group offers the Gateway deployment's pool resource"]
+    templates = dict(ray_templates(rayservice))
     grpc = [s for s in services(docs) if any(p.get("appProtocol") == "grpc" for p in s["spec"]["ports"])]
     if len(grpc) != 1:
         return [f"expected one Service with an appProtocol grpc port, found {len(grpc)}"]
     service = grpc[0]
+    name = service["metadata"]["name"]
     port = next(p for p in service["spec"]["ports"] if p.get("appProtocol") == "grpc")
     problems = []
-    if port["port"] != grpc_port or port.get("targetPort", port["port"]) not in (grpc_port, "grpc"):
-        problems.append(f"{service['metadata']['name']} must forward port {grpc_port} to {grpc_port}, "
-                        f"got {port['port']} -> {port.get('targetPort')}")
+    target = port.get("targetPort", port["port"])
+    target_port = container_ports(templates[gateway]).get(target) if isinstance(target, str) else target
+    if port["port"] != grpc_port or target_port != grpc_port:
+        problems.append(f"{name} must forward port {grpc_port} to the Gateway's port {grpc_port}, "
+                        f"got {port['port']} -> {target!r} ({target_port})")
     selector = service["spec"].get("selector") or {}
     selected = {owner for owner, t in pod_templates(docs) if matches(selector, labels_of(t))}
-    workers = {f"RayService/{rayservice['metadata']['name']}/{g}" for g, _ in ray_templates(rayservice) if g != "head"}
-    if selected != workers:
-        problems.append(f"{service['metadata']['name']} selects {sorted(selected)}, expected the worker pods "
-                        f"{sorted(workers)}")
+    expected = {f"RayService/{rayservice['metadata']['name']}/{gateway}"}
+    if selected != expected:
+        problems.append(f"{name} selects {sorted(selected)}, expected only the gateway pods {sorted(expected)}")
     for group, template in ray_templates(rayservice):
-        if group == "head":
-            continue
         ports = container_ports(template)
-        if ports.get("grpc") != grpc_port or ports.get("serve") != http_port:
-            problems.append(f"{group}: container ports grpc/serve should be {grpc_port}/{http_port}, got {ports}")
-        probe = (template["spec"]["containers"][0].get("readinessProbe") or {}).get("httpGet") or {}
-        if probe.get("path") != "/-/healthz" or probe.get("port") not in (http_port, "serve"):
+        container = template["spec"]["containers"][0]
+        probe = container.get("readinessProbe") or {}
+        if group == gateway:
+            if ports.get("grpc") != grpc_port or ports.get("serve") != http_port:
+                problems.append(f"{group}: container ports grpc/serve should be {grpc_port}/{http_port}, got {ports}")
+            grpc_probe = probe.get("grpc") or {}
+            if grpc_probe.get("port") != grpc_port or grpc_probe.get("service", "") != "":
+                problems.append(f"{group}: readinessProbe should be grpc on port {grpc_port} (service \"\"), "
+                                f"got {probe}")
+            continue
+        if "grpc" in ports or grpc_port in ports.values():
+            problems.append(f"{group}: declares gRPC port {ports.get('grpc', grpc_port)} but runs no Gateway")
+        if group == "head":
+            continue  # KubeRay's own probes; the head is in no Service that carries traffic
+        if ports.get("serve") != http_port:
+            problems.append(f"{group}: container port serve should be {http_port}, got {ports}")
+        http = probe.get("httpGet") or {}
+        if http.get("path") != "/-/healthz" or http.get("port") not in (http_port, "serve"):
             problems.append(f"{group}: readinessProbe should GET /-/healthz on the Serve HTTP port {http_port}")
     return problems
 
@@ -393,6 +436,11 @@ def _groups(docs):
     return cluster(one(docs, "RayService"))["workerGroupSpecs"]
 
 
+def _gateway_probe(docs):
+    return next(g for g in _groups(docs) if g["groupName"] == "gateway")["template"]["spec"]["containers"][0][
+        "readinessProbe"]
+
+
 BROKEN = {
     "worker group: minReplicas misspelled": lambda d: _rename(_groups(d)[0], "minReplicas", "minReplica"),
     "worker group: replicas as a string": lambda d: _groups(d)[1].__setitem__("replicas", "1"),
@@ -408,6 +456,11 @@ BROKEN = {
     "pod label: a boolean value": lambda d: labels_of(_groups(d)[0]["template"]).__setitem__("liveserve.io/ray", True),
     "resources: a bad quantity": lambda d: _groups(d)[1]["template"]["spec"]["containers"][0]["resources"][
         "limits"].__setitem__("memory", "32 GB"),
+    "grpc probe: a named port": lambda d: _gateway_probe(d)["grpc"].__setitem__("port", "grpc"),
+    "grpc probe: port missing": lambda d: _gateway_probe(d)["grpc"].pop("port"),
+    "grpc probe: an HTTP field": lambda d: _gateway_probe(d)["grpc"].__setitem__("path", "/"),
+    "probe: grpc and httpGet at once": lambda d: _gateway_probe(d).__setitem__(
+        "httpGet", {"path": "/-/healthz", "port": 8000}),
     "Deployment: replicas as a string": lambda d: one(d, "Deployment")["spec"].__setitem__("replicas", "1"),
     "Deployment: probe without a handler": lambda d: one(d, "Deployment")["spec"]["template"]["spec"][
         "containers"][0]["readinessProbe"].pop("exec"),
@@ -515,8 +568,26 @@ def _set_resources(docs, group, value):
     _worker(docs, group)["rayStartParams"]["resources"] = value
 
 
+def _grpc_service(docs):
+    return next(s for s in services(docs) if any(p.get("appProtocol") == "grpc" for p in s["spec"]["ports"]))
+
+
 def _grpc_port(docs):
-    return next(p for s in services(docs) for p in s["spec"]["ports"] if p.get("appProtocol") == "grpc")
+    return next(p for p in _grpc_service(docs)["spec"]["ports"] if p.get("appProtocol") == "grpc")
+
+
+def _port(docs, group, name):
+    return next(p for p in _ray_container(docs, group)["ports"] if p.get("name") == name)
+
+
+def _drop_port(docs, group, name):
+    _ray_container(docs, group)["ports"].remove(_port(docs, group, name))
+
+
+def _edit_serve_config(docs, old, new):
+    spec = one(docs, "RayService")["spec"]
+    assert old in spec["serveConfigV2"], f"the serve config no longer holds {old!r}"
+    spec["serveConfigV2"] = spec["serveConfigV2"].replace(old, new, 1)
 
 
 BROKEN_CONSISTENCY = [
@@ -525,6 +596,8 @@ BROKEN_CONSISTENCY = [
      lambda d: _set_resources(d, "gateway", '"{\\"liveserve_gateway\\": 4, \\"liveserve_decision\\": 1}"')),
     ("pools", "a group offers an unrequested pool", lambda d: _set_resources(d, "reaction", '"{\\"liveserve_x\\": 1}"')),
     ("pools", "too few units for max replicas", lambda d: _worker(d, "decision").__setitem__("maxReplicas", 2)),
+    ("pools", "too few gateway pods for the Gateway's max replicas",
+     lambda d: _worker(d, "gateway").__setitem__("maxReplicas", 2)),
     ("pools", "head offers a pool", lambda d: cluster(one(d, "RayService"))["headGroupSpec"]["rayStartParams"]
      .__setitem__("resources", '"{\\"liveserve_gateway\\": 1}"')),
     ("pools", "head takes work", lambda d: cluster(one(d, "RayService"))["headGroupSpec"]["rayStartParams"].pop("num-cpus")),
@@ -536,16 +609,43 @@ BROKEN_CONSISTENCY = [
     ("redis", "REDIS_URL to a wrong host", lambda d: _ray_container(d, "reaction")["env"][0]
      .__setitem__("value", "redis://redis:6379/0")),
     ("grpc", "gRPC Service on another port", lambda d: _grpc_port(d).__setitem__("port", 9000)),
-    ("grpc", "gRPC Service selects the head too", lambda d: next(
-        s for s in services(d) if "liveserve.io/ray-node" in (s["spec"].get("selector") or {}))["spec"]["selector"]
-     .pop("liveserve.io/ray-node")),
-    ("grpc", "a worker without the grpc port", lambda d: _ray_container(d, "decision")["ports"].pop(1)),
-    ("grpc", "a worker without the proxy readiness probe", lambda d: _ray_container(d, "gateway").pop("readinessProbe")),
+    ("grpc", "gRPC Service forwards to the Serve HTTP port", lambda d: _grpc_port(d).__setitem__("targetPort", 8000)),
+    ("grpc", "gRPC Service forwards to a port name the gateway lacks",
+     lambda d: _grpc_port(d).__setitem__("targetPort", "serve")),
+    ("grpc", "gRPC Service selects every worker pod", lambda d: _grpc_service(d)["spec"].__setitem__(
+        "selector", {"app.kubernetes.io/part-of": "liveserve", "liveserve.io/ray-node": "worker"})),
+    ("grpc", "gRPC Service selects every Ray pod", lambda d: _grpc_service(d)["spec"].__setitem__(
+        "selector", {"liveserve.io/ray": "true"})),
+    ("grpc", "gRPC Service selects the decision pool", lambda d: _grpc_service(d)["spec"]["selector"].__setitem__(
+        "liveserve.io/pool", "decision")),
+    ("grpc", "serve config moves the Gateway's port", lambda d: _edit_serve_config(
+        d, "address: 0.0.0.0:50051", "address: 0.0.0.0:50052")),
+    ("grpc", "serve config lets the Gateway pick a port", lambda d: _edit_serve_config(
+        d, "address: 0.0.0.0:50051", "address: 0.0.0.0:0")),
+    ("grpc", "serve config brings back Serve's gRPC proxy", lambda d: _edit_serve_config(
+        d, "proxy_location: EveryNode\n", "proxy_location: EveryNode\ngrpc_options: {port: 50051}\n")),
+    ("grpc", "the gateway without the grpc port", lambda d: _drop_port(d, "gateway", "grpc")),
+    ("grpc", "the gateway's grpc port on another number", lambda d: _port(d, "gateway", "grpc")
+     .__setitem__("containerPort", 50052)),
+    ("grpc", "the gateway without a readiness probe", lambda d: _ray_container(d, "gateway").pop("readinessProbe")),
+    ("grpc", "the gateway with the Serve proxy probe", lambda d: _ray_container(d, "gateway").__setitem__(
+        "readinessProbe", {"httpGet": {"path": "/-/healthz", "port": 8000}})),
+    ("grpc", "the gateway probes another port", lambda d: _ray_container(d, "gateway")["readinessProbe"]["grpc"]
+     .__setitem__("port", 8000)),
+    ("grpc", "the gateway probes a service the server does not report",
+     lambda d: _ray_container(d, "gateway")["readinessProbe"]["grpc"].__setitem__("service", "liveserve")),
+    ("grpc", "a GPU worker declares the grpc port", lambda d: _ray_container(d, "decision")["ports"].append(
+        {"name": "grpc", "containerPort": 50051})),
+    ("grpc", "the head declares the Gateway's port", lambda d: cluster(one(d, "RayService"))["headGroupSpec"][
+        "template"]["spec"]["containers"][0]["ports"].append({"name": "api", "containerPort": 50051})),
+    ("grpc", "a GPU worker without the proxy readiness probe", lambda d: _ray_container(d, "reaction")
+     .pop("readinessProbe")),
+    ("grpc", "the gateway pool gone", lambda d: _set_resources(d, "gateway", '"{\\"liveserve_x\\": 1}"')),
     ("metrics", "ServiceMonitor selects nothing", lambda d: one(d, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
      .__setitem__("app.kubernetes.io/component", "nope")),
     ("metrics", "ServiceMonitor scrapes a port name that does not exist",
      lambda d: one(d, "ServiceMonitor")["spec"]["endpoints"][0].__setitem__("port", "prometheus")),
-    ("metrics", "a Ray pod without the metrics port", lambda d: _ray_container(d, "reaction")["ports"].pop(2)),
+    ("metrics", "a Ray pod without the metrics port", lambda d: _drop_port(d, "reaction", "metrics")),
     ("metrics", "metrics-export-port differs", lambda d: _worker(d, "perception")["rayStartParams"]
      .__setitem__("metrics-export-port", "9090")),
     ("selectors", "Deployment selector off its pods", lambda d: one(d, "Deployment")["spec"]["selector"]["matchLabels"]
