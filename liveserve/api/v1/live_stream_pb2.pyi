@@ -13,6 +13,7 @@ class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACTION_SILENT: _ClassVar[Action]
     ACTION_RESPOND: _ClassVar[Action]
     ACTION_QUERY: _ClassVar[Action]
+    ACTION_SUPPRESSED: _ClassVar[Action]
 
 class Trigger(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -37,6 +38,7 @@ ACTION_UNSPECIFIED: Action
 ACTION_SILENT: Action
 ACTION_RESPOND: Action
 ACTION_QUERY: Action
+ACTION_SUPPRESSED: Action
 TRIGGER_UNSPECIFIED: Trigger
 TRIGGER_PROACTIVE: Trigger
 TRIGGER_QUERY: Trigger
@@ -219,14 +221,16 @@ class ResponseDone(_message.Message):
     def __init__(self, timestamp: _Optional[float] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., text: _Optional[str] = ..., num_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., ttft_s: _Optional[float] = ..., duration_s: _Optional[float] = ...) -> None: ...
 
 class Warning(_message.Message):
-    __slots__ = ("code", "message", "timestamps")
+    __slots__ = ("code", "message", "timestamps", "frame_indexes")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_INDEXES_FIELD_NUMBER: _ClassVar[int]
     code: WarningCode
     message: str
     timestamps: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, code: _Optional[_Union[WarningCode, str]] = ..., message: _Optional[str] = ..., timestamps: _Optional[_Iterable[float]] = ...) -> None: ...
+    frame_indexes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, code: _Optional[_Union[WarningCode, str]] = ..., message: _Optional[str] = ..., timestamps: _Optional[_Iterable[float]] = ..., frame_indexes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")

@@ -1,0 +1,77 @@
+from liveserve.api.v1 import live_stream_pb2 as _live_stream_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SessionSettings(_message.Message):
+    __slots__ = ("threshold", "max_new_tokens", "temperature", "top_p", "seed", "system_prompt", "max_query_tokens", "cache_policy", "positions", "window_frames", "text_window_tokens", "evict_frames", "decisions_only")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EVICT_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    system_prompt: str
+    max_query_tokens: int
+    cache_policy: str
+    positions: str
+    window_frames: int
+    text_window_tokens: int
+    evict_frames: int
+    decisions_only: bool
+    def __init__(self, threshold: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., system_prompt: _Optional[str] = ..., max_query_tokens: _Optional[int] = ..., cache_policy: _Optional[str] = ..., positions: _Optional[str] = ..., window_frames: _Optional[int] = ..., text_window_tokens: _Optional[int] = ..., evict_frames: _Optional[int] = ..., decisions_only: _Optional[bool] = ...) -> None: ...
+
+class OpenRequest(_message.Message):
+    __slots__ = ("session_id", "gateway_id", "settings")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    gateway_id: str
+    settings: SessionSettings
+    def __init__(self, session_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., settings: _Optional[_Union[SessionSettings, _Mapping]] = ...) -> None: ...
+
+class OpenResponse(_message.Message):
+    __slots__ = ("replica_id", "epoch", "limits")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    epoch: int
+    limits: _live_stream_pb2.Limits
+    def __init__(self, replica_id: _Optional[str] = ..., epoch: _Optional[int] = ..., limits: _Optional[_Union[_live_stream_pb2.Limits, _Mapping]] = ...) -> None: ...
+
+class EventsRequest(_message.Message):
+    __slots__ = ("gateway_id",)
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    def __init__(self, gateway_id: _Optional[str] = ...) -> None: ...
+
+class PushAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CloseSession(_message.Message):
+    __slots__ = ("session_id", "epoch", "drain")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    epoch: int
+    drain: bool
+    def __init__(self, session_id: _Optional[str] = ..., epoch: _Optional[int] = ..., drain: _Optional[bool] = ...) -> None: ...
