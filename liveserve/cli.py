@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "gRPC and Ray Serve service paths versus the in-process engine, same load", "1,8")
     service.add_argument("--ray", action="store_true",
                          help="also benchmark the disaggregated Ray Serve application (starts a local Ray)")
+    service.add_argument("--repeats", type=int, default=3,
+                         help="times each session count runs, the paths taking turns (default: 3)")
 
     tiny = sub.add_parser("tiny", help="write a tiny random-weight checkpoint")
     tiny.add_argument("out", help="output directory")
@@ -236,8 +238,10 @@ def cmd_bench_sessions(args) -> int:
     if args.bench == "service":
         from liveserve.bench.service import run_service_bench
 
-        run_service_bench(load(args), sessions=sessions, rounds=args.rounds, warmup=args.warmup, out=args.json_out,
-                          ray_model=args.model if args.ray else None)
+        if args.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+        run_service_bench(load(args), model_ref=args.model, sessions=sessions, rounds=args.rounds, warmup=args.warmup,
+                          out=args.json_out, ray=args.ray, repeats=args.repeats)
         return 0
     from liveserve.bench.batch import run_batch_bench
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -18,11 +19,15 @@ def add_parsers(sub, add_model_options, positive_float) -> None:
                                          "Perception, Decision, Reaction), or one process with --local")
     add_model_options(serve)
     serve.add_argument("--address", default=DEFAULT_ADDRESS,
-                       help=f"host:port of the gRPC API (default: {DEFAULT_ADDRESS}); on Ray the port is the Serve "
-                            "gRPC proxy's, which listens on every interface")
+                       help=f"host:port the gRPC API listens on (default: {DEFAULT_ADDRESS}; 0.0.0.0:PORT for every "
+                            "interface); on Ray every Gateway replica on this host serves it there")
     serve.add_argument("--pool-mb", type=int, help="KV pool size in MiB per Decision replica (default: 25%% of free "
                                                    "GPU memory, 1 GiB on CPU)")
     serve.add_argument("--max-frame-kb", type=int, help="largest accepted frame (default: 4096 KiB)")
+    serve.add_argument("--max-lag-s", type=float, help="a session drops queued frames further behind its stream than "
+                                                       "this, and reports them (default: 2)")
+    serve.add_argument("--tick-ms", type=float, help="a gateway collects frames this long before one Perception call "
+                                                     "(default: 5)")
     _add_ray_options(serve)
 
     client = sub.add_parser("client", help="stream a video over the LiveStream API and print what the model says")
@@ -40,15 +45,17 @@ def add_parsers(sub, add_model_options, positive_float) -> None:
 def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("deployment")
     group.add_argument("--local", action="store_true",
-                       help="one process instead of Ray: gateway and batched engine together (replies inline)")
+                       help="one process instead of Ray: the same Gateway, with Perception, Decision and Reaction "
+                            "in this process")
     group.add_argument("--config", help="Ray Serve config (default: the bundled orchestration/serve_config.yaml)")
     group.add_argument("--reaction-model", help="checkpoint that writes the replies (default: the --model one)")
-    for name in ("decision", "perception", "reaction"):
+    for name in ("gateway", "decision", "perception", "reaction"):
         group.add_argument(f"--{name}-replicas", type=int, metavar="N",
                            help=f"fixed number of {name.capitalize()} replicas (default: the config's)")
     group.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     group.add_argument("--metrics-port", type=int, default=8080,
-                       help="a local Ray's Prometheus endpoint for every service's metrics (default: 8080)")
+                       help="Prometheus endpoint on 127.0.0.1 for every service's metrics: a local Ray's, or with "
+                            "--local this process's (default: 8080; 0 turns it off with --local)")
 
 
 
@@ -97,8 +104,8 @@ def cmd_serve(args, load) -> int:
     logging.basicConfig(level=logging.INFO, format="liveserve: %(message)s")
     if args.local:
         return _serve_local(args, load)
-    port = _port(args.address)
-    app = _start_app(args, port)
+    _port(args.address)
+    app = _start_app(args)
     print(f"liveserve: serving liveserve.api.v1.LiveStream on {app.address} (Ray Serve application "
           f"'liveserve'; Redis {app.redis_url}; metrics {app.metrics_url or 'on each Ray node'}); Ctrl-C to stop",
           file=sys.stderr, flush=True)
@@ -118,7 +125,8 @@ def cmd_demo(args, load) -> int:
     from liveserve.orchestration.launch import free_port
 
     args.metrics_port = free_port()  # a demo must not collide with a server already on 8080
-    app = _start_app(args, free_port())
+    args.address = f"127.0.0.1:{free_port()}"
+    app = _start_app(args)
     print(f"liveserve: demo application on {app.address}; streaming the bundled sample through it",
           file=sys.stderr, flush=True)
     try:
@@ -133,9 +141,8 @@ def _stop(app) -> None:
     app.stop()
 
 
-def _start_app(args, port: int):
-    from liveserve.orchestration.launch import load_config, start
-
+def _settings(args) -> dict:
+    """The application settings the command line overrides (ServiceSettings fields)."""
     settings = {"model": _model_ref(args.model)}
     if args.reaction_model:
         settings["reaction_model"] = _model_ref(args.reaction_model)
@@ -143,12 +150,21 @@ def _start_app(args, port: int):
         settings["pool_mb"] = args.pool_mb
     if getattr(args, "max_frame_kb", None) is not None:
         settings["max_frame_bytes"] = args.max_frame_kb << 10
-    replicas = {name.capitalize(): count for name in ("decision", "perception", "reaction")
+    for name in ("max_lag_s", "tick_ms"):
+        if getattr(args, name, None) is not None:
+            settings[name] = getattr(args, name)
+    return settings
+
+
+def _start_app(args):
+    from liveserve.orchestration.launch import load_config, start
+
+    replicas = {name.capitalize(): count for name in ("gateway", "decision", "perception", "reaction")
                 if (count := getattr(args, f"{name}_replicas")) is not None}
     for name, count in replicas.items():
         if count < 1:
             raise ValueError(f"--{name.lower()}-replicas must be >= 1, got {count}")
-    config = load_config(args.config, grpc_port=port, args=settings, replicas=replicas)
+    config = load_config(args.config, address=args.address, args=_settings(args), replicas=replicas)
     return start(config, ray_address=args.ray_address, metrics_port=args.metrics_port,
                  progress=lambda message: print(f"liveserve: {message}", file=sys.stderr, flush=True))
 
@@ -165,34 +181,51 @@ def _port(address: str) -> int:
     return int(port)
 
 
-def _serve_local(args, load) -> int:
-    from liveserve.config import EngineConfig, PoolConfig
-    from liveserve.services.local import serve_forever, start_local
-    from liveserve.services.stream_service import StreamLimits
+def _local_settings(args, address: str):
+    from liveserve.services.settings import ServiceSettings
 
-    if args.pool_mb is not None and args.pool_mb < 1:
-        raise ValueError(f"--pool-mb must be >= 1, got {args.pool_mb}")
-    max_frame_kb = 4096 if args.max_frame_kb is None else args.max_frame_kb
-    if max_frame_kb < 1:
-        raise ValueError(f"--max-frame-kb must be >= 1, got {max_frame_kb}")
+    if getattr(args, "max_frame_kb", None) is not None and args.max_frame_kb < 1:
+        raise ValueError(f"--max-frame-kb must be >= 1, got {args.max_frame_kb}")
+    settings = {**_settings(args), "address": address}
+    try:
+        return ServiceSettings.from_dict(settings)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("pool_mb", "--pool-mb")) from None
+
+
+def _reaction_model(args, load):
+    """The checkpoint that writes replies, when it is not the decision model."""
+    if not args.reaction_model:
+        return None
+    return load(argparse.Namespace(**{**vars(args), "model": args.reaction_model}))
+
+
+def _serve_local(args, load) -> int:
+    from liveserve.services.local import serve_forever, start_local
+    from liveserve.services.telemetry import serve_metrics
+
+    settings = _local_settings(args, args.address)
     model = load(args)
-    pool = PoolConfig(budget_bytes=args.pool_mb << 20 if args.pool_mb else None)
-    server = start_local(model, args.address, engine_config=EngineConfig(pool=pool),
-                         limits=StreamLimits(max_frame_bytes=max_frame_kb << 10))
-    engine = server.worker.engine
+    server = start_local(model, args.address, settings, reaction_model=_reaction_model(args, load))
+    metrics = ""
+    if args.metrics_port:
+        metrics = f"; metrics http://127.0.0.1:{serve_metrics(f'127.0.0.1:{args.metrics_port}')}/metrics"
+    engine = server.engine
     print(f"liveserve: serving liveserve.api.v1.LiveStream on {server.address} (model {model.name} on "
-          f"{model.device}; KV pool {engine.pool.nbytes / 2**20:.0f} MiB, {engine.kernel} attention); "
-          "Ctrl-C to stop", file=sys.stderr, flush=True)
+          f"{model.device}; KV pool {engine.pool.nbytes / 2**20:.0f} MiB per engine, {engine.kernel} attention"
+          f"{metrics}); Ctrl-C to stop", file=sys.stderr, flush=True)
     serve_forever(server)
     return 0
 
 
 def _demo_local(args, load) -> int:
-    from liveserve.config import EngineConfig, PoolConfig
     from liveserve.services.local import start_local
 
     model = load(args)
-    server = start_local(model, "127.0.0.1:0", engine_config=EngineConfig(pool=PoolConfig(budget_bytes=256 << 20)))
+    settings = _local_settings(args, "127.0.0.1:0")
+    if getattr(args, "pool_mb", None) is None:
+        settings = dataclasses.replace(settings, pool_mb=256)  # two engines' pools: plenty for one stream
+    server = start_local(model, settings.address, settings, reaction_model=_reaction_model(args, load))
     print(f"liveserve: demo server on {server.address} (model {model.name} on {model.device}); "
           "streaming the bundled sample through it", file=sys.stderr, flush=True)
     try:

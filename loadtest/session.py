@@ -4,6 +4,8 @@ The sender and the receiver are separate tasks on the call, as in a real client:
 wall-clock schedule (frame k at first-frame + k / fps) whatever the server answers, so a slow server
 shows up as latency, lag and dropped frames rather than as a client that politely slows down.
 All times are `time.perf_counter()` (monotonic); reported instants are seconds since the level began.
+Frames are matched to their decisions by `frame_index` (the frame's number in this stream), never by
+timestamp, so frames with equal timestamps are told apart.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import grpc
@@ -41,7 +43,7 @@ class SessionRecord:
     lag_s: array = field(default_factory=lambda: array("d"))  # decision arrival - the frame's due time
     server_lag_s: array = field(default_factory=lambda: array("d"))
     send_slip_s: array = field(default_factory=lambda: array("d"))
-    dropped: set[float] = field(default_factory=set)  # frame timestamps the server reported dropped
+    dropped: set[int] = field(default_factory=set)  # frame indexes the server reported dropped
     undecided: int = 0
     ttft: list[tuple[str, float]] = field(default_factory=list)  # (trigger, seconds)
     tpot_s: list[float] = field(default_factory=list)
@@ -74,9 +76,9 @@ class SessionDriver:
         self.queries = query_schedule(config.seed, index, config.queries_per_min, config.duration_s)
         self.record = SessionRecord(index, config.frames_per_session)
         self._t0 = 0.0  # due time of frame 0
-        self._sent_at: dict[float, float] = {}  # frame timestamp -> send time, until decided or dropped
-        self._query_sent_at: dict[float, float] = {}
-        self._fired_at: dict[float, float] = {}  # fired frame timestamp -> decision arrival
+        self._sent_at: dict[int, float] = {}  # frame index -> send time, until decided or dropped
+        self._query_sent_at: deque[float] = deque()  # send times of queries not answered yet, in order
+        self._fired_at: float | None = None  # arrival of the latest fired decision (one reply at a time)
         self._reply: _Reply | None = None
         self.clock = time.perf_counter  # replaceable, so the accounting can be tested with exact times
 
@@ -176,12 +178,12 @@ class SessionDriver:
                 return
             now = self.clock()
             if index is None:
-                self._query_sent_at[stream_t] = now
+                self._query_sent_at.append(now)
                 await call.write(pb.ClientMessage(query=pb.Query(timestamp=stream_t, text=text)))
                 record.queries_sent += 1
                 continue
             record.send_slip_s.append(now - due)
-            self._sent_at[stream_t] = now
+            self._sent_at[record.frames_sent] = now  # the server numbers frames in the order they are sent
             await call.write(pb.ClientMessage(frame=pb.Frame(
                 timestamp=stream_t, image=self.bank.frame(self.index, index, fps))))
             record.frames_sent += 1
@@ -196,7 +198,10 @@ class SessionDriver:
             elif kind == "response_started":
                 started = message.response_started
                 trigger = _TRIGGERS.get(started.trigger, "proactive")
-                at = (self._query_sent_at if trigger == "query" else self._fired_at).pop(started.timestamp, None)
+                if trigger == "query":  # queries are answered in the order they were sent
+                    at = self._query_sent_at.popleft() if self._query_sent_at else None
+                else:
+                    at, self._fired_at = self._fired_at, None
                 self._reply = _Reply(trigger, at)
             elif kind == "response_delta" and self._reply is not None:
                 reply = self._reply
@@ -215,7 +220,7 @@ class SessionDriver:
                 self.record.closed = True
 
     def _on_decision(self, decision: pb.Decision, now: float) -> None:
-        sent = self._sent_at.pop(decision.timestamp, None)
+        sent = self._sent_at.pop(decision.frame_index, None)
         if sent is None:
             return  # not a frame this session sent (or already counted): nothing to time
         record = self.record
@@ -224,7 +229,7 @@ class SessionDriver:
         record.lag_s.append(now - (self._t0 + decision.timestamp))
         record.server_lag_s.append(decision.lag_s)
         if decision.fired:
-            self._fired_at[decision.timestamp] = now
+            self._fired_at = now
         self.live.frames_decided += 1
         self.live.latency.add(now - sent)
 
@@ -240,7 +245,9 @@ class SessionDriver:
     def _on_warning(self, warning: pb.Warning) -> None:
         self.record.warnings[pb.WarningCode.Name(warning.code).removeprefix("WARNING_CODE_")] += 1
         if warning.code == pb.WARNING_CODE_FRAME_DROPPED:
-            for timestamp in warning.timestamps:
-                if self._sent_at.pop(timestamp, None) is not None:
-                    self.record.dropped.add(timestamp)
+            for index in warning.frame_indexes:
+                if self._sent_at.pop(index, None) is not None:
+                    self.record.dropped.add(index)
                     self.live.frames_dropped += 1
+        elif warning.code == pb.WARNING_CODE_BAD_QUERY and self._query_sent_at:
+            self._query_sent_at.popleft()  # refused: it will not be answered

@@ -2,9 +2,9 @@
 server), then the deployments from a Serve config, and wait until every one is running.
 
 The config is Ray Serve's own format (orchestration/serve_config.yaml), so the same file runs here and
-inside a KubeRay RayService. Local runs override a few fields: the gRPC port, the HTTP proxy's port
-(a free one, on 127.0.0.1), application args and replica counts, and REDIS_URL in the application's
-runtime environment.
+inside a KubeRay RayService. Local runs override a few fields: the address the Gateway replicas serve the
+public gRPC API on, the HTTP proxy's port (a free one, on 127.0.0.1), application args and replica
+counts, and REDIS_URL in the application's runtime environment.
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ class LaunchError(RuntimeError):
     """The application could not be started; the message says what failed and where to look."""
 
 
-def load_config(path: str | Path | None = None, *, grpc_port: int | None = None, args: dict | None = None,
+def load_config(path: str | Path | None = None, *, address: str | None = None, args: dict | None = None,
                 replicas: dict[str, int] | None = None, deployments: dict[str, dict] | None = None,
                 env: dict[str, str] | None = None) -> dict:
     """The Serve config at `path` (default: the bundled one) with local overrides applied and checked:
-    application `args`, fixed `replicas` per deployment (replacing its autoscaling), other deployment
-    options by name (e.g. an autoscaling_config), and environment variables for every replica."""
+    the public API's `address` (host:port the Gateway replicas listen on), application `args`, fixed
+    `replicas` per deployment (replacing its autoscaling), other deployment options by name (e.g. an
+    autoscaling_config), and environment variables for every replica."""
     from ray.serve.schema import ServeDeploySchema
 
     path = Path(path) if path else DEFAULT_CONFIG
@@ -52,6 +53,8 @@ def load_config(path: str | Path | None = None, *, grpc_port: int | None = None,
     config = copy.deepcopy(config)
     app = _app(config, path)
     app["args"] = {**(app.get("args") or {}), **(args or {})}
+    if address is not None:
+        app["args"]["address"] = address
     try:
         ServiceSettings.from_dict(app["args"])
     except (TypeError, ValueError) as exc:
@@ -65,8 +68,6 @@ def load_config(path: str | Path | None = None, *, grpc_port: int | None = None,
         entry["num_replicas"] = count
     if env:
         app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
-    if grpc_port is not None:
-        config.setdefault("grpc_options", {})["port"] = grpc_port
     try:
         ServeDeploySchema.model_validate(config)
     except Exception as exc:
@@ -93,7 +94,7 @@ def _app(config: dict, path: Path) -> dict:
 class RunningApp:
     """A started application; `stop` tears down what this process started (and only that)."""
 
-    address: str  # host:port of the public gRPC API
+    address: str  # host:port to reach the public gRPC API from this host
     redis_url: str
     config: dict
     redis: EmbeddedRedis | None = None
@@ -125,7 +126,7 @@ def start(config: dict, *, ray_address: str | None = None, redis_url: str | None
     `redis_url` or REDIS_URL when set, else starts an embedded Redis."""
     import ray
     from ray import serve
-    from ray.serve.config import HTTPOptions, gRPCOptions
+    from ray.serve.config import HTTPOptions
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
@@ -149,13 +150,12 @@ def start(config: dict, *, ray_address: str | None = None, redis_url: str | None
             local = {} if address else {"resources": POOL_RESOURCES, "_metrics_export_port": metrics_port}
             ray.init(address=address, namespace="serve", include_dashboard=False, log_to_driver=log_to_driver,
                      configure_logging=False, **local)
-        grpc = config.get("grpc_options") or {}
         http = {**(config.get("http_options") or {})}
         if not address:
             http.update(host="127.0.0.1", port=free_port())  # local: no fixed HTTP port to collide on
-        serve.start(proxy_location=config.get("proxy_location", "EveryNode"), http_options=HTTPOptions(**http),
-                    grpc_options=gRPCOptions(**grpc))
-        running = RunningApp(f"127.0.0.1:{grpc.get('port', 9000)}", redis_url, config, redis_server, started_ray,
+        serve.start(proxy_location=config.get("proxy_location", "EveryNode"), http_options=HTTPOptions(**http))
+        running = RunningApp(_reachable(ServiceSettings.from_dict(app.get("args")).address), redis_url, config,
+                             redis_server, started_ray,
                              metrics_url=f"http://127.0.0.1:{metrics_port}/metrics" if started_ray and not address
                              else _metrics_url())
         progress(f"deploying {APP_NAME} ({', '.join(d['name'] for d in app['deployments'])})")
@@ -171,6 +171,12 @@ def start(config: dict, *, ray_address: str | None = None, redis_url: str | None
             if redis_server is not None:
                 redis_server.stop()
         raise
+
+
+def _reachable(address: str) -> str:
+    """The Gateways' listening address as this host dials it (a wildcard host means this host)."""
+    host, _, port = address.rpartition(":")
+    return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '[::]') else host}:{port}"
 
 
 def _metrics_url() -> str:

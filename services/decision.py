@@ -1,13 +1,14 @@
-"""Decision: each session's KV cache on this replica's device, frames stepped in batches, one streaming-EOS
-decision per frame.
+"""Decision: each session's KV cache on this replica's device, frames of all sessions stepped in batches,
+one streaming-EOS decision per frame.
 
-Sessions run with replies="external": when one fires (or meets a query) this replica hands the reply to
-Reaction and keeps stepping the session's frames while the reply streams back; the session does not fire
-again until the reply is done, and the finished text is appended to its cache. Reaction is kept up to
-date incrementally: each call carries only the frames it has not seen.
+Sessions run with replies="external": when one fires (or meets a query) it reports ReplyWanted and
+keeps deciding frames; the gateway has Reaction write the reply and hands the finished text back
+(ReplyText). The engine then puts the reply right after its trigger and re-appends the frames decided
+meanwhile, so the cache keeps the token order the model was trained on. Frames that wanted to fire
+during a reply are reported as SUPPRESSED: one reply at a time.
 
-The session record in Redis names this replica as owner under a fencing epoch; every write (heartbeat,
-last timestamp, history) is fenced, and calls carrying another epoch are refused.
+With a registry (Redis), each session's record names this replica as owner under a fencing epoch; every
+write (heartbeat, last timestamp, history) is fenced, and a session whose record was taken over stops.
 """
 
 from __future__ import annotations
@@ -15,329 +16,252 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import grpc
-from opentelemetry import trace
 from opentelemetry.trace import Span
-from ray import serve
 
-from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.config import EngineConfig, SessionConfig
 from liveserve.engine.batch import BatchEngine
-from liveserve.engine.events import FrameDecision, FramesDropped, ReplyRequested, SessionFailed
+from liveserve.engine.events import Event, FrameDecision, FramesDropped, ReplyRequested, SessionFailed
 from liveserve.engine.inputs import SessionError
 from liveserve.engine.session import Session
-from liveserve.internal.v1 import decision_pb2 as dpb
-from liveserve.internal.v1 import reaction_pb2 as rpb
-from liveserve.services import tensors
+from liveserve.model.live import LiveModel
+from liveserve.services import contracts as c
 from liveserve.services.engine_worker import EngineWorker
-from liveserve.services.messages import TRIGGERS, session_config, to_message, warning
-from liveserve.services.redis_server import connect
+from liveserve.services.outbox import Outboxes
 from liveserve.services.registry import RegistryError, SessionRegistry
-from liveserve.services.replica import load_replica_model, replica_id
-from liveserve.services.routing import SESSION_ROUTER
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.telemetry import DecisionMetrics, GpuMetrics, sample_periodically
-from liveserve.services.tracing import extract, inject, tracer
+from liveserve.services.tracing import carried, extract, tracer
 
 log = logging.getLogger(__name__)
-FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+_FAILURES = {"cache_full": grpc.StatusCode.RESOURCE_EXHAUSTED, "internal": grpc.StatusCode.INTERNAL}
 
 
 @dataclass(slots=True)
-class _InFlight:
-    """A frame pushed and not yet decided."""
+class _Held:
+    """A session this replica holds."""
 
-    received_at: float  # Unix time the gateway received it
-    span: Span  # decision.decide, push -> decision
-
-
-@dataclass(slots=True)
-class _Served:
     session_id: str
+    gateway_id: str
     epoch: int
-    open: pb.Open
     session: Session  # the engine's session, kept for its counters after the engine lets go of it
-    out: asyncio.Queue  # ServerMessages for the Events stream; None ends it
-    in_flight: dict[float, _InFlight] = field(default_factory=dict)  # by frame timestamp
-    # trace context of recent frames and queries, by timestamp: a reply's trace hangs under its trigger
-    contexts: OrderedDict = field(default_factory=OrderedDict)
-    unsynced: list[dpb.FrameFeatures] = field(default_factory=list)  # frames Reaction has not seen
-    synced: int = 0  # frames sent to Reaction so far
-    reaction_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one Reaction call at a time, in order
-    tasks: set[asyncio.Task] = field(default_factory=set)
+    decide_spans: dict[int, Span] = field(default_factory=dict)  # frame id -> decision.decide (traced frames)
+    trigger_traces: dict[float, c.Trace] = field(default_factory=dict)  # query timestamp -> its trace
     last_timestamp: float | None = None
+    reply_at: float = 0.0  # stream time of the trigger whose reply is awaited (the history's timestamp)
+    failure: tuple[int, str] | None = None  # (grpc status value, message) when the engine failed it
 
 
-@serve.deployment(name="Decision", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096,
-                  request_router_config=SESSION_ROUTER)
-class Decision:
-    def __init__(self, reaction, settings: dict | None = None) -> None:
-        self.settings = ServiceSettings.from_dict(settings)
-        self.model = load_replica_model(self.settings.model, vision=False, threads=self.settings.threads)
-        self.engine = BatchEngine(self.model, EngineConfig(pool=self.settings.pool(), scheduler=self.settings.scheduler()))
+class DecisionService:
+    def __init__(self, model: LiveModel, settings: ServiceSettings, replica: str,
+                 registry: SessionRegistry | None = None) -> None:
+        self.model, self.settings, self.replica, self.registry = model, settings, replica, registry
+        self.engine = BatchEngine(model, settings.engine_config())
         self.metrics, self.gpu, self.tracer = DecisionMetrics(), GpuMetrics(), tracer("decision")
-        self.worker = EngineWorker(self.engine, on_step=self.metrics.record_step)
-        self.defaults = self.settings.session_defaults()
-        self.reaction = reaction
-        self.replica = replica_id()
-        self.redis, _ = connect()  # REDIS_URL: the application's runtime environment names it
-        self.registry = SessionRegistry(self.redis, ttl_s=self.settings.session_ttl_s,
-                                        closed_ttl_s=self.settings.closed_ttl_s)
-        self.sessions: dict[str, _Served] = {}
-        self._background: list[asyncio.Task] = []  # started with the first session, on the replica's loop
+        self.sessions: dict[str, _Held] = {}
+        self.outboxes = Outboxes(self._gateway_gone)
+        self._worker: EngineWorker | None = None  # started on the serving loop by the first call
+        self._background: list[asyncio.Task] = []
 
-    # ---- calls from the gateway --------------------------------------------------------------------------
-
-    async def Open(self, request: dpb.OpenRequest) -> dpb.OpenResponse:
-        """Admit the session here (PoolFullError when the KV pool has no room) and register it in Redis."""
-        config = session_config(request.open, self.defaults)
-        config = dataclasses.replace(config, replies="none" if config.replies == "none" else "external")
-        sid, events = request.session_id, asyncio.Queue()
-        await asyncio.to_thread(self.worker.open, sid, config, events, asyncio.get_running_loop())
-        try:
-            record = await asyncio.to_thread(self.registry.create, sid, self.replica, _config_record(config))
-        except Exception:
-            self.worker.close(sid)
-            raise
-        served = _Served(sid, record.epoch, request.open, self.engine.session(sid), asyncio.Queue())
-        self.sessions[sid] = served
-        if not self._background:
+    def _start(self) -> EngineWorker:
+        if self._worker is None:
             loop = asyncio.get_running_loop()
-            self._background = [loop.create_task(self._heartbeat_loop()),
-                                loop.create_task(sample_periodically(self._sample_metrics))]
-        self._spawn(served, self._pump(served, events))
-        limits = pb.Limits(max_query_tokens=config.max_query_tokens, max_new_tokens=config.max_new_tokens,
-                           max_lag_s=self.engine.config.scheduler.max_lag_s or 0.0,
-                           tokens_per_frame=self.model.layout.num_tokens + 1)
-        return dpb.OpenResponse(replica_id=self.replica, epoch=record.epoch, limits=limits)
+            self._worker = EngineWorker(self.engine, loop, self._deliver, self._ended,
+                                        on_step=self.metrics.record_step, name="decision-engine")
+            self._background = [loop.create_task(sample_periodically(self._sample_metrics))]
+            if self.registry is not None:
+                self._background.append(loop.create_task(self._heartbeat_loop()))
+        return self._worker
 
-    async def Push(self, request: dpb.PushRequest, route_to: str = "") -> dpb.PushResponse:
-        """A frame's features, a query, or close. Bad input raises SessionError (the session goes on)."""
-        served = self._served(request.session_id, request.epoch)
-        kind = request.WhichOneof("kind")
-        if kind == "frame":
-            frame = request.frame
-            self.worker.push_frame(served.session_id, frame.timestamp, tensors.from_message(frame.features))
-            span = self.tracer.start_span("decision.decide", context=extract(request.trace_context),
-                                          attributes={"liveserve.session_id": served.session_id,
-                                                      "liveserve.frame_timestamp": frame.timestamp})
-            served.in_flight[frame.timestamp] = _InFlight(frame.received_at, span)
-            _remember(served.contexts, frame.timestamp, trace.set_span_in_context(span))
-            served.unsynced.append(frame)
-            served.last_timestamp = frame.timestamp
-            if len(served.unsynced) >= self.settings.reaction_sync_frames and not served.reaction_lock.locked():
-                self._spawn(served, self._sync_reaction(served))
-        elif kind == "query":
-            self.worker.push_query(served.session_id, request.query.timestamp, request.query.text)
-            _remember(served.contexts, request.query.timestamp, extract(request.trace_context))
-            self._spawn(served, self._record_turn(served, request.query.timestamp, "user", request.query.text))
-        elif kind == "close":
-            drain_s = self.settings.drain_timeout_s if request.close.drain else 0.0
-            self.worker.close_when_drained(served.session_id, drain_s)
+    # ---- the seam: open, push, events ---------------------------------------------------------------------
+
+    async def open(self, request: c.OpenSession) -> c.SessionPlaced:
+        """Admit the session here (PoolFullError when the KV pool has no room) and register it."""
+        worker = self._start()
+        config = request.config
+        config = dataclasses.replace(config, replies="none" if config.replies == "none" else "external")
+        sid = request.session_id
+        session = await asyncio.to_thread(worker.open, sid, config)
+        epoch = 1
+        if self.registry is not None:
+            record = {"threshold": config.threshold, "max_new_tokens": config.max_new_tokens,
+                      "cache_policy": config.cache.policy, "window_frames": config.cache.window_frames,
+                      "gateway": request.gateway_id}
+            try:
+                epoch = (await asyncio.to_thread(self.registry.create, sid, self.replica, record)).epoch
+            except Exception:
+                worker.close(sid)
+                raise
+        self.sessions[sid] = _Held(sid, request.gateway_id, epoch, session)
+        limits = c.Limits(max_query_tokens=config.max_query_tokens, max_new_tokens=config.max_new_tokens,
+                          max_lag_s=self.engine.config.scheduler.max_lag_s or 0.0,
+                          tokens_per_frame=self.model.layout.num_tokens + 1)
+        return c.SessionPlaced(sid, self.replica, epoch, limits)
+
+    async def push(self, push: c.DecisionPush) -> None:
+        """Apply a gateway's commands in order. A command that cannot be applied becomes a Refused event
+        for its session; the others go on."""
+        worker = self._start()
+        for command in push.commands:
+            held = self.sessions.get(command.session_id)
+            if held is None or held.epoch != command.epoch:
+                where = "unknown" if held is None else f"at epoch {held.epoch}, not {command.epoch},"
+                self.outboxes.put(push.gateway_id, c.Refused(command.session_id, _input_kind(command),
+                                                             getattr(command, "frame_id", -1),
+                                                             f"session {command.session_id!r} is {where} on "
+                                                             f"decision replica {self.replica}"))
+                continue
+            try:
+                self._apply(worker, held, command)
+            except SessionError as exc:
+                self.outboxes.put(held.gateway_id, c.Refused(held.session_id, _input_kind(command),
+                                                             getattr(command, "frame_id", -1), str(exc)))
+        self.engine.wake()  # once for the whole push, so one step takes every session in it
+
+    def events(self, gateway_id: str):
+        """The events of `gateway_id`'s sessions here, a batch at a time, until the gateway cancels."""
+        return self.outboxes.stream(gateway_id)
+
+    def _apply(self, worker: EngineWorker, held: _Held, command: c.DecisionCommand) -> None:
+        sid, session = held.session_id, held.session
+        if isinstance(command, c.FrameFeatures):
+            session.push_frame(command.timestamp, command.features, frame_id=command.frame_id)
+            held.last_timestamp = command.timestamp
+            if command.trace:
+                held.decide_spans[command.frame_id] = self.tracer.start_span(
+                    "decision.decide", context=extract(command.trace),
+                    attributes={"liveserve.session_id": sid, "liveserve.frame_timestamp": command.timestamp})
+        elif isinstance(command, c.QueryText):
+            session.push_query(command.timestamp, command.text)
+            if command.trace:
+                held.trigger_traces[command.timestamp] = command.trace
+            self._record_turn(held, command.timestamp, "user", command.text)
+        elif isinstance(command, c.ReplyText):
+            session.push_reply(command.text, command.token_ids)
+            if command.text:
+                self._record_turn(held, held.reply_at, "assistant", command.text)
         else:
-            raise SessionError("an empty push")
-        return dpb.PushResponse()
+            worker.close_when_drained(sid, self.settings.drain_timeout_s if command.drain else 0.0)
 
-    async def Events(self, request: dpb.EventsRequest, route_to: str = ""):
-        """The session's messages; whatever is queued when the stream is ready goes as one batch (under
-        load that is many reply deltas and decisions per hop instead of one)."""
-        served = self._served(request.session_id, request.epoch)
-        while True:
-            batch = dpb.EventBatch(messages=[message] if (message := await served.out.get()) is not None else [])
-            while message is not None and not served.out.empty():
-                if (message := served.out.get_nowait()) is not None:
-                    batch.messages.append(message)
-            if batch.messages:
-                yield batch
-            if message is None:
-                return
+    # ---- engine events -> the gateways' outboxes (on the serving loop) ------------------------------------
 
-    async def Sessions(self, route_to: str = "") -> dict[str, dict]:
-        """This replica's sessions and how far each got (operators' tools, and tests of stickiness)."""
-        report = {}
-        for sid, served in self.sessions.items():
-            report[sid] = {"epoch": served.epoch, "replica": self.replica,
-                           "frames_decided": served.session.frames_decided,
-                           "awaiting_reply": served.session.awaiting_reply}
-        return report
+    def _deliver(self, events: list[tuple[str, Event]]) -> None:
+        for sid, event in events:
+            held = self.sessions.get(sid)
+            if held is not None and (translated := self._translate(held, event)) is not None:
+                self.outboxes.put(held.gateway_id, translated)
 
-    def record_autoscaling_stats(self) -> dict:
-        """What the Decision pool scales on (services/autoscaling.py): sessions held, KV pool reserved."""
-        return {"sessions": float(len(self.sessions)), "kv_used_fraction": self.engine.pool.reserved_fraction}
-
-    def record_routing_stats(self) -> dict:
-        """What the router places new sessions by: the free share of the KV pool, and sessions held."""
-        return {"sessions": len(self.sessions), "free_fraction": 1.0 - self.engine.pool.reserved_fraction}
-
-    # ---- a session's events ----------------------------------------------------------------------------
-
-    async def _pump(self, served: _Served, events: asyncio.Queue) -> None:
-        """Engine events -> the session's Events stream; a reply request starts a Reaction call."""
-        sid = served.session_id
-        try:
-            while (event := await events.get()) is not None:
-                if isinstance(event, ReplyRequested):
-                    self.metrics.responses.inc(tags={"trigger": event.trigger})
-                    self._spawn(served, self._reply(served, event))
-                    continue
-                message = to_message(event)
-                if isinstance(event, FrameDecision):  # frame-to-decision from the gateway's receipt of the frame
-                    self.metrics.frames_decided.inc()
-                    pending = served.in_flight.pop(event.timestamp, None)
-                    if pending is not None:
-                        message.decision.lag_s = max(0.0, time.time() - pending.received_at)
-                        self.metrics.frame_to_decision.observe(message.decision.lag_s)
-                        pending.span.set_attributes({"liveserve.p_silent": event.p_silent, "liveserve.fired": event.fired,
-                                                     "liveserve.action": event.action})
-                        pending.span.end()
-                elif isinstance(event, FramesDropped):
-                    self.metrics.frames_dropped.inc(len(event.timestamps))
-                    for timestamp in event.timestamps:
-                        pending = served.in_flight.pop(timestamp, None)
-                        if pending is not None:
-                            pending.span.set_attribute("liveserve.dropped", True)
-                            pending.span.end()
-                elif isinstance(event, SessionFailed):
-                    self.worker.close_when_drained(sid, 0)
-                served.out.put_nowait(message)
-        finally:
-            for pending in served.in_flight.values():  # never decided: the session ended first
-                pending.span.end()
-            session = served.session
-            await asyncio.gather(*(t for t in served.tasks if t is not asyncio.current_task()),
-                                 return_exceptions=True)
-            served.out.put_nowait(pb.ServerMessage(closed=pb.SessionClosed(
-                frames_decided=session.frames_decided, frames_dropped=session.frames_dropped,
-                responses=session.responses)))
-            served.out.put_nowait(None)
-            self.sessions.pop(sid, None)
-            await self._quietly(self.registry.close, sid, self.replica, served.epoch)
-            try:
-                await self.reaction.Close.remote(rpb.CloseRequest(session_id=sid))
-            except Exception:
-                log.warning("closing session %s on its Reaction replica failed", sid, exc_info=True)
-
-    async def _reply(self, served: _Served, event: ReplyRequested) -> None:
-        """Have Reaction write the reply, stream it to the client, then append it to the session's cache."""
-        text = ""
-        parent = served.contexts.get(event.timestamp)
-        async with served.reaction_lock:
-            request = self._respond_request(served, upto=event.timestamp)
-            request.trigger, request.timestamp, request.query = TRIGGERS[event.trigger], event.timestamp, event.query or ""
-            span = self.tracer.start_span("decision.reply", context=parent,
-                                          attributes={"liveserve.session_id": served.session_id,
-                                                      "liveserve.trigger": event.trigger})
-            inject(request.trace_context, span)
-            try:
-                replies = self.reaction.options(stream=True).Respond.remote(request)
-                while True:  # each piece of the reply must come within the call timeout
-                    try:
-                        message = await asyncio.wait_for(anext(replies), self.settings.call_timeout_s)
-                    except StopAsyncIteration:
-                        break
-                    if message.WhichOneof("kind") == "response_done":
-                        text = message.response_done.text
-                    served.out.put_nowait(message)
-            except Exception as exc:
-                log.warning("reply for session %s at %.3fs failed", served.session_id, event.timestamp, exc_info=True)
-                served.out.put_nowait(warning(pb.WARNING_CODE_UNSPECIFIED,
-                                              f"the reply at {event.timestamp:.3f}s failed: {_reason(exc)}"))
-                span.record_exception(exc)
-            finally:
+    def _translate(self, held: _Held, event: Event) -> c.DecisionEvent | None:
+        sid = held.session_id
+        if isinstance(event, FrameDecision):
+            self.metrics.frames_decided.inc()
+            self.metrics.decision_latency.observe(event.lag_s)
+            trace_context = c.NO_TRACE
+            span = held.decide_spans.pop(event.frame_index, None)
+            if span is not None:
+                span.set_attributes({"liveserve.p_silent": event.p_silent, "liveserve.fired": event.fired,
+                                     "liveserve.action": event.action})
+                trace_context = carried(span)
                 span.end()
-        try:
-            self.worker.engine.push_reply(served.session_id, text)
-        except SessionError:  # closed meanwhile
+            return c.Decided(sid, event.frame_index, event.timestamp, event.p_silent, event.fired,
+                             c.Action(event.action), trace_context)
+        if isinstance(event, FramesDropped):
+            self.metrics.frames_dropped.inc(len(event.timestamps))
+            for frame_id in event.frame_ids:
+                span = held.decide_spans.pop(frame_id, None)
+                if span is not None:
+                    span.set_attribute("liveserve.dropped", True)
+                    span.end()
+            return c.Dropped(sid, tuple(event.frame_ids), tuple(event.timestamps), event.reason)
+        if isinstance(event, ReplyRequested):
+            self.metrics.responses.inc(tags={"trigger": event.trigger})
+            held.reply_at = event.timestamp
+            trace_context = held.trigger_traces.pop(event.timestamp, c.NO_TRACE) if event.trigger == "query" else ()
+            return c.ReplyWanted(sid, c.Trigger(event.trigger), event.timestamp, event.query or "",
+                                 event.frame_index, trace_context)
+        if isinstance(event, SessionFailed):
+            held.failure = (_FAILURES[event.code].value[0], event.message)
+            self._worker.close_when_drained(sid, 0)
+            return None  # SessionEnded follows, with the status and the message
+        raise TypeError(f"a Decision session reported {type(event).__name__}")
+
+    def _ended(self, session_id: str, session: Session) -> None:
+        held = self.sessions.pop(session_id, None)
+        if held is None:
             return
-        if text:
-            await self._record_turn(served, event.timestamp, "assistant", text)
+        for span in held.decide_spans.values():  # never decided: the session ended first
+            span.end()
+        self.metrics.frames_replayed.inc(session.frames_replayed)
+        code, message = held.failure or (0, "")
+        self.outboxes.put(held.gateway_id, c.SessionEnded(
+            session_id, session.frames_decided, session.frames_dropped, session.responses, session.frames_replayed,
+            code, message))
+        if self.registry is not None:
+            self._write_registry(self.registry.close, session_id, self.replica, held.epoch)
 
-    async def _sync_reaction(self, served: _Served) -> None:
-        """Send Reaction the frames it has not seen, so a later reply starts from an up-to-date cache."""
-        async with served.reaction_lock:
-            request = self._respond_request(served, upto=None)
-            if not request.frames:
-                return
+    def _gateway_gone(self, gateway_id: str) -> None:
+        """The gateway's event stream ended: nobody will read its sessions' events, so they close now."""
+        for held in list(self.sessions.values()):
+            if held.gateway_id == gateway_id and self._worker is not None:
+                self._worker.close_when_drained(held.session_id, 0)
+
+    # ---- registry, metrics, introspection ------------------------------------------------------------------
+
+    def _record_turn(self, held: _Held, timestamp: float, role: str, text: str) -> None:
+        if self.registry is not None:
+            self._write_registry(self.registry.record, held.session_id, self.replica, held.epoch,
+                                 turn={"t": timestamp, "role": role, "text": text})
+
+    def _write_registry(self, write, *args, **kwargs) -> None:
+        async def write_quietly() -> None:
             try:
-                async for _ in self.reaction.options(stream=True).Respond.remote(request):
-                    pass
+                await asyncio.to_thread(write, *args, **kwargs)
             except Exception:
-                log.warning("syncing session %s to Reaction failed", served.session_id, exc_info=True)
+                log.warning("registry write %s failed", write.__name__, exc_info=True)
 
-    def _respond_request(self, served: _Served, upto: float | None) -> "rpb.RespondRequest":
-        count = len(served.unsynced) if upto is None else sum(1 for f in served.unsynced if f.timestamp <= upto)
-        frames, served.unsynced = served.unsynced[:count], served.unsynced[count:]
-        request = rpb.RespondRequest(session_id=served.session_id, open=served.open, first_frame_index=served.synced,
-                                     frames=frames)
-        served.synced += count
-        return request
-
-    # ---- bookkeeping -----------------------------------------------------------------------------------
-
-    def _served(self, session_id: str, epoch: int) -> _Served:
-        served = self.sessions.get(session_id)
-        if served is None:
-            raise SessionError(f"unknown session {session_id!r} on decision replica {self.replica}")
-        if epoch != served.epoch:
-            raise SessionError(f"session {session_id!r} is at epoch {served.epoch} here, not {epoch}")
-        return served
-
-    def _spawn(self, served: _Served, coroutine) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        served.tasks.add(task)
-        task.add_done_callback(served.tasks.discard)
-
-    async def _record_turn(self, served: _Served, timestamp: float, role: str, text: str) -> None:
-        await self._quietly(self.registry.record, served.session_id, self.replica, served.epoch,
-                            turn={"t": timestamp, "role": role, "text": text})
+        task = asyncio.get_running_loop().create_task(write_quietly())
+        self._background.append(task)
+        task.add_done_callback(self._background.remove)
 
     async def _heartbeat_loop(self) -> None:
-        """Keep owned sessions' records alive and their last timestamps current; a session whose record
-        was taken over (stale epoch) is stopped here."""
+        """Keep owned sessions' records alive and their last timestamps current; a session whose record was
+        taken over (stale epoch) is stopped here."""
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
-            for served in list(self.sessions.values()):
+            for held in list(self.sessions.values()):
                 try:
-                    await asyncio.to_thread(self.registry.record, served.session_id, self.replica, served.epoch,
-                                            last_timestamp=served.last_timestamp)
+                    await asyncio.to_thread(self.registry.record, held.session_id, self.replica, held.epoch,
+                                            last_timestamp=held.last_timestamp)
                 except RegistryError as exc:
-                    log.warning("session %s lost its registry record: %s", served.session_id, exc)
-                    served.out.put_nowait(pb.ServerMessage(error=pb.Error(code=FAILED_PRECONDITION, message=str(exc))))
-                    self.worker.close_when_drained(served.session_id, 0)
+                    log.warning("session %s lost its registry record: %s", held.session_id, exc)
+                    held.failure = (grpc.StatusCode.FAILED_PRECONDITION.value[0], str(exc))
+                    self._worker.close_when_drained(held.session_id, 0)
                 except Exception:
-                    log.warning("heartbeat for session %s failed", served.session_id, exc_info=True)
+                    log.warning("heartbeat for session %s failed", held.session_id, exc_info=True)
 
     def _sample_metrics(self) -> None:
         self.metrics.record_state(self.engine)
         self.gpu.sample()
 
-    async def _quietly(self, write, *args, **kwargs) -> None:
-        try:
-            await asyncio.to_thread(write, *args, **kwargs)
-        except Exception:
-            log.warning("registry write %s failed", getattr(write, "__name__", write), exc_info=True)
+    def report(self) -> dict[str, dict]:
+        """This replica's sessions and how far each got (operators' tools, and tests of stickiness)."""
+        return {sid: {"epoch": held.epoch, "replica": self.replica, "gateway": held.gateway_id,
+                      "frames_decided": held.session.frames_decided, "awaiting_reply": held.session.awaiting_reply,
+                      "cache_tokens": held.session.cache.length, "frames_replayed": held.session.frames_replayed}
+                for sid, held in self.sessions.items()}
 
-    def __del__(self) -> None:
-        worker = getattr(self, "worker", None)
-        if worker is not None:
-            worker.stop()
+    def load(self) -> dict:
+        """What routing and autoscaling go by: sessions held and the KV pool's reserved share."""
+        return {"sessions": len(self.sessions), "kv_used_fraction": self.engine.pool.reserved_fraction,
+                "free_fraction": 1.0 - self.engine.pool.reserved_fraction}
 
-
-def _remember(contexts: OrderedDict, timestamp: float, context, keep: int = 256) -> None:
-    contexts[timestamp] = context
-    while len(contexts) > keep:
-        contexts.popitem(last=False)
-
-
-def _config_record(config: SessionConfig) -> dict:
-    return {"threshold": config.threshold, "max_new_tokens": config.max_new_tokens,
-            "cache_policy": config.cache.policy, "window_frames": config.cache.window_frames}
+    def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+        if self._worker is not None:
+            self._worker.stop()
 
 
-def _reason(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None) or exc
-    return f"{type(cause).__name__}: {cause}"
+def _input_kind(command: c.DecisionCommand) -> str:
+    return {c.FrameFeatures: "frame", c.QueryText: "query", c.ReplyText: "reply"}.get(type(command), "close")

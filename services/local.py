@@ -1,76 +1,77 @@
-"""Serve the LiveStream API from one process: gateway, perception and decision on one batched engine.
+"""Serve the LiveStream API from one process: the same Gateway as on Ray, with Perception, Decision and
+Reaction as plain objects in this process (the in-process transport: no serialization, no hops).
 
-The single-replica deployment (development, edge boxes, tests); `liveserve serve` runs it until
+The single-host deployment (development, edge boxes, tests); `liveserve serve --local` runs it until
 SIGINT/SIGTERM, then stops taking new sessions, lets open calls finish for a grace period, and exits.
+Threads: the gRPC server and Gateway on one event loop; Perception's encoder, the Decision engine and
+the Reaction engine each on their own thread.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
 import threading
 
-from liveserve.config import EngineConfig, SessionConfig
-from liveserve.engine.batch import BatchEngine
 from liveserve.model.live import LiveModel
-from liveserve.services.engine_worker import EngineWorker
-from liveserve.services.stream_service import StreamLimits, start_server
+from liveserve.services.decision import DecisionService
+from liveserve.services.gateway import Gateway
+from liveserve.services.perception import FrameEncoder
+from liveserve.services.reaction import ReactionService
+from liveserve.services.seams import LocalPerception, LocalSessions
+from liveserve.services.server import GatewayServer
+from liveserve.services.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
 
 class LocalServer:
-    """A running single-process server (see `start_local`): the gRPC server lives on its own event-loop
-    thread, the engine on another."""
+    """A running single-process server (see `start_local`)."""
 
-    def __init__(self, model: LiveModel, address: str, engine_config: EngineConfig | None,
-                 defaults: SessionConfig | None, limits: StreamLimits | None) -> None:
-        self.worker = EngineWorker(BatchEngine(model, engine_config))
-        self._requested = address
-        self._config = (defaults, limits)
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._grace_s = 5.0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop_requested: asyncio.Event | None = None
-        self.address = ""
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="grpc-server", daemon=True)
+    def __init__(self, model: LiveModel, address: str, settings: ServiceSettings,
+                 reaction_model: LiveModel | None = None) -> None:
+        self.settings = settings
+        self.encoder = FrameEncoder(model, settings.max_batch_size)
+        self.decision = DecisionService(model, settings, replica="local")
+        self.reaction = ReactionService(reaction_model or model, settings, replica="local")
+        self.server = GatewayServer(self._gateway, address, max_frame_bytes=settings.max_frame_bytes,
+                                    name="grpc-server")
+
+    def _gateway(self) -> Gateway:
+        return Gateway(LocalPerception(self.encoder), LocalSessions(self.decision), LocalSessions(self.reaction),
+                       self.settings, gateway_id="local")
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    @property
+    def engine(self):
+        """The Decision engine (its KV pool and sessions), for operators' figures and tests."""
+        return self.decision.engine
 
     def start(self) -> LocalServer:
-        self._thread.start()
-        self._started.wait()
-        if self._error is not None:
-            self.worker.stop()
-            raise self._error
+        try:
+            self.server.start()
+        except BaseException:
+            self._stop_services()
+            raise
         return self
 
-    async def _main(self) -> None:
-        self._loop, self._stop_requested = asyncio.get_running_loop(), asyncio.Event()
-        try:
-            server, port = await start_server(self.worker, self._requested, defaults=self._config[0],
-                                              limits=self._config[1])
-            self.address = f"{self._requested.rsplit(':', 1)[0]}:{port}"
-        except BaseException as exc:  # handed to the caller of start()
-            self._error = exc
-            return
-        finally:
-            self._started.set()
-        await self._stop_requested.wait()
-        await server.stop(self._grace_s)  # new calls are refused; open ones get the grace period
-
     def stop(self, grace_s: float = 5.0) -> None:
-        if self._loop is not None and self._thread.is_alive():
-            self._grace_s = grace_s
-            self._loop.call_soon_threadsafe(self._stop_requested.set)
-            self._thread.join(grace_s + 10)
-        self.worker.stop()
+        self.server.stop(grace_s)
+        self._stop_services()
+
+    def _stop_services(self) -> None:
+        self.decision.stop()
+        self.reaction.stop()
+        self.encoder.close()
 
 
-def start_local(model: LiveModel, address: str = "127.0.0.1:0", *, engine_config: EngineConfig | None = None,
-                defaults: SessionConfig | None = None, limits: StreamLimits | None = None) -> LocalServer:
-    """Start the engine and the gRPC server; returns once listening (`.address` has the bound port)."""
-    return LocalServer(model, address, engine_config, defaults, limits).start()
+def start_local(model: LiveModel, address: str = "127.0.0.1:0", settings: ServiceSettings | None = None, *,
+                reaction_model: LiveModel | None = None) -> LocalServer:
+    """Start the services and the gRPC server; returns once listening (`.address` has the bound port)."""
+    return LocalServer(model, address, settings or ServiceSettings(), reaction_model).start()
 
 
 def serve_forever(server: LocalServer, grace_s: float = 5.0) -> None:

@@ -1,20 +1,16 @@
-"""Conversions between the public protobuf messages and the engine's dataclasses."""
+"""The public protobuf messages and the engine's dataclasses: a session's settings from its Open, and
+server messages back into engine events for clients that reuse the engine's printers."""
 
 from __future__ import annotations
 
-import time
-
-import grpc
-
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.config import CacheConfig, SessionConfig
-from liveserve.engine.events import (Event, FrameDecision, FramesDropped, ResponseDelta, ResponseDone, ResponseStarted,
-                                     SessionFailed)
+from liveserve.engine.events import Event, FrameDecision, ResponseDelta, ResponseDone, ResponseStarted
 
-_ACTIONS = {"silent": pb.ACTION_SILENT, "respond": pb.ACTION_RESPOND, "query": pb.ACTION_QUERY}
-TRIGGERS = {"proactive": pb.TRIGGER_PROACTIVE, "query": pb.TRIGGER_QUERY}
-_FINISH = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH}
-FAILURE_STATUS = {"cache_full": grpc.StatusCode.RESOURCE_EXHAUSTED, "internal": grpc.StatusCode.INTERNAL}
+_ACTION_NAMES = {pb.ACTION_SILENT: "silent", pb.ACTION_RESPOND: "respond", pb.ACTION_QUERY: "query",
+                 pb.ACTION_SUPPRESSED: "suppressed"}
+_TRIGGER_NAMES = {pb.TRIGGER_PROACTIVE: "proactive", pb.TRIGGER_QUERY: "query"}
+_FINISH_NAMES = {pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_LENGTH: "length"}
 
 
 def session_config(open_: pb.Open, defaults: SessionConfig) -> SessionConfig:
@@ -33,38 +29,6 @@ def session_config(open_: pb.Open, defaults: SessionConfig) -> SessionConfig:
         system_prompt=open_.system_prompt or defaults.system_prompt,
         max_query_tokens=defaults.max_query_tokens, cache=cache,
         replies="none" if open_.decisions_only else defaults.replies)
-
-
-def to_message(event: Event) -> pb.ServerMessage:
-    if isinstance(event, FrameDecision):
-        return pb.ServerMessage(decision=pb.Decision(
-            timestamp=event.timestamp, frame_index=event.frame_index, p_silent=event.p_silent, fired=event.fired,
-            action=_ACTIONS[event.action], lag_s=event.lag_s))
-    if isinstance(event, ResponseStarted):
-        return pb.ServerMessage(response_started=pb.ResponseStarted(
-            timestamp=event.timestamp, trigger=TRIGGERS[event.trigger], query=event.query or ""))
-    if isinstance(event, ResponseDelta):
-        now = time.time()
-        return pb.ServerMessage(response_delta=pb.ResponseDelta(
-            timestamp=event.timestamp, text=event.text, token_times=[now] * len(event.token_ids)))
-    if isinstance(event, ResponseDone):
-        return pb.ServerMessage(response_done=pb.ResponseDone(
-            timestamp=event.timestamp, trigger=TRIGGERS[event.trigger], text=event.text, num_tokens=event.num_tokens,
-            finish_reason=_FINISH[event.finish_reason], ttft_s=event.ttft_s, duration_s=event.duration_s))
-    if isinstance(event, FramesDropped):
-        return warning(pb.WARNING_CODE_FRAME_DROPPED, event.reason, event.timestamps)
-    if isinstance(event, SessionFailed):
-        return pb.ServerMessage(error=pb.Error(code=FAILURE_STATUS[event.code].value[0], message=event.message))
-    raise TypeError(f"no message for {type(event).__name__}")
-
-
-def warning(code: int, message: str, timestamps=()) -> pb.ServerMessage:
-    return pb.ServerMessage(warning=pb.Warning(code=code, message=message, timestamps=list(timestamps)))
-
-
-_ACTION_NAMES = {v: k for k, v in _ACTIONS.items()}
-_TRIGGER_NAMES = {v: k for k, v in TRIGGERS.items()}
-_FINISH_NAMES = {v: k for k, v in _FINISH.items()}
 
 
 def from_message(message: pb.ServerMessage) -> Event | None:

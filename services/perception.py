@@ -1,69 +1,98 @@
-"""Perception: the stateless, batched frame-encoder pool (vision tower + pooling -> frame features).
+"""Perception: the stateless, batched frame encoder (image decoding + vision tower + pooling -> features).
 
-Frames from every session are encoded together (Serve dynamic batching: up to `max_batch_size`
-frames, waiting at most `batch_wait_ms` for company). The output is the vision features the Decision
-and Reaction models' own connectors read, so a larger Reaction model can share this pool.
+One request is one gateway tick: the frames every session of that gateway sent meanwhile, encoded
+together in batches of up to `max_batch_size`. Requests run one at a time on the encoder's own thread,
+so encoding overlaps the Decision engine's steps and never runs inside them; the images of a request
+are decoded on a few threads at once (the image codecs release the GIL). A frame that cannot be
+decoded fails alone, with the reason. The features are what the Decision and Reaction models' own
+connectors read, in the model's dtype, so a larger Reaction model can share this pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from ray import serve
+from opentelemetry.trace import Status, StatusCode
 
-from liveserve.engine.inputs import SessionError
-from liveserve.internal.v1 import perception_pb2 as ppb
-from liveserve.services import tensors
-from liveserve.services.replica import load_replica_model
-from liveserve.services.settings import ServiceSettings
-from liveserve.services.telemetry import GpuMetrics, PerceptionMetrics, sample_periodically
+from liveserve.model.live import LiveModel
+from liveserve.services.contracts import EncodeRequest, EncodeResult, FrameImage
+from liveserve.services.telemetry import PerceptionMetrics
 from liveserve.services.tracing import extract, tracer
 
 
-@serve.deployment(name="Perception", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
-class Perception:
-    def __init__(self, settings: dict | None = None) -> None:
-        settings = ServiceSettings.from_dict(settings)
-        self.model = load_replica_model(settings.model, vision=True, threads=settings.threads)
-        if self.model.vision is None:
-            raise ValueError(f"model {settings.model!r} has no vision tower to encode frames with")
-        self._encode_batch.set_max_batch_size(settings.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
-        self.in_flight = 0
-        self.metrics, self.gpu, self.tracer = PerceptionMetrics(), GpuMetrics(), tracer("perception")
-        self._sampler: asyncio.Task | None = None
+class FrameEncoder:
+    def __init__(self, model: LiveModel, max_batch_size: int = 32) -> None:
+        if model.vision is None:
+            raise ValueError(f"model {model.name!r} has no vision tower to encode frames with")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model, self.max_batch_size = model, max_batch_size
+        self.metrics, self.tracer = PerceptionMetrics(), tracer("perception")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="perception")
+        self._decoders = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="perception-decode")
+        self.waiting = 0  # frames waiting or being encoded
+        self._busy_s = 0.0  # time spent encoding, all requests
+        self._sampled = (time.monotonic(), 0.0)  # (when, busy seconds) at the last busy_fraction()
 
-    async def Encode(self, request: ppb.EncodeRequest) -> ppb.EncodeResponse:
-        """Raises SessionError (INVALID_ARGUMENT for the caller) for an image that cannot be decoded."""
+    async def encode(self, request: EncodeRequest) -> EncodeResult:
+        self.waiting += len(request.frames)
+        self.metrics.queue_depth.set(self.waiting)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, self.encode_now, request)
+        finally:
+            self.waiting -= len(request.frames)
+            self.metrics.queue_depth.set(self.waiting)
+
+    def _decode(self, frame: FrameImage) -> torch.Tensor | str:
+        """The frame's pixels, or why it cannot be decoded."""
         from liveserve.video import VideoError, decode_image_bytes
 
-        if self._sampler is None:
-            self._sampler = asyncio.get_running_loop().create_task(sample_periodically(self.gpu.sample))
+        try:
+            return decode_image_bytes(frame.image, self.model.frame_size)
+        except (ValueError, VideoError) as exc:
+            return f"bad frame image at {frame.timestamp:.3f}s: {exc}"
+
+    def encode_now(self, request: EncodeRequest) -> EncodeResult:
+        """Decode and encode every frame of `request` (from the calling thread)."""
         started = time.perf_counter()
-        self.in_flight += 1
-        self.metrics.queue_depth.set(self.in_flight)
-        with self.tracer.start_as_current_span("perception.encode", context=extract(request.trace_context),
-                                               attributes={"liveserve.session_id": request.session_id,
-                                                           "liveserve.frame_timestamp": request.timestamp}):
-            try:
-                pixels = decode_image_bytes(request.image, self.model.frame_size)
-                features = await self._encode_batch(pixels)
-            except (ValueError, VideoError) as exc:
-                raise SessionError(f"bad frame image at {request.timestamp:.3f}s: {exc}") from None
-            finally:
-                self.in_flight -= 1
-                self.metrics.queue_depth.set(self.in_flight)
-        return ppb.EncodeResponse(features=tensors.to_message(features), encode_s=time.perf_counter() - started)
+        spans = [self.tracer.start_span("perception.encode", context=extract(f.trace),
+                                        attributes={"liveserve.session_id": f.session_id,
+                                                    "liveserve.frame_timestamp": f.timestamp})
+                 if f.trace else None for f in request.frames]
+        decoded = list(self._decoders.map(self._decode, request.frames))
+        errors = [d if isinstance(d, str) else "" for d in decoded]
+        pixels = [None if isinstance(d, str) else d for d in decoded]
+        good = [i for i, p in enumerate(pixels) if p is not None]
+        features: list[torch.Tensor | None] = [None] * len(pixels)
+        for start in range(0, len(good), self.max_batch_size):
+            chunk = good[start:start + self.max_batch_size]
+            with torch.inference_mode():
+                rows = self.model.encode_frames(torch.stack([pixels[i] for i in chunk]).to(self.model.device))
+            for i, row in zip(chunk, rows):
+                features[i] = row
+            self.metrics.batch_size.observe(len(chunk))
+        self.metrics.frames_encoded.inc(len(good))
+        for span, error in zip(spans, errors):
+            if span is not None:
+                if error:
+                    span.set_status(Status(StatusCode.ERROR, error))
+                span.end()
+        elapsed = time.perf_counter() - started
+        self._busy_s += elapsed
+        return EncodeResult(tuple(features), tuple(errors), elapsed)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _encode_batch(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
-        features = await asyncio.to_thread(self._encode, torch.stack(pixels))  # keep the loop taking requests
-        self.metrics.batch_size.observe(len(pixels))
-        self.metrics.frames_encoded.inc(len(pixels))
-        return list(features.float().cpu())
+    def busy_fraction(self) -> float:
+        """The share of the time since the previous call that the encoder spent encoding (what the pool
+        scales on, services/autoscaling.py)."""
+        now, busy = time.monotonic(), self._busy_s
+        then, busy_then = self._sampled
+        self._sampled = (now, busy)
+        return min(1.0, (busy - busy_then) / (now - then)) if now > then else 0.0
 
-    @torch.inference_mode()
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_frames(pixels.to(self.model.device))
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+        self._decoders.shutdown(wait=False, cancel_futures=True)

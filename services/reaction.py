@@ -1,9 +1,11 @@
 """Reaction: the asynchronous reply writer, with its own per-session cache.
 
-A session is opened here on its first call and then only ever appended to: each Respond call carries the
-frames this replica has not seen (numbered, so a gap is caught instead of silently skipped), they are
-prefilled in batches with other sessions' work, and the reply is generated from the up-to-date cache.
-The cost of a reply therefore depends on the frames since the previous call, not on the stream's length.
+A session is opened here when it opens at the gateway and is then only ever appended to: the gateway
+syncs the frames Decision decided (numbered, so a gap is caught instead of silently skipped), they are
+prefilled in batches with other sessions' work, and a Respond has the reply generated from the
+up-to-date cache. The cost of a reply therefore depends on the frames since the previous sync, not on
+the stream's length. Replies stream to the session's gateway on its event stream: reply tokens of all
+that gateway's sessions travel together, consecutive tokens of one reply merged into one delta.
 The Reaction model may be a larger checkpoint than Decision's (`reaction_model`), or the same one.
 """
 
@@ -12,21 +14,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
-from ray import serve
+from opentelemetry.trace import Span
 
-from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.config import EngineConfig, SchedulerConfig
 from liveserve.engine.batch import BatchEngine
-from liveserve.engine.events import FrameDecision, ResponseDelta, ResponseDone, SessionFailed
+from liveserve.engine.events import Event, ResponseDelta, ResponseDone, ResponseStarted, SessionFailed
 from liveserve.engine.inputs import SessionError
-from liveserve.internal.v1 import reaction_pb2 as rpb
-from liveserve.services import tensors
+from liveserve.engine.session import Session
+from liveserve.model.live import LiveModel
+from liveserve.services import contracts as c
 from liveserve.services.engine_worker import EngineWorker
-from liveserve.services.messages import session_config, to_message
-from liveserve.services.replica import load_replica_model
-from liveserve.services.routing import SESSION_ROUTER
+from liveserve.services.outbox import Outboxes
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.telemetry import GpuMetrics, ReactionMetrics, sample_periodically
 from liveserve.services.tracing import extract, tracer
@@ -34,126 +35,184 @@ from liveserve.services.tracing import extract, tracer
 log = logging.getLogger(__name__)
 
 
-def _merge_ready_deltas(first: ResponseDelta, events: asyncio.Queue, held: list) -> ResponseDelta:
-    """`first` plus the deltas already queued behind it, as one delta (each one costs a hop through
-    Decision and the Gateway); the first other event read is put in `held`. An idle stream still sends
-    every token as it comes."""
-    texts, ids = [first.text], list(first.token_ids)
-    while not events.empty():
-        event = events.get_nowait()
-        if not isinstance(event, ResponseDelta):
-            held.append(event)
-            break
-        texts.append(event.text)
-        ids.extend(event.token_ids)
-    return ResponseDelta(first.timestamp, "".join(texts), tuple(ids))
-
-
-class _ReplyEvents(asyncio.Queue):
-    """A Reaction session's events, without its frames' decisions: frames are only read here, and on a
-    long silent stream their decisions would pile up between replies."""
-
-    def put_nowait(self, item) -> None:
-        if not isinstance(item, FrameDecision):
-            super().put_nowait(item)
-
-
 @dataclass(slots=True)
 class _Writer:
-    events: _ReplyEvents
-    next_frame_index: int = 0
+    session_id: str
+    gateway_id: str
+    session: Session
+    frames_seen: int = 0
+    out_of_sync: str = ""  # why the cache no longer matches the stream (a reply would be wrong)
+    replying: bool = False
+    asked_at: float | None = None  # time.monotonic() of the Respond being answered, until its first token
+    span: Span | None = None
 
 
-@serve.deployment(name="Reaction", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
-                  request_router_config=SESSION_ROUTER)
-class Reaction:
-    def __init__(self, settings: dict | None = None) -> None:
-        self.settings = ServiceSettings.from_dict(settings)
-        self.model = load_replica_model(self.settings.reaction_model or self.settings.model, vision=False,
-                                        threads=self.settings.threads)
+def merge_deltas(events: list) -> list:
+    """Consecutive ReplyDeltas of one session become one delta (other sessions' events may sit between)."""
+    merged: list = []
+    last: dict[str, int] = {}  # session -> index in `merged` of its latest event
+    for event in events:
+        at = last.get(event.session_id)
+        if isinstance(event, c.ReplyDelta) and at is not None and isinstance(merged[at], c.ReplyDelta):
+            previous = merged[at]
+            merged[at] = c.ReplyDelta(event.session_id, previous.text + event.text,
+                                      previous.num_tokens + event.num_tokens)
+            continue
+        last[event.session_id] = len(merged)
+        merged.append(event)
+    return merged
+
+
+class ReactionService:
+    def __init__(self, model: LiveModel, settings: ServiceSettings, replica: str) -> None:
+        self.model, self.settings, self.replica = model, settings, replica
         # Frames arrive in bursts at triggers and must all be read: never drop them for lag here.
         scheduler = SchedulerConfig(max_lag_s=None, max_queued_frames=1 << 20)
-        self.engine = BatchEngine(self.model, EngineConfig(pool=self.settings.pool(), scheduler=scheduler))
+        self.engine = BatchEngine(model, EngineConfig(pool=settings.pool(), scheduler=scheduler))
         self.metrics, self.gpu, self.tracer = ReactionMetrics(), GpuMetrics(), tracer("reaction")
-        self.worker = EngineWorker(self.engine, on_step=self.metrics.record_step)
-        self.defaults = self.settings.session_defaults()
-        self.sessions: dict[str, _Writer] = {}
+        self.writers: dict[str, _Writer] = {}
+        self.outboxes = Outboxes(self._gateway_gone, merge=merge_deltas)
         self.replies_in_progress = 0
-        self._sampler: asyncio.Task | None = None
+        self._worker: EngineWorker | None = None
+        self._background: list[asyncio.Task] = []
 
-    async def Respond(self, request: rpb.RespondRequest):
-        """Catch the session up on `frames`, then (unless the trigger is unspecified: a sync only) stream
-        the reply: ResponseStarted, ResponseDelta..., ResponseDone."""
-        if self._sampler is None:
-            self._sampler = asyncio.get_running_loop().create_task(sample_periodically(self._sample_metrics))
-        sid = request.session_id
-        writer = self.sessions.get(sid)
-        if writer is None:  # new here; after a replica change it starts from the frames it is sent now
-            writer = await self._open(request)
-            writer.next_frame_index = request.first_frame_index
-        if request.first_frame_index != writer.next_frame_index:
-            raise SessionError(f"session {sid!r}: frames from index {request.first_frame_index} sent, but this "
-                               f"replica has seen {writer.next_frame_index}; the gap cannot be replied over")
-        for frame in request.frames:
-            self.engine.push_frame(sid, frame.timestamp, tensors.from_message(frame.features))
-            writer.next_frame_index += 1
-        if request.trigger == pb.TRIGGER_UNSPECIFIED:
+    def _start(self) -> EngineWorker:
+        if self._worker is None:
+            loop = asyncio.get_running_loop()
+            self._worker = EngineWorker(self.engine, loop, self._deliver, self._ended,
+                                        on_step=self.metrics.record_step, name="reaction-engine")
+            self._background = [loop.create_task(sample_periodically(self._sample_metrics))]
+        return self._worker
+
+    # ---- the seam: open, push, events ---------------------------------------------------------------------
+
+    async def open(self, request: c.OpenSession) -> c.SessionPlaced:
+        worker = self._start()
+        config = dataclasses.replace(request.config, replies="on_request")
+        session = await asyncio.to_thread(worker.open, request.session_id, config)
+        self.writers[request.session_id] = _Writer(request.session_id, request.gateway_id, session)
+        limits = c.Limits(max_query_tokens=config.max_query_tokens, max_new_tokens=config.max_new_tokens,
+                          max_lag_s=0.0, tokens_per_frame=self.model.layout.num_tokens + 1)
+        return c.SessionPlaced(request.session_id, self.replica, 1, limits)
+
+    async def push(self, push: c.ReactionPush) -> None:
+        worker = self._start()
+        for command in push.commands:
+            writer = self.writers.get(command.session_id)
+            if writer is None:
+                if isinstance(command, c.Respond):
+                    self.outboxes.put(push.gateway_id, c.ReplyFailed(
+                        command.session_id, f"session {command.session_id!r} is unknown on reaction replica "
+                                            f"{self.replica}"))
+                continue
+            if isinstance(command, c.SyncFrames):
+                self._sync(writer, command)
+            elif isinstance(command, c.Respond):
+                self._respond(writer, command)
+            else:  # closed before the push is acknowledged: the gateway then knows the memory is free
+                await asyncio.to_thread(worker.close, command.session_id)
+        self.engine.wake()
+
+    def events(self, gateway_id: str):
+        return self.outboxes.stream(gateway_id)
+
+    def _sync(self, writer: _Writer, sync: c.SyncFrames) -> None:
+        if writer.out_of_sync:
             return
-        span = self.tracer.start_span("reaction.respond", context=extract(request.trace_context),
-                                      attributes={"liveserve.session_id": sid, "liveserve.frames_read": len(request.frames)})
+        if sync.first != writer.frames_seen:
+            writer.out_of_sync = (f"frames from index {sync.first} were sent, but this replica has seen "
+                                  f"{writer.frames_seen}; the gap cannot be replied over")
+            return
+        try:
+            for frame in sync.frames:
+                writer.session.push_frame(frame.timestamp, frame.features, frame_id=frame.frame_id)
+                writer.frames_seen += 1
+        except SessionError as exc:
+            writer.out_of_sync = f"a frame could not be read: {exc}"
+
+    def _respond(self, writer: _Writer, respond: c.Respond) -> None:
+        sid = writer.session_id
+        try:
+            if writer.out_of_sync:
+                raise SessionError(writer.out_of_sync)
+            if respond.trigger == c.Trigger.QUERY:
+                writer.session.push_query(respond.timestamp, respond.query)
+            else:
+                writer.session.push_respond(respond.timestamp)
+        except SessionError as exc:
+            self.outboxes.put(writer.gateway_id, c.ReplyFailed(sid, f"session {sid!r}: {exc}"))
+            return
+        writer.replying, writer.asked_at = True, time.monotonic()
+        if respond.trace:
+            writer.span = self.tracer.start_span("reaction.respond", context=extract(respond.trace),
+                                                 attributes={"liveserve.session_id": sid})
         self.replies_in_progress += 1
         self.metrics.replies_in_progress.set(self.replies_in_progress)
-        try:
-            if request.trigger == pb.TRIGGER_QUERY:
-                self.engine.push_query(sid, request.timestamp, request.query)
-            else:
-                self.engine.push_respond(sid, request.timestamp)
-            held: list = []  # an event read ahead while merging deltas (it may be None, the end marker)
-            while True:
-                event = held.pop() if held else await writer.events.get()
-                if isinstance(event, ResponseDelta):
-                    event = _merge_ready_deltas(event, writer.events, held)
-                if event is None:
-                    raise SessionError(f"session {sid!r} was closed while its reply was being written")
-                if isinstance(event, SessionFailed):
-                    raise RuntimeError(f"session {sid!r} failed on its Reaction replica: {event.message}")
-                yield to_message(event)
-                if isinstance(event, ResponseDone):
-                    self._record_reply(event, span)
-                    return
-        finally:
+
+    # ---- engine events -> the gateways' outboxes (on the serving loop) ------------------------------------
+
+    def _deliver(self, events: list[tuple[str, Event]]) -> None:
+        for sid, event in events:
+            writer = self.writers.get(sid)
+            if writer is None:
+                continue
+            if isinstance(event, ResponseStarted):
+                self.outboxes.put(writer.gateway_id, c.ReplyStarted(sid, event.timestamp, c.Trigger(event.trigger),
+                                                                    event.query or ""))
+            elif isinstance(event, ResponseDelta):
+                if writer.asked_at is not None:
+                    self.metrics.ttft.observe(time.monotonic() - writer.asked_at)
+                    writer.asked_at = None
+                self.outboxes.put(writer.gateway_id, c.ReplyDelta(sid, event.text, len(event.token_ids)))
+            elif isinstance(event, ResponseDone):
+                self._finish(writer)
+                self._record_reply(event, writer)
+                self.outboxes.put(writer.gateway_id, c.ReplyDone(sid, event.text, event.num_tokens, event.finish_reason,
+                                                                 event.ttft_s, event.duration_s, event.token_ids))
+            elif isinstance(event, SessionFailed):
+                self._finish(writer)
+                self.outboxes.put(writer.gateway_id, c.ReplyFailed(sid, f"session {sid!r} failed on its reaction "
+                                                                        f"replica: {event.message}"))
+                self._worker.close_when_drained(sid, 0)
+            # Frame decisions of a reply writer are not news: it never fires by itself.
+
+    def _finish(self, writer: _Writer) -> None:
+        if writer.replying:
             self.replies_in_progress -= 1
             self.metrics.replies_in_progress.set(self.replies_in_progress)
-            span.end()
+        writer.replying, writer.asked_at = False, None
 
-    async def Close(self, request: rpb.CloseRequest) -> rpb.CloseResponse:
-        if self.sessions.pop(request.session_id, None) is not None:
-            self.worker.close_when_drained(request.session_id, 0)
-        return rpb.CloseResponse()
-
-    def _record_reply(self, done: ResponseDone, span) -> None:
-        self.metrics.ttft.observe(done.ttft_s)
+    def _record_reply(self, done: ResponseDone, writer: _Writer) -> None:
         if done.num_tokens > 1:
             self.metrics.tpot.observe((done.duration_s - done.ttft_s) / (done.num_tokens - 1))
         self.metrics.replies.inc(tags={"finish": done.finish_reason})
-        span.set_attributes({"liveserve.tokens": done.num_tokens, "liveserve.ttft_s": done.ttft_s,
-                             "liveserve.finish_reason": done.finish_reason})
+        if writer.span is not None:
+            writer.span.set_attributes({"liveserve.tokens": done.num_tokens, "liveserve.ttft_s": done.ttft_s,
+                                        "liveserve.finish_reason": done.finish_reason})
+            writer.span.end()
+            writer.span = None
+
+    def _ended(self, session_id: str, session: Session) -> None:
+        writer = self.writers.pop(session_id, None)
+        if writer is not None:
+            self._finish(writer)
+            if writer.span is not None:
+                writer.span.end()
+
+    def _gateway_gone(self, gateway_id: str) -> None:
+        for writer in list(self.writers.values()):
+            if writer.gateway_id == gateway_id and self._worker is not None:
+                self._worker.close_when_drained(writer.session_id, 0)
 
     def _sample_metrics(self) -> None:
         self.metrics.record_state(self.engine)
         self.gpu.sample()
 
-    def record_routing_stats(self) -> dict:
-        return {"sessions": len(self.sessions), "free_fraction": 1.0 - self.engine.pool.reserved_fraction}
+    def load(self) -> dict:
+        return {"sessions": len(self.writers), "free_fraction": 1.0 - self.engine.pool.reserved_fraction}
 
-    async def _open(self, request: rpb.RespondRequest) -> _Writer:
-        config = dataclasses.replace(session_config(request.open, self.defaults), replies="on_request")
-        writer = _Writer(_ReplyEvents())
-        await asyncio.to_thread(self.worker.open, request.session_id, config, writer.events, asyncio.get_running_loop())
-        self.sessions[request.session_id] = writer
-        return writer
-
-    def __del__(self) -> None:
-        worker = getattr(self, "worker", None)
-        if worker is not None:
-            worker.stop()
+    def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+        if self._worker is not None:
+            self._worker.stop()

@@ -3,16 +3,11 @@
 A Decision replica holds its sessions' KV caches, a Reaction replica its sessions' reply caches: every
 call for a session must reach the replica holding it.
 
-- A call with a `route_to` keyword (a replica id the gateway read from the session registry in Redis)
-  goes to that replica only. If the replica is gone the call waits for it; callers bound the wait and
-  report UNAVAILABLE rather than guess (another replica has no state for the session).
-- A call whose first argument names a session this router placed before (`.session_id`) returns to the
-  same replica: the Decision replica owning a session is its Reaction's only caller, so the affinity can
-  live in this process. A `Close` call forgets it, and so does the replica's disappearance (the session
-  is then placed afresh).
-- Anything else (an Open, a session's first Reaction call) goes to a replica with room and the fewest
-  sessions, from the routing stats each replica reports (`free_fraction` of its KV pool, `sessions`);
-  ties rotate.
+- A call with a `route_to` keyword (the replica the session was placed on, which its Open returned to
+  the gateway) goes to that replica only. If the replica is gone the call waits for it; callers bound
+  the wait and report UNAVAILABLE rather than guess (another replica has no state for the session).
+- Anything else (an Open) goes to a replica with room and the fewest sessions, from the routing stats
+  each replica reports (`free_fraction` of its KV pool, `sessions`); ties rotate.
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ from typing import Sequence
 
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
-
 
 MIN_FREE = 0.1  # a replica with less of its KV pool unreserved takes new sessions only if all are as full
 
@@ -36,7 +30,6 @@ class SessionRouter(RequestRouter):
     # belong to another session pinned elsewhere. The base router fulfils exactly the request it routed.
 
     def initialize_state(self, **kwargs) -> None:
-        self._affinity: dict[str, str] = {}  # session id -> replica key, for calls without route_to
         self._turn = itertools.count()
         self._reported: dict[str, dict] = {}  # replica key -> the routing stats last seen from it
         self._placed: dict[str, int] = {}  # replica key -> sessions placed here since that report
@@ -47,24 +40,9 @@ class SessionRouter(RequestRouter):
             return [candidate_replicas]
         pending_request.routing_context.should_backoff = True  # back off while a pinned replica is busy
         route_to = pending_request.kwargs.get("route_to")
-        session_id = getattr(pending_request.args[0], "session_id", "") if pending_request.args else ""
-        if route_to:  # the registry's owner: that replica or none
+        if route_to:  # the session's replica or none
             return [[r for r in candidate_replicas if replica_key(r) == route_to]]
-        remembered = self._affinity.get(session_id) if session_id else None
-        if remembered:
-            pinned = [r for r in candidate_replicas if replica_key(r) == remembered]
-            if pinned:
-                if pending_request.metadata.call_method == "Close":
-                    self._affinity.pop(session_id, None)
-                return [pinned]
-            # The replica is gone (scaled down, restarted): place the session afresh; the new replica
-            # rebuilds what it can from the frames it is sent.
-            self._affinity.pop(session_id, None)
-        ranked = self.rank_by_room(candidate_replicas)
-        # An Open's owner goes to the registry (later calls carry route_to); other first calls stick here.
-        if session_id and ranked and pending_request.metadata.call_method != "Open":
-            self._affinity[session_id] = replica_key(ranked[0])
-        return [[replica] for replica in ranked]
+        return [[replica] for replica in self.rank_by_room(candidate_replicas)]
 
     def rank_by_room(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
         """Replicas with room (at least `MIN_FREE` of their KV pool unreserved) first, fewest sessions

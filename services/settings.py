@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from liveserve.config import CacheConfig, PoolConfig, SchedulerConfig, SessionConfig
+from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +26,10 @@ class ServiceSettings:
     window_frames: int = 64
     reaction_sync_frames: int = 32  # send Reaction unseen frames once this many have piled up
     # Perception
-    max_batch_size: int = 16
-    batch_wait_ms: float = 5.0
+    max_batch_size: int = 32  # frames per Perception call and per vision-tower batch
     # Gateway
+    address: str = "0.0.0.0:50051"  # where each Gateway replica serves the public gRPC API
+    tick_ms: float = 5.0  # a gateway collects frames this long (from the first) before one Perception call
     max_frame_bytes: int = 4 << 20
     api_keys_env: str = ""  # an environment variable listing accepted API keys (comma-separated); "": none
     call_timeout_s: float = 30.0  # an internal call that takes longer fails the session with UNAVAILABLE
@@ -41,9 +42,14 @@ class ServiceSettings:
     def __post_init__(self) -> None:
         if self.threads < 1 or self.max_batch_size < 1 or self.reaction_sync_frames < 1 or self.window_frames < 2:
             raise ValueError("threads, max_batch_size and reaction_sync_frames must be >= 1, window_frames >= 2")
-        for name in ("batch_wait_ms", "call_timeout_s", "drain_timeout_s", "session_ttl_s", "closed_ttl_s", "heartbeat_s", "max_lag_s"):
+        for name in ("call_timeout_s", "drain_timeout_s", "session_ttl_s", "closed_ttl_s", "heartbeat_s", "max_lag_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.tick_ms >= 0:
+            raise ValueError(f"tick_ms must be >= 0, got {self.tick_ms}")
+        host, _, port = self.address.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"address must be host:port, got {self.address!r}")
         if self.heartbeat_s >= self.session_ttl_s:
             raise ValueError("heartbeat_s must be shorter than session_ttl_s, or records expire between beats")
         if self.pool_mb is not None and self.pool_mb < 1:
@@ -71,5 +77,6 @@ class ServiceSettings:
     def pool(self) -> PoolConfig:
         return PoolConfig(budget_bytes=self.pool_mb << 20 if self.pool_mb else None)
 
-    def scheduler(self) -> SchedulerConfig:
-        return SchedulerConfig(max_lag_s=self.max_lag_s)
+    def engine_config(self) -> EngineConfig:
+        """The Decision engine: its KV pool, and frames dropped once they lag `max_lag_s` behind."""
+        return EngineConfig(pool=self.pool(), scheduler=SchedulerConfig(max_lag_s=self.max_lag_s))

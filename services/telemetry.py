@@ -1,15 +1,19 @@
-"""The application's Prometheus metrics, recorded through Ray Serve's metrics API.
+"""The application's Prometheus metrics, written once for both serving modes.
 
-Ray exports them on every node's metrics port (8080 in the Kubernetes manifests; `/metrics`), tagged
-with the deployment and replica, under Ray's `ray_` namespace: `liveserve_frames_decided_total` is
-scraped as `ray_liveserve_frames_decided_total`. Names follow Prometheus conventions (base units,
-`_total` counters, `_seconds` histograms). Each service creates only the metrics it records.
+On Ray (`liveserve serve`) they are recorded through Ray's metrics API and exported on every node's
+metrics port (8080 in the Kubernetes manifests; `/metrics`), tagged with the deployment and replica,
+under Ray's `ray_` namespace: `liveserve_frames_decided_total` is scraped as
+`ray_liveserve_frames_decided_total`. In one process (`liveserve serve --local`) the same metrics live
+in a prometheus_client registry served by `serve_metrics` (`--metrics-port`), without the prefix.
+Names follow Prometheus conventions (base units, `_total` counters, `_seconds` histograms). Each
+service creates only the metrics it records.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 from liveserve.services.gpu import read_gpus
 
@@ -18,23 +22,80 @@ LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 TOKEN_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
-
-def _counter(name: str, description: str, tags: tuple[str, ...] = ()):
-    from ray.serve import metrics
-
-    return metrics.Counter(name, description=description, tag_keys=tags)
+_backend = "prometheus"  # "ray" inside Serve replicas (use_ray_metrics)
+_metrics: dict[str, _Metric] = {}  # one object per name and process: several servers may share a process
+_lock = threading.Lock()
 
 
-def _gauge(name: str, description: str, tags: tuple[str, ...] = ()):
-    from ray.serve import metrics
+def use_ray_metrics() -> None:
+    """Record through Ray's metrics API from now on (a Serve replica calls this before creating metrics)."""
+    global _backend
+    _backend = "ray"
 
-    return metrics.Gauge(name, description=description, tag_keys=tags)
+
+class _Metric:
+    """One metric with the same calls on either backend: inc / set / observe, with optional tags."""
+
+    def __init__(self, kind: str, name: str, description: str, tags: tuple[str, ...], boundaries=None) -> None:
+        self.kind, self.tags = kind, tags
+        if _backend == "ray":
+            from ray.serve import metrics  # adds the deployment and replica tags
+
+            options = {"boundaries": boundaries} if kind == "histogram" else {}
+            self._ray = getattr(metrics, kind.capitalize())(name, description=description, tag_keys=tags, **options)
+            self._prom = None
+        else:
+            import prometheus_client
+
+            cls = {"counter": prometheus_client.Counter, "gauge": prometheus_client.Gauge,
+                   "histogram": prometheus_client.Histogram}[kind]
+            options = {"buckets": boundaries} if kind == "histogram" else {}
+            self._prom, self._ray = cls(name, description, labelnames=tags, **options), None
+
+    def _record(self, method: str, value: float, tags: dict[str, str] | None) -> None:
+        if self._ray is not None:
+            getattr(self._ray, method)(value, tags=tags)
+            return
+        target = self._prom.labels(**tags) if self.tags else self._prom
+        getattr(target, method)(value)
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        if value > 0:  # Ray refuses a zero increment
+            self._record("inc", value, tags)
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self._record("set", value, tags)
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self._record("observe", value, tags)
 
 
-def _histogram(name: str, description: str, boundaries: list[float]):
-    from ray.serve import metrics
+def _metric(kind: str, name: str, description: str, tags: tuple[str, ...] = (), boundaries=None) -> _Metric:
+    with _lock:
+        if name not in _metrics:
+            _metrics[name] = _Metric(kind, name, description, tags, boundaries)
+        return _metrics[name]
 
-    return metrics.Histogram(name, description=description, boundaries=boundaries)
+
+def _counter(name: str, description: str, tags: tuple[str, ...] = ()) -> _Metric:
+    return _metric("counter", name, description, tags)
+
+
+def _gauge(name: str, description: str, tags: tuple[str, ...] = ()) -> _Metric:
+    return _metric("gauge", name, description, tags)
+
+
+def _histogram(name: str, description: str, boundaries: list[float]) -> _Metric:
+    return _metric("histogram", name, description, (), boundaries)
+
+
+def serve_metrics(address: str) -> int:
+    """Serve this process's metrics at http://ADDRESS/metrics (one-process mode); returns the port."""
+    import prometheus_client
+
+    host, _, port = address.rpartition(":")
+    server, _ = prometheus_client.start_http_server(int(port), addr=host or "127.0.0.1")
+    return server.server_port
 
 
 class GatewayMetrics:
@@ -44,6 +105,15 @@ class GatewayMetrics:
         self.frames_received = _counter("liveserve_frames_received_total", "Frames received from clients.")
         self.errors = _counter("liveserve_errors_total", "Calls ended with an error status, by gRPC code.", ("code",))
         self.warnings = _counter("liveserve_warnings_total", "Warnings sent to clients, by code.", ("code",))
+        self.frame_to_decision = _histogram("liveserve_frame_to_decision_seconds",
+                                            "Gateway receipt of a frame to its decision back at the gateway.",
+                                            LATENCY_S)
+        self.ttft = _histogram("liveserve_time_to_first_token_seconds",
+                               "Trigger (its decision at the gateway) to the reply's first token at the gateway.",
+                               LATENCY_S)
+        self.tick_frames = _histogram("liveserve_gateway_tick_frames", "Frames per Perception call.", SIZES)
+        self.push_commands = _histogram("liveserve_gateway_push_commands",
+                                        "Commands per push to a Decision or Reaction replica.", SIZES)
 
 
 class PerceptionMetrics:
@@ -83,8 +153,10 @@ class DecisionMetrics(EngineMetrics):
         super().__init__("decision")
         self.frames_decided = _counter("liveserve_frames_decided_total", "Frames decided.")
         self.frames_dropped = _counter("liveserve_frames_dropped_total", "Frames dropped to stay real-time.")
-        self.frame_to_decision = _histogram("liveserve_frame_to_decision_seconds",
-                                            "Gateway receipt of a frame to its decision.", LATENCY_S)
+        self.frames_replayed = _counter("liveserve_frames_replayed_total",
+                                        "Frames re-appended after a reply to keep the trained token order.")
+        self.decision_latency = _histogram("liveserve_decision_latency_seconds",
+                                           "A frame's arrival at its Decision replica to its decision.", LATENCY_S)
         self.responses = _counter("liveserve_responses_total", "Replies requested, by trigger.", ("trigger",))
 
 
@@ -92,7 +164,8 @@ class ReactionMetrics(EngineMetrics):
     def __init__(self) -> None:
         super().__init__("reaction")
         self.replies_in_progress = _gauge("liveserve_replies_in_progress", "Replies being written.")
-        self.ttft = _histogram("liveserve_time_to_first_token_seconds", "Trigger to first reply token.", LATENCY_S)
+        self.ttft = _histogram("liveserve_reaction_time_to_first_token_seconds",
+                               "Respond received by the replica to the reply's first token.", LATENCY_S)
         self.tpot = _histogram("liveserve_time_per_output_token_seconds", "Mean time per reply token after the "
                                "first.", TOKEN_S)
         self.replies = _counter("liveserve_replies_total", "Replies written, by finish reason.", ("finish",))
@@ -102,13 +175,11 @@ class GpuMetrics:
     """Per-device readings, keyed by UUID; nothing is exported where there is no GPU."""
 
     def __init__(self) -> None:
-        from ray.util import metrics
-
         tags = ("gpu_uuid", "gpu_index", "gpu_name")
-        self.utilization = metrics.Gauge("liveserve_gpu_utilization_ratio", "GPU busy share.", tag_keys=tags)
-        self.memory_used = metrics.Gauge("liveserve_gpu_memory_used_bytes", "GPU memory in use.", tag_keys=tags)
-        self.memory_total = metrics.Gauge("liveserve_gpu_memory_total_bytes", "GPU memory.", tag_keys=tags)
-        self.power = metrics.Gauge("liveserve_gpu_power_watts", "GPU board power draw.", tag_keys=tags)
+        self.utilization = _gauge("liveserve_gpu_utilization_ratio", "GPU busy share.", tags)
+        self.memory_used = _gauge("liveserve_gpu_memory_used_bytes", "GPU memory in use.", tags)
+        self.memory_total = _gauge("liveserve_gpu_memory_total_bytes", "GPU memory.", tags)
+        self.power = _gauge("liveserve_gpu_power_watts", "GPU board power draw.", tags)
 
     def sample(self) -> int:
         readings = read_gpus()
@@ -123,7 +194,7 @@ class GpuMetrics:
 
 
 async def sample_periodically(sample, period_s: float = 5.0) -> None:
-    """Run `sample()` every `period_s` on the replica's loop (in a thread: NVML calls block)."""
+    """Run `sample()` every `period_s` on the caller's loop (in a thread: NVML calls block)."""
     while True:
         try:
             await asyncio.to_thread(sample)

@@ -1,10 +1,14 @@
-"""Tensors in internal messages: frame features travel between services as raw bytes plus shape/dtype."""
+"""Tensors in internal messages: raw bytes in the tensor's own dtype, plus shape and dtype name.
+
+Frames of one push travel as one stacked tensor (one buffer, not one message per frame) and come back
+as row views of it, without a copy per row.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from liveserve.internal.v1 import tensor_pb2
+from liveserve.internal.v2 import tensor_pb2
 
 _DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "uint8")}
 
@@ -22,5 +26,27 @@ def from_message(message: tensor_pb2.Tensor) -> torch.Tensor:
     dtype = _DTYPES.get(message.dtype)
     if dtype is None:
         raise ValueError(f"unknown tensor dtype {message.dtype!r}")
+    shape = tuple(message.shape)
+    expected = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+    if len(message.data) != expected:
+        raise ValueError(f"tensor of shape {shape} and dtype {message.dtype} needs {expected} bytes, "
+                         f"got {len(message.data)}")
+    if not expected:
+        return torch.empty(shape, dtype=dtype)
     raw = torch.frombuffer(bytearray(message.data), dtype=torch.uint8)
-    return raw.view(dtype).reshape(tuple(message.shape))
+    return raw.view(dtype).reshape(shape)
+
+
+def pack(rows: list[torch.Tensor]) -> tensor_pb2.Tensor | None:
+    """Same-shaped rows -> one stacked tensor message (None for no rows)."""
+    return to_message(torch.stack([row.detach().to("cpu") for row in rows])) if rows else None
+
+
+def unpack(message: tensor_pb2.Tensor, count: int) -> list[torch.Tensor]:
+    """A stacked tensor message -> its `count` rows (views of one buffer)."""
+    if count == 0:
+        return []
+    stacked = from_message(message)
+    if stacked.dim() < 1 or stacked.shape[0] != count:
+        raise ValueError(f"expected {count} stacked rows, got a tensor of shape {tuple(stacked.shape)}")
+    return list(stacked.unbind(0))

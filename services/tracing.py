@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -60,9 +60,19 @@ def inject(carrier: MutableMapping[str, str], span: trace.Span | None = None) ->
     _propagator.inject(carrier, context=context)
 
 
-def extract(carrier: Mapping[str, str]) -> otel_context.Context:
+def extract(carrier: Mapping[str, str] | Iterable[tuple[str, str]]) -> otel_context.Context:
     """The context a message (or gRPC metadata) carries; an empty one when it carries none."""
-    return _propagator.extract(carrier)
+    return _propagator.extract(dict(carrier))
+
+
+def carried(span: trace.Span) -> tuple[tuple[str, str], ...]:
+    """`span`'s W3C context as (key, value) pairs for an internal message, or () when the span is not
+    recorded (tracing off): the services then record nothing for it either."""
+    if not span.is_recording():
+        return ()
+    carrier: dict[str, str] = {}
+    inject(carrier, span)
+    return tuple(carrier.items())
 
 
 def flush() -> None:

@@ -29,6 +29,29 @@ def tiny_model(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def quiet_dir(tiny_dir, tmp_path_factory) -> Path:
+    """The tiny checkpoint with its interval token's output row scaled up, so it stays silent on most frames
+    and speaks on some (as a trained model does), with no hooks: servers in other processes load it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("tiny-quiet")
+    shutil.copytree(tiny_dir, out, dirs_exist_ok=True)
+    interval = load_model(tiny_dir, device="cpu", dtype=torch.float32).template.interval_id
+    weights_path = out / "llm" / "model.safetensors"
+    weights = load_file(weights_path)
+    weights["lm_head.weight"][interval] *= 50.0
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def quiet_model(quiet_dir):
+    return load_model(quiet_dir, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
 def release_dir(tmp_path_factory) -> Path:
     """A VideoLLM-online release layout (base/, vision/, adapter/); returns adapter/."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-release"), layout="videollm-online")
@@ -57,24 +80,25 @@ def otlp_collector():
 
 
 @pytest.fixture(scope="session")
-def ray_app(tiny_dir, redis_url, otlp_collector):
-    """The Serve application on one local Ray cluster for the whole test session: two Decision replicas,
-    the tiny model, short record TTLs so expiry is observable, traces exported to the test collector, and
-    a Perception pool that autoscales within seconds."""
+def ray_app(quiet_dir, redis_url, otlp_collector):
+    """The Serve application on one local Ray cluster for the whole test session: two Gateway and two
+    Decision replicas, the quiet tiny model, short record TTLs so expiry is observable, traces exported to
+    the test collector, and a Perception pool that autoscales within seconds."""
     pytest.importorskip("ray.serve")
     from liveserve.orchestration.launch import free_port, load_config, start
 
-    args = {"model": str(tiny_dir), "max_new_tokens": 8, "window_frames": 8, "max_lag_s": 30.0, "pool_mb": 64,
+    args = {"model": str(quiet_dir), "max_new_tokens": 8, "window_frames": 8, "max_lag_s": 30.0, "pool_mb": 64,
             "max_frame_bytes": 64 << 10, "heartbeat_s": 0.5, "session_ttl_s": 10.0, "closed_ttl_s": 3.0,
             "reaction_sync_frames": 4}
-    perception = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                                         "upscale_delay_s": 0.5, "downscale_delay_s": 3.0, "look_back_period_s": 11.0}}
+    busy = {"policy_function": "liveserve.services.autoscaling:BusyScaling", "policy_kwargs": {"target_busy": 0.02}}
+    perception = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0.5,
+                                         "downscale_delay_s": 3.0, "look_back_period_s": 11.0, "policy": busy}}
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector.endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",
            "OTEL_BSP_SCHEDULE_DELAY": "200",  # export spans within a fraction of a second
            # report load to the autoscaler twice a second (the default is every 10 s)
            "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
            "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
-    config = load_config(grpc_port=free_port(), args=args, replicas={"Decision": 2},
+    config = load_config(address=f"127.0.0.1:{free_port()}", args=args, replicas={"Gateway": 2, "Decision": 2},
                          deployments={"Perception": perception}, env=env)
     app = start(config, redis_url=redis_url, timeout_s=300, progress=lambda message: None)
     yield app

@@ -45,3 +45,63 @@ def session_messages(frames: int, threshold: float | None = None, queries=(), cl
 
 def kinds(replies) -> list[str]:
     return [r.WhichOneof("kind") for r in replies]
+
+
+class LiveCall:
+    """One interactive LiveStream call: send messages when the test decides, read replies as they come."""
+
+    def __init__(self, address: str, open_: pb.Open, timeout: float = 120.0, channel_options=()) -> None:
+        import queue
+        import threading
+
+        self._outbox: queue.Queue = queue.Queue()
+        self.replies: list[pb.ServerMessage] = []
+        self.error: grpc.RpcError | None = None
+        self._changed = threading.Condition()
+        self._channel = grpc.insecure_channel(address, options=list(channel_options))
+        self._outbox.put(pb.ClientMessage(open=open_))
+
+        def requests():
+            while (message := self._outbox.get()) is not None:
+                yield message
+
+        call = pb_grpc.LiveStreamStub(self._channel).Stream(requests(), timeout=timeout)
+
+        def read() -> None:
+            try:
+                for reply in call:
+                    with self._changed:
+                        self.replies.append(reply)
+                        self._changed.notify_all()
+            except grpc.RpcError as exc:
+                self.error = exc
+            with self._changed:
+                self.done = True
+                self._changed.notify_all()
+
+        self.done = False
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+
+    def send(self, message: pb.ClientMessage) -> None:
+        self._outbox.put(message)
+
+    def of_kind(self, kind: str) -> list:
+        with self._changed:
+            return [getattr(r, kind) for r in self.replies if r.WhichOneof("kind") == kind]
+
+    def wait_for(self, check, timeout: float = 60.0):
+        """Block until `check()` is truthy (re-checked on every reply); its value, or AssertionError."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: check() or self.done, timeout) or not check():
+                raise AssertionError(f"timed out or ended ({self.error}); replies so far: {kinds(self.replies)}")
+            return check()
+
+    def close(self, timeout: float = 60.0) -> list[pb.ServerMessage]:
+        self._outbox.put(pb.ClientMessage(close=pb.Close()))
+        self._outbox.put(None)
+        self._reader.join(timeout)
+        self._channel.close()
+        if self.error is not None:
+            raise self.error
+        return self.replies

@@ -85,7 +85,7 @@ def test_bench_service_compares_grpc_with_in_process(tiny_dir, tmp_path):
 
     out = tmp_path / "service.json"
     assert main(["bench", "service", "--model", str(tiny_dir), "--sessions", "2", "--rounds", "2", "--warmup", "0",
-                 "--json", str(out)]) == 0
+                 "--repeats", "1", "--json", str(out)]) == 0
     (result,) = json.loads(out.read_text())["results"]
     assert result["sessions"] == 2
     for path in ("in_process", "grpc"):

@@ -7,18 +7,17 @@ import io
 import pytest
 
 from engine_helpers import steered
-from liveserve.config import EngineConfig, PoolConfig, SchedulerConfig
 from liveserve.run import Printer
 from liveserve.services.client import ClientError, stream_video
 from liveserve.services.local import start_local
+from liveserve.services.settings import ServiceSettings
 from liveserve.video import SAMPLE_VIDEO
 
 
 @pytest.fixture(scope="module")
 def local_server(tiny_model):
     model = steered(tiny_model, interval_bias=8.0, eos_bias=7.8)
-    server = start_local(model, "127.0.0.1:0", engine_config=EngineConfig(
-        pool=PoolConfig(budget_tokens=100_000), scheduler=SchedulerConfig(max_lag_s=None)))
+    server = start_local(model, "127.0.0.1:0", ServiceSettings(pool_mb=64, max_lag_s=600.0))
     yield server
     server.stop(grace_s=1)
 

@@ -14,7 +14,6 @@ from PIL import Image
 from engine_helpers import steered
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.cli import build_parser, main
-from liveserve.config import EngineConfig, PoolConfig
 from liveserve.loadtest.config import MAX_SESSIONS, ConfigError, LoadConfig, doubling_levels, parse_levels
 from liveserve.loadtest.metrics import (Distribution, LiveHistogram, LiveStats, capacity, capacity_notes, meets_target,
                                         percentile, slo_attainment)
@@ -24,9 +23,11 @@ from liveserve.services.redis_server import free_port
 from liveserve.loadtest.session import SessionDriver
 from liveserve.loadtest.workload import QUERIES, query_schedule, stream_plan, synthetic_bank
 from liveserve.services.local import start_local
+from liveserve.services.settings import ServiceSettings
 
-# A reservation of the tiny model's sink_window session is ~2.4k KV tokens: 4,000 admit exactly one.
-ONE_SESSION_POOL = 4000
+# A reservation of the tiny model's sink_window session is ~2.4k KV tokens; 2 MiB (4,096 of its 512-byte
+# tokens) admit exactly one.
+ONE_SESSION_POOL_MB = 2
 
 
 
@@ -34,7 +35,7 @@ ONE_SESSION_POOL = 4000
 def server(tiny_model):
     # Mostly-silent decisions with some replies, as a deployed model behaves.
     model = steered(tiny_model, interval_bias=8.0, eos_bias=7.8)
-    server = start_local(model, "127.0.0.1:0", engine_config=EngineConfig(pool=PoolConfig(budget_tokens=100_000)))
+    server = start_local(model, "127.0.0.1:0", ServiceSettings(pool_mb=64))
     yield server
     server.stop(grace_s=1)
 
@@ -42,7 +43,7 @@ def server(tiny_model):
 @pytest.fixture(scope="module")
 def one_session_server(tiny_model):
     server = start_local(steered(tiny_model, interval_bias=20.0), "127.0.0.1:0",
-                         engine_config=EngineConfig(pool=PoolConfig(budget_tokens=ONE_SESSION_POOL)))
+                         ServiceSettings(pool_mb=ONE_SESSION_POOL_MB))
     yield server
     server.stop(grace_s=1)
 
@@ -219,36 +220,37 @@ def _driver() -> SessionDriver:
                          start_delay_s=0, stop=asyncio.Event(), run_id="t")
 
 
-def test_session_matches_decisions_replies_and_drops_by_timestamp():
+def test_session_matches_decisions_replies_and_drops_by_frame_index():
     driver = _driver()
     driver.clock = clock = _Clock()
     driver._t0 = 10.0
-    driver._sent_at = {0.0: 10.0, 0.5: 10.5, 1.0: 11.0}
-    driver._query_sent_at = {0.75: 10.8}
+    driver._sent_at = {0: 10.0, 1: 10.5, 2: 11.0, 3: 11.0}  # frames 2 and 3 share a timestamp
+    driver._query_sent_at.append(10.8)
     m = pb.ServerMessage
     messages = [
-        m(decision=pb.Decision(timestamp=0.0, fired=True, lag_s=0.05)),  # at 10.1: latency 100 ms
+        m(decision=pb.Decision(timestamp=0.0, frame_index=0, fired=True, lag_s=0.05)),  # at 10.1: latency 100 ms
         m(response_started=pb.ResponseStarted(timestamp=0.0, trigger=pb.TRIGGER_PROACTIVE)),
         m(response_delta=pb.ResponseDelta(timestamp=0.0, text="a")),  # at 10.3: TTFT 200 ms after the decision
         m(response_delta=pb.ResponseDelta(timestamp=0.0, text="b")),
         m(response_done=pb.ResponseDone(timestamp=0.0, num_tokens=3, ttft_s=0.15)),  # TPOT (10.5 - 10.3) / 2
-        m(warning=pb.Warning(code=pb.WARNING_CODE_FRAME_DROPPED, timestamps=[0.5])),
+        m(warning=pb.Warning(code=pb.WARNING_CODE_FRAME_DROPPED, timestamps=[0.5], frame_indexes=[1])),
         m(response_started=pb.ResponseStarted(timestamp=0.75, trigger=pb.TRIGGER_QUERY, query="q")),
         m(response_delta=pb.ResponseDelta(timestamp=0.75, text="c")),  # at 10.85: TTFT 50 ms after the query
         m(response_done=pb.ResponseDone(timestamp=0.75, num_tokens=1, ttft_s=0.04)),
-        m(decision=pb.Decision(timestamp=9.0)),  # not a frame this session sent: ignored
+        m(decision=pb.Decision(timestamp=1.0, frame_index=3)),  # at 11.0: the second frame at 1.0 s
+        m(decision=pb.Decision(timestamp=9.0, frame_index=9)),  # not a frame this session sent: ignored
         m(closed=pb.SessionClosed()),
     ]
-    times = [10.1, 10.2, 10.3, 10.5, 10.6, 10.7, 10.8, 10.85, 10.9, 11.0, 11.1]
+    times = [10.1, 10.2, 10.3, 10.5, 10.6, 10.7, 10.8, 10.85, 10.9, 11.05, 11.0, 11.1]
     asyncio.run(driver._receive(_FakeCall(messages, clock, times)))
     r = driver.record
-    assert list(r.latency_s) == pytest.approx([0.1]) and list(r.decided_at) == pytest.approx([1.1])
-    assert list(r.lag_s) == pytest.approx([0.1]) and list(r.server_lag_s) == pytest.approx([0.05])
+    assert list(r.latency_s) == pytest.approx([0.1, 0.05]) and list(r.decided_at) == pytest.approx([1.1, 2.05])
+    assert list(r.lag_s) == pytest.approx([0.1, 0.05]) and list(r.server_lag_s) == pytest.approx([0.05, 0.0])
     assert r.ttft == [("proactive", pytest.approx(0.2)), ("query", pytest.approx(0.05))]
     assert r.tpot_s == [pytest.approx(0.1)]  # the one-token reply has no inter-token time
     assert r.server_ttft_s == [pytest.approx(0.15), pytest.approx(0.04)]
-    assert r.dropped == {0.5} and r.warnings == {"FRAME_DROPPED": 1}
-    assert set(driver._sent_at) == {1.0}  # sent, neither decided nor dropped: counted undecided at the end
+    assert r.dropped == {1} and r.warnings == {"FRAME_DROPPED": 1}
+    assert set(driver._sent_at) == {2}  # sent, neither decided nor dropped: counted undecided at the end
     assert r.responses == 2 and r.response_tokens == 4 and r.closed
 
 

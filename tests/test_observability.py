@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.services.autoscaling import DecisionScaling
+from liveserve.services.autoscaling import SessionScaling
 from liveserve.services.gpu import read_gpus
 from stream_helpers import jpeg, kinds, session_messages, stream
 
@@ -31,12 +31,13 @@ def test_a_frame_and_its_reply_are_traced_across_all_four_services(ray_app, otlp
     replies = stream(ray_app.address, session_messages(3, threshold=1.0), metadata=metadata)
     assert kinds(replies)[-1] == "closed" and replies[-1].closed.responses >= 1
 
-    wanted = {"frame", "perception.encode", "decision.decide", "decision.reply", "reaction.respond"}
+    wanted = {"frame", "perception.encode", "decision.decide", "reply", "reaction.respond"}
     spans = wait_for(lambda: (s := otlp_collector.in_trace(TRACE_ID)) and wanted <= {x.name for x in s} and s, 30)
     assert spans, f"spans seen: {sorted({x.name for x in otlp_collector.in_trace(TRACE_ID)})}"
     services = {s.name: s.service for s in spans}
     assert services["frame"] == "liveserve-gateway" and services["perception.encode"] == "liveserve-perception"
     assert services["decision.decide"] == "liveserve-decision" and services["reaction.respond"] == "liveserve-reaction"
+    assert services["reply"] == "liveserve-gateway"  # the gateway has the reply written and relays it
 
     by_id = {s.span_id: s for s in spans}
     frames = {s.attributes["liveserve.frame_timestamp"]: s for s in spans if s.name == "frame"}
@@ -44,7 +45,7 @@ def test_a_frame_and_its_reply_are_traced_across_all_four_services(ray_app, otlp
     for name in ("perception.encode", "decision.decide"):
         for span in (s for s in spans if s.name == name):
             assert by_id[span.parent_span_id].name == "frame"
-    reply = next(s for s in spans if s.name == "decision.reply")
+    reply = next(s for s in spans if s.name == "reply")
     assert by_id[reply.parent_span_id].name == "decision.decide"  # under the frame that fired
     respond = next(s for s in spans if s.name == "reaction.respond")
     assert respond.parent_span_id == reply.span_id and respond.attributes["liveserve.tokens"] >= 1
@@ -58,11 +59,13 @@ def scrape(url: str) -> str:
 def test_every_service_reports_prometheus_metrics_and_no_gpu_means_no_gpu_series(ray_app):
     stream(ray_app.address, session_messages(4, threshold=1.0, queries=[(0.5, "what do you see")]))
     expected = ["ray_liveserve_sessions_opened_total", "ray_liveserve_frames_received_total",  # gateway
+                "ray_liveserve_frame_to_decision_seconds_bucket", "ray_liveserve_time_to_first_token_seconds_bucket",
+                "ray_liveserve_gateway_tick_frames_bucket", "ray_liveserve_gateway_push_commands_bucket",
                 "ray_liveserve_perception_batch_size_bucket", "ray_liveserve_frames_encoded_total",  # perception
-                "ray_liveserve_frames_decided_total", "ray_liveserve_frame_to_decision_seconds_bucket",  # decision
+                "ray_liveserve_frames_decided_total", "ray_liveserve_decision_latency_seconds_bucket",  # decision
                 "ray_liveserve_decision_kv_pool_reserved_ratio", "ray_liveserve_responses_total",
                 "ray_liveserve_decision_batch_size_bucket",
-                "ray_liveserve_time_to_first_token_seconds_bucket", "ray_liveserve_replies_total"]  # reaction
+                "ray_liveserve_reaction_time_to_first_token_seconds_bucket", "ray_liveserve_replies_total"]  # reaction
     body = wait_for(lambda: (text := scrape(ray_app.metrics_url)) and all(m in text for m in expected) and text, 60, 1)
     assert body, [m for m in expected if m not in scrape(ray_app.metrics_url)]
     decided = [line for line in body.splitlines() if line.startswith("ray_liveserve_frames_decided_total{")]
@@ -121,14 +124,14 @@ def test_the_perception_pool_scales_up_under_load_and_back_down_after(ray_app):
 
 
 def test_decision_scaling_follows_sessions_and_memory_and_keeps_replicas_holding_sessions():
-    policy = DecisionScaling(target_sessions=4, target_kv_fraction=0.5)
+    policy = SessionScaling(target_sessions=4, target_kv_fraction=0.5)
     assert policy.desired([0.0], [0.0]) == 1
     assert policy.desired([4.0, 5.0], [0.1, 0.1]) == 3  # 9 sessions at 4 per replica
     assert policy.desired([1.0, 1.0], [0.6, 0.6]) == 3  # 1.2 pools' worth of KV at 50% each
     assert policy.desired([1.0, 1.0, 1.0], [0.0, 0.0, 0.0]) == 3  # cannot drop a replica holding a session
     assert policy.desired([2.0, 0.0, 0.0], [0.1, 0.0, 0.0]) == 1  # idle replicas can go
     with pytest.raises(ValueError):
-        DecisionScaling(target_sessions=0)
+        SessionScaling(target_sessions=0)
 
 
 def test_the_bundled_serve_config_names_real_policies_and_routers():

@@ -12,8 +12,12 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from liveserve.api.v1 import live_stream_pb2 as pb
+from liveserve.config import CacheConfig, SessionConfig
+from liveserve.engine.events import FrameDecision, ResponseDone
+from liveserve.engine.session import Session
 from liveserve.services.registry import SessionRegistry
-from stream_helpers import jpeg, kinds, session_messages, stream
+from liveserve.video import decode_image_bytes
+from stream_helpers import LiveCall, jpeg, kinds, session_messages, stream
 
 
 def paced(messages, interval_s: float):
@@ -154,7 +158,7 @@ def test_every_frame_of_a_session_is_stepped_on_its_one_decision_replica(ray_app
         while True:
             held = {}
             for replica in set(owners.values()):
-                held[replica] = handle.Sessions.remote(route_to=replica).result(timeout_s=30)
+                held[replica] = handle.Sessions.remote(route_to=replica).result(timeout_s=30)["sessions"]
             if all(held[o].get(s, {}).get("frames_decided") == 5 for s, o in owners.items()):
                 break
             assert time.monotonic() < deadline, held
@@ -200,14 +204,21 @@ def test_bad_input_gets_a_specific_answer_and_the_neighbours_go_on(ray_app):
     assert kinds(neighbour)[-1] == "closed" and neighbour[-1].closed.frames_decided == 8
 
 
-def test_an_unknown_session_is_refused_by_name(ray_app):
-    from liveserve.engine.inputs import SessionError
-    from liveserve.internal.v1 import decision_pb2 as dpb
+def test_a_command_for_an_unknown_session_is_refused_by_name_on_the_event_stream(ray_app):
+    from liveserve.internal.v2 import decision_pb2 as dpb
+    from liveserve.internal.v2 import session_pb2 as spb
 
     handle = decision_handle()
-    request = dpb.PushRequest(session_id="no-such-session", epoch=1, close=dpb.CloseSession(drain=True))
-    with pytest.raises(SessionError, match="unknown session 'no-such-session'"):
-        handle.Push.remote(request).result(timeout_s=30)
+    replica = handle.Sessions.remote().result(timeout_s=30)["replica"]
+    push = dpb.DecisionPush(gateway_id="test-gateway", commands=[dpb.DecisionCommand(
+        close=spb.CloseSession(session_id="no-such-session", epoch=1, drain=True))])
+    handle.Push.remote(push, route_to=replica).result(timeout_s=30)  # taken: refusals travel as events
+    events = handle.options(stream=True).Events.remote(spb.EventsRequest(gateway_id="test-gateway"), route_to=replica)
+    first = next(iter(events))
+    events.cancel()
+    refused = first.events[0].refused
+    assert refused.session_id == "no-such-session" and refused.input == "close"
+    assert "session 'no-such-session' is unknown on decision replica" in refused.message
 
 
 def test_health_checking_and_reflection(ray_app):
@@ -220,3 +231,110 @@ def test_health_checking_and_reflection(ray_app):
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30)
         names = {s.name for response in listing for s in response.list_services_response.service}
     assert "liveserve.api.v1.LiveStream" in names
+
+
+def _features(model, seed: int):
+    return model.encode_frames(decode_image_bytes(jpeg(seed), model.frame_size)[None])[0]
+
+
+def _inline_plan(model, config: SessionConfig, during: int = 2):
+    """Frames (as JPEG seeds) on which an inline session fires first at frame k, then, after its reply,
+    stays silent on `during` frames and one more: found by trying frame orders in turn."""
+    for start in range(200):
+        seeds = [(start * 7 + i * 3) % 101 for i in range(8)]
+        inline = Session(model, config)
+        decisions, reply = [], None
+        for i, seed in enumerate(seeds):
+            inline.push_frame(i * 0.5, _features(model, seed))
+            for event in inline.process():
+                if isinstance(event, FrameDecision):
+                    decisions.append(event)
+                elif isinstance(event, ResponseDone):
+                    reply = event.text
+            fired = [d for d in decisions if d.fired]
+            if fired and len(decisions) == fired[0].frame_index + during + 2:
+                k = fired[0].frame_index
+                if k <= 3 and not any(d.fired for d in decisions[k + 1:]):
+                    return seeds[:len(decisions)], k, reply, decisions, inline.cache.length
+                break
+            if len(fired) > 1 or (fired and len(decisions) > fired[0].frame_index + during + 2):
+                break
+    pytest.fail("no frame order makes the quiet model fire once and then stay silent")
+
+
+def test_a_reply_lands_right_after_its_trigger_so_later_decisions_match_an_inline_session(ray_app, registry,
+                                                                                           quiet_model):
+    """The Ray path writes a reply elsewhere while Decision keeps deciding frames; once the reply is in,
+    Decision's cache (reply right after its trigger, the frames decided meanwhile replayed after it) and
+    its next decision equal a single-model session that wrote the same reply inline."""
+    during = 2
+    config = SessionConfig(max_new_tokens=48, cache=CacheConfig(policy="sink_window", window_frames=8, evict_frames=8))
+    seeds, k, reply_text, inline, inline_cache = _inline_plan(quiet_model, config, during)
+
+    call = LiveCall(ray_app.address, pb.Open(fps=2.0, max_new_tokens=48))
+    session_id = call.wait_for(lambda: call.of_kind("opened"))[0].session_id
+    for i in range(k + 1):  # up to the trigger, one decision at a time
+        call.send(pb.ClientMessage(frame=pb.Frame(timestamp=i * 0.5, image=jpeg(seeds[i]))))
+        call.wait_for(lambda: len(call.of_kind("decision")) == i + 1)
+    assert call.of_kind("decision")[k].fired
+    for i in range(k + 1, k + 1 + during):  # while the reply is being written
+        call.send(pb.ClientMessage(frame=pb.Frame(timestamp=i * 0.5, image=jpeg(seeds[i]))))
+    done = call.wait_for(lambda: call.of_kind("response_done"))[0]
+    order = kinds(call.replies)
+    decided_during = [r.decision.frame_index for r in call.replies[order.index("response_started"):order.index(
+        "response_done")] if r.WhichOneof("kind") == "decision"]
+    assert decided_during == list(range(k + 1, k + 1 + during)), (order, "the reply ended before those frames")
+    assert done.text == reply_text
+
+    owner = registry.get(session_id).owner
+    handle = decision_handle()
+
+    def replayed():
+        state = handle.Sessions.remote(route_to=owner).result(timeout_s=30)["sessions"][session_id]
+        return not state["awaiting_reply"] and state["frames_replayed"] == during and state
+
+    deadline = time.monotonic() + 30
+    while not replayed():
+        assert time.monotonic() < deadline, "the reply never reached Decision's cache"
+        time.sleep(0.05)
+    last = k + 1 + during
+    call.send(pb.ClientMessage(frame=pb.Frame(timestamp=last * 0.5, image=jpeg(seeds[last]))))
+    decision = call.wait_for(lambda: len(call.of_kind("decision")) == last + 1 and call.of_kind("decision")[last])
+    state = replayed()
+    call.close()
+
+    want = inline[last]
+    assert decision.p_silent == pytest.approx(want.p_silent, abs=1e-4)
+    assert decision.fired == want.fired and state["cache_tokens"] == inline_cache
+
+
+def test_two_gateway_replicas_share_the_port_and_each_keeps_its_streams(ray_app, registry):
+    """Gateway replicas on one host listen on the same port: connections spread over them, and every
+    session stays with the Gateway that accepted it (the one its Decision events go to)."""
+    results: dict[int, list] = {}
+
+    def run(i: int) -> None:  # one connection per client, as separate cameras would open
+        with grpc.insecure_channel(ray_app.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
+
+            results[i] = list(pb_grpc.LiveStreamStub(channel).Stream(
+                iter(list(session_messages(2, threshold=0.0))), timeout=60))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(results) == list(range(16))
+    assert all(kinds(r)[-1] == "closed" and r[-1].closed.frames_decided == 2 for r in results.values())
+    gateways = {registry.get(r[0].opened.session_id).config["gateway"] for r in results.values()}
+    assert len(gateways) == 2, gateways
+
+
+def test_frames_with_equal_timestamps_are_each_decided_and_told_apart(ray_app):
+    messages = [pb.ClientMessage(open=pb.Open(threshold=0.0, decisions_only=True))]
+    messages += [pb.ClientMessage(frame=pb.Frame(timestamp=1.0, image=jpeg(i))) for i in range(3)]
+    replies = stream(ray_app.address, messages + [pb.ClientMessage(close=pb.Close())])
+    decisions = of_kind(replies, "decision")
+    assert [d.frame_index for d in decisions] == [0, 1, 2] and all(d.timestamp == 1.0 for d in decisions)
+    assert all(d.lag_s > 0 for d in decisions)

@@ -45,15 +45,3 @@ def test_new_sessions_go_where_there_is_room_and_a_burst_is_spread(router):
     first = [choose(router, [a, b], request(SimpleNamespace(session_id=f"s{i}")))[0][0].replica_id.unique_id
              for i in range(4)]
     assert sorted(first) == ["a", "a", "b", "b"]  # stale stats do not send the whole burst to one replica
-
-
-def test_a_session_sticks_to_its_replica_until_close_or_until_the_replica_is_gone(router):
-    a, b = replica("a"), replica("b")
-    session = SimpleNamespace(session_id="s")
-    placed = choose(router, [a, b], request(session, method="Respond"))[0][0]
-    for _ in range(3):
-        assert choose(router, [a, b], request(session, method="Respond")) == [[placed]]
-    other = b if placed is a else a
-    assert choose(router, [other], request(session, method="Respond"))[0] == [other]  # placed afresh
-    assert choose(router, [a, b], request(session, method="Close")) == [[other]]
-    assert "s" not in router._affinity

@@ -2,21 +2,30 @@
 
 Same model, same load, one run. N sessions advance in lockstep rounds: each round every session sends
 one JPEG frame, and the round ends when all N decisions are back.
-  in_process  BatchEngine.push_frame / step in the caller's thread; latency = push -> decision
-  grpc        the single-process server (`liveserve serve --local`) on 127.0.0.1 and N client streams;
-              latency = the client's send -> the client's receipt of the Decision (serialisation,
-              HTTP/2, the engine thread hand-off and the event queue included)
-  ray         (--ray) the disaggregated Serve application (`liveserve serve`) on a local Ray cluster:
-              Serve's gRPC proxy, the Gateway, a Perception replica and a Decision replica, each frame
-              crossing three processes; same client and latency as grpc
-Sessions report decisions only (no replies are written), so every step is a frame step.
+  in_process  BatchEngine.push_frame / step in this process; latency = push -> decision
+  grpc        `liveserve serve --local` in its own process on 127.0.0.1 (the Gateway with Perception,
+              Decision and Reaction in one process) and N client streams; latency = the client's send ->
+              the client's receipt of the Decision (serialisation, HTTP/2 and every hop included)
+  ray         (--ray) `liveserve serve` on a local Ray cluster: a Gateway replica serving the API itself, a
+              Perception, a Decision and a Reaction replica; same client and latency as grpc
+Sessions report decisions only (no replies are written), so every step is a frame step. The client
+drives all streams from one asyncio loop, as a load generator would, so its own cost stays small.
+
+The servers start once. Each session count then runs `repeats` times, the paths taking turns
+(in_process, grpc, ray, in_process, ...), so a machine whose speed drifts during the run slows every path
+alike; frames/s is the median over the repeats, and each ratio is the median of the ratios within a
+repeat (paths measured seconds apart). Served replicas use a share of this host's CPUs each
+(`threads`), as four pools sharing one host would.
 """
 
 from __future__ import annotations
 
-import queue
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,7 +39,9 @@ from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import FrameDecision
 from liveserve.model.live import LiveModel
 from liveserve.services.client import encode_jpeg
-from liveserve.services.local import start_local
+
+_NO_DROPS = 600.0  # max_lag_s for the served paths: lockstep rounds never fall behind on purpose
+PATHS = ("in_process", "grpc", "ray")
 
 
 def _frames(model: LiveModel, count: int = 8) -> list[bytes]:
@@ -42,18 +53,21 @@ def _frames(model: LiveModel, count: int = 8) -> list[bytes]:
             for _ in range(count)]
 
 
-def _engine_config(sessions: int) -> EngineConfig:
-    return EngineConfig(pool=PoolConfig(budget_tokens=4096 * sessions),
-                        scheduler=SchedulerConfig(max_lag_s=None, max_batch_sessions=sessions))
+def replica_threads() -> int:
+    """Torch threads per served replica: this host's CPUs shared by the four pools."""
+    return max(1, (os.cpu_count() or 1) // 4)
 
 
-def _summary(latencies: list[float], wall_s: float) -> dict:
-    return {"frames": len(latencies), "wall_s": wall_s, "frames_per_s": len(latencies) / wall_s,
-            "p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3}
+def _pool_mb(sessions: int) -> int:
+    return max(64, sessions * 8)
 
 
-def bench_in_process(model: LiveModel, sessions: int, rounds: int, warmup: int, frames: list[bytes]) -> dict:
-    engine = BatchEngine(model, _engine_config(sessions))
+# ---- the paths ------------------------------------------------------------------------------------------------
+
+def bench_in_process(model: LiveModel, sessions: int, rounds: int, warmup: int, frames: list[bytes]) -> tuple:
+    """(latencies, wall seconds) of `rounds` lockstep rounds through a BatchEngine in this thread."""
+    engine = BatchEngine(model, EngineConfig(pool=PoolConfig(budget_tokens=4096 * sessions),
+                                             scheduler=SchedulerConfig(max_lag_s=None, max_batch_sessions=sessions)))
     config = SessionConfig(cache=CacheConfig(policy="sink_window"), replies="none")
     ids = [f"s{k}" for k in range(sessions)]
     for sid in ids:
@@ -69,119 +83,157 @@ def bench_in_process(model: LiveModel, sessions: int, rounds: int, warmup: int, 
                 latencies.append(event.lag_s)
     wall = time.perf_counter() - started
     engine.shutdown()
-    return _summary(latencies, wall)
+    return latencies, wall
 
 
-def bench_grpc(model: LiveModel, sessions: int, rounds: int, warmup: int, frames: list[bytes]) -> dict:
-    server = start_local(model, "127.0.0.1:0", engine_config=_engine_config(sessions))
+@contextlib.contextmanager
+def local_server(model_ref: str, device: str, max_sessions: int):
+    """`liveserve serve --local` as its own process (as it is deployed); yields its address."""
+    from liveserve.services.redis_server import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "liveserve", "serve", "--local", "--model", model_ref, "--device", device,
+               "--address", address, "--pool-mb", str(_pool_mb(max_sessions)), "--metrics-port", "0",
+               "--max-lag-s", str(_NO_DROPS)]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        return drive(server.address, sessions, rounds, warmup, frames)
+        line, deadline = "", time.monotonic() + 300
+        while "serving liveserve.api.v1.LiveStream" not in line:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the single-process server did not start: {line.strip() or server.returncode}")
+            line = server.stderr.readline()
+        yield address
     finally:
-        server.stop(grace_s=1)
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
-def bench_ray(model_path: str, sessions: int, rounds: int, warmup: int, frames: list[bytes]) -> dict:
+@contextlib.contextmanager
+def ray_app(model_ref: str, max_sessions: int):
+    """The Serve application on a local Ray, one replica per pool; yields the public API's address."""
     from liveserve.orchestration.launch import free_port, load_config, start
 
-    if model_path not in ("default", "tiny"):
-        model_path = str(Path(model_path).resolve())  # replicas load it from other working directories
-    args = {"model": model_path, "max_lag_s": 600.0, "max_batch_size": max(1, sessions), "batch_wait_ms": 2.0}
-    config = load_config(grpc_port=free_port(), args=args,
+    args = {"model": model_ref, "max_lag_s": _NO_DROPS, "max_batch_size": max(1, max_sessions),
+            "pool_mb": _pool_mb(max_sessions), "threads": replica_threads()}
+    config = load_config(address=f"127.0.0.1:{free_port()}", args=args,
                          replicas={"Gateway": 1, "Perception": 1, "Decision": 1, "Reaction": 1})
     app = start(config, progress=lambda message: print(f"  ray: {message}", file=sys.stderr, flush=True))
     try:
-        return drive(app.address, sessions, rounds, warmup, frames)
+        yield app.address
     finally:
         app.stop()
 
 
-def drive(address: str, sessions: int, rounds: int, warmup: int, frames: list[bytes]) -> dict:
-    """N client streams against `address` in lockstep rounds; latency = send -> Decision received."""
-    outboxes = [queue.Queue() for _ in range(sessions)]
-    sent_at: list[dict[float, float]] = [{} for _ in range(sessions)]
-    decided = [0] * sessions
-    latencies: list[float] = []
-    progress = threading.Condition()
-    failures: list[BaseException] = []
+def drive(address: str, sessions: int, rounds: int, warmup: int, frames: list[bytes]) -> tuple:
+    """N client streams against `address` in lockstep rounds: (latencies send -> Decision received, wall)."""
+    return asyncio.run(_drive(address, sessions, rounds, warmup, frames))
 
-    def requests(k: int):
-        yield pb.ClientMessage(open=pb.Open(fps=2.0, decisions_only=True))
-        while (message := outboxes[k].get()) is not None:
-            yield message
-        yield pb.ClientMessage(close=pb.Close())
 
-    def read(k: int, channel: grpc.Channel) -> None:
-        try:
-            for message in pb_grpc.LiveStreamStub(channel).Stream(requests(k), timeout=600):
-                if message.WhichOneof("kind") != "decision":
-                    continue
-                now = time.perf_counter()
-                with progress:
-                    if message.decision.timestamp >= warmup * 0.5:
-                        latencies.append(now - sent_at[k][message.decision.timestamp])
-                    decided[k] += 1
-                    progress.notify_all()
-        except BaseException as exc:  # reported by the main thread
-            failures.append(exc)
-            with progress:
-                progress.notify_all()
-
-    channel = grpc.insecure_channel(address)
-    readers = [threading.Thread(target=read, args=(k, channel), daemon=True) for k in range(sessions)]
-    for thread in readers:
-        thread.start()
-    started = 0.0
-    try:
+async def _drive(address: str, sessions: int, rounds: int, warmup: int, frames: list[bytes]) -> tuple:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.LiveStreamStub(channel)
+        calls = [stub.Stream(timeout=600) for _ in range(sessions)]
+        for call in calls:
+            await call.write(pb.ClientMessage(open=pb.Open(fps=2.0, decisions_only=True)))
+        for call in calls:
+            await _next(call, "opened")
+        latencies: list[float] = []
+        started = 0.0
         for r in range(warmup + rounds):
             if r == warmup:
                 started = time.perf_counter()
-            for k in range(sessions):
-                sent_at[k][r * 0.5] = time.perf_counter()
-                outboxes[k].put(pb.ClientMessage(frame=pb.Frame(timestamp=r * 0.5, image=frames[(r + k) % len(frames)])))
-            with progress:
-                if not progress.wait_for(lambda: failures or min(decided) > r, timeout=120):
-                    raise TimeoutError(f"round {r}: decisions did not come back within 120 s")
-            if failures:
-                raise RuntimeError(f"a benchmark stream failed: {failures[0]}")
+            sent = []
+            for k, call in enumerate(calls):
+                sent.append(time.perf_counter())
+                await call.write(pb.ClientMessage(frame=pb.Frame(timestamp=r * 0.5,
+                                                                 image=frames[(r + k) % len(frames)])))
+            arrived = await asyncio.wait_for(asyncio.gather(*(_decided(call) for call in calls)), 120)
+            if r >= warmup:
+                latencies += [at - t for at, t in zip(arrived, sent)]
         wall = time.perf_counter() - started
-    finally:
-        for outbox in outboxes:
-            outbox.put(None)
-        for thread in readers:
-            thread.join(30)
-        channel.close()
-    return _summary(latencies, wall)
+        for call in calls:
+            await call.write(pb.ClientMessage(close=pb.Close()))
+            await call.done_writing()
+        for call in calls:
+            await _next(call, "closed")
+    return latencies, wall
 
 
-def run_service_bench(model: LiveModel, *, sessions: list[int], rounds: int, warmup: int, out: str,
-                      ray_model: str | None = None) -> dict:
-    """`ray_model`: the model's name or directory, to benchmark the Ray application too (its replicas load
-    the model themselves)."""
+async def _decided(call) -> float:
+    await _next(call, "decision")
+    return time.perf_counter()
+
+
+async def _next(call, kind: str) -> pb.ServerMessage:
+    """The call's next message of `kind`; the call's status if it ends first."""
+    while True:
+        message = await call.read()
+        if message is grpc.aio.EOF:
+            code = await call.code()
+            raise RuntimeError(f"a benchmark stream ended before its {kind}: {code.name} {await call.details()}")
+        if message.WhichOneof("kind") == kind:
+            return message
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+def run_service_bench(model: LiveModel, *, model_ref: str, sessions: list[int], rounds: int, warmup: int, out: str,
+                      ray: bool = False, repeats: int = 3) -> dict:
+    """`model_ref`: the model's name or directory, for the served paths (their processes load it)."""
+    if model_ref not in ("default", "tiny"):
+        model_ref = str(Path(model_ref).resolve())  # servers load it from other working directories
     frames = _frames(model)
-    results = [_compare(model, n, rounds, warmup, frames, ray_model) for n in sessions]
-    paths = "in-process engine, single-process gRPC server" + (", Ray Serve application" if ray_model else "")
-    report = {"benchmark": "service", **environment(model), "rounds": rounds, "warmup": warmup,
-              "paths": paths, "address": "127.0.0.1", "results": results}
+    paths = PATHS if ray else PATHS[:2]
+    results = []
+    with contextlib.ExitStack() as servers:
+        addresses = {"grpc": servers.enter_context(local_server(model_ref, model.device.type, max(sessions)))}
+        if ray:
+            addresses["ray"] = servers.enter_context(ray_app(model_ref, max(sessions)))
+        for n in sessions:
+            print(f"liveserve bench service: {n} sessions x {rounds} rounds x {repeats} repeats", file=sys.stderr,
+                  flush=True)
+            samples: dict[str, list[tuple]] = {path: [] for path in paths}
+            for _ in range(repeats):
+                for path in paths:
+                    if path == "in_process":
+                        samples[path].append(bench_in_process(model, n, rounds, warmup, frames))
+                    else:
+                        samples[path].append(drive(addresses[path], n, rounds, warmup, frames))
+            results.append(_result(n, samples))
+    report = {"benchmark": "service", **environment(model), "rounds": rounds, "warmup": warmup, "repeats": repeats,
+              "paths": ", ".join(paths), "address": "127.0.0.1", "cpus": os.cpu_count(),
+              "replica_threads": replica_threads(), "results": results}
     write_report(report, out)
     return report
 
 
-def _ratios(path: dict, base: dict) -> dict:
-    return {"throughput_ratio": path["frames_per_s"] / base["frames_per_s"],
+def _summary(runs: list[tuple]) -> dict:
+    latencies = [latency for run_latencies, _ in runs for latency in run_latencies]
+    rates = [len(run_latencies) / wall for run_latencies, wall in runs]
+    return {"frames": len(latencies), "frames_per_s": statistics.median(rates),
+            "frames_per_s_repeats": rates, "wall_s": sum(wall for _, wall in runs),
+            "p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3}
+
+
+def _ratios(runs: list[tuple], base_runs: list[tuple], path: dict, base: dict) -> dict:
+    """Throughput as the median of the repeats' own ratios (each pair measured back to back)."""
+    pairs = [(len(a) / wa) / (len(b) / wb) for (a, wa), (b, wb) in zip(runs, base_runs)]
+    return {"throughput_ratio": statistics.median(pairs), "throughput_ratio_repeats": pairs,
             "added_p50_ms": path["p50_ms"] - base["p50_ms"], "added_p99_ms": path["p99_ms"] - base["p99_ms"]}
 
 
-def _compare(model: LiveModel, n: int, rounds: int, warmup: int, frames: list[bytes], ray_model: str | None) -> dict:
-    print(f"liveserve bench service: {n} sessions x {rounds} rounds", file=sys.stderr, flush=True)
-    result = {"sessions": n, "in_process": bench_in_process(model, n, rounds, warmup, frames),
-              "grpc": bench_grpc(model, n, rounds, warmup, frames)}
-    if ray_model:
-        result["ray"] = bench_ray(ray_model, n, rounds, warmup, frames)
-    base = result["in_process"]
-    result["overhead"] = _ratios(result["grpc"], base)
-    if ray_model:
-        result["ray_overhead"] = _ratios(result["ray"], base)
+def _result(n: int, samples: dict[str, list[tuple]]) -> dict:
+    result = {"sessions": n, **{path: _summary(runs) for path, runs in samples.items()}}
+    base, base_runs = result["in_process"], samples["in_process"]
+    result["overhead"] = _ratios(samples["grpc"], base_runs, result["grpc"], base)
+    if "ray" in samples:
+        result["ray_overhead"] = _ratios(samples["ray"], base_runs, result["ray"], base)
     line = ", ".join(f"{path} {result[path]['frames_per_s']:.0f} frames/s (p50 {result[path]['p50_ms']:.1f} ms, "
-                     f"p99 {result[path]['p99_ms']:.1f} ms)" for path in ("in_process", "grpc", "ray") if path in result)
-    print(f"  {line}", file=sys.stderr, flush=True)
+                     f"p99 {result[path]['p99_ms']:.1f} ms)" for path in samples)
+    ratios = ", ".join(f"{path} {result[key]['throughput_ratio']:.2f}x" for path, key in
+                       (("grpc", "overhead"), ("ray", "ray_overhead")) if key in result)
+    print(f"  {line}; of the engine's frames/s: {ratios}", file=sys.stderr, flush=True)
     return result

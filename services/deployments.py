@@ -1,0 +1,152 @@
+"""The Ray Serve deployments: thin shells that load a replica's model, decode the internal protobuf
+contracts (codec.py) and hand the dataclasses to the same service objects `serve --local` runs.
+
+Gateway replicas serve the public gRPC API themselves (server.GatewayServer on `address`), so a
+client's messages reach the Gateway without a relay through Serve's proxy; the Gateway reaches the
+other pools through deployment handles, one call per tick and replica.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+
+from liveserve.internal.v2 import decision_pb2 as dpb
+from liveserve.internal.v2 import perception_pb2 as ppb
+from liveserve.internal.v2 import reaction_pb2 as rpb
+from liveserve.internal.v2 import session_pb2 as spb
+from liveserve.services import codec
+from liveserve.services.decision import DecisionService
+from liveserve.services.gateway import Gateway
+from liveserve.services.perception import FrameEncoder
+from liveserve.services.reaction import ReactionService
+from liveserve.services.redis_server import connect
+from liveserve.services.registry import SessionRegistry
+from liveserve.services.replica import load_replica_model, replica_id
+from liveserve.services.routing import SESSION_ROUTER
+from liveserve.services.seams import RayPerception, ray_decision, ray_reaction
+from liveserve.services.server import GatewayServer
+from liveserve.services.settings import ServiceSettings
+from liveserve.services.telemetry import use_ray_metrics
+
+
+def _settings(values: dict | None) -> ServiceSettings:
+    use_ray_metrics()  # before any service creates its metrics
+    return ServiceSettings.from_dict(values)
+
+
+@serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0})
+class GatewayDeployment:
+    def __init__(self, perception, decision, reaction, settings: dict | None = None) -> None:
+        settings = _settings(settings)
+
+        def build() -> Gateway:
+            return Gateway(RayPerception(perception), ray_decision(decision), ray_reaction(reaction), settings,
+                           gateway_id=replica_id())
+
+        self.server = GatewayServer(build, settings.address, max_frame_bytes=settings.max_frame_bytes).start()
+
+    async def Address(self) -> str:
+        """Where this replica serves the public API (tools and tests)."""
+        return self.server.address
+
+    def check_health(self) -> None:
+        if not self.server.serving:
+            raise RuntimeError("the gateway's gRPC server is not running")
+
+    def record_autoscaling_stats(self) -> dict:
+        """What the Gateway pool scales on (services/autoscaling.py): the streams it holds."""
+        gateway = self.server.gateway
+        return {"sessions": float(len(gateway.sessions)) if gateway is not None else 0.0}
+
+    def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop(grace_s=5.0)
+
+
+@serve.deployment(name="Perception", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
+class PerceptionDeployment:
+    def __init__(self, settings: dict | None = None) -> None:
+        settings = _settings(settings)
+        self.encoder = FrameEncoder(load_replica_model(settings.model, vision=True, threads=settings.threads),
+                                    settings.max_batch_size)
+
+    async def Encode(self, request: ppb.EncodeRequest) -> ppb.EncodeResponse:
+        result = await self.encoder.encode(codec.encode_request_from_proto(request))
+        return codec.encode_result_to_proto(result)
+
+    def record_autoscaling_stats(self) -> dict:
+        """What the Perception pool scales on (services/autoscaling.py): how busy the encoder was."""
+        return {"busy_fraction": self.encoder.busy_fraction()}
+
+
+@serve.deployment(name="Decision", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096,
+                  request_router_config=SESSION_ROUTER)
+class DecisionDeployment:
+    def __init__(self, settings: dict | None = None) -> None:
+        settings = _settings(settings)
+        model = load_replica_model(settings.model, vision=False, threads=settings.threads)
+        registry = SessionRegistry(connect()[0], ttl_s=settings.session_ttl_s, closed_ttl_s=settings.closed_ttl_s)
+        self.service = DecisionService(model, settings, replica_id(), registry)
+
+    async def Open(self, request: spb.OpenRequest) -> spb.OpenResponse:
+        return codec.placed_to_proto(await self.service.open(codec.open_from_proto(request)))
+
+    async def Push(self, request: dpb.DecisionPush, route_to: str = "") -> spb.PushAck:
+        await self.service.push(codec.decision_push_from_proto(request))
+        return spb.PushAck()
+
+    async def Events(self, request: spb.EventsRequest, route_to: str = ""):
+        async for batch in self.service.events(request.gateway_id):
+            yield codec.decision_events_to_proto(batch)
+
+    async def Sessions(self, route_to: str = "") -> dict:
+        """This replica's id and its sessions, with how far each got (operators' tools, and tests)."""
+        return {"replica": self.service.replica, "sessions": self.service.report()}
+
+    def record_autoscaling_stats(self) -> dict:
+        """What the Decision pool scales on (services/autoscaling.py): sessions held, KV pool reserved."""
+        load = self.service.load()
+        return {"sessions": float(load["sessions"]), "kv_used_fraction": load["kv_used_fraction"]}
+
+    def record_routing_stats(self) -> dict:
+        """What the router places new sessions by: the free share of the KV pool, and sessions held."""
+        load = self.service.load()
+        return {"sessions": load["sessions"], "free_fraction": load["free_fraction"]}
+
+    def __del__(self) -> None:
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.stop()
+
+
+@serve.deployment(name="Reaction", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096,
+                  request_router_config=SESSION_ROUTER)
+class ReactionDeployment:
+    def __init__(self, settings: dict | None = None) -> None:
+        settings = _settings(settings)
+        model = load_replica_model(settings.reaction_model or settings.model, vision=False, threads=settings.threads)
+        self.service = ReactionService(model, settings, replica_id())
+
+    async def Open(self, request: spb.OpenRequest) -> spb.OpenResponse:
+        return codec.placed_to_proto(await self.service.open(codec.open_from_proto(request)))
+
+    async def Push(self, request: rpb.ReactionPush, route_to: str = "") -> spb.PushAck:
+        await self.service.push(codec.reaction_push_from_proto(request))
+        return spb.PushAck()
+
+    async def Events(self, request: spb.EventsRequest, route_to: str = ""):
+        async for batch in self.service.events(request.gateway_id):
+            yield codec.reaction_events_to_proto(batch)
+
+    def record_autoscaling_stats(self) -> dict:
+        load = self.service.load()
+        return {"sessions": float(load["sessions"]), "kv_used_fraction": 1.0 - load["free_fraction"]}
+
+    def record_routing_stats(self) -> dict:
+        return self.service.load()
+
+    def __del__(self) -> None:
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.stop()

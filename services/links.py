@@ -1,0 +1,161 @@
+"""How a Gateway batches its hops: one Perception call per tick, one push per tick and replica, one event
+stream per replica.
+
+`FrameBatcher` collects the frames every session of the gateway sent during a tick (`tick_ms` after the
+first one) and encodes them with one Perception call; an idle stream is delayed by at most one tick.
+It goes sooner once `max_frames` wait, or once every session that is open has a frame in the batch
+(no other session could join it, so waiting would only add latency). `ReplicaLink` is the gateway's connection to one Decision or Reaction
+replica: commands of all sessions on that replica go out together, one push at a time (a push that is
+in flight is the next one's batching window, and keeps the replica's view of each session in order),
+and one long-lived stream brings back every event for those sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from liveserve.services.contracts import EncodeRequest, EncodeResult, FrameImage
+
+log = logging.getLogger(__name__)
+
+
+class FrameBatcher:
+    def __init__(self, perception, *, tick_s: float, max_frames: int, timeout_s: float,
+                 done: Callable[[list[tuple[FrameImage, object]], EncodeResult | None, str], None],
+                 senders: Callable[[], int], on_batch: Callable[[int], None] | None = None) -> None:
+        """`done(batch, result, error)` gets each batch back: its (frame, owner) pairs and the result, or
+        None and why the call failed. `senders()`: how many sessions could send a frame now."""
+        self.perception, self.tick_s, self.max_frames, self.timeout_s = perception, tick_s, max_frames, timeout_s
+        self._done, self._senders, self._on_batch = done, senders, on_batch
+        self._batch: list[tuple[FrameImage, object]] = []
+        self._owners: set[int] = set()  # id() of the sessions with a frame in the batch
+        self._timer: asyncio.TimerHandle | None = None
+        self._calls: set[asyncio.Task] = set()
+
+    def add(self, frame: FrameImage, owner) -> None:
+        self._batch.append((frame, owner))
+        self._owners.add(id(owner))
+        if len(self._batch) >= self.max_frames or len(self._owners) >= self._senders():
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.tick_s, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        self._owners.clear()
+        task = asyncio.get_running_loop().create_task(self._encode(batch))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def _encode(self, batch: list[tuple[FrameImage, object]]) -> None:
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        request = EncodeRequest(tuple(frame for frame, _ in batch))
+        try:
+            result = await asyncio.wait_for(self.perception.encode(request), self.timeout_s)
+        except asyncio.TimeoutError:
+            self._done(batch, None, f"encoding took longer than {self.timeout_s:g}s")
+            return
+        except Exception as exc:
+            log.warning("a Perception call for %d frames failed", len(batch), exc_info=True)
+            self._done(batch, None, f"encoding failed: {type(exc).__name__}")
+            return
+        self._done(batch, result, "")
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in self._calls:
+            task.cancel()
+
+
+class ReplicaLink:
+    def __init__(self, service, replica: str, gateway_id: str, *, make_push: Callable[[str, tuple], object],
+                 dispatch: Callable[[object], None], failed: Callable[[ReplicaLink, str], None], timeout_s: float,
+                 on_push: Callable[[int], None] | None = None, name: str = "replica") -> None:
+        self.service, self.replica, self.gateway_id, self.name = service, replica, gateway_id, name
+        self._make_push, self._dispatch, self._failed, self._on_push = make_push, dispatch, failed, on_push
+        self.timeout_s = timeout_s
+        self.closed = False
+        self._commands: list = []
+        self._acks: list[tuple[int, asyncio.Future]] = []  # (its number among commands sent, its future)
+        self._queued = 0  # commands ever sent
+        self._applied = 0  # commands in pushes the replica acknowledged
+        self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._push_loop()), loop.create_task(self._event_loop())]
+
+    def send(self, command) -> None:
+        if not self.closed:
+            self._commands.append(command)
+            self._queued += 1
+            self._wake.set()
+
+    def send_acknowledged(self, command) -> asyncio.Future:
+        """Send `command`; the future resolves once the replica has applied the push that carried it (True),
+        or the link failed (False)."""
+        future = asyncio.get_running_loop().create_future()
+        if self.closed:
+            future.set_result(False)
+            return future
+        self.send(command)
+        self._acks.append((self._queued, future))
+        return future
+
+    async def _push_loop(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._commands:
+                    batch, self._commands = tuple(self._commands), []
+                    if self._on_push is not None:
+                        self._on_push(len(batch))
+                    await asyncio.wait_for(self.service.push(self.replica, self._make_push(self.gateway_id, batch)),
+                                           self.timeout_s)
+                    self._applied += len(batch)
+                    while self._acks and self._acks[0][0] <= self._applied:
+                        self._acks.pop(0)[1].set_result(True)
+        except asyncio.CancelledError:
+            raise
+        except asyncio.TimeoutError:
+            self._fail(f"the {self.name} replica did not take a push within {self.timeout_s:g}s")
+        except Exception as exc:
+            log.warning("pushing to %s replica %s failed", self.name, self.replica, exc_info=True)
+            self._fail(f"the session's {self.name} replica failed ({type(exc).__name__})")
+
+    async def _event_loop(self) -> None:
+        try:
+            async for batch in self.service.events(self.replica, self.gateway_id):
+                for event in batch.events:
+                    self._dispatch(event)
+            self._fail(f"the {self.name} replica ended its event stream")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("events from %s replica %s failed", self.name, self.replica, exc_info=True)
+            self._fail(f"the session's {self.name} replica failed ({type(exc).__name__})")
+
+    def _fail(self, message: str) -> None:
+        if self.closed:
+            return
+        self.close()
+        self._failed(self, message)
+
+    def close(self) -> None:
+        self.closed = True
+        for _, future in self._acks:
+            if not future.done():
+                future.set_result(False)
+        self._acks.clear()
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()

@@ -1,0 +1,56 @@
+"""Events on their way from a replica to the gateways that own its sessions.
+
+A replica keeps one outbox per gateway. Whatever collected since the gateway's stream last read goes
+out as one batch (under load: many sessions' decisions, or many reply tokens, per hop instead of one
+each). Events wait in the outbox until the gateway's stream attaches, so none is lost between a
+session's placement and the gateway opening its stream. When a gateway's stream ends (the gateway
+went away or was restarted), `gone` is called so the replica can close that gateway's sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from liveserve.services.contracts import EventBatch
+
+
+@dataclass(slots=True)
+class _Outbox:
+    events: list = field(default_factory=list)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    readers: int = 0
+
+
+class Outboxes:
+    def __init__(self, gone: Callable[[str], None], merge: Callable[[list], list] | None = None) -> None:
+        """`merge` may coalesce a batch before it goes out (e.g. consecutive reply deltas of a session)."""
+        self._boxes: dict[str, _Outbox] = {}
+        self._gone, self._merge = gone, merge
+        self._departed: set[str] = set()  # gateways whose stream ended: nobody will read their events
+
+    def put(self, gateway_id: str, event) -> None:
+        if gateway_id in self._departed:
+            return
+        box = self._boxes.setdefault(gateway_id, _Outbox())
+        box.events.append(event)
+        box.ready.set()
+
+    async def stream(self, gateway_id: str) -> AsyncIterator[EventBatch]:
+        self._departed.discard(gateway_id)  # the gateway reconnected
+        box = self._boxes.setdefault(gateway_id, _Outbox())
+        box.readers += 1
+        try:
+            while True:
+                await box.ready.wait()
+                box.ready.clear()
+                if box.events:
+                    events, box.events = box.events, []
+                    yield EventBatch(tuple(self._merge(events) if self._merge else events))
+        finally:
+            box.readers -= 1
+            if not box.readers:
+                self._boxes.pop(gateway_id, None)
+                self._departed.add(gateway_id)
+                self._gone(gateway_id)

@@ -1,0 +1,90 @@
+"""The Gateway's gRPC server (LiveStream, grpc.health.v1, reflection) on its own event-loop thread.
+
+Both serving modes run it: `serve --local` with the services in the same process, `serve` inside each
+Gateway replica on Ray (several replicas on one host share the port: gRPC sets SO_REUSEPORT, so the
+kernel spreads connections over them, and a stream stays on the replica that accepted it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from liveserve.api.v1 import live_stream_pb2 as pb
+from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
+from liveserve.services.gateway import Gateway
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LiveStream"].full_name
+
+
+class GatewayServer:
+    def __init__(self, build: Callable[[], Gateway], address: str, *, max_frame_bytes: int,
+                 name: str = "gateway") -> None:
+        """`build` makes the Gateway on the server's loop (its services' loop-bound parts live there too)."""
+        self._build, self._requested, self._max_frame_bytes = build, address, max_frame_bytes
+        self.gateway: Gateway | None = None
+        self.address = ""
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._grace_s = 5.0
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name=name, daemon=True)
+
+    def start(self, timeout_s: float = 120.0) -> GatewayServer:
+        self._thread.start()
+        if not self._started.wait(timeout_s):
+            raise TimeoutError(f"the gRPC server did not start within {timeout_s:g}s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def serving(self) -> bool:
+        return self._thread.is_alive() and self._started.is_set() and self._error is None
+
+    async def _main(self) -> None:
+        self.loop, self._stop_requested = asyncio.get_running_loop(), asyncio.Event()
+        try:
+            self.gateway = self._build()
+            server, health_servicer, port = await self._serve()
+            self.address = f"{self._requested.rsplit(':', 1)[0]}:{port}"
+        except BaseException as exc:  # handed to the caller of start()
+            self._error = exc
+            return
+        finally:
+            self._started.set()
+        await self._stop_requested.wait()
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(self._grace_s)  # new calls are refused; open ones get the grace period
+        self.gateway.close()
+
+    async def _serve(self) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+        message_limit = self._max_frame_bytes + (64 << 10)  # a frame plus its envelope; larger: RESOURCE_EXHAUSTED
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", message_limit),
+                                          ("grpc.max_send_message_length", 4 << 20)])
+        pb_grpc.add_LiveStreamServicer_to_server(self.gateway, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port(self._requested)
+        if port == 0:
+            raise OSError(f"cannot listen on {self._requested}")
+        await server.start()
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        return server, health_servicer, port
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """No new calls; open ones get `grace_s` to finish, then the loop exits."""
+        if self.loop is not None and self._thread.is_alive() and self._stop_requested is not None:
+            self._grace_s = grace_s
+            self.loop.call_soon_threadsafe(self._stop_requested.set)
+            self._thread.join(grace_s + 10)

@@ -1,0 +1,360 @@
+"""One client's session at the Gateway: its inputs on their way to the services, and what comes back.
+
+Inputs keep the client's order on their way to Decision: a frame waits at the head of `pending` until
+Perception has encoded it (frames of other sessions do not wait for it), queries and Close wait behind
+the frames sent before them. Each frame is numbered as the client sent it (`frame_index`), so nothing is
+keyed by timestamp. A frame's latency is measured here, receipt to decision, on this host's clock.
+
+Replies: when Decision wants one, the session sends Reaction the frames decided since its last sync and
+the trigger; the reply streams straight back here and on to the client, and its text goes to Decision
+for its cache. Decided frames are kept (features included) only until Reaction has them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span, Status, StatusCode
+
+from liveserve.api.v1 import live_stream_pb2 as pb
+from liveserve.config import SessionConfig
+from liveserve.services import contracts as c
+from liveserve.services.codec import ACTIONS, FINISH, TRIGGERS
+from liveserve.services.tracing import carried, extract
+
+log = logging.getLogger(__name__)
+BACKLOG = 64  # inputs waiting at the gateway before the session stops reading its client (flow control)
+
+
+@dataclass(slots=True)
+class Finish:
+    """The end of the call: its status (OK after SessionClosed) and details."""
+
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    details: str = ""
+
+
+@dataclass(slots=True)
+class _Frame:
+    frame_id: int
+    timestamp: float
+    received: float  # time.monotonic() at receipt
+    span: Span
+    features: torch.Tensor | None = None
+    failed: bool = False  # could not be encoded: skipped, the client was warned
+
+
+@dataclass(frozen=True, slots=True)
+class _Query:
+    timestamp: float
+    text: str
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    drain: bool
+
+
+@dataclass(slots=True)
+class _Reply:
+    trigger: c.Trigger
+    timestamp: float
+    query: str
+    wanted: float  # time.monotonic() the request reached the gateway
+    span: Span
+    first: float | None = None  # first token at the gateway
+    active: float = field(default_factory=time.monotonic)  # last sign of life, for the reply watchdog
+
+
+class StreamSession:
+    def __init__(self, gateway, session_id: str, config: SessionConfig, placed: c.SessionPlaced,
+                 reaction: c.SessionPlaced | None, trace_parent: otel_context.Context) -> None:
+        self.gateway, self.session_id, self.config = gateway, session_id, config
+        self.placed, self.reaction = placed, reaction  # reaction: None for a decisions-only session
+        self.trace_parent = trace_parent
+        self.out: asyncio.Queue[pb.ServerMessage | Finish] = asyncio.Queue()
+        self.finished = False
+        self.next_frame_id = 0
+        self.last_timestamp = -1.0
+        self._pending: deque[_Frame | _Query | _Close] = deque()
+        self._encoding: dict[int, _Frame] = {}  # frames sent to Perception, by id
+        self._undecided: dict[int, _Frame] = {}  # frames sent to Decision, by id
+        self._unsynced: list[c.FrameFeatures] = []  # decided frames Reaction has not seen
+        self._synced = 0
+        self._last_decided_trace: c.Trace = c.NO_TRACE
+        self.reply: _Reply | None = None
+        self.room = asyncio.Event()
+        self.room.set()
+
+    # ---- from the client --------------------------------------------------------------------------------
+
+    def receive_frame(self, frame: pb.Frame) -> None:
+        frame_id = self.next_frame_id
+        self.next_frame_id += 1
+        problem = self._check_frame(frame)
+        if problem:
+            self.warn(pb.WARNING_CODE_BAD_FRAME, problem, [(frame_id, frame.timestamp)])
+            return
+        self.last_timestamp = frame.timestamp
+        gateway = self.gateway
+        span = gateway.tracer.start_span("frame", context=self.trace_parent,
+                                         attributes={"liveserve.session_id": self.session_id,
+                                                     "liveserve.frame_timestamp": frame.timestamp})
+        item = _Frame(frame_id, frame.timestamp, time.monotonic(), span)
+        self._pending.append(item)
+        self._encoding[frame_id] = item
+        gateway.batcher.add(c.FrameImage(self.session_id, frame_id, frame.timestamp, frame.image, carried(span)), self)
+        self._update_room()
+
+    def _check_frame(self, frame: pb.Frame) -> str:
+        limit = self.gateway.settings.max_frame_bytes
+        if not math.isfinite(frame.timestamp) or frame.timestamp < 0:
+            return f"frame timestamp must be finite and >= 0, got {frame.timestamp!r}"
+        if len(frame.image) > limit:
+            return f"frame at {frame.timestamp:.3f}s is {len(frame.image)} bytes; the limit is {limit}"
+        if frame.timestamp < self.last_timestamp:
+            return (f"frame timestamp {frame.timestamp:.3f}s is before the previous frame's "
+                    f"{self.last_timestamp:.3f}s; timestamps must not go backwards")
+        return ""
+
+    def receive_query(self, query: pb.Query) -> None:
+        if self.reaction is None:
+            self.warn(pb.WARNING_CODE_BAD_QUERY, "this session reports decisions only; queries are not answered")
+            return
+        if not query.text.strip():
+            self.warn(pb.WARNING_CODE_BAD_QUERY, "query text is empty")
+            return
+        span = self.gateway.tracer.start_span("query", context=self.trace_parent,
+                                              attributes={"liveserve.session_id": self.session_id,
+                                                          "liveserve.query_timestamp": query.timestamp})
+        self._pending.append(_Query(query.timestamp, query.text, span))
+        self._release()
+
+    def receive_close(self, drain: bool) -> None:
+        self._pending.append(_Close(drain))
+        self._release()
+
+    # ---- Perception's answer ------------------------------------------------------------------------------
+
+    def encoded(self, frame_id: int, features: torch.Tensor | None, error: str) -> None:
+        frame = self._encoding.pop(frame_id, None)
+        if frame is None:
+            return
+        if features is None:
+            frame.failed = True
+            frame.span.set_status(Status(StatusCode.ERROR, error))
+            frame.span.end()
+            self.warn(pb.WARNING_CODE_BAD_FRAME, error, [(frame_id, frame.timestamp)])
+        else:
+            frame.features = features
+        self._release()
+
+    def _release(self) -> None:
+        """Send Decision every input at the head of the queue that is ready, in the client's order."""
+        decision = self.gateway.decision_link(self.placed.replica)
+        epoch = self.placed.epoch
+        while self._pending:
+            head = self._pending[0]
+            if isinstance(head, _Frame):
+                if head.features is None and not head.failed:
+                    break  # still being encoded: later inputs wait behind it
+                self._pending.popleft()
+                if not head.failed:
+                    self._undecided[head.frame_id] = head
+                    decision.send(c.FrameFeatures(self.session_id, epoch, head.frame_id, head.timestamp,
+                                                  head.features, carried(head.span)))
+            elif isinstance(head, _Query):
+                self._pending.popleft()
+                decision.send(c.QueryText(self.session_id, epoch, head.timestamp, head.text, carried(head.span)))
+                head.span.end()
+            else:
+                self._pending.popleft()
+                decision.send(c.CloseSession(self.session_id, epoch, head.drain))
+        self._update_room()
+
+    def _update_room(self) -> None:
+        if len(self._pending) < BACKLOG:
+            self.room.set()
+        else:
+            self.room.clear()
+
+    # ---- Decision's events ----------------------------------------------------------------------------------
+
+    def on_decision_event(self, event: c.DecisionEvent) -> None:
+        if isinstance(event, c.Decided):
+            self._decided(event)
+        elif isinstance(event, c.Dropped):
+            frames = [(frame_id, timestamp) for frame_id, timestamp in zip(event.frame_ids, event.timestamps)]
+            for frame_id, _ in frames:
+                frame = self._undecided.pop(frame_id, None)
+                if frame is not None:
+                    frame.span.set_attribute("liveserve.dropped", True)
+                    frame.span.end()
+            self.warn(pb.WARNING_CODE_FRAME_DROPPED, event.reason, frames)
+        elif isinstance(event, c.ReplyWanted):
+            self._start_reply(event)
+        elif isinstance(event, c.Refused):
+            code = {"frame": pb.WARNING_CODE_BAD_FRAME, "query": pb.WARNING_CODE_BAD_QUERY}.get(event.input)
+            if code is None:
+                log.warning("session %s: decision refused a %s: %s", self.session_id, event.input, event.message)
+                return
+            frame = self._undecided.pop(event.frame_id, None)
+            if frame is not None:
+                frame.span.set_status(Status(StatusCode.ERROR, event.message))
+                frame.span.end()
+            self.warn(code, event.message, [(event.frame_id, frame.timestamp)] if frame is not None else ())
+        elif isinstance(event, c.SessionEnded):
+            self._ended(event)
+
+    def _decided(self, event: c.Decided) -> None:
+        gateway = self.gateway
+        frame = self._undecided.pop(event.frame_id, None)
+        lag = time.monotonic() - frame.received if frame is not None else 0.0
+        gateway.metrics.frame_to_decision.observe(lag)
+        self.out.put_nowait(pb.ServerMessage(decision=pb.Decision(
+            timestamp=event.timestamp, frame_index=event.frame_id, p_silent=event.p_silent, fired=event.fired,
+            action=ACTIONS[event.action], lag_s=lag)))
+        self._last_decided_trace = event.trace
+        if frame is None:
+            return
+        frame.span.set_attributes({"liveserve.fired": event.fired, "liveserve.p_silent": event.p_silent})
+        frame.span.end()
+        if self.reaction is not None:
+            self._unsynced.append(c.FrameFeatures(self.session_id, 0, frame.frame_id, frame.timestamp,
+                                                  frame.features))
+            if self.reply is None and len(self._unsynced) >= gateway.settings.reaction_sync_frames:
+                self._sync_reaction()
+
+    def _ended(self, event: c.SessionEnded) -> None:
+        """Decision closed the session (its memory is free); once Reaction has closed it too, the call ends:
+        SessionClosed means the session holds nothing anywhere."""
+        closing = self._close_reaction()
+        task = asyncio.get_running_loop().create_task(self._end_after(closing, event))
+        self.gateway.keep(task)
+
+    async def _end_after(self, closing: asyncio.Future | None, event: c.SessionEnded) -> None:
+        if closing is not None:
+            try:
+                await asyncio.wait_for(closing, self.gateway.settings.call_timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("session %s: its reaction replica did not confirm the close", self.session_id)
+        if event.code:
+            self.finish(_status(event.code), event.message)
+            return
+        self.out.put_nowait(pb.ServerMessage(closed=pb.SessionClosed(
+            frames_decided=event.frames_decided, frames_dropped=event.frames_dropped, responses=event.responses)))
+        self.finish()
+
+    # ---- replies ----------------------------------------------------------------------------------------------
+
+    def _start_reply(self, event: c.ReplyWanted) -> None:
+        if self.reaction is None or self.reply is not None:
+            log.warning("session %s: a reply was asked for while %s", self.session_id,
+                        "none can be written" if self.reaction is None else "another is being written")
+            return
+        parent = extract(event.trace or self._last_decided_trace)
+        span = self.gateway.tracer.start_span("reply", context=parent,
+                                              attributes={"liveserve.session_id": self.session_id,
+                                                          "liveserve.trigger": str(event.trigger)})
+        self.reply = _Reply(event.trigger, event.timestamp, event.query, time.monotonic(), span)
+        self._sync_reaction()
+        self.gateway.reaction_link(self.reaction.replica).send(
+            c.Respond(self.session_id, event.trigger, event.timestamp, event.query, carried(span)))
+
+    def _sync_reaction(self) -> None:
+        if not self._unsynced:
+            return
+        frames, self._unsynced = tuple(self._unsynced), []
+        self.gateway.reaction_link(self.reaction.replica).send(c.SyncFrames(self.session_id, self._synced, frames))
+        self._synced += len(frames)
+
+    def on_reaction_event(self, event: c.ReactionEvent) -> None:
+        reply = self.reply
+        if reply is None:
+            return  # a late event of a reply already given up on
+        now = time.monotonic()
+        reply.active = now
+        if isinstance(event, c.ReplyStarted):
+            self.out.put_nowait(pb.ServerMessage(response_started=pb.ResponseStarted(
+                timestamp=reply.timestamp, trigger=TRIGGERS[reply.trigger], query=reply.query)))
+        elif isinstance(event, c.ReplyDelta):
+            if reply.first is None:
+                reply.first = now
+                self.gateway.metrics.ttft.observe(now - reply.wanted)
+            self.out.put_nowait(pb.ServerMessage(response_delta=pb.ResponseDelta(
+                timestamp=reply.timestamp, text=event.text, token_times=[time.time()] * event.num_tokens)))
+        elif isinstance(event, c.ReplyDone):
+            first = reply.first if reply.first is not None else now
+            self.out.put_nowait(pb.ServerMessage(response_done=pb.ResponseDone(
+                timestamp=reply.timestamp, trigger=TRIGGERS[reply.trigger], text=event.text,
+                num_tokens=event.num_tokens, finish_reason=FINISH[event.finish_reason], ttft_s=first - reply.wanted,
+                duration_s=now - reply.wanted)))
+            reply.span.set_attributes({"liveserve.tokens": event.num_tokens})
+            self._reply_over(event.text, event.token_ids if self.gateway.shared_tokenizer else ())
+        elif isinstance(event, c.ReplyFailed):
+            self.reply_failed(event.message)
+
+    def reply_failed(self, message: str) -> None:
+        reply = self.reply
+        if reply is None:
+            return
+        reply.span.set_status(Status(StatusCode.ERROR, message))
+        self.warn(pb.WARNING_CODE_UNSPECIFIED, f"the reply at {reply.timestamp:.3f}s failed: {message}")
+        self._reply_over("")
+
+    def _reply_over(self, text: str, token_ids: tuple[int, ...] = ()) -> None:
+        """Decision takes the reply into its cache (right after the trigger); "" means nothing to add."""
+        self.reply.span.end()
+        self.reply = None
+        self.gateway.decision_link(self.placed.replica).send(
+            c.ReplyText(self.session_id, self.placed.epoch, text, token_ids))
+        if len(self._unsynced) >= self.gateway.settings.reaction_sync_frames:
+            self._sync_reaction()
+
+    def _close_reaction(self) -> asyncio.Future | None:
+        """Free the session's reply cache; the future resolves once Reaction applied it."""
+        if self.reaction is None:
+            return None
+        closing = self.gateway.reaction_link(self.reaction.replica).send_acknowledged(
+            c.CloseSession(self.session_id, self.reaction.epoch, False))
+        self.reaction = None
+        return closing
+
+    # ---- the end ------------------------------------------------------------------------------------------------
+
+    def abandon(self) -> None:
+        """The client is gone (or the call failed) before the session ended: free it everywhere now."""
+        if self.finished:
+            return
+        self.gateway.decision_link(self.placed.replica).send(c.CloseSession(self.session_id, self.placed.epoch, False))
+        self._close_reaction()
+        self.finish(grpc.StatusCode.CANCELLED, "the client went away")
+
+    def finish(self, code: grpc.StatusCode = grpc.StatusCode.OK, details: str = "") -> None:
+        if self.finished:
+            return
+        self.finished = True
+        for frame in [*self._encoding.values(), *self._undecided.values()]:
+            frame.span.end()
+        if self.reply is not None:
+            self.reply.span.end()
+        self.out.put_nowait(Finish(code, details))
+        self.room.set()  # a reader waiting for room must see the end
+
+    def warn(self, code: int, message: str, frames=()) -> None:
+        self.gateway.metrics.warnings.inc(tags={"code": pb.WarningCode.Name(code)})
+        self.out.put_nowait(pb.ServerMessage(warning=pb.Warning(
+            code=code, message=message, timestamps=[t for _, t in frames], frame_indexes=[i for i, _ in frames])))
+
+
+def _status(code: int) -> grpc.StatusCode:
+    return next((status for status in grpc.StatusCode if status.value[0] == code), grpc.StatusCode.INTERNAL)
