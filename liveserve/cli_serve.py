@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -28,6 +29,8 @@ def add_parsers(sub, add_model_options, positive_float) -> None:
                                                        "this, and reports them (default: 2)")
     serve.add_argument("--tick-ms", type=float, help="a gateway collects frames this long before one Perception call "
                                                      "(default: 5)")
+    serve.add_argument("--hop-ms", type=float, help="a busy hop between services sends at most once per this; an idle "
+                                                    "one at once (default: 10)")
     _add_ray_options(serve)
 
     client = sub.add_parser("client", help="stream a video over the LiveStream API and print what the model says")
@@ -150,21 +153,23 @@ def _settings(args) -> dict:
         settings["pool_mb"] = args.pool_mb
     if getattr(args, "max_frame_kb", None) is not None:
         settings["max_frame_bytes"] = args.max_frame_kb << 10
-    for name in ("max_lag_s", "tick_ms"):
+    for name in ("max_lag_s", "tick_ms", "hop_ms"):
         if getattr(args, name, None) is not None:
             settings[name] = getattr(args, name)
     return settings
 
 
 def _start_app(args):
-    from liveserve.orchestration.launch import load_config, start
+    from liveserve.orchestration.launch import host_replica_cap, load_config, start
 
     replicas = {name.capitalize(): count for name in ("gateway", "decision", "perception", "reaction")
                 if (count := getattr(args, f"{name}_replicas")) is not None}
     for name, count in replicas.items():
         if count < 1:
             raise ValueError(f"--{name.lower()}-replicas must be >= 1, got {count}")
-    config = load_config(args.config, address=args.address, args=_settings(args), replicas=replicas)
+    joining = args.ray_address or os.environ.get("RAY_ADDRESS")
+    config = load_config(args.config, address=args.address, args=_settings(args), replicas=replicas,
+                         max_replicas=None if joining else host_replica_cap())
     return start(config, ray_address=args.ray_address, metrics_port=args.metrics_port,
                  progress=lambda message: print(f"liveserve: {message}", file=sys.stderr, flush=True))
 

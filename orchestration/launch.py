@@ -36,11 +36,11 @@ class LaunchError(RuntimeError):
 
 def load_config(path: str | Path | None = None, *, address: str | None = None, args: dict | None = None,
                 replicas: dict[str, int] | None = None, deployments: dict[str, dict] | None = None,
-                env: dict[str, str] | None = None) -> dict:
+                env: dict[str, str] | None = None, max_replicas: int | None = None) -> dict:
     """The Serve config at `path` (default: the bundled one) with local overrides applied and checked:
     the public API's `address` (host:port the Gateway replicas listen on), application `args`, fixed
     `replicas` per deployment (replacing its autoscaling), other deployment options by name (e.g. an
-    autoscaling_config), and environment variables for every replica."""
+    autoscaling_config), environment variables for every replica, and a cap on every pool's replicas."""
     from ray.serve.schema import ServeDeploySchema
 
     path = Path(path) if path else DEFAULT_CONFIG
@@ -66,6 +66,15 @@ def load_config(path: str | Path | None = None, *, address: str | None = None, a
         entry = _entry(app, name)
         entry.pop("autoscaling_config", None)
         entry["num_replicas"] = count
+    if max_replicas is not None:
+        for entry in app["deployments"]:
+            scaling = entry.get("autoscaling_config")
+            if not scaling:
+                continue
+            scaling["max_replicas"] = min(scaling.get("max_replicas", 1), max_replicas)
+            scaling["min_replicas"] = min(scaling.get("min_replicas", 1), scaling["max_replicas"])
+            if scaling["min_replicas"] == scaling["max_replicas"]:  # nothing left to scale: no policy to run
+                entry["num_replicas"] = entry.pop("autoscaling_config")["max_replicas"]
     if env:
         app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
     try:
@@ -171,6 +180,12 @@ def start(config: dict, *, ray_address: str | None = None, redis_url: str | None
             if redis_server is not None:
                 redis_server.stop()
         raise
+
+
+def host_replica_cap() -> int:
+    """Replicas per pool a local Ray on this host may run: four pools share its CPUs, and replicas beyond
+    what the cores can run would only compete for them."""
+    return max(1, (os.cpu_count() or 1) // 4)
 
 
 def _reachable(address: str) -> str:

@@ -60,7 +60,7 @@ class DecisionService:
         self.engine = BatchEngine(model, settings.engine_config())
         self.metrics, self.gpu, self.tracer = DecisionMetrics(), GpuMetrics(), tracer("decision")
         self.sessions: dict[str, _Held] = {}
-        self.outboxes = Outboxes(self._gateway_gone)
+        self.outboxes = Outboxes(self._gateway_gone, interval_s=settings.hop_ms / 1000)
         self._worker: EngineWorker | None = None  # started on the serving loop by the first call
         self._background: list[asyncio.Task] = []
 

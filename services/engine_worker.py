@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from typing import Callable
@@ -31,9 +32,12 @@ Ended = Callable[[str, Session], None]
 class EngineWorker:
     def __init__(self, engine: BatchEngine, loop: asyncio.AbstractEventLoop, deliver: Deliver, ended: Ended, *,
                  idle_wait_s: float = 0.05, on_step: Callable[[BatchEngine], None] | None = None,
-                 name: str = "engine-loop") -> None:
-        """`deliver` and `ended` run on `loop`; `on_step` on the engine thread after each step (metrics)."""
+                 name: str = "engine-loop", nice: int = 0) -> None:
+        """`deliver` and `ended` run on `loop`; `on_step` on the engine thread after each step (metrics).
+        `nice` > 0 lowers the engine thread's CPU priority (Linux): where it shares cores with more urgent
+        work, that work goes first."""
         self.engine, self.loop, self.idle_wait_s, self.on_step = engine, loop, idle_wait_s, on_step
+        self.nice = nice
         self._deliver_on_loop, self._ended_on_loop = deliver, ended
         self._closing: dict[str, float] = {}  # session id -> deadline (time.monotonic) for its drain
         self._lock = threading.Lock()  # guards _closing
@@ -76,6 +80,11 @@ class EngineWorker:
         self.engine.shutdown()
 
     def _run(self) -> None:
+        if self.nice and hasattr(os, "setpriority"):
+            try:  # a Linux thread is its own task: this lowers this thread only
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
+            except OSError:
+                log.info("could not lower the priority of %s", self._thread.name)
         while not self._stop.is_set():
             try:
                 if self.engine.wait_for_work(self.idle_wait_s):

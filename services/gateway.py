@@ -71,7 +71,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
             self._batcher = FrameBatcher(self.perception, tick_s=settings.tick_ms / 1000,
                                          max_frames=settings.max_batch_size, timeout_s=settings.call_timeout_s,
                                          done=self._encoded, senders=lambda: len(self.sessions),
-                                         on_batch=self.metrics.tick_frames.observe)
+                                         max_calls=settings.perception_calls, on_batch=self.metrics.tick_frames.observe)
         return self._batcher
 
     # ---- the public call ------------------------------------------------------------------------------------
@@ -191,6 +191,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
         if link is None:
             link = self._decision_links[replica] = ReplicaLink(
                 self.decision, replica, self.id, make_push=c.DecisionPush, timeout_s=self.settings.call_timeout_s,
+                interval_s=self.settings.hop_ms / 1000,
                 dispatch=lambda event: self._dispatch(event, "on_decision_event"),
                 failed=self._link_failed, on_push=self.metrics.push_commands.observe, name="decision")
         return link
@@ -200,6 +201,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
         if link is None:
             link = self._reaction_links[replica] = ReplicaLink(
                 self.reaction, replica, self.id, make_push=c.ReactionPush, timeout_s=self.settings.call_timeout_s,
+                interval_s=self.settings.hop_ms / 1000,
                 dispatch=lambda event: self._dispatch(event, "on_reaction_event"),
                 failed=self._link_failed, on_push=self.metrics.push_commands.observe, name="reaction")
         return link

@@ -4,16 +4,20 @@ stream per replica.
 `FrameBatcher` collects the frames every session of the gateway sent during a tick (`tick_ms` after the
 first one) and encodes them with one Perception call; an idle stream is delayed by at most one tick.
 It goes sooner once `max_frames` wait, or once every session that is open has a frame in the batch
-(no other session could join it, so waiting would only add latency). `ReplicaLink` is the gateway's connection to one Decision or Reaction
+(no other session could join it, so waiting would only add latency). At most `max_calls` calls are
+in flight: when Perception falls behind, frames collect into fuller batches instead of piling up as
+ever more calls (the frames that then fall too far behind are dropped by Decision, and reported). `ReplicaLink` is the gateway's connection to one Decision or Reaction
 replica: commands of all sessions on that replica go out together, one push at a time (a push that is
 in flight is the next one's batching window, and keeps the replica's view of each session in order),
-and one long-lived stream brings back every event for those sessions.
+at most one per `interval_s` while busy (an idle link pushes at once), and one long-lived stream
+brings back every event for those sessions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Callable
 
 from liveserve.services.contracts import EncodeRequest, EncodeResult, FrameImage
@@ -24,13 +28,15 @@ log = logging.getLogger(__name__)
 class FrameBatcher:
     def __init__(self, perception, *, tick_s: float, max_frames: int, timeout_s: float,
                  done: Callable[[list[tuple[FrameImage, object]], EncodeResult | None, str], None],
-                 senders: Callable[[], int], on_batch: Callable[[int], None] | None = None) -> None:
+                 senders: Callable[[], int], max_calls: int = 4, on_batch: Callable[[int], None] | None = None) -> None:
         """`done(batch, result, error)` gets each batch back: its (frame, owner) pairs and the result, or
         None and why the call failed. `senders()`: how many sessions could send a frame now."""
         self.perception, self.tick_s, self.max_frames, self.timeout_s = perception, tick_s, max_frames, timeout_s
+        self.max_calls = max_calls
         self._done, self._senders, self._on_batch = done, senders, on_batch
         self._batch: list[tuple[FrameImage, object]] = []
         self._owners: set[int] = set()  # id() of the sessions with a frame in the batch
+        self.closed = False
         self._timer: asyncio.TimerHandle | None = None
         self._calls: set[asyncio.Task] = set()
 
@@ -46,13 +52,18 @@ class FrameBatcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._batch:
-            return
-        batch, self._batch = self._batch, []
-        self._owners.clear()
-        task = asyncio.get_running_loop().create_task(self._encode(batch))
-        self._calls.add(task)
-        task.add_done_callback(self._calls.discard)
+        # With max_calls in flight, what collects goes out when one of them ends.
+        while self._batch and len(self._calls) < self.max_calls and not self.closed:
+            batch, self._batch = self._batch[:self.max_frames], self._batch[self.max_frames:]
+            self._owners = {id(owner) for _, owner in self._batch}
+            task = asyncio.get_running_loop().create_task(self._encode(batch))
+            self._calls.add(task)
+            task.add_done_callback(self._call_ended)
+
+    def _call_ended(self, task: asyncio.Task) -> None:
+        self._calls.discard(task)
+        if self._batch and self._timer is None:
+            self.flush()
 
     async def _encode(self, batch: list[tuple[FrameImage, object]]) -> None:
         if self._on_batch is not None:
@@ -70,19 +81,20 @@ class FrameBatcher:
         self._done(batch, result, "")
 
     def close(self) -> None:
+        self.closed = True
         if self._timer is not None:
             self._timer.cancel()
-        for task in self._calls:
+        for task in list(self._calls):
             task.cancel()
 
 
 class ReplicaLink:
     def __init__(self, service, replica: str, gateway_id: str, *, make_push: Callable[[str, tuple], object],
                  dispatch: Callable[[object], None], failed: Callable[[ReplicaLink, str], None], timeout_s: float,
-                 on_push: Callable[[int], None] | None = None, name: str = "replica") -> None:
+                 interval_s: float = 0.0, on_push: Callable[[int], None] | None = None, name: str = "replica") -> None:
         self.service, self.replica, self.gateway_id, self.name = service, replica, gateway_id, name
         self._make_push, self._dispatch, self._failed, self._on_push = make_push, dispatch, failed, on_push
-        self.timeout_s = timeout_s
+        self.timeout_s, self.interval_s = timeout_s, interval_s
         self.closed = False
         self._commands: list = []
         self._acks: list[tuple[int, asyncio.Future]] = []  # (its number among commands sent, its future)
@@ -110,11 +122,15 @@ class ReplicaLink:
         return future
 
     async def _push_loop(self) -> None:
+        sent = 0.0  # time.monotonic() of the last push
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
                 while self._commands:
+                    if (wait := sent + self.interval_s - time.monotonic()) > 0:
+                        await asyncio.sleep(wait)  # busy: let more commands join this push
+                    sent = time.monotonic()
                     batch, self._commands = tuple(self._commands), []
                     if self._on_push is not None:
                         self._on_push(len(batch))

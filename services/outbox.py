@@ -2,7 +2,8 @@
 
 A replica keeps one outbox per gateway. Whatever collected since the gateway's stream last read goes
 out as one batch (under load: many sessions' decisions, or many reply tokens, per hop instead of one
-each). Events wait in the outbox until the gateway's stream attaches, so none is lost between a
+each). A busy stream sends at most one batch per `interval_s`; an idle one sends at once, so the
+pacing adds latency only when there is company to batch with. Events wait in the outbox until the gateway's stream attaches, so none is lost between a
 session's placement and the gateway opening its stream. When a gateway's stream ends (the gateway
 went away or was restarted), `gone` is called so the replica can close that gateway's sessions.
 """
@@ -10,6 +11,7 @@ went away or was restarted), `gone` is called so the replica can close that gate
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
@@ -24,10 +26,11 @@ class _Outbox:
 
 
 class Outboxes:
-    def __init__(self, gone: Callable[[str], None], merge: Callable[[list], list] | None = None) -> None:
+    def __init__(self, gone: Callable[[str], None], merge: Callable[[list], list] | None = None,
+                 interval_s: float = 0.0) -> None:
         """`merge` may coalesce a batch before it goes out (e.g. consecutive reply deltas of a session)."""
         self._boxes: dict[str, _Outbox] = {}
-        self._gone, self._merge = gone, merge
+        self._gone, self._merge, self.interval_s = gone, merge, interval_s
         self._departed: set[str] = set()  # gateways whose stream ended: nobody will read their events
 
     def put(self, gateway_id: str, event) -> None:
@@ -41,12 +44,16 @@ class Outboxes:
         self._departed.discard(gateway_id)  # the gateway reconnected
         box = self._boxes.setdefault(gateway_id, _Outbox())
         box.readers += 1
+        sent = 0.0  # time.monotonic() of the last batch
         try:
             while True:
                 await box.ready.wait()
+                if (wait := sent + self.interval_s - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)  # busy: let more events join this batch
                 box.ready.clear()
                 if box.events:
                     events, box.events = box.events, []
+                    sent = time.monotonic()
                     yield EventBatch(tuple(self._merge(events) if self._merge else events))
         finally:
             box.readers -= 1

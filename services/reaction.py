@@ -71,7 +71,7 @@ class ReactionService:
         self.engine = BatchEngine(model, EngineConfig(pool=settings.pool(), scheduler=scheduler))
         self.metrics, self.gpu, self.tracer = ReactionMetrics(), GpuMetrics(), tracer("reaction")
         self.writers: dict[str, _Writer] = {}
-        self.outboxes = Outboxes(self._gateway_gone, merge=merge_deltas)
+        self.outboxes = Outboxes(self._gateway_gone, merge=merge_deltas, interval_s=settings.hop_ms / 1000)
         self.replies_in_progress = 0
         self._worker: EngineWorker | None = None
         self._background: list[asyncio.Task] = []
@@ -79,8 +79,10 @@ class ReactionService:
     def _start(self) -> EngineWorker:
         if self._worker is None:
             loop = asyncio.get_running_loop()
-            self._worker = EngineWorker(self.engine, loop, self._deliver, self._ended,
-                                        on_step=self.metrics.record_step, name="reaction-engine")
+            # Replies yield the CPU to frame decisions where they share cores: a late token is a slower
+            # reply, a late decision is a missed moment of the stream.
+            self._worker = EngineWorker(self.engine, loop, self._deliver, self._ended, on_step=self.metrics.record_step,
+                                        name="reaction-engine", nice=self.settings.reaction_nice)
             self._background = [loop.create_task(sample_periodically(self._sample_metrics))]
         return self._worker
 

@@ -25,11 +25,16 @@ class ServiceSettings:
     cache_policy: str = "sink_window"
     window_frames: int = 64
     reaction_sync_frames: int = 32  # send Reaction unseen frames once this many have piled up
+    reaction_nice: int = 10  # the Reaction engine thread's lower CPU priority (Linux nice) where cores are shared
     # Perception
     max_batch_size: int = 32  # frames per Perception call and per vision-tower batch
     # Gateway
     address: str = "0.0.0.0:50051"  # where each Gateway replica serves the public gRPC API
     tick_ms: float = 5.0  # a gateway collects frames this long (from the first) before one Perception call
+    perception_calls: int = 4  # Perception calls a gateway keeps in flight; beyond, frames wait for fuller batches
+    # A busy hop (a gateway's pushes to one replica, a replica's event batches to one gateway) sends at most
+    # once per this; an idle one sends at once. Fewer, fuller messages under load, for <= this much latency.
+    hop_ms: float = 10.0
     max_frame_bytes: int = 4 << 20
     api_keys_env: str = ""  # an environment variable listing accepted API keys (comma-separated); "": none
     call_timeout_s: float = 30.0  # an internal call that takes longer fails the session with UNAVAILABLE
@@ -40,18 +45,23 @@ class ServiceSettings:
     heartbeat_s: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.threads < 1 or self.max_batch_size < 1 or self.reaction_sync_frames < 1 or self.window_frames < 2:
-            raise ValueError("threads, max_batch_size and reaction_sync_frames must be >= 1, window_frames >= 2")
+        if min(self.threads, self.max_batch_size, self.reaction_sync_frames, self.perception_calls) < 1 \
+                or self.window_frames < 2:
+            raise ValueError("threads, max_batch_size, reaction_sync_frames and perception_calls must be >= 1, "
+                             "window_frames >= 2")
         for name in ("call_timeout_s", "drain_timeout_s", "session_ttl_s", "closed_ttl_s", "heartbeat_s", "max_lag_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not self.tick_ms >= 0:
-            raise ValueError(f"tick_ms must be >= 0, got {self.tick_ms}")
+        for name in ("tick_ms", "hop_ms"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         host, _, port = self.address.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ValueError(f"address must be host:port, got {self.address!r}")
         if self.heartbeat_s >= self.session_ttl_s:
             raise ValueError("heartbeat_s must be shorter than session_ttl_s, or records expire between beats")
+        if not 0 <= self.reaction_nice <= 19:
+            raise ValueError(f"reaction_nice must be in [0, 19], got {self.reaction_nice}")
         if self.pool_mb is not None and self.pool_mb < 1:
             raise ValueError(f"pool_mb must be >= 1, got {self.pool_mb}")
         self.session_defaults()  # validates threshold, cache policy and lengths

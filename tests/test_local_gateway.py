@@ -124,3 +124,49 @@ def test_health_and_a_client_that_vanishes(local):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert all(engine.pool.reserved_blocks == 0 for engine in engines)
+
+
+def test_api_keys_hold_in_one_process_too(tiny_model, monkeypatch):
+    monkeypatch.setenv("LIVESERVE_TEST_KEYS", "k1, k2")
+    server = start_local(tiny_model, "127.0.0.1:0", ServiceSettings(api_keys_env="LIVESERVE_TEST_KEYS", pool_mb=8))
+    try:
+        for credentials in ({}, {"api_key": "nope"}):
+            with pytest.raises(grpc.RpcError) as info:
+                stream(server.address, [pb.ClientMessage(open=pb.Open(credentials=credentials))])
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        replies = stream(server.address, [pb.ClientMessage(open=pb.Open(credentials={"api_key": "k2"},
+                                                                          decisions_only=True)),
+                                          pb.ClientMessage(close=pb.Close())])
+        assert kinds(replies) == ["opened", "closed"]
+    finally:
+        server.stop(grace_s=1)
+
+
+def test_one_process_serves_the_same_prometheus_metrics(server):
+    import urllib.request
+
+    from liveserve.services.telemetry import serve_metrics
+
+    address, _ = server
+    stream(address, session_messages(3, threshold=1.0, queries=[(0.5, "what do you see")]))
+    port = serve_metrics("127.0.0.1:0")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        body = response.read().decode()
+    for name in ("liveserve_sessions_opened_total", "liveserve_frames_received_total",
+                 "liveserve_frame_to_decision_seconds_bucket", "liveserve_gateway_tick_frames_bucket",
+                 "liveserve_frames_encoded_total", "liveserve_frames_decided_total",
+                 "liveserve_decision_kv_pool_reserved_ratio", "liveserve_replies_total",
+                 "liveserve_time_to_first_token_seconds_bucket"):
+        assert f"\n{name}" in body, name
+
+
+def test_a_frame_that_wants_to_speak_during_a_reply_is_reported_suppressed(server):
+    address, _ = server
+    messages = [pb.ClientMessage(open=pb.Open(threshold=1.0, max_new_tokens=32))]
+    messages += [pb.ClientMessage(frame=pb.Frame(timestamp=i * 0.05, image=jpeg(i))) for i in range(12)]
+    replies = stream(address, messages + [pb.ClientMessage(close=pb.Close())])
+    decisions = [r.decision for r in replies if r.WhichOneof("kind") == "decision"]
+    assert len(decisions) == 12 and decisions[0].fired  # threshold 1: every frame wants to speak
+    assert all(d.fired or d.action == pb.ACTION_SUPPRESSED for d in decisions)
+    assert any(d.action == pb.ACTION_SUPPRESSED and not d.fired for d in decisions)
+    assert replies[-1].closed.responses == sum(d.fired for d in decisions)

@@ -49,6 +49,12 @@ class LiveModel(nn.Module):
     def inv_freq(self) -> torch.Tensor:
         return self.lm.model.rotary_emb.inv_freq
 
+    def _unread_mask(self) -> torch.Tensor:
+        mask = getattr(self, "_unread", None)
+        if mask is None or mask.device != self.device:
+            mask = self._unread = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        return mask
+
     @torch.inference_mode()
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 images [N, 3, S, S] -> vision features [N, tokens_per_frame, vision_hidden]."""
@@ -92,6 +98,9 @@ class LiveModel(nn.Module):
                      logits_at: torch.Tensor) -> torch.Tensor:
         """One forward over packed new tokens [T, hidden] at `positions` [T]; returns fp32 logits at the
         packed indices `logits_at` (each sequence's last token, typically)."""
-        out = self.lm.model(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False, kv_step=step)
+        # The step's own attention masks each cache itself: a ready-made 4D mask makes transformers skip
+        # building a [T, T] causal mask every forward that nothing would read.
+        out = self.lm.model(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False, kv_step=step,
+                            attention_mask=self._unread_mask())
         hidden = out.last_hidden_state[0, logits_at]
         return self.lm.lm_head(hidden).float()
