@@ -29,6 +29,8 @@ def add_parsers(sub, add_model_options, positive_float) -> None:
                                                        "this, and reports them (default: 2)")
     serve.add_argument("--tick-ms", type=float, help="a gateway collects frames this long before one Perception call "
                                                      "(default: 5)")
+    serve.add_argument("--threads", type=int, help="torch CPU threads per replica (default: 1); with --local, for "
+                                                    "the whole process (default: torch's, the host's cores)")
     serve.add_argument("--hop-ms", type=float, help="a busy hop between services sends at most once per this; an idle "
                                                     "one at once (default: 10)")
     _add_ray_options(serve)
@@ -153,7 +155,7 @@ def _settings(args) -> dict:
         settings["pool_mb"] = args.pool_mb
     if getattr(args, "max_frame_kb", None) is not None:
         settings["max_frame_bytes"] = args.max_frame_kb << 10
-    for name in ("max_lag_s", "tick_ms", "hop_ms"):
+    for name in ("max_lag_s", "tick_ms", "hop_ms", "threads"):
         if getattr(args, name, None) is not None:
             settings[name] = getattr(args, name)
     return settings
@@ -206,10 +208,14 @@ def _reaction_model(args, load):
 
 
 def _serve_local(args, load) -> int:
+    import torch
+
     from liveserve.services.local import serve_forever, start_local
     from liveserve.services.telemetry import serve_metrics
 
     settings = _local_settings(args, args.address)
+    if args.threads:  # one process: the pools share torch's threads, all of the host's cores by default
+        torch.set_num_threads(args.threads)
     model = load(args)
     server = start_local(model, args.address, settings, reaction_model=_reaction_model(args, load))
     metrics = ""

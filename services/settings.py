@@ -24,7 +24,7 @@ class ServiceSettings:
     max_new_tokens: int = 64
     cache_policy: str = "sink_window"
     window_frames: int = 64
-    reaction_sync_frames: int = 32  # send Reaction unseen frames once this many have piled up
+    reaction_sync_frames: int = 1  # send Reaction unseen frames once this many have piled up
     reaction_nice: int = 10  # the Reaction engine thread's lower CPU priority (Linux nice) where cores are shared
     # Perception
     max_batch_size: int = 32  # frames per Perception call and per vision-tower batch
