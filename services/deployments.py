@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from liveserve.internal.v2 import decision_pb2 as dpb
 from liveserve.internal.v2 import perception_pb2 as ppb
-from liveserve.internal.v2 import reaction_pb2 as rpb
 from liveserve.internal.v2 import session_pb2 as spb
 from liveserve.services import codec
 from liveserve.services.decision import DecisionService
@@ -80,32 +78,26 @@ class PerceptionDeployment:
         return {"busy_fraction": self.encoder.busy_fraction()}
 
 
-@serve.deployment(name="Decision", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096,
-                  request_router_config=SESSION_ROUTER)
-class DecisionDeployment:
-    def __init__(self, settings: dict | None = None) -> None:
-        settings = _settings(settings)
-        model = load_replica_model(settings.model, vision=False, threads=settings.threads)
-        registry = SessionRegistry(connect()[0], ttl_s=settings.session_ttl_s, closed_ttl_s=settings.closed_ttl_s)
-        self.service = DecisionService(model, settings, replica_id(), registry)
+class _SessionPool:
+    """Decision and Reaction: a service holding sessions, reached with Open, Push and an Events stream per
+    gateway; `push_from_proto` and `events_to_proto` are that service's codec."""
+
+    service: DecisionService | ReactionService
+    push_from_proto = events_to_proto = None
 
     async def Open(self, request: spb.OpenRequest) -> spb.OpenResponse:
         return codec.placed_to_proto(await self.service.open(codec.open_from_proto(request)))
 
-    async def Push(self, request: dpb.DecisionPush, route_to: str = "") -> spb.PushAck:
-        await self.service.push(codec.decision_push_from_proto(request))
+    async def Push(self, request, route_to: str = "") -> spb.PushAck:
+        await self.service.push(type(self).push_from_proto(request))
         return spb.PushAck()
 
     async def Events(self, request: spb.EventsRequest, route_to: str = ""):
         async for batch in self.service.events(request.gateway_id):
-            yield codec.decision_events_to_proto(batch)
-
-    async def Sessions(self, route_to: str = "") -> dict:
-        """This replica's id and its sessions, with how far each got (operators' tools, and tests)."""
-        return {"replica": self.service.replica, "sessions": self.service.report()}
+            yield type(self).events_to_proto(batch)
 
     def record_autoscaling_stats(self) -> dict:
-        """What the Decision pool scales on (services/autoscaling.py): sessions held, KV pool reserved."""
+        """What the pool scales on (services/autoscaling.py): sessions held, KV pool reserved."""
         load = self.service.load()
         return {"sessions": float(load["sessions"]), "kv_used_fraction": load["kv_used_fraction"]}
 
@@ -120,33 +112,28 @@ class DecisionDeployment:
             service.stop()
 
 
+@serve.deployment(name="Decision", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096,
+                  request_router_config=SESSION_ROUTER)
+class DecisionDeployment(_SessionPool):
+    push_from_proto, events_to_proto = codec.decision_push_from_proto, codec.decision_events_to_proto
+
+    def __init__(self, settings: dict | None = None) -> None:
+        settings = _settings(settings)
+        model = load_replica_model(settings.model, vision=False, threads=settings.threads)
+        registry = SessionRegistry(connect()[0], ttl_s=settings.session_ttl_s, closed_ttl_s=settings.closed_ttl_s)
+        self.service = DecisionService(model, settings, replica_id(), registry)
+
+    async def Sessions(self, route_to: str = "") -> dict:
+        """This replica's id and its sessions, with how far each got (operators' tools, and tests)."""
+        return {"replica": self.service.replica, "sessions": self.service.report()}
+
+
 @serve.deployment(name="Reaction", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096,
                   request_router_config=SESSION_ROUTER)
-class ReactionDeployment:
+class ReactionDeployment(_SessionPool):
+    push_from_proto, events_to_proto = codec.reaction_push_from_proto, codec.reaction_events_to_proto
+
     def __init__(self, settings: dict | None = None) -> None:
         settings = _settings(settings)
         model = load_replica_model(settings.reaction_model or settings.model, vision=False, threads=settings.threads)
         self.service = ReactionService(model, settings, replica_id())
-
-    async def Open(self, request: spb.OpenRequest) -> spb.OpenResponse:
-        return codec.placed_to_proto(await self.service.open(codec.open_from_proto(request)))
-
-    async def Push(self, request: rpb.ReactionPush, route_to: str = "") -> spb.PushAck:
-        await self.service.push(codec.reaction_push_from_proto(request))
-        return spb.PushAck()
-
-    async def Events(self, request: spb.EventsRequest, route_to: str = ""):
-        async for batch in self.service.events(request.gateway_id):
-            yield codec.reaction_events_to_proto(batch)
-
-    def record_autoscaling_stats(self) -> dict:
-        load = self.service.load()
-        return {"sessions": float(load["sessions"]), "kv_used_fraction": 1.0 - load["free_fraction"]}
-
-    def record_routing_stats(self) -> dict:
-        return self.service.load()
-
-    def __del__(self) -> None:
-        service = getattr(self, "service", None)
-        if service is not None:
-            service.stop()

@@ -187,23 +187,20 @@ class Gateway(pb_grpc.LiveStreamServicer):
                 session.encoded(frame.frame_id, result.features[row], result.errors[row])
 
     def decision_link(self, replica: str) -> ReplicaLink:
-        link = self._decision_links.get(replica)
-        if link is None:
-            link = self._decision_links[replica] = ReplicaLink(
-                self.decision, replica, self.id, make_push=c.DecisionPush, timeout_s=self.settings.call_timeout_s,
-                interval_s=self.settings.hop_ms / 1000,
-                dispatch=lambda event: self._dispatch(event, "on_decision_event"),
-                failed=self._link_failed, on_push=self.metrics.push_commands.observe, name="decision")
-        return link
+        return self._link(self._decision_links, self.decision, replica, c.DecisionPush, "decision")
 
     def reaction_link(self, replica: str) -> ReplicaLink:
-        link = self._reaction_links.get(replica)
+        return self._link(self._reaction_links, self.reaction, replica, c.ReactionPush, "reaction")
+
+    def _link(self, links: dict[str, ReplicaLink], service, replica: str, make_push, name: str) -> ReplicaLink:
+        """This gateway's link to `replica` of `service`, made on first use."""
+        link = links.get(replica)
         if link is None:
-            link = self._reaction_links[replica] = ReplicaLink(
-                self.reaction, replica, self.id, make_push=c.ReactionPush, timeout_s=self.settings.call_timeout_s,
-                interval_s=self.settings.hop_ms / 1000,
-                dispatch=lambda event: self._dispatch(event, "on_reaction_event"),
-                failed=self._link_failed, on_push=self.metrics.push_commands.observe, name="reaction")
+            handler = f"on_{name}_event"
+            link = links[replica] = ReplicaLink(
+                service, replica, self.id, make_push=make_push, timeout_s=self.settings.call_timeout_s,
+                interval_s=self.settings.hop_ms / 1000, dispatch=lambda event: self._dispatch(event, handler),
+                failed=self._link_failed, on_push=self.metrics.push_commands.observe, name=name)
         return link
 
     def keep(self, task: asyncio.Task) -> None:

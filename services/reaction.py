@@ -211,7 +211,9 @@ class ReactionService:
         self.gpu.sample()
 
     def load(self) -> dict:
-        return {"sessions": len(self.writers), "free_fraction": 1.0 - self.engine.pool.reserved_fraction}
+        """What routing and autoscaling go by: sessions held and the KV pool's reserved share."""
+        reserved = self.engine.pool.reserved_fraction
+        return {"sessions": len(self.writers), "kv_used_fraction": reserved, "free_fraction": 1.0 - reserved}
 
     def stop(self) -> None:
         for task in self._background:
