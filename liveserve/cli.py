@@ -299,7 +299,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from liveserve.train.evaluate import evaluate, heldout_dataset
+    from liveserve.train.evaluate import evaluate, heldout_dataset, summary_line
 
     if not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
@@ -323,6 +323,7 @@ def cmd_eval(args) -> int:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(text + "\n")
     print(text)
+    log(summary_line(results))
     return 0
 
 

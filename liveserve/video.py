@@ -113,12 +113,21 @@ def resize_and_pad(image: torch.Tensor | np.ndarray | Image.Image, size: int) ->
 _EXIF_ORIENTATION = 0x0112
 
 
-def decode_image_bytes(data: bytes, size: int) -> torch.Tensor:
-    """Decode JPEG/PNG/WebP (anything PIL reads) into a ``[3, size, size]`` uint8 tensor."""
+class ImageTooLarge(VideoError):
+    """The image's header claims more pixels than allowed; nothing was decoded."""
+
+
+def decode_image_bytes(data: bytes, size: int, max_pixels: int | None = None) -> torch.Tensor:
+    """Decode JPEG/PNG/WebP (anything PIL reads) into a ``[3, size, size]`` uint8 tensor. An image with more
+    than `max_pixels` pixels is refused from its header, before any pixel is decoded (a small, highly
+    compressed file can claim gigapixels)."""
     if not data:
         raise VideoError("cannot decode image: empty data")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLarge(f"the image is {width}x{height} pixels; the limit is {max_pixels} pixels")
             # A JPEG much larger than the tower's input is decoded at a reduced scale (libjpeg scales in the
             # DCT, a fraction of the cost), never below twice the input size, then resized as any image.
             img.draft("RGB", (2 * size, 2 * size))
@@ -128,6 +137,8 @@ def decode_image_bytes(data: bytes, size: int) -> torch.Tensor:
             if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
                 img = ImageOps.exif_transpose(img)
             pixels = _to_chw_tensor(img)  # read before the file (and the image with it) is closed
+    except ImageTooLarge:
+        raise
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
         raise VideoError(f"cannot decode image: {exc}") from exc
     return resize_and_pad(pixels, size)

@@ -28,6 +28,7 @@ from liveserve.engine.session import Session
 from liveserve.model.live import LiveModel
 from liveserve.services import contracts as c
 from liveserve.services.engine_worker import EngineWorker
+from liveserve.services.errors import internal
 from liveserve.services.outbox import Outboxes
 from liveserve.services.registry import RegistryError, SessionRegistry
 from liveserve.services.settings import ServiceSettings
@@ -180,8 +181,10 @@ class DecisionService:
             trace_context = held.trigger_traces.pop(event.timestamp, c.NO_TRACE) if event.trigger == "query" else ()
             return c.ReplyWanted(sid, c.Trigger(event.trigger), event.timestamp, event.query or "",
                                  event.frame_index, trace_context)
-        if isinstance(event, SessionFailed):
-            held.failure = (_FAILURES[event.code].value[0], event.message)
+        if isinstance(event, SessionFailed):  # its own cache is full (the message says why), or a bug (logged)
+            message = event.message if event.code == "cache_full" else internal(
+                log, f"session {sid} failed on decision replica {self.replica}", detail=event.message)
+            held.failure = (_FAILURES[event.code].value[0], message)
             self._worker.close_when_drained(sid, 0)
             return None  # SessionEnded follows, with the status and the message
         raise TypeError(f"a Decision session reported {type(event).__name__}")

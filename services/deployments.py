@@ -67,7 +67,7 @@ class PerceptionDeployment:
     def __init__(self, settings: dict | None = None) -> None:
         settings = _settings(settings)
         self.encoder = FrameEncoder(load_replica_model(settings.model, vision=True, threads=settings.threads),
-                                    settings.max_batch_size)
+                                    settings.max_batch_size, settings.max_frame_pixels)
 
     async def Encode(self, request: ppb.EncodeRequest) -> ppb.EncodeResponse:
         result = await self.encoder.encode(codec.encode_request_from_proto(request))

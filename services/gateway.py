@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
+from dataclasses import dataclass
 
 import grpc
 from opentelemetry import context as otel_context
@@ -27,6 +29,7 @@ from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
 from liveserve.engine.kv_pool import PoolFullError
 from liveserve.services import contracts as c
 from liveserve.services.auth import api_key_accepted, api_keys_from_env
+from liveserve.services.errors import internal
 from liveserve.services.links import FrameBatcher, ReplicaLink
 from liveserve.services.messages import session_config
 from liveserve.services.settings import ServiceSettings
@@ -35,6 +38,17 @@ from liveserve.services.telemetry import GatewayMetrics
 from liveserve.services.tracing import extract, tracer
 
 log = logging.getLogger(__name__)
+
+
+MAX_FPS = 60.0
+DEFAULT_FPS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Unparsable:
+    """A client message that protobuf could not parse (server.py's deserializer); ends the call."""
+
+    problem: str
 
 
 class CallFailed(Exception):
@@ -87,6 +101,10 @@ class Gateway(pb_grpc.LiveStreamServicer):
             self.metrics.errors.inc(tags={"code": failed.code.name})
             await context.abort(failed.code, failed.details)
             return
+        except Exception as exc:  # a bug: the client gets an id to report, the log the traceback
+            self.metrics.errors.inc(tags={"code": "INTERNAL"})
+            await context.abort(grpc.StatusCode.INTERNAL, internal(log, "opening the session failed", exc))
+            return
         yield pb.ServerMessage(opened=pb.SessionOpened(
             session_id=session.session_id, client_session_id=first.open.client_session_id,
             limits=self._limits(session)))
@@ -105,13 +123,16 @@ class Gateway(pb_grpc.LiveStreamServicer):
             self.metrics.errors.inc(tags={"code": end.code.name})
             await context.abort(end.code, end.details)
 
-    async def _open(self, first: pb.ClientMessage, trace_parent: otel_context.Context) -> StreamSession:
+    async def _open(self, first: pb.ClientMessage | Unparsable, trace_parent: otel_context.Context) -> StreamSession:
+        if isinstance(first, Unparsable):
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, first.problem)
         kind = first.WhichOneof("kind")
         if kind != "open":
             raise CallFailed(grpc.StatusCode.FAILED_PRECONDITION,
                              f"the first message of a stream must be open, got {kind or 'an empty message'}")
         if not api_key_accepted(first.open.credentials, self.api_keys):
             raise CallFailed(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown api_key in open.credentials")
+        self._check_open(first.open)
         try:
             config = session_config(first.open, self.defaults)
         except ValueError as exc:
@@ -127,12 +148,24 @@ class Gateway(pb_grpc.LiveStreamServicer):
             except CallFailed:
                 self.decision_link(placed.replica).send(c.CloseSession(request.session_id, placed.epoch, False))
                 raise
-        session = StreamSession(self, request.session_id, config, placed, reaction, trace_parent)
+        session = StreamSession(self, request.session_id, config, placed, reaction, trace_parent,
+                                fps=first.open.fps or DEFAULT_FPS)
         self.sessions[session.session_id] = session
         self.metrics.sessions_opened.inc()
         self.metrics.sessions_active.set(len(self.sessions))
         self._ensure_watchdog()
         return session
+
+    def _check_open(self, open_: pb.Open) -> None:
+        """What the gateway checks itself; the settings are checked by SessionConfig, and the sizes against
+        the model's context by Decision."""
+        if open_.model and open_.model != self.settings.model:
+            raise CallFailed(grpc.StatusCode.NOT_FOUND, f"unknown model {open_.model!r}; this deployment serves "
+                                                        f"{self.settings.model!r} (leave model empty for it)")
+        if open_.fps and not (math.isfinite(open_.fps) and 0 < open_.fps <= MAX_FPS):
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"bad open: fps must be in (0, {MAX_FPS:g}] (0: the default {DEFAULT_FPS:g}), "
+                             f"got {open_.fps}")
 
     async def _place(self, opening) -> c.SessionPlaced:
         try:
@@ -155,6 +188,9 @@ class Gateway(pb_grpc.LiveStreamServicer):
         drain = True
         try:
             async for message in request_iterator:
+                if isinstance(message, Unparsable):
+                    session.finish(grpc.StatusCode.INVALID_ARGUMENT, message.problem)
+                    return
                 kind = message.WhichOneof("kind")
                 if kind == "frame":
                     self.metrics.frames_received.inc()
@@ -214,13 +250,19 @@ class Gateway(pb_grpc.LiveStreamServicer):
 
     def _link_failed(self, link: ReplicaLink, message: str) -> None:
         """A replica is unreachable: the sessions it held cannot go on (their state lived there)."""
-        links = self._decision_links if link.name == "decision" else self._reaction_links
+        decision = link.name == "decision"
+        links = self._decision_links if decision else self._reaction_links
         if links.get(link.replica) is link:
             del links[link.replica]
         for session in list(self.sessions.values()):
-            held = session.placed if link.name == "decision" else session.reaction
-            if held is not None and held.replica == link.replica:
-                session.finish(grpc.StatusCode.UNAVAILABLE, message)
+            held = session.placed if decision else session.reaction
+            if held is None or held.replica != link.replica:
+                continue
+            if decision:
+                session.ended = True  # nothing is left there to close
+            else:
+                session.reaction = None
+            session.finish(grpc.StatusCode.UNAVAILABLE, message)
 
     def _ensure_watchdog(self) -> None:
         if self._watchdog is None or self._watchdog.done():
@@ -256,8 +298,9 @@ class Gateway(pb_grpc.LiveStreamServicer):
 
 
 def _open_failure(exc: BaseException) -> CallFailed:
-    if isinstance(exc, PoolFullError):  # over Ray: a RayTaskError that is also a PoolFullError
-        cause = getattr(exc, "cause", None) or exc  # the replica's own exception, without Ray's traceback
+    cause = getattr(exc, "cause", None) or exc  # over Ray: the replica's own exception, without Ray's traceback
+    if isinstance(cause, PoolFullError):
         return CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no room for a new session: {cause}")
-    log.warning("opening a session failed", exc_info=exc)
-    return CallFailed(grpc.StatusCode.UNAVAILABLE, f"opening the session failed ({type(exc).__name__})")
+    if isinstance(cause, ValueError):  # the session's settings do not fit the model (e.g. its context)
+        return CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"bad open: {cause}")
+    return CallFailed(grpc.StatusCode.UNAVAILABLE, internal(log, "opening the session failed", exc))

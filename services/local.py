@@ -31,7 +31,7 @@ class LocalServer:
     def __init__(self, model: LiveModel, address: str, settings: ServiceSettings,
                  reaction_model: LiveModel | None = None) -> None:
         self.settings = settings
-        self.encoder = FrameEncoder(model, settings.max_batch_size)
+        self.encoder = FrameEncoder(model, settings.max_batch_size, settings.max_frame_pixels)
         self.decision = DecisionService(model, settings, replica="local")
         self.reaction = ReactionService(reaction_model or model, settings, replica="local")
         self.server = GatewayServer(self._gateway, address, max_frame_bytes=settings.max_frame_bytes,

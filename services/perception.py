@@ -25,12 +25,13 @@ from liveserve.services.tracing import extract, tracer
 
 
 class FrameEncoder:
-    def __init__(self, model: LiveModel, max_batch_size: int = 32) -> None:
+    def __init__(self, model: LiveModel, max_batch_size: int = 32, max_pixels: int | None = None) -> None:
+        """`max_pixels`: images claiming more pixels are refused from their header, never decoded."""
         if model.vision is None:
             raise ValueError(f"model {model.name!r} has no vision tower to encode frames with")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.model, self.max_batch_size = model, max_batch_size
+        self.model, self.max_batch_size, self.max_pixels = model, max_batch_size, max_pixels
         self.metrics, self.tracer = PerceptionMetrics(), tracer("perception")
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="perception")
         self._decoders = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="perception-decode")
@@ -52,7 +53,7 @@ class FrameEncoder:
         from liveserve.video import VideoError, decode_image_bytes
 
         try:
-            return decode_image_bytes(frame.image, self.model.frame_size)
+            return decode_image_bytes(frame.image, self.model.frame_size, self.max_pixels)
         except (ValueError, VideoError) as exc:
             return f"bad frame image at {frame.timestamp:.3f}s: {exc}"
 

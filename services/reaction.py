@@ -27,6 +27,7 @@ from liveserve.engine.session import Session
 from liveserve.model.live import LiveModel
 from liveserve.services import contracts as c
 from liveserve.services.engine_worker import EngineWorker
+from liveserve.services.errors import internal
 from liveserve.services.outbox import Outboxes
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.telemetry import GpuMetrics, ReactionMetrics, sample_periodically
@@ -173,8 +174,9 @@ class ReactionService:
                                                                  event.ttft_s, event.duration_s, event.token_ids))
             elif isinstance(event, SessionFailed):
                 self._finish(writer)
-                self.outboxes.put(writer.gateway_id, c.ReplyFailed(sid, f"session {sid!r} failed on its reaction "
-                                                                        f"replica: {event.message}"))
+                message = event.message if event.code == "cache_full" else internal(
+                    log, f"session {sid} failed on reaction replica {self.replica}", detail=event.message)
+                self.outboxes.put(writer.gateway_id, c.ReplyFailed(sid, message))
                 self._worker.close_when_drained(sid, 0)
             # Frame decisions of a reply writer are not news: it never fires by itself.
 

@@ -16,9 +16,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from google.protobuf.message import DecodeError
+
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
-from liveserve.services.gateway import Gateway
+from liveserve.services.gateway import Gateway, Unparsable
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LiveStream"].full_name
@@ -70,7 +71,7 @@ class GatewayServer:
         message_limit = self._max_frame_bytes + (64 << 10)  # a frame plus its envelope; larger: RESOURCE_EXHAUSTED
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", message_limit),
                                           ("grpc.max_send_message_length", 4 << 20)])
-        pb_grpc.add_LiveStreamServicer_to_server(self.gateway, server)
+        _add_live_stream(self.gateway, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -88,3 +89,19 @@ class GatewayServer:
             self._grace_s = grace_s
             self.loop.call_soon_threadsafe(self._stop_requested.set)
             self._thread.join(grace_s + 10)
+
+
+def _parse(data: bytes) -> pb.ClientMessage | Unparsable:
+    """A client message, or what was wrong with it: the Gateway ends the call with INVALID_ARGUMENT
+    rather than let gRPC drop the message or fail the call with an unrelated status."""
+    try:
+        return pb.ClientMessage.FromString(data)
+    except DecodeError as exc:
+        return Unparsable(f"a message could not be parsed as liveserve.api.v1.ClientMessage ({exc})")
+
+
+def _add_live_stream(gateway: Gateway, server: grpc.aio.Server) -> None:
+    handlers = {"Stream": grpc.stream_stream_rpc_method_handler(
+        gateway.Stream, request_deserializer=_parse, response_serializer=pb.ServerMessage.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -36,6 +36,10 @@ class ServiceSettings:
     # once per this; an idle one sends at once. Fewer, fuller messages under load, for <= this much latency.
     hop_ms: float = 10.0
     max_frame_bytes: int = 4 << 20
+    max_frame_pixels: int = 4096 * 4096  # larger images are refused from their header, before decoding
+    # A stream may send frames at up to this many times its declared fps (with a few seconds of burst);
+    # frames beyond are dropped and reported, so one flooding client cannot crowd out its neighbours.
+    ingress_factor: float = 2.0
     api_keys_env: str = ""  # an environment variable listing accepted API keys (comma-separated); "": none
     call_timeout_s: float = 30.0  # an internal call that takes longer fails the session with UNAVAILABLE
     drain_timeout_s: float = 60.0  # Close waits this long for queued frames and replies to finish
@@ -52,6 +56,8 @@ class ServiceSettings:
         for name in ("call_timeout_s", "drain_timeout_s", "session_ttl_s", "closed_ttl_s", "heartbeat_s", "max_lag_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_frame_pixels < 1 or not self.ingress_factor >= 1:
+            raise ValueError("max_frame_pixels must be >= 1 and ingress_factor >= 1")
         for name in ("tick_ms", "hop_ms"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

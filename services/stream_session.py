@@ -75,14 +75,32 @@ class _Reply:
     active: float = field(default_factory=time.monotonic)  # last sign of life, for the reply watchdog
 
 
+class IngressLimit:
+    """A token bucket: a stream may send `rate` frames a second, with a burst of `burst` frames."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.at = burst, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 class StreamSession:
     def __init__(self, gateway, session_id: str, config: SessionConfig, placed: c.SessionPlaced,
-                 reaction: c.SessionPlaced | None, trace_parent: otel_context.Context) -> None:
-        self.gateway, self.session_id, self.config = gateway, session_id, config
+                 reaction: c.SessionPlaced | None, trace_parent: otel_context.Context, fps: float) -> None:
+        self.gateway, self.session_id, self.config, self.fps = gateway, session_id, config, fps
         self.placed, self.reaction = placed, reaction  # reaction: None for a decisions-only session
         self.trace_parent = trace_parent
         self.out: asyncio.Queue[pb.ServerMessage | Finish] = asyncio.Queue()
-        self.finished = False
+        self.finished = False  # the client's call has its final status
+        self.ended = False  # Decision closed the session (its memory is free)
         self.next_frame_id = 0
         self.last_timestamp = -1.0
         self._pending: deque[_Frame | _Query | _Close] = deque()
@@ -94,6 +112,10 @@ class StreamSession:
         self.reply: _Reply | None = None
         self.room = asyncio.Event()
         self.room.set()
+        rate = gateway.settings.ingress_factor * fps
+        self._ingress = IngressLimit(rate, max(8.0, 2 * rate))  # two seconds of burst at the allowed rate
+        self._over_rate: list[tuple[int, float]] = []  # frames refused for the rate, reported once a second
+        self.rate_dropped = 0
 
     # ---- from the client --------------------------------------------------------------------------------
 
@@ -103,6 +125,12 @@ class StreamSession:
         problem = self._check_frame(frame)
         if problem:
             self.warn(pb.WARNING_CODE_BAD_FRAME, problem, [(frame_id, frame.timestamp)])
+            return
+        if not self._ingress.take():
+            if not self._over_rate:
+                asyncio.get_running_loop().call_later(1.0, self._report_over_rate)
+            self._over_rate.append((frame_id, frame.timestamp))
+            self.rate_dropped += 1
             return
         self.last_timestamp = frame.timestamp
         gateway = self.gateway
@@ -114,6 +142,14 @@ class StreamSession:
         self._encoding[frame_id] = item
         gateway.batcher.add(c.FrameImage(self.session_id, frame_id, frame.timestamp, frame.image, carried(span)), self)
         self._update_room()
+
+    def _report_over_rate(self) -> None:
+        if self._over_rate and not self.finished:
+            frames, self._over_rate = self._over_rate, []
+            limit = self.gateway.settings.ingress_factor * self.fps
+            self.warn(pb.WARNING_CODE_FRAME_DROPPED, f"{len(frames)} frame(s) dropped: the stream sent frames faster "
+                                                     f"than {limit:g} a second ({self.gateway.settings.ingress_factor:g}x "
+                                                     f"its declared fps of {self.fps:g})", frames)
 
     def _check_frame(self, frame: pb.Frame) -> str:
         limit = self.gateway.settings.max_frame_bytes
@@ -237,6 +273,7 @@ class StreamSession:
     def _ended(self, event: c.SessionEnded) -> None:
         """Decision closed the session (its memory is free); once Reaction has closed it too, the call ends:
         SessionClosed means the session holds nothing anywhere."""
+        self.ended = True
         closing = self._close_reaction()
         task = asyncio.get_running_loop().create_task(self._end_after(closing, event))
         self.gateway.keep(task)
@@ -250,8 +287,10 @@ class StreamSession:
         if event.code:
             self.finish(_status(event.code), event.message)
             return
+        self._report_over_rate()  # before the end of the stream: SessionClosed is its last message
         self.out.put_nowait(pb.ServerMessage(closed=pb.SessionClosed(
-            frames_decided=event.frames_decided, frames_dropped=event.frames_dropped, responses=event.responses)))
+            frames_decided=event.frames_decided, frames_dropped=event.frames_dropped + self.rate_dropped,
+            responses=event.responses)))
         self.finish()
 
     # ---- replies ----------------------------------------------------------------------------------------------
@@ -332,16 +371,19 @@ class StreamSession:
     # ---- the end ------------------------------------------------------------------------------------------------
 
     def abandon(self) -> None:
-        """The client is gone (or the call failed) before the session ended: free it everywhere now."""
-        if self.finished:
-            return
-        self.gateway.decision_link(self.placed.replica).send(c.CloseSession(self.session_id, self.placed.epoch, False))
+        """The call is over (the client went away, or the call failed) before Decision ended the session:
+        free it everywhere now. A no-op once Decision has ended it."""
+        if not self.ended:
+            self.ended = True
+            self.gateway.decision_link(self.placed.replica).send(
+                c.CloseSession(self.session_id, self.placed.epoch, False))
         self._close_reaction()
         self.finish(grpc.StatusCode.CANCELLED, "the client went away")
 
     def finish(self, code: grpc.StatusCode = grpc.StatusCode.OK, details: str = "") -> None:
         if self.finished:
             return
+        self._report_over_rate()
         self.finished = True
         for frame in [*self._encoding.values(), *self._undecided.values()]:
             frame.span.end()

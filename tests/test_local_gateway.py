@@ -23,7 +23,7 @@ def local(tiny_model):
     """One single-process server for the module."""
     model = steered(tiny_model, interval_bias=8.0, eos_bias=7.8)
     settings = ServiceSettings(max_new_tokens=4, window_frames=8, max_frame_bytes=64 << 10, pool_mb=64,
-                               max_lag_s=600.0)
+                               max_lag_s=600.0, max_frame_pixels=1_000_000)
     server = start_local(model, "127.0.0.1:0", settings)
     yield server
     server.stop(grace_s=1)
@@ -162,7 +162,7 @@ def test_one_process_serves_the_same_prometheus_metrics(server):
 
 def test_a_frame_that_wants_to_speak_during_a_reply_is_reported_suppressed(server):
     address, _ = server
-    messages = [pb.ClientMessage(open=pb.Open(threshold=1.0, max_new_tokens=32))]
+    messages = [pb.ClientMessage(open=pb.Open(threshold=1.0, max_new_tokens=32, fps=20.0))]
     messages += [pb.ClientMessage(frame=pb.Frame(timestamp=i * 0.05, image=jpeg(i))) for i in range(12)]
     replies = stream(address, messages + [pb.ClientMessage(close=pb.Close())])
     decisions = [r.decision for r in replies if r.WhichOneof("kind") == "decision"]
@@ -170,3 +170,80 @@ def test_a_frame_that_wants_to_speak_during_a_reply_is_reported_suppressed(serve
     assert all(d.fired or d.action == pb.ACTION_SUPPRESSED for d in decisions)
     assert any(d.action == pb.ACTION_SUPPRESSED and not d.fired for d in decisions)
     assert replies[-1].closed.responses == sum(d.fired for d in decisions)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with (almost) no pixel data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _raw_stream(address: str, payloads: list[bytes]):
+    """The LiveStream call with raw bytes as messages, as a broken or hostile client would send them."""
+    with grpc.insecure_channel(address) as channel:
+        call = channel.stream_stream("/liveserve.api.v1.LiveStream/Stream", request_serializer=lambda b: b,
+                                     response_deserializer=pb.ServerMessage.FromString)
+        return list(call(iter(payloads), timeout=30))
+
+
+def test_a_message_that_cannot_be_parsed_ends_the_call_with_invalid_argument(server):
+    address, engine = server
+    garbage = b"\x0a\xff\xff\xff\xff\x0f"  # a length-delimited field claiming more bytes than follow
+    for payloads in ([garbage], [pb.ClientMessage(open=pb.Open()).SerializeToString(), garbage]):
+        with pytest.raises(grpc.RpcError) as info:
+            _raw_stream(address, payloads)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "could not be parsed as liveserve.api.v1.ClientMessage" in info.value.details()
+    deadline = time.monotonic() + 10
+    while engine.sessions:  # the session opened before the garbage is closed, not leaked
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("open_, code, words", [
+    (pb.Open(fps=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "fps must be in (0, 60]"),
+    (pb.Open(fps=1000.0), grpc.StatusCode.INVALID_ARGUMENT, "fps must be in (0, 60]"),
+    (pb.Open(model="gpt-17"), grpc.StatusCode.NOT_FOUND, "unknown model 'gpt-17'"),
+    (pb.Open(cache=pb.CacheOptions(window_frames=100_000)), grpc.StatusCode.INVALID_ARGUMENT, "positions"),
+    (pb.Open(max_new_tokens=10_000_000), grpc.StatusCode.INVALID_ARGUMENT, "positions"),
+])
+def test_every_open_field_is_checked_with_a_specific_message(server, open_, code, words):
+    address, engine = server
+    with pytest.raises(grpc.RpcError) as info:
+        stream(address, [pb.ClientMessage(open=open_)])
+    assert info.value.code() == code and words in info.value.details(), info.value.details()
+    assert "Traceback" not in info.value.details() and "/" not in info.value.details().split("(")[0]
+
+
+def test_an_image_claiming_too_many_pixels_is_refused_from_its_header(server):
+    address, _ = server
+    bomb = pb.ClientMessage(frame=pb.Frame(timestamp=0.6, image=_png_header(5000, 5000)))
+    replies = stream(address, session_messages(3, extra=[(1, bomb)]))
+    warnings = [r.warning for r in replies if r.WhichOneof("kind") == "warning"]
+    assert [(w.code, list(w.frame_indexes)) for w in warnings] == [(pb.WARNING_CODE_BAD_FRAME, [2])]
+    assert "5000x5000 pixels; the limit is 1000000 pixels" in warnings[0].message
+    assert replies[-1].closed.frames_decided == 3
+
+
+def test_a_flooding_stream_is_limited_to_its_declared_rate_and_its_neighbour_keeps_up(server):
+    address, _ = server
+    neighbour: list = []
+    runner = threading.Thread(target=lambda: neighbour.extend(stream(address, session_messages(6, threshold=0.5))))
+    flood = [pb.ClientMessage(open=pb.Open(fps=2.0, decisions_only=True))]
+    flood += [pb.ClientMessage(frame=pb.Frame(timestamp=i * 0.01, image=jpeg(i))) for i in range(60)]
+    runner.start()
+    replies = stream(address, flood + [pb.ClientMessage(close=pb.Close())])
+    runner.join(60)
+    dropped = [w for w in (r.warning for r in replies if r.WhichOneof("kind") == "warning")
+               if w.code == pb.WARNING_CODE_FRAME_DROPPED and "faster than 4 a second" in w.message]
+    decided = [r.decision.frame_index for r in replies if r.WhichOneof("kind") == "decision"]
+    refused = sorted(i for w in dropped for i in w.frame_indexes)
+    assert dropped and sorted(decided + refused) == list(range(60)) and len(decided) < 20
+    assert replies[-1].closed.frames_dropped >= len(refused)
+    assert kinds(neighbour)[-1] == "closed" and neighbour[-1].closed.frames_decided == 6

@@ -101,7 +101,7 @@ def test_the_perception_pool_scales_up_under_load_and_back_down_after(ray_app):
 
     def camera(seed: int) -> None:
         def messages():
-            yield pb.ClientMessage(open=pb.Open(threshold=0.0, decisions_only=True))
+            yield pb.ClientMessage(open=pb.Open(threshold=0.0, decisions_only=True, fps=10.0))
             i = 0
             while not stop.is_set():
                 yield pb.ClientMessage(frame=pb.Frame(timestamp=i * 0.1, image=jpeg(seed * 1000 + i % 50)))

@@ -103,7 +103,7 @@ def test_eight_concurrent_sessions_with_different_thresholds(ray_app):
 
 
 def test_decisions_keep_arriving_while_a_reply_is_written(ray_app):
-    open_ = pb.Open(threshold=1.0, max_new_tokens=48)
+    open_ = pb.Open(threshold=1.0, max_new_tokens=48, fps=50.0)  # 40 frames at 20 ms: as fast as declared
     messages = [pb.ClientMessage(open=open_)]
     messages += [pb.ClientMessage(frame=pb.Frame(timestamp=i * 0.05, image=jpeg(i))) for i in range(40)]
     replies = stream(ray_app.address, paced(messages + [pb.ClientMessage(close=pb.Close())], 0.02))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ MIN_EVENTS, MAX_EVENTS = 3, 8
 MAX_IN_VIEW = 2
 DATASET_DIALOGUES = "dialogues.json"
 VIDEO_DIR = "videos"
+# The verb of each event sentence names its kind ("turns": a colour change).
+EVENT_KINDS = ("appears", "moves", "turns", "leaves")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,24 @@ class SyntheticVideo:
     fps: float
     events: tuple[Event, ...]
     dialogue: Dialogue
+
+
+@dataclass(frozen=True, slots=True)
+class Narration:
+    """What a narration sentence names: its event kind, colours in order (old then new for "turns") and shape."""
+
+    kind: str | None  # one of EVENT_KINDS; None when the sentence has no event verb
+    colours: tuple[str, ...]
+    shape: str | None
+
+
+def parse_narration(text: str) -> Narration:
+    """The parts of a sentence in this module's grammar; words it does not know are ignored, so a model's
+    garbled sentence still yields whatever kind, colours and shape it names."""
+    words = re.findall(r"[a-z]+", text.lower())
+    kind = next((w for w in words if w in EVENT_KINDS), None)
+    shape = next((w for w in words if w in SHAPES), None)
+    return Narration(kind, tuple(w for w in words if w in COLOURS), shape)
 
 
 # ---- rendering ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ Free-running: each video is streamed through a `Session` at the dataset fps with
 user queries pushed with their frame (as `liveserve run` does); proactive responses are matched to the
 annotated event times (`match_decisions`), pooled over videos: precision, recall, f1, within_1s (share of
 events answered 0-1 s after they happen), and text_accuracy (matched responses that say exactly the event's
-sentence).
+sentence). Of the matched responses, also: colour_accuracy and shape_accuracy (the sentence names the event's
+colours, in order, and its shape) and, per event kind of the annotation (appears, moves, turns = colour change,
+leaves), the matched count and text accuracy, so a weakness in one kind of sentence shows.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from liveserve.config import DEFAULT_THRESHOLD, SessionConfig
 from liveserve.data.dialogue import Dialogue, TextTurn, load_dialogues
 from liveserve.data.labels import PROACTIVE, Example
-from liveserve.data.synthetic import DATASET_DIALOGUES, write_dataset
+from liveserve.data.synthetic import DATASET_DIALOGUES, EVENT_KINDS, parse_narration, write_dataset
 from liveserve.engine.events import ResponseDone
 from liveserve.engine.session import Session
 from liveserve.model.live import LiveModel
@@ -145,23 +147,54 @@ def stream_dialogue(model: LiveModel, dialogue: Dialogue, features: torch.Tensor
 
 def summarize_stream(results: list[StreamResult], tolerance_s: float = 1.0) -> dict:
     """Pooled decision scores over videos (counts summed, then divided)."""
-    matched = responses = events = timely = right = 0
-    lags = []
+    matched = responses = events = timely = 0
+    lags, sentences = [], []
     for r in results:
         s = match_decisions(r.response_times, r.event_times, tolerance_s)
         matched, responses, events = matched + s.matched, responses + s.num_responses, events + s.num_events
         timely += sum(1 for rt, et in s.pairs if 0.0 <= rt - et <= 1.0 + 1e-9)
         said = dict(zip(r.response_times, r.texts))
         meant = dict(zip(r.event_times, r.event_texts))
-        right += sum(1 for rt, et in s.pairs if said[rt] == meant[et].strip())
+        sentences += [(said[rt], meant[et].strip()) for rt, et in s.pairs]
         lags += [rt - et for rt, et in s.pairs]
     precision = matched / responses if responses else 1.0
     recall = matched / events if events else 1.0
     return {"precision": precision, "recall": recall,
             "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-            "within_1s": timely / events if events else 1.0, "text_accuracy": right / matched if matched else 0.0,
+            "within_1s": timely / events if events else 1.0,
+            "text_accuracy": _share(said == meant for said, meant in sentences),
+            **narration_scores(sentences),
             "mean_lag_s": sum(lags) / len(lags) if lags else math.nan, "responses": responses, "events": events,
             "matched": matched}
+
+
+def _share(flags) -> float:
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else 0.0  # nothing matched: nothing said right
+
+
+def narration_scores(sentences: list[tuple[str, str]]) -> dict:
+    """What the matched (said, meant) sentences get right: the colours (all of them, in order: a colour change
+    names the old and the new one) and the shape, and exact sentences per event kind of the meant sentence."""
+    parsed = [(parse_narration(said), parse_narration(meant), said == meant) for said, meant in sentences]
+    by_kind = {}
+    for kind in EVENT_KINDS:
+        exact = [ok for _, m, ok in parsed if m.kind == kind]
+        by_kind[kind] = {"matched": len(exact), "text_accuracy": _share(exact)}
+    return {"colour_accuracy": _share(s.colours == m.colours for s, m, _ in parsed),
+            "shape_accuracy": _share(s.shape == m.shape for s, m, _ in parsed), "by_kind": by_kind}
+
+
+def summary_line(results: dict) -> str:
+    """`evaluate`'s headline figures on one line: the free-running ones first when it streamed."""
+    teacher = (f"LM-PPL {results['lm_ppl']:.2f}, TimeDiff {results['time_diff_s']:.3f} s, "
+               f"fluency {results['fluency']:.3f}, LM-correctness {results['lm_correctness']:.3f}")
+    if "text_accuracy" not in results:
+        return teacher
+    kinds = ", ".join(f"{kind} {v['text_accuracy']:.3f}" for kind, v in results["by_kind"].items())
+    return (f"text accuracy {results['text_accuracy']:.3f} ({kinds}), colour {results['colour_accuracy']:.3f}, "
+            f"shape {results['shape_accuracy']:.3f}; precision {results['precision']:.3f}, "
+            f"recall {results['recall']:.3f}, within_1s {results['within_1s']:.3f}; {teacher}")
 
 
 def evaluate(model: LiveModel, data_dir, *, threshold: float = DEFAULT_THRESHOLD, stream: bool = True,

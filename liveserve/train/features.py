@@ -3,8 +3,8 @@
 Training and teacher-forced evaluation read the same features the engine would compute: each video is
 decoded at the stream fps with `iter_video_frames(path, fps, size=model.frame_size)` and encoded with
 `model.encode_frames`. The cache lives in DATASET/features/<fingerprint>/, where the fingerprint hashes the
-vision tower's weights, frame layout, input size and normalisation, so a different tower never reads
-another tower's features:
+vision tower's weights, frame layout, input size and normalisation, so a different tower (one changed by
+training included) never reads another tower's features:
 
     DATASET/features/<fingerprint>/<video path>.<fps>fps.safetensors   {"features": float32 [T, tokens, hidden]}
 """
@@ -58,6 +58,27 @@ def encode_video(model: LiveModel, path: Path, fps: float) -> torch.Tensor:
     if not chunks:
         raise ValueError(f"{path}: no frames at {fps:g} fps")
     return torch.cat(chunks)
+
+
+def load_frames(model: LiveModel, dataset_dir: str | Path, dialogues: Iterable[Dialogue],
+                progress: Callable[[int, int, bool], None] | None = None) -> dict[str, torch.Tensor]:
+    """Decoded frames per dialogue video (uint8 [frames, 3, S, S], cut to the frames the dialogue covers), for
+    training the vision tower: its features change every step, so nothing of it is cached."""
+    dataset_dir = Path(dataset_dir)
+    dialogues = list(dialogues)
+    out: dict[str, torch.Tensor] = {}
+    for i, dialogue in enumerate(dialogues):
+        video = dataset_dir / dialogue.video
+        if not video.is_file():
+            raise FileNotFoundError(f"{video}: no such video (named by a dialogue in {dataset_dir})")
+        frames = [f.pixels for f in iter_video_frames(video, fps=dialogue.fps, size=model.frame_size)]
+        if len(frames) < dialogue.num_frames:
+            raise ValueError(f"{dialogue.video}: {len(frames)} frames at {dialogue.fps:g} fps, but its dialogue "
+                             f"covers {dialogue.num_frames}")
+        out[dialogue.video] = torch.stack(frames[:dialogue.num_frames])
+        if progress is not None:
+            progress(i + 1, len(dialogues), False)
+    return out
 
 
 def load_features(model: LiveModel, dataset_dir: str | Path, dialogues: Iterable[Dialogue],
