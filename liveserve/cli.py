@@ -162,6 +162,8 @@ def _add_train_parser(sub) -> None:
     train.add_argument("--stream-loss-weight", type=float, default=d.stream_loss_weight,
                        help="loss weight of the per-frame decisions (default: 1.0)")
     train.add_argument("--mode", choices=MODES, default=d.mode, help="lora or full fine-tuning (default: lora)")
+    train.add_argument("--train-vision", action="store_true",
+                       help="also train the vision tower in full (default: frozen, its features cached)")
     train.add_argument("--lora-r", type=_positive_int, default=d.lora_r, help=f"LoRA rank (default: {d.lora_r})")
     train.add_argument("--lora-alpha", type=_positive_int, default=d.lora_alpha,
                        help=f"LoRA alpha (default: {d.lora_alpha})")
@@ -283,8 +285,8 @@ def cmd_train(args) -> int:
     config = TrainConfig(
         data=args.data, out=args.out, model=args.model, steps=args.steps, epochs=args.epochs, lr=args.lr,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
-        stream_loss_weight=args.stream_loss_weight, mode=args.mode, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
+        stream_loss_weight=args.stream_loss_weight, mode=args.mode, train_vision=args.train_vision,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         seed=args.seed, log_every=args.log_every, save_every=args.save_every, resume=args.resume, threads=args.threads)
     import torch

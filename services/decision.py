@@ -29,7 +29,7 @@ from liveserve.model.live import LiveModel
 from liveserve.services import contracts as c
 from liveserve.services.engine_worker import EngineWorker
 from liveserve.services.errors import internal
-from liveserve.services.outbox import Outboxes
+from liveserve.services.outbox import GatewayLeases, Outboxes
 from liveserve.services.registry import RegistryError, SessionRegistry
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.telemetry import DecisionMetrics, GpuMetrics, sample_periodically
@@ -62,6 +62,7 @@ class DecisionService:
         self.metrics, self.gpu, self.tracer = DecisionMetrics(), GpuMetrics(), tracer("decision")
         self.sessions: dict[str, _Held] = {}
         self.outboxes = Outboxes(self._gateway_gone, interval_s=settings.hop_ms / 1000)
+        self.leases = GatewayLeases(settings.session_ttl_s, self._gateway_gone)
         self._worker: EngineWorker | None = None  # started on the serving loop by the first call
         self._background: list[asyncio.Task] = []
 
@@ -70,7 +71,8 @@ class DecisionService:
             loop = asyncio.get_running_loop()
             self._worker = EngineWorker(self.engine, loop, self._deliver, self._ended,
                                         on_step=self.metrics.record_step, name="decision-engine")
-            self._background = [loop.create_task(sample_periodically(self._sample_metrics))]
+            self._background = [loop.create_task(sample_periodically(self._sample_metrics)),
+                                loop.create_task(self.leases.watch())]
             if self.registry is not None:
                 self._background.append(loop.create_task(self._heartbeat_loop()))
         return self._worker
@@ -83,6 +85,7 @@ class DecisionService:
         config = request.config
         config = dataclasses.replace(config, replies="none" if config.replies == "none" else "external")
         sid = request.session_id
+        self.leases.renew(request.gateway_id)
         session = await asyncio.to_thread(worker.open, sid, config)
         epoch = 1
         if self.registry is not None:
@@ -104,6 +107,7 @@ class DecisionService:
         """Apply a gateway's commands in order. A command that cannot be applied becomes a Refused event
         for its session; the others go on."""
         worker = self._start()
+        self.leases.renew(push.gateway_id)  # an empty push is the gateway's heartbeat
         for command in push.commands:
             held = self.sessions.get(command.session_id)
             if held is None or held.epoch != command.epoch:
@@ -204,9 +208,13 @@ class DecisionService:
             self._write_registry(self.registry.close, session_id, self.replica, held.epoch)
 
     def _gateway_gone(self, gateway_id: str) -> None:
-        """The gateway's event stream ended: nobody will read its sessions' events, so they close now."""
+        """The gateway's event stream ended, or its lease ran out: nobody will read its sessions' events,
+        so they close now."""
         for held in list(self.sessions.values()):
             if held.gateway_id == gateway_id and self._worker is not None:
+                held.failure = held.failure or (grpc.StatusCode.UNAVAILABLE.value[0],
+                                                f"the session's gateway went silent for over "
+                                                f"{self.settings.session_ttl_s:g}s; the session was closed")
                 self._worker.close_when_drained(held.session_id, 0)
 
     # ---- registry, metrics, introspection ------------------------------------------------------------------

@@ -235,7 +235,8 @@ class Gateway(pb_grpc.LiveStreamServicer):
             handler = f"on_{name}_event"
             link = links[replica] = ReplicaLink(
                 service, replica, self.id, make_push=make_push, timeout_s=self.settings.call_timeout_s,
-                interval_s=self.settings.hop_ms / 1000, dispatch=lambda event: self._dispatch(event, handler),
+                interval_s=self.settings.hop_ms / 1000, heartbeat_s=self.settings.heartbeat_s,
+                dispatch=lambda event: self._dispatch(event, handler),
                 failed=self._link_failed, on_push=self.metrics.push_commands.observe, name=name)
         return link
 

@@ -91,10 +91,13 @@ class FrameBatcher:
 class ReplicaLink:
     def __init__(self, service, replica: str, gateway_id: str, *, make_push: Callable[[str, tuple], object],
                  dispatch: Callable[[object], None], failed: Callable[[ReplicaLink, str], None], timeout_s: float,
-                 interval_s: float = 0.0, on_push: Callable[[int], None] | None = None, name: str = "replica") -> None:
+                 interval_s: float = 0.0, heartbeat_s: float | None = None,
+                 on_push: Callable[[int], None] | None = None, name: str = "replica") -> None:
+        """`heartbeat_s`: an idle link pushes nothing this often, so the replica knows the gateway is alive
+        (it frees a silent gateway's sessions)."""
         self.service, self.replica, self.gateway_id, self.name = service, replica, gateway_id, name
         self._make_push, self._dispatch, self._failed, self._on_push = make_push, dispatch, failed, on_push
-        self.timeout_s, self.interval_s = timeout_s, interval_s
+        self.timeout_s, self.interval_s, self.heartbeat_s = timeout_s, interval_s, heartbeat_s
         self.closed = False
         self._commands: list = []
         self._acks: list[tuple[int, asyncio.Future]] = []  # (its number among commands sent, its future)
@@ -125,7 +128,12 @@ class ReplicaLink:
         sent = 0.0  # time.monotonic() of the last push
         try:
             while True:
-                await self._wake.wait()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.heartbeat_s)
+                except asyncio.TimeoutError:  # idle: an empty push says this gateway is still here
+                    await asyncio.wait_for(self.service.push(self.replica, self._make_push(self.gateway_id, ())),
+                                           self.timeout_s)
+                    continue
                 self._wake.clear()
                 while self._commands:
                     if (wait := sent + self.interval_s - time.monotonic()) > 0:

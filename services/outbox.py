@@ -61,3 +61,28 @@ class Outboxes:
                 self._boxes.pop(gateway_id, None)
                 self._departed.add(gateway_id)
                 self._gone(gateway_id)
+
+
+class GatewayLeases:
+    """Which gateways are still there: each push renews its gateway's lease (an idle gateway pushes an empty
+    one every few seconds). A gateway silent for `ttl_s` is gone, even if its event stream never ended
+    (a process killed outright ends nothing), and `expire` frees its sessions."""
+
+    def __init__(self, ttl_s: float, expire: Callable[[str], None]) -> None:
+        self.ttl_s, self._expire = ttl_s, expire
+        self._seen: dict[str, float] = {}
+
+    def renew(self, gateway_id: str) -> None:
+        self._seen[gateway_id] = time.monotonic()
+
+    def forget(self, gateway_id: str) -> None:
+        self._seen.pop(gateway_id, None)
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.ttl_s / 4))
+            deadline = time.monotonic() - self.ttl_s
+            for gateway_id, seen in list(self._seen.items()):
+                if seen < deadline:
+                    del self._seen[gateway_id]
+                    self._expire(gateway_id)

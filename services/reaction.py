@@ -28,7 +28,7 @@ from liveserve.model.live import LiveModel
 from liveserve.services import contracts as c
 from liveserve.services.engine_worker import EngineWorker
 from liveserve.services.errors import internal
-from liveserve.services.outbox import Outboxes
+from liveserve.services.outbox import GatewayLeases, Outboxes
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.telemetry import GpuMetrics, ReactionMetrics, sample_periodically
 from liveserve.services.tracing import extract, tracer
@@ -73,6 +73,7 @@ class ReactionService:
         self.metrics, self.gpu, self.tracer = ReactionMetrics(), GpuMetrics(), tracer("reaction")
         self.writers: dict[str, _Writer] = {}
         self.outboxes = Outboxes(self._gateway_gone, merge=merge_deltas, interval_s=settings.hop_ms / 1000)
+        self.leases = GatewayLeases(settings.session_ttl_s, self._gateway_gone)
         self.replies_in_progress = 0
         self._worker: EngineWorker | None = None
         self._background: list[asyncio.Task] = []
@@ -84,13 +85,15 @@ class ReactionService:
             # reply, a late decision is a missed moment of the stream.
             self._worker = EngineWorker(self.engine, loop, self._deliver, self._ended, on_step=self.metrics.record_step,
                                         name="reaction-engine", nice=self.settings.reaction_nice)
-            self._background = [loop.create_task(sample_periodically(self._sample_metrics))]
+            self._background = [loop.create_task(sample_periodically(self._sample_metrics)),
+                                loop.create_task(self.leases.watch())]
         return self._worker
 
     # ---- the seam: open, push, events ---------------------------------------------------------------------
 
     async def open(self, request: c.OpenSession) -> c.SessionPlaced:
         worker = self._start()
+        self.leases.renew(request.gateway_id)
         config = dataclasses.replace(request.config, replies="on_request")
         session = await asyncio.to_thread(worker.open, request.session_id, config)
         self.writers[request.session_id] = _Writer(request.session_id, request.gateway_id, session)
@@ -100,6 +103,7 @@ class ReactionService:
 
     async def push(self, push: c.ReactionPush) -> None:
         worker = self._start()
+        self.leases.renew(push.gateway_id)  # an empty push is the gateway's heartbeat
         for command in push.commands:
             writer = self.writers.get(command.session_id)
             if writer is None:

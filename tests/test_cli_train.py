@@ -38,10 +38,19 @@ def test_synth_train_eval(synth, tiny_dir, tmp_path, capsys):
     report = tmp_path / "eval.json"
     assert main(["eval", "--model", model_dir, "--data", str(synth), "--json", str(report),
                  "--max-new-tokens", "2"]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    printed = json.loads(out)
     assert printed == json.loads(report.read_text())
-    assert printed["videos"] == 2 and {"lm_ppl", "time_diff_s", "fluency", "precision", "recall",
-                                       "within_1s"} <= set(printed)
+    assert printed["videos"] == 2 and {"lm_ppl", "time_diff_s", "fluency", "precision", "recall", "within_1s",
+                                       "colour_accuracy", "shape_accuracy", "by_kind"} <= set(printed)
+    assert err.splitlines()[-1].startswith("liveserve eval: text accuracy ")  # the summary, after the progress
+
+
+def test_train_vision_flag(synth, tiny_dir, tmp_path, capsys):
+    assert main(["train", "--data", str(synth), "--out", str(tmp_path / "run"), "--model", str(tiny_dir),
+                 "--mode", "full", "--train-vision", "--steps", "1", "--grad-accum", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "frames 2/2" in err and "(full, vision tower too)" in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -107,6 +107,35 @@ def test_summarize_stream_pools_counts_over_videos():
     assert out["precision"] == 1.0 and out["recall"] == pytest.approx(2 / 3)
     assert out["within_1s"] == pytest.approx(2 / 3) and out["text_accuracy"] == 0.5
     assert out["mean_lag_s"] == pytest.approx((0.2 + 0.4) / 2)
+    assert out["by_kind"]["appears"] == {"matched": 1, "text_accuracy": 1.0}  # "x" is of no kind
+
+
+def test_narration_scores_per_kind_colour_and_shape():
+    out = ev.narration_scores([
+        ("A red square appears.", "A red square appears."),
+        ("A blue square appears.", "A red square appears."),  # wrong colour
+        ("The red circle turns green.", "The red circle turns blue."),  # the new colour is wrong
+        ("The red square leaves.", "The red circle leaves."),  # wrong shape
+        ("The red circle moves up.", "The red circle moves left."),  # colour and shape right, direction wrong
+    ])
+    assert out["colour_accuracy"] == pytest.approx(3 / 5) and out["shape_accuracy"] == pytest.approx(4 / 5)
+    assert out["by_kind"] == {"appears": {"matched": 2, "text_accuracy": 0.5},
+                              "moves": {"matched": 1, "text_accuracy": 0.0},
+                              "turns": {"matched": 1, "text_accuracy": 0.0},
+                              "leaves": {"matched": 1, "text_accuracy": 0.0}}
+    empty = ev.narration_scores([])
+    assert empty["colour_accuracy"] == empty["shape_accuracy"] == 0.0
+    assert all(v == {"matched": 0, "text_accuracy": 0.0} for v in empty["by_kind"].values())
+
+
+def test_summary_line():
+    teacher = {"lm_ppl": 1.234, "time_diff_s": 0.5, "fluency": 0.8, "lm_correctness": 0.7}
+    assert ev.summary_line(teacher) == "LM-PPL 1.23, TimeDiff 0.500 s, fluency 0.800, LM-correctness 0.700"
+    streamed = ev.summarize_stream([ev.StreamResult((1.2,), ("The red circle turns green.",), (1.0,),
+                                                    ("The red circle turns blue.",))])
+    line = ev.summary_line({**teacher, **streamed})
+    assert line.startswith("text accuracy 0.000 (appears 0.000, moves 0.000, turns 0.000, leaves 0.000), "
+                           "colour 0.000, shape 1.000; precision 1.000, recall 1.000, within_1s 1.000; LM-PPL 1.23")
 
 
 def test_streaming_pass_runs_sessions_on_real_features(tiny_model, tmp_path):
@@ -114,4 +143,6 @@ def test_streaming_pass_runs_sessions_on_real_features(tiny_model, tmp_path):
     out = ev.evaluate(tiny_model, data, max_new_tokens=2)
     assert out["videos"] == 1 and out["events"] > 0
     assert out["responses"] >= out["matched"] and 0.0 <= out["precision"] <= 1.0
-    assert {"lm_ppl", "time_diff_s", "fluency", "recall", "within_1s", "text_accuracy"} <= set(out)
+    assert {"lm_ppl", "time_diff_s", "fluency", "recall", "within_1s", "text_accuracy", "colour_accuracy",
+            "shape_accuracy", "by_kind"} <= set(out)
+    assert sum(v["matched"] for v in out["by_kind"].values()) <= out["matched"]

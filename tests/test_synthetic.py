@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from liveserve.data.dialogue import StreamTurn, TextTurn, frame_index_at, load_dialogues
-from liveserve.data.synthetic import (COLOURS, INSTRUCTION, SHAPES, generate, main, render_video, synthesize,
-                                      write_dataset)
+from liveserve.data.synthetic import (COLOURS, INSTRUCTION, SHAPES, Narration, generate, main, parse_narration,
+                                      render_video, synthesize, write_dataset)
 from liveserve.video import iter_video_frames, probe_video
 
 FPS = 2.0
@@ -63,6 +63,25 @@ def test_events_are_apart_on_distinct_frames_and_narrated(videos):
         covered = [sum(t.num_frames for t in turns[:i] if isinstance(t, StreamTurn)) - 1 for i, _ in replies]
         assert covered == frames
         assert v.dialogue.events == v.events
+
+
+@pytest.mark.parametrize("text, parts", [
+    ("An orange triangle appears.", Narration("appears", ("orange",), "triangle")),
+    ("The red circle moves left.", Narration("moves", ("red",), "circle")),
+    ("The red circle turns blue.", Narration("turns", ("red", "blue"), "circle")),
+    ("The white square leaves.", Narration("leaves", ("white",), "square")),
+    ("the blue blue frame", Narration(None, ("blue", "blue"), None)),  # a garbled reply: what it names
+])
+def test_parse_narration(text, parts):
+    assert parse_narration(text) == parts
+
+
+def test_every_event_sentence_parses_to_its_kind_colours_and_shape(videos):
+    for v in videos:
+        for e in v.events:
+            parts = parse_narration(e.text)
+            assert parts.kind is not None and parts.shape is not None, e.text
+            assert len(parts.colours) == (2 if parts.kind == "turns" else 1), e.text
 
 
 def _centre_pixel(track, t: float) -> tuple[int, int]:

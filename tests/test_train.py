@@ -126,6 +126,34 @@ def test_full_mode_saves_a_loadable_model_that_runs_a_session(fresh, dataset, tm
     assert any(isinstance(e, ResponseDone) and e.trigger == "query" for e in events)
 
 
+def test_training_the_vision_tower_saves_it_and_reads_no_stale_features(fresh, dataset, tmp_path):
+    model = fresh()
+    untrained = vision_fingerprint(model)
+    load_samples(model, dataset)  # the untrained tower's features are in the cache now
+    result = train(TrainConfig(str(dataset), str(tmp_path / "tower"), mode="full", train_vision=True, steps=2,
+                               grad_accum=1, lr=1e-3), model, log=quiet)
+    model.eval()
+    assert vision_fingerprint(model) != untrained  # trained in place
+    loaded = load_model(result.model_dir, device="cpu", dtype=torch.float32)
+    for k, v in model.vision.tower.state_dict().items():
+        torch.testing.assert_close(loaded.vision.tower.state_dict()[k], v)
+    # The trained model encoding frames on the fly (as training did) and the saved one reading the feature cache
+    # (as evaluation does) compute the same loss: the cache holds the trained tower's features, not the old ones.
+    with torch.no_grad():
+        for on_the_fly, cached in zip(load_samples(model, dataset, frames=True), load_samples(loaded, dataset)):
+            assert on_the_fly.features is None and cached.pixels is None
+            torch.testing.assert_close(compute_loss(model, on_the_fly).total, compute_loss(loaded, cached).total,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_tower_is_left_untouched(fresh, dataset, tmp_path):
+    model = fresh()
+    before = vision_fingerprint(model)
+    result = train(TrainConfig(str(dataset), str(tmp_path / "frozen"), mode="full", steps=1, grad_accum=1, lr=1e-2),
+                   model, log=quiet)
+    assert vision_fingerprint(load_model(result.model_dir, device="cpu", dtype=torch.float32)) == before
+
+
 def test_lora_model_is_saved_merged(fresh, dataset, tmp_path):
     model = fresh()
     result = train(TrainConfig(str(dataset), str(tmp_path / "lora"), steps=2, grad_accum=1, lr=1e-2,

@@ -23,6 +23,7 @@ class TrainConfig:
     grad_accum: int = 8
     stream_loss_weight: float = 1.0
     mode: str = "lora"
+    train_vision: bool = False  # also train the vision tower, in full (else frozen, its features cached)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05

@@ -3,8 +3,9 @@
 Each example is one dialogue (liveserve.data.labels.build_example) over cached frozen vision features
 (liveserve.train.features). The loss is per-token cross-entropy at the labelled positions, weighted by
 `stream_loss_weight` at decision positions and 1 at reply positions, divided by the number of labelled
-tokens. Modes: "lora" (PEFT LoRA on the LM, connector trained in full) or "full"; the vision tower is
-always frozen (its features are precomputed).
+tokens. Modes: "lora" (PEFT LoRA on the LM, connector trained in full) or "full". The vision tower is
+frozen (its features precomputed) unless `train_vision`: then it is trained in full, and the decoded frames
+are kept in memory and encoded at every step, since its features change with every update.
 
 OUT/train_log.jsonl   one JSON line per logged step (loss, stream_loss, lm_loss, lr, elapsed_s)
 OUT/checkpoint.pt     the latest resumable state: trainable weights, optimizer, scheduler, step, rng
@@ -33,7 +34,7 @@ from liveserve.model.live import LiveModel
 from liveserve.model.loading import load_model, write_liveserve_layout
 from liveserve.model.registry import resolve_model
 from liveserve.train.config import TrainConfig
-from liveserve.train.features import load_features
+from liveserve.train.features import load_features, load_frames
 from liveserve.train.forward import example_hidden, logits_at
 
 CHECKPOINT = "checkpoint.pt"
@@ -45,7 +46,8 @@ MODEL_DIR = "model"
 class Sample:
     video: str
     example: Example
-    features: torch.Tensor  # [frames, tokens, vision_hidden]
+    features: torch.Tensor | None  # cached [frames, tokens, vision_hidden]; None when the tower trains
+    pixels: torch.Tensor | None = None  # uint8 [frames, 3, S, S], encoded at every step when the tower trains
 
 
 @dataclass(slots=True)
@@ -66,8 +68,9 @@ class Loss:
 
 
 def load_samples(model: LiveModel, data_dir: str | Path, dialogues: list[Dialogue] | None = None,
-                 progress: Callable[[str], None] | None = None) -> list[Sample]:
-    """Examples and cached features for every dialogue of the dataset in `data_dir`."""
+                 progress: Callable[[str], None] | None = None, *, frames: bool = False) -> list[Sample]:
+    """Examples and cached features for every dialogue of the dataset in `data_dir`; with `frames`, decoded
+    frames instead of features (for training the vision tower)."""
     data_dir = Path(data_dir)
     if dialogues is None:
         file = data_dir / DATASET_DIALOGUES
@@ -79,16 +82,29 @@ def load_samples(model: LiveModel, data_dir: str | Path, dialogues: list[Dialogu
 
     def report(done: int, total: int, cached: bool) -> None:
         if progress is not None and (done == total or (not cached and done % 50 == 0)):
-            progress(f"features {done}/{total}")
+            progress(f"{'frames' if frames else 'features'} {done}/{total}")
 
+    if frames:
+        pixels = load_frames(model, data_dir, dialogues, report)
+        return [Sample(d.video, build_example(d, model.template, model.system_prompt), None, pixels[d.video])
+                for d in dialogues]
     features = load_features(model, data_dir, dialogues, report)
     return [Sample(d.video, build_example(d, model.template, model.system_prompt), features[d.video])
             for d in dialogues]
 
 
+def sample_features(model: LiveModel, sample: Sample) -> torch.Tensor:
+    """The sample's vision features: cached, or encoded now by the tower in training (gradients flow into it)."""
+    if sample.pixels is None:
+        return sample.features
+    if model.vision is None:
+        raise RuntimeError(f"{sample.video}: the sample holds frames, but model {model.name!r} has no vision tower")
+    return model.vision(sample.pixels)
+
+
 def compute_loss(model: LiveModel, sample: Sample, stream_loss_weight: float = 1.0) -> Loss:
     ex = sample.example
-    hidden = example_hidden(model, ex, sample.features)
+    hidden = example_hidden(model, ex, sample_features(model, sample))
     positions = torch.cat([ex.decision_positions, ex.lm_positions])
     if positions.numel() == 0:
         raise ValueError(f"{sample.video}: the dialogue has no labelled positions")
@@ -117,6 +133,10 @@ def prepare_model(model: LiveModel, config: TrainConfig) -> list[torch.nn.Parame
     else:
         model.lm.requires_grad_(True)
     model.connector.requires_grad_(True)
+    if config.train_vision:
+        if model.vision is None:
+            raise ValueError(f"train_vision needs a vision tower, but model {model.name!r} was loaded without one")
+        model.vision.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -176,10 +196,10 @@ def train(config: TrainConfig, model: LiveModel | None = None, log: Callable[[st
     if model is None:
         model = load_model(resolve_model(config.model), device="cpu" if not torch.cuda.is_available() else None,
                            dtype=torch.float32)
-    samples = load_samples(model, config.data, progress=log)
+    samples = load_samples(model, config.data, progress=log, frames=config.train_vision)
     params = prepare_model(model, config)
     model.train()
-    if model.vision is not None:
+    if model.vision is not None and not config.train_vision:
         model.vision.eval()
     total_steps = config.steps or max(1, math.ceil(config.epochs * len(samples) / config.grad_accum))
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -194,8 +214,8 @@ def train(config: TrainConfig, model: LiveModel | None = None, log: Callable[[st
     if step:  # drop lines logged after the checkpoint by the interrupted run: they are about to be redone
         _truncate_log(out / TRAIN_LOG, step)
     log_file = (out / TRAIN_LOG).open("a" if step else "w")
-    log(f"{len(samples)} dialogues, {sum(p.numel() for p in params):,} trainable parameters ({config.mode}), "
-        f"{total_steps} steps x {config.grad_accum} dialogues")
+    log(f"{len(samples)} dialogues, {sum(p.numel() for p in params):,} trainable parameters ({config.mode}"
+        f"{', vision tower too' if config.train_vision else ''}), {total_steps} steps x {config.grad_accum} dialogues")
     started, window = time.perf_counter(), []
     try:
         while step < total_steps:

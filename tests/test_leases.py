@@ -1,0 +1,41 @@
+"""A replica frees the sessions of a gateway that went silent, even when nothing told it the gateway is
+gone (a process killed outright closes no stream): each push renews the gateway's lease."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from liveserve.config import CacheConfig, SessionConfig
+from liveserve.services import contracts as c
+from liveserve.services.decision import DecisionService
+from liveserve.services.reaction import ReactionService
+from liveserve.services.settings import ServiceSettings
+
+SETTINGS = ServiceSettings(pool_mb=8, session_ttl_s=0.6, heartbeat_s=0.1)
+CONFIG = SessionConfig(cache=CacheConfig(policy="sink_window", window_frames=8, evict_frames=8), replies="none")
+
+
+def test_sessions_of_a_silent_gateway_are_closed_and_a_renewing_one_keeps_them(tiny_model):
+    async def main():
+        decision = DecisionService(tiny_model, SETTINGS, replica="d")
+        reaction = ReactionService(tiny_model, SETTINGS, replica="r")
+        try:
+            await decision.open(c.OpenSession("silent", "gone-gateway", CONFIG))
+            await decision.open(c.OpenSession("kept", "live-gateway", CONFIG))
+            await reaction.open(c.OpenSession("silent", "gone-gateway", CONFIG))
+            events = decision.events("gone-gateway")
+            for _ in range(12):  # the live gateway heartbeats with empty pushes, the other says nothing
+                await decision.push(c.DecisionPush("live-gateway", ()))
+                await asyncio.sleep(0.1)
+            ended = (await asyncio.wait_for(anext(events), 5)).events
+            return ended, set(decision.sessions), set(reaction.writers), decision.engine.pool.reserved_blocks
+        finally:
+            decision.stop()
+            reaction.stop()
+
+    ended, decision_sessions, reaction_sessions, reserved = asyncio.run(main())
+    assert [type(e) for e in ended] == [c.SessionEnded] and ended[0].session_id == "silent"
+    assert ended[0].code == grpc.StatusCode.UNAVAILABLE.value[0] and "went silent" in ended[0].message
+    assert decision_sessions == {"kept"} and reaction_sessions == set() and reserved > 0
