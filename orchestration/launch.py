@@ -143,7 +143,7 @@ def start(config: dict, *, ray_address: str | None = None, redis_url: str | None
     redis_server = None
     redis_url = redis_url or os.environ.get("REDIS_URL", "")
     if not redis_url:
-        redis_server = EmbeddedRedis().start()
+        redis_server = EmbeddedRedis().start().keep_alive()
         redis_url = redis_server.url
         progress(f"started an embedded Redis at {redis_url}")
     app = _app(config, Path("<config>"))

@@ -30,7 +30,7 @@ from liveserve.services import contracts as c
 from liveserve.services.engine_worker import EngineWorker
 from liveserve.services.errors import internal
 from liveserve.services.outbox import GatewayLeases, Outboxes
-from liveserve.services.registry import RegistryError, SessionRegistry
+from liveserve.services.registry import RegistryError, SessionRegistry, UnknownSessionError
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.telemetry import DecisionMetrics, GpuMetrics, sample_periodically
 from liveserve.services.tracing import carried, extract, tracer
@@ -49,6 +49,7 @@ class _Held:
     session: Session  # the engine's session, kept for its counters after the engine lets go of it
     decide_spans: dict[int, Span] = field(default_factory=dict)  # frame id -> decision.decide (traced frames)
     trigger_traces: dict[float, c.Trace] = field(default_factory=dict)  # query timestamp -> its trace
+    record: dict = field(default_factory=dict)  # what the registry holds for it (written again if lost)
     last_timestamp: float | None = None
     reply_at: float = 0.0  # stream time of the trigger whose reply is awaited (the history's timestamp)
     failure: tuple[int, str] | None = None  # (grpc status value, message) when the engine failed it
@@ -79,6 +80,11 @@ class DecisionService:
 
     # ---- the seam: open, push, events ---------------------------------------------------------------------
 
+    async def ping(self) -> None:
+        """Raises when this replica cannot take sessions: its Redis (when it has one) is unreachable."""
+        if self.registry is not None:
+            await asyncio.to_thread(self.registry.client.ping)
+
     async def open(self, request: c.OpenSession) -> c.SessionPlaced:
         """Admit the session here (PoolFullError when the KV pool has no room) and register it."""
         worker = self._start()
@@ -88,16 +94,16 @@ class DecisionService:
         self.leases.renew(request.gateway_id)
         session = await asyncio.to_thread(worker.open, sid, config)
         epoch = 1
+        record = {"threshold": config.threshold, "max_new_tokens": config.max_new_tokens,
+                  "cache_policy": config.cache.policy, "window_frames": config.cache.window_frames,
+                  "gateway": request.gateway_id}
         if self.registry is not None:
-            record = {"threshold": config.threshold, "max_new_tokens": config.max_new_tokens,
-                      "cache_policy": config.cache.policy, "window_frames": config.cache.window_frames,
-                      "gateway": request.gateway_id}
             try:
                 epoch = (await asyncio.to_thread(self.registry.create, sid, self.replica, record)).epoch
             except Exception:
                 worker.close(sid)
                 raise
-        self.sessions[sid] = _Held(sid, request.gateway_id, epoch, session)
+        self.sessions[sid] = _Held(sid, request.gateway_id, epoch, session, record=record)
         limits = c.Limits(max_query_tokens=config.max_query_tokens, max_new_tokens=config.max_new_tokens,
                           max_lag_s=self.engine.config.scheduler.max_lag_s or 0.0,
                           tokens_per_frame=self.model.layout.num_tokens + 1)
@@ -244,12 +250,23 @@ class DecisionService:
                 try:
                     await asyncio.to_thread(self.registry.record, held.session_id, self.replica, held.epoch,
                                             last_timestamp=held.last_timestamp)
+                except UnknownSessionError:  # Redis lost it (restarted, flushed): nobody else owns it
+                    await self._register_again(held)
                 except RegistryError as exc:
                     log.warning("session %s lost its registry record: %s", held.session_id, exc)
                     held.failure = (grpc.StatusCode.FAILED_PRECONDITION.value[0], str(exc))
                     self._worker.close_when_drained(held.session_id, 0)
                 except Exception:
                     log.warning("heartbeat for session %s failed", held.session_id, exc_info=True)
+
+    async def _register_again(self, held: _Held) -> None:
+        log.warning("session %s had no registry record any more (Redis restarted?); writing it again",
+                    held.session_id)
+        try:
+            held.epoch = (await asyncio.to_thread(self.registry.create, held.session_id, self.replica,
+                                                  {**held.record, "restored": True})).epoch
+        except Exception:
+            log.warning("writing session %s's record again failed", held.session_id, exc_info=True)
 
     def _sample_metrics(self) -> None:
         self.metrics.record_state(self.engine)

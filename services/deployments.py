@@ -36,12 +36,14 @@ def _settings(values: dict | None) -> ServiceSettings:
 class GatewayDeployment:
     def __init__(self, perception, decision, reaction, settings: dict | None = None) -> None:
         settings = _settings(settings)
+        self.grace_s = settings.drain_timeout_s
 
         def build() -> Gateway:
             return Gateway(RayPerception(perception), ray_decision(decision), ray_reaction(reaction), settings,
                            gateway_id=replica_id())
 
-        self.server = GatewayServer(build, settings.address, max_frame_bytes=settings.max_frame_bytes).start()
+        self.server = GatewayServer(build, settings.address, max_frame_bytes=settings.max_frame_bytes,
+                                    check_every_s=settings.heartbeat_s).start()
 
     async def Address(self) -> str:
         """Where this replica serves the public API (tools and tests)."""
@@ -56,10 +58,10 @@ class GatewayDeployment:
         gateway = self.server.gateway
         return {"sessions": float(len(gateway.sessions)) if gateway is not None else 0.0}
 
-    def __del__(self) -> None:
+    def __del__(self) -> None:  # Serve stops the replica: its streams drain, then end UNAVAILABLE
         server = getattr(self, "server", None)
         if server is not None:
-            server.stop(grace_s=5.0)
+            server.stop(grace_s=self.grace_s)
 
 
 @serve.deployment(name="Perception", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
@@ -68,6 +70,9 @@ class PerceptionDeployment:
         settings = _settings(settings)
         self.encoder = FrameEncoder(load_replica_model(settings.model, vision=True, threads=settings.threads),
                                     settings.max_batch_size, settings.max_frame_pixels)
+
+    async def Ping(self) -> None:
+        pass
 
     async def Encode(self, request: ppb.EncodeRequest) -> ppb.EncodeResponse:
         result = await self.encoder.encode(codec.encode_request_from_proto(request))
@@ -84,6 +89,9 @@ class _SessionPool:
 
     service: DecisionService | ReactionService
     push_from_proto = events_to_proto = None
+
+    async def Ping(self) -> None:
+        await self.service.ping()
 
     async def Open(self, request: spb.OpenRequest) -> spb.OpenResponse:
         return codec.placed_to_proto(await self.service.open(codec.open_from_proto(request)))

@@ -77,6 +77,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
         self._batcher: FrameBatcher | None = None
         self._watchdog: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak references)
+        self.unready = ""  # why new sessions are refused (a pool does not answer; the server drains); "": ready
 
     @property
     def batcher(self) -> FrameBatcher:
@@ -137,6 +138,8 @@ class Gateway(pb_grpc.LiveStreamServicer):
             config = session_config(first.open, self.defaults)
         except ValueError as exc:
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"bad open: {exc}") from None
+        if self.unready:  # fail fast and retryably rather than hang on a pool that is not there
+            raise CallFailed(grpc.StatusCode.UNAVAILABLE, self.unready)
         request = c.OpenSession(uuid.uuid4().hex, self.id, config)
         # Decision first, then Reaction: two sessions opening at once then never hold one pool each while
         # each waits for the other's (both would be refused with room for one of them).
@@ -280,6 +283,31 @@ class Gateway(pb_grpc.LiveStreamServicer):
                     session.reply_failed(f"no word from Reaction for {timeout:g}s")
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
+
+    async def check(self, timeout_s: float = 5.0) -> str:
+        """Ask every pool (and, through Decision, Redis) whether it answers; "" when all do, else why not.
+        While something does not answer, new sessions are refused at once with UNAVAILABLE."""
+        if self.unready.startswith("the server is shutting down"):
+            return self.unready
+        pools = {"Perception": self.perception, "Decision": self.decision, "Reaction": self.reaction}
+        answers = await asyncio.gather(*(asyncio.wait_for(pool.ping(), timeout_s) for pool in pools.values()),
+                                       return_exceptions=True)
+        down = [f"{name} ({'no answer' if isinstance(a, asyncio.TimeoutError) else type(a).__name__})"
+                for name, a in zip(pools, answers) if isinstance(a, BaseException)]
+        if down:
+            log.warning("not ready: %s", ", ".join(down))
+        self.unready = f"the service is not ready ({', '.join(down)}); retry shortly" if down else ""
+        return self.unready
+
+    async def drain(self, grace_s: float) -> None:
+        """Shutting down: no new sessions; every open one stops taking input, has what it sent decided,
+        and ends UNAVAILABLE (retryable) rather than being cut off. Waits up to `grace_s` for them."""
+        self.unready = "the server is shutting down; open the session again to reach another server"
+        for session in list(self.sessions.values()):
+            session.shut_down(self.unready)
+        deadline = time.monotonic() + grace_s
+        while any(not s.finished for s in self.sessions.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     def load(self) -> dict:
         return {"sessions": len(self.sessions)}

@@ -35,7 +35,7 @@ class LocalServer:
         self.decision = DecisionService(model, settings, replica="local")
         self.reaction = ReactionService(reaction_model or model, settings, replica="local")
         self.server = GatewayServer(self._gateway, address, max_frame_bytes=settings.max_frame_bytes,
-                                    name="grpc-server")
+                                    check_every_s=settings.heartbeat_s, name="grpc-server")
 
     def _gateway(self) -> Gateway:
         return Gateway(LocalPerception(self.encoder), LocalSessions(self.decision), LocalSessions(self.reaction),

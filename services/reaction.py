@@ -91,6 +91,9 @@ class ReactionService:
 
     # ---- the seam: open, push, events ---------------------------------------------------------------------
 
+    async def ping(self) -> None:
+        pass
+
     async def open(self, request: c.OpenSession) -> c.SessionPlaced:
         worker = self._start()
         self.leases.renew(request.gateway_id)

@@ -8,15 +8,20 @@ stopped (with its temporary directory) when the owner stops it or the process ex
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import redis
+
+
+log = logging.getLogger(__name__)
 
 
 class RedisUnavailable(RuntimeError):
@@ -54,6 +59,8 @@ class EmbeddedRedis:
         self.startup_timeout_s = startup_timeout_s
         self._process: subprocess.Popen | None = None
         self._dir: str | None = None
+        self._stopping = threading.Event()
+        self.restarts = 0
 
     @property
     def url(self) -> str:
@@ -93,7 +100,28 @@ class EmbeddedRedis:
         except OSError:
             return "(no log)"
 
+    def keep_alive(self, check_every_s: float = 0.5) -> EmbeddedRedis:
+        """Start it again, on the same port, whenever it exits on its own (killed, crashed). What it held is
+        lost: the services write their sessions' records again at their next heartbeat."""
+        def watch() -> None:
+            while not self._stopping.wait(check_every_s):
+                process = self._process
+                if process is None or process.poll() is None:
+                    continue
+                log.warning("the embedded redis-server exited with status %s; starting it again on port %d",
+                            process.returncode, self.port)
+                self.restarts += 1
+                try:
+                    shutil.rmtree(self._dir or "", ignore_errors=True)
+                    self.start()
+                except RedisUnavailable:
+                    log.exception("the embedded redis-server did not come back; retrying")
+
+        threading.Thread(target=watch, name="redis-keep-alive", daemon=True).start()
+        return self
+
     def stop(self) -> None:
+        self._stopping.set()
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             try:

@@ -6,8 +6,9 @@ call for a session must reach the replica holding it.
 - A call with a `route_to` keyword (the replica the session was placed on, which its Open returned to
   the gateway) goes to that replica only. If the replica is gone the call waits for it; callers bound
   the wait and report UNAVAILABLE rather than guess (another replica has no state for the session).
-- Anything else (an Open) goes to a replica with room and the fewest sessions, from the routing stats
-  each replica reports (`free_fraction` of its KV pool, `sessions`); ties rotate.
+- An Open goes to a replica with room and the fewest sessions, from the routing stats each replica
+  reports (`free_fraction` of its KV pool, `sessions`); ties rotate. A Ping (a health check) goes
+  anywhere.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class SessionRouter(RequestRouter):
         route_to = pending_request.kwargs.get("route_to")
         if route_to:  # the session's replica or none
             return [[r for r in candidate_replicas if replica_key(r) == route_to]]
+        if pending_request.metadata.call_method == "Ping":  # any replica; no session is placed
+            return [candidate_replicas]
         return [[replica] for replica in self.rank_by_room(candidate_replicas)]
 
     def rank_by_room(self, replicas: list[RunningReplica]) -> list[RunningReplica]:

@@ -19,8 +19,12 @@ from liveserve.services.contracts import (DecisionPush, EncodeRequest, EncodeRes
 class Perception(Protocol):
     async def encode(self, request: EncodeRequest) -> EncodeResult: ...
 
+    async def ping(self) -> None: ...  # raises when the pool cannot serve
+
 
 class Decision(Protocol):
+    async def ping(self) -> None: ...  # raises when the pool cannot serve (Decision: its Redis too)
+
     async def open(self, request: OpenSession) -> SessionPlaced: ...
 
     async def push(self, replica: str, push: DecisionPush) -> None: ...
@@ -29,6 +33,8 @@ class Decision(Protocol):
 
 
 class Reaction(Protocol):
+    async def ping(self) -> None: ...
+
     async def open(self, request: OpenSession) -> SessionPlaced: ...
 
     async def push(self, replica: str, push: ReactionPush) -> None: ...
@@ -45,12 +51,18 @@ class LocalPerception:
     async def encode(self, request: EncodeRequest) -> EncodeResult:
         return await self.encoder.encode(request)
 
+    async def ping(self) -> None:
+        pass
+
 
 class LocalSessions:
     """Decision or Reaction in this process: one replica, the service object itself."""
 
     def __init__(self, service) -> None:
         self.service = service  # decision.DecisionService or reaction.ReactionService
+
+    async def ping(self) -> None:
+        await self.service.ping()
 
     async def open(self, request: OpenSession) -> SessionPlaced:
         return await self.service.open(request)
@@ -72,12 +84,18 @@ class RayPerception:
         response = await self.handle.Encode.remote(codec.encode_request_to_proto(request))
         return codec.encode_result_from_proto(response)
 
+    async def ping(self) -> None:
+        await self.handle.Ping.remote()
+
 
 class RaySessions:
     """Decision or Reaction deployments: `to_proto` / `from_proto` convert that service's pushes and events."""
 
     def __init__(self, handle, push_to_proto, events_from_proto) -> None:
         self.handle, self._push_to_proto, self._events_from_proto = handle, push_to_proto, events_from_proto
+
+    async def ping(self) -> None:
+        await self.handle.Ping.remote()
 
     async def open(self, request: OpenSession) -> SessionPlaced:
         response = await self.handle.Open.remote(codec.open_to_proto(request))

@@ -27,9 +27,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LiveStream"].full_name
 
 class GatewayServer:
     def __init__(self, build: Callable[[], Gateway], address: str, *, max_frame_bytes: int,
-                 name: str = "gateway") -> None:
-        """`build` makes the Gateway on the server's loop (its services' loop-bound parts live there too)."""
+                 check_every_s: float = 2.0, name: str = "gateway") -> None:
+        """`build` makes the Gateway on the server's loop (its services' loop-bound parts live there too);
+        every `check_every_s` it asks the pools whether they answer, and health says so."""
         self._build, self._requested, self._max_frame_bytes = build, address, max_frame_bytes
+        self._check_every_s = check_every_s
         self.gateway: Gateway | None = None
         self.address = ""
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -62,9 +64,12 @@ class GatewayServer:
             return
         finally:
             self._started.set()
+        watch = asyncio.get_running_loop().create_task(self._watch_health(health_servicer))
         await self._stop_requested.wait()
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(self._grace_s)  # new calls are refused; open ones get the grace period
+        watch.cancel()
+        await health_servicer.enter_graceful_shutdown()  # NOT_SERVING: balancers stop sending new calls
+        await self.gateway.drain(self._grace_s)  # open sessions: what was sent is decided, then UNAVAILABLE
+        await server.stop(1.0)
         self.gateway.close()
 
     async def _serve(self) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
@@ -82,6 +87,18 @@ class GatewayServer:
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         return server, health_servicer, port
+
+    async def _watch_health(self, health_servicer: health.aio.HealthServicer) -> None:
+        """SERVING while every pool answers, NOT_SERVING (and new sessions refused) while one does not."""
+        serving = True
+        while True:
+            await asyncio.sleep(self._check_every_s)
+            ok = not await self.gateway.check()
+            if ok != serving:
+                serving = ok
+                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                await health_servicer.set(SERVICE_NAME, status)
+                await health_servicer.set("", status)
 
     def stop(self, grace_s: float = 5.0) -> None:
         """No new calls; open ones get `grace_s` to finish, then the loop exits."""

@@ -101,6 +101,8 @@ class StreamSession:
         self.out: asyncio.Queue[pb.ServerMessage | Finish] = asyncio.Queue()
         self.finished = False  # the client's call has its final status
         self.ended = False  # Decision closed the session (its memory is free)
+        self.closing = False  # Close is on its way to Decision: no more input
+        self.shutdown_reason = ""  # the server drains: the call ends UNAVAILABLE with this, once all is decided
         self.next_frame_id = 0
         self.last_timestamp = -1.0
         self._pending: deque[_Frame | _Query | _Close] = deque()
@@ -120,6 +122,8 @@ class StreamSession:
     # ---- from the client --------------------------------------------------------------------------------
 
     def receive_frame(self, frame: pb.Frame) -> None:
+        if self.closing:
+            return
         frame_id = self.next_frame_id
         self.next_frame_id += 1
         problem = self._check_frame(frame)
@@ -163,6 +167,8 @@ class StreamSession:
         return ""
 
     def receive_query(self, query: pb.Query) -> None:
+        if self.closing:
+            return
         if self.reaction is None:
             self.warn(pb.WARNING_CODE_BAD_QUERY, "this session reports decisions only; queries are not answered")
             return
@@ -176,8 +182,16 @@ class StreamSession:
         self._release()
 
     def receive_close(self, drain: bool) -> None:
+        if self.closing:
+            return
+        self.closing = True
         self._pending.append(_Close(drain))
         self._release()
+
+    def shut_down(self, reason: str) -> None:
+        """The server drains: take no more input, have what was sent decided, then end with `reason`."""
+        self.shutdown_reason = reason
+        self.receive_close(drain=True)
 
     # ---- Perception's answer ------------------------------------------------------------------------------
 
@@ -286,6 +300,9 @@ class StreamSession:
                 log.warning("session %s: its reaction replica did not confirm the close", self.session_id)
         if event.code:
             self.finish(_status(event.code), event.message)
+            return
+        if self.shutdown_reason:  # everything sent was decided; the client should reopen elsewhere
+            self.finish(grpc.StatusCode.UNAVAILABLE, self.shutdown_reason)
             return
         self._report_over_rate()  # before the end of the stream: SessionClosed is its last message
         self.out.put_nowait(pb.ServerMessage(closed=pb.SessionClosed(

@@ -91,3 +91,36 @@ def test_bench_service_compares_grpc_with_in_process(tiny_dir, tmp_path):
     for path in ("in_process", "grpc"):
         assert result[path]["frames"] == 4 and result[path]["p99_ms"] >= result[path]["p50_ms"] > 0
     assert result["overhead"]["throughput_ratio"] > 0
+
+
+def test_sigterm_drains_open_sessions_and_ends_them_unavailable(tiny_dir):
+    """Shutting down, the single-process server takes no new sessions, decides what open ones sent, ends
+    them with UNAVAILABLE (retryable) and exits 0."""
+    import grpc
+
+    from liveserve.api.v1 import live_stream_pb2 as pb
+    from stream_helpers import LiveCall, jpeg
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "liveserve", "serve", "--local", "--model", str(tiny_dir),
+                               "--address", f"127.0.0.1:{port}", "--pool-mb", "16", "--metrics-port", "0"],
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline, line = time.monotonic() + 120, ""
+        while "serving liveserve.api.v1.LiveStream" not in line:
+            assert time.monotonic() < deadline and server.poll() is None, line
+            line = server.stderr.readline()
+        call = LiveCall(f"127.0.0.1:{port}", pb.Open(decisions_only=True, fps=10.0))
+        call.wait_for(lambda: call.of_kind("opened"))
+        for i in range(4):
+            call.send(pb.ClientMessage(frame=pb.Frame(timestamp=i * 0.1, image=jpeg(i))))
+        call.wait_for(lambda: len(call.of_kind("decision")) >= 1)
+        server.send_signal(signal.SIGTERM)
+        call.wait_for(lambda: call.done, timeout=30)
+        assert len(call.of_kind("decision")) == 4  # everything sent was decided first
+        assert call.error is not None and call.error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in call.error.details()
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()

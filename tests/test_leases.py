@@ -39,3 +39,28 @@ def test_sessions_of_a_silent_gateway_are_closed_and_a_renewing_one_keeps_them(t
     assert [type(e) for e in ended] == [c.SessionEnded] and ended[0].session_id == "silent"
     assert ended[0].code == grpc.StatusCode.UNAVAILABLE.value[0] and "went silent" in ended[0].message
     assert decision_sessions == {"kept"} and reaction_sessions == set() and reserved > 0
+
+
+def test_a_session_record_lost_with_redis_is_written_again_by_its_owner(tiny_model, redis_url):
+    import redis
+
+    from liveserve.services.registry import SessionRegistry
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    registry = SessionRegistry(client, ttl_s=5.0, prefix="liveserve-test-rewrite")
+    settings = ServiceSettings(pool_mb=8, session_ttl_s=5.0, heartbeat_s=0.1)
+
+    async def main():
+        decision = DecisionService(tiny_model, settings, replica="d", registry=registry)
+        try:
+            await decision.open(c.OpenSession("s1", "g", CONFIG))
+            client.delete(*registry._keys("s1"))  # as a restarted Redis would have it: gone
+            for _ in range(50):
+                await asyncio.sleep(0.05)
+                if (record := registry.get("s1")) is not None:
+                    return record
+        finally:
+            decision.stop()
+
+    record = asyncio.run(main())
+    assert record is not None and record.owner == "d" and record.state == "open" and record.config["restored"]

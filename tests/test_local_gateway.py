@@ -247,3 +247,36 @@ def test_a_flooding_stream_is_limited_to_its_declared_rate_and_its_neighbour_kee
     assert dropped and sorted(decided + refused) == list(range(60)) and len(decided) < 20
     assert replies[-1].closed.frames_dropped >= len(refused)
     assert kinds(neighbour)[-1] == "closed" and neighbour[-1].closed.frames_decided == 6
+
+
+def test_new_sessions_fail_fast_while_a_pool_does_not_answer_and_health_says_so(tiny_model):
+    server = start_local(tiny_model, "127.0.0.1:0", ServiceSettings(pool_mb=8, heartbeat_s=0.1, session_ttl_s=5))
+    health_request = health_pb2.HealthCheckRequest(service="liveserve.api.v1.LiveStream")
+
+    async def broken() -> None:
+        raise ConnectionError("Redis is down")
+
+    try:
+        server.decision.ping = broken
+        with grpc.insecure_channel(server.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 10
+            while stub.Check(health_request, timeout=5).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stream(server.address, [pb.ClientMessage(open=pb.Open(decisions_only=True))])
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "Decision (ConnectionError)" in info.value.details()
+        assert time.monotonic() - started < 5  # at once, not after a call timeout
+        del server.decision.ping  # it answers again: the service is back
+        with grpc.insecure_channel(server.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 10
+            while stub.Check(health_request, timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert kinds(stream(server.address, [pb.ClientMessage(open=pb.Open(decisions_only=True)),
+                                             pb.ClientMessage(close=pb.Close())])) == ["opened", "closed"]
+    finally:
+        server.stop(grace_s=1)

@@ -114,7 +114,7 @@ def test_the_perception_pool_scales_up_under_load_and_back_down_after(ray_app):
     for thread in cameras:
         thread.start()
     try:
-        scaled_up = wait_for(lambda: perception_replicas() >= 2, 60)
+        scaled_up = wait_for(lambda: perception_replicas() >= 2, 90)  # a new replica loads its model first
     finally:
         stop.set()
         for thread in cameras:

@@ -114,3 +114,29 @@ def test_embedded_server_reports_a_port_in_use(redis_url):
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     with pytest.raises(RedisUnavailable, match="exited"):
         EmbeddedRedis(port=port, startup_timeout_s=3).start()
+
+
+def test_an_embedded_redis_that_dies_is_started_again_on_its_port():
+    import os
+    import signal as signals
+    import time
+
+    from liveserve.services.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis().start().keep_alive(check_every_s=0.05)
+    try:
+        before = server._process.pid
+        os.kill(before, signals.SIGKILL)
+        client = redis.Redis.from_url(server.url, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if int(client.info("server")["process_id"]) != before:
+                    break
+            except redis.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "redis-server was not started again"
+            time.sleep(0.05)
+        assert server.restarts == 1
+    finally:
+        server.stop()
