@@ -56,6 +56,45 @@ class QueuedQuery:
         return "proactive" if self.text is None else "query"
 
 
+@dataclass(frozen=True, slots=True)
+class RestoredFrame:
+    """A frame the session saw before it moved here: fed again as the silent frame it was decided as."""
+
+    timestamp: float
+    frame_id: int
+    features: torch.Tensor  # [tokens_per_frame, vision_hidden]
+
+
+@dataclass(frozen=True, slots=True)
+class RestoredTurn:
+    """A finished exchange to put back after the frames up to its time: the query (None: proactive) and
+    the reply that was given."""
+
+    timestamp: float
+    query: str | None
+    reply: str
+    token_ids: tuple[int, ...] = ()
+
+    @property
+    def trigger(self) -> str:
+        return "proactive" if self.query is None else "query"
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitedReply:
+    """A reply that was being written elsewhere when the session moved: push_reply hands it over later."""
+
+    timestamp: float
+    query: str | None
+
+    @property
+    def trigger(self) -> str:
+        return "proactive" if self.query is None else "query"
+
+
+Restored = RestoredFrame | RestoredTurn | AwaitedReply
+
+
 def check_time(timestamp, what: str) -> float:
     try:
         value = float(timestamp)

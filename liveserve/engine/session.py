@@ -41,8 +41,8 @@ from liveserve.config import SessionConfig
 from liveserve.engine.attention import StepContext
 from liveserve.engine.events import (Event, FrameDecision, ReplyRequested, ResponseDelta, ResponseDone,
                                      ResponseStarted)
-from liveserve.engine.inputs import (QueuedFrame, QueuedQuery, SessionError, SubmitFrame, as_frame, check_frame_id,
-                                     check_time)
+from liveserve.engine.inputs import (AwaitedReply, QueuedFrame, QueuedQuery, Restored, RestoredFrame, RestoredTurn,
+                                     SessionError, SubmitFrame, as_frame, check_frame_id, check_time)
 from liveserve.engine.kv_cache import CacheFullError, KVCache
 from liveserve.engine.ledger import Ledger
 from liveserve.model.live import LiveModel
@@ -93,7 +93,8 @@ class _CachePoint:
 @dataclass(frozen=True, slots=True)
 class _Planned:
     # "frame" | "prompt" | "token" | "written" (an external reply: its prompt and tokens) | "replay" (a
-    # tentative frame fed again after that reply; its logits are not read)
+    # tentative frame fed again after that reply; its logits are not read) | "restore" / "restored" (a frame
+    # / a finished turn put back by `restore`)
     kind: str
     step: StepInput
     frame: QueuedFrame | None = None
@@ -140,6 +141,7 @@ class Session:
         self._point: _CachePoint | None = None  # ... where that reply goes in the cache
         self._tentative: list[QueuedFrame] = []  # frames decided since the trigger, with their features
         self._replay: deque[QueuedFrame] = deque()  # tentative frames still to be fed after the reply
+        self._restore: deque[QueuedFrame | RestoredTurn | AwaitedReply] = deque()  # see `restore`
         self._max_tentative = max(1, self.config.cache.window_frames // 2)
         self._notices: list[Event] = []  # events raised while planning, returned with the next completion
         self._planned: _Planned | None = None
@@ -152,6 +154,7 @@ class Session:
         self._rng = torch.Generator().manual_seed(self.config.seed)
         self.frames_decided = self.frames_dropped = self.responses = 0
         self.frames_replayed = 0  # tentative frames fed a second time, after an external reply
+        self.frames_restored = 0  # frames put back by `restore`
         self.closed = False
         self.failure: str | None = None
 
@@ -230,6 +233,44 @@ class Session:
             else:
                 self._awaiting, self._point, self._tentative = None, None, []
 
+    def restore(self, items: Sequence[Restored]) -> None:
+        """Rebuild a session that lived elsewhere (its replica died or drained) from what survived it: the
+        frames it saw last, as features, and its turns, in stream order (a turn goes after the frames up to
+        its time). They are fed before any new input, without decisions: frames as the silent frames they
+        were decided as, turns as the exchanges they were, and an AwaitedReply (last, at most one) leaves
+        the session waiting for that reply as if it had just asked for it. Only before any other input.
+        A proactive turn with no restored frame before it is skipped (nothing to have reacted to)."""
+        queued: list[QueuedFrame | RestoredTurn | AwaitedReply] = []
+        last_time, last_id, seen_frame = -float("inf"), -1, False
+        for index, item in enumerate(items):
+            if isinstance(item, RestoredFrame):
+                timestamp = check_time(item.timestamp, "restored frame")
+                if timestamp < last_time:
+                    raise SessionError("restored frames must be in stream order")
+                frame = as_frame(self.model, timestamp, item.features, None)
+                queued.append(replace(frame, frame_id=check_frame_id(item.frame_id)))
+                last_time, last_id, seen_frame = timestamp, item.frame_id, True
+            elif isinstance(item, AwaitedReply):
+                if index != len(items) - 1:
+                    raise SessionError("an awaited reply can only be the last restored item")
+                if self.config.replies == "external" and (seen_frame or item.query is not None):
+                    queued.append(item)
+            elif isinstance(item, RestoredTurn):
+                if any(not 0 <= token < self.model.vocab_size for token in item.token_ids):
+                    raise SessionError(f"restored token ids must be in [0, {self.model.vocab_size})")
+                if item.reply and (seen_frame or item.query is not None):
+                    queued.append(item)
+            else:
+                raise SessionError(f"cannot restore a {type(item).__name__}")
+        with self._lock:
+            self._check_open()
+            if self._frames or self._queries or self._state != NEW or self._restore:
+                raise SessionError("a session can only be restored before any other input")
+            self._restore.extend(queued)
+            if seen_frame:
+                self._last_frame_time, self._last_decided_id = last_time, last_id
+                self._frames_pushed = last_id + 1
+
     @property
     def awaiting_reply(self) -> bool:
         return self._awaiting is not None
@@ -288,7 +329,7 @@ class Session:
         """Whether `plan` has work that can run now (a queued frame's encoding may still be pending)."""
         if self.closed:
             return False
-        if self._reply is not None or self._replay:
+        if self._reply is not None or self._replay or self._restore:
             return True
         with self._lock:
             if self._written is not None:
@@ -304,9 +345,13 @@ class Session:
             if self._written is not None:
                 prompt = self._prompt_ids(self._awaiting.trigger, self._awaiting.query, self._point)[0]
                 return len(prompt) + len(self._written_ids()[0])
-            item = self._replay[0] if self._replay else self._peek_item()
+            item = self._replay[0] if self._replay else self._restore[0] if self._restore else self._peek_item()
         if item is None:
             return 0
+        if isinstance(item, RestoredTurn):
+            return len(self._prompt_ids(item.trigger, item.query)[0]) + len(self._turn_ids(item)) + 1
+        if isinstance(item, AwaitedReply):
+            return 1  # no forward of its own; the frame after it is planned in the same step
         if isinstance(item, QueuedQuery):
             return len(self._prompt_ids(item.trigger, item.text)[0])
         return len(self._frame_ids()) + self.model.layout.num_tokens
@@ -329,6 +374,8 @@ class Session:
             planned = self._plan_written()
         elif self._replay:
             planned = self._plan_frame(self._replay.popleft(), "replay")
+        elif self._restore and (restored := self._plan_restored()) is not None:
+            planned = restored
         else:
             while True:
                 with self._lock:
@@ -364,9 +411,9 @@ class Session:
         events, self._notices = self._notices, []
         if planned.kind == "frame":
             return events + self._complete_frame(planned, logits)
-        if planned.kind == "replay":
+        if planned.kind in ("replay", "restore"):
             return events + self._complete_replay(planned)
-        if planned.kind == "written":
+        if planned.kind in ("written", "restored"):
             return events + self._complete_written(planned)
         if planned.kind == "prompt":
             if planned.pending:
@@ -440,13 +487,38 @@ class Session:
         if self.config.replies != "external":
             self._start_reply(trigger, timestamp, query)
             return []
+        self._await_reply(trigger, timestamp, query)
+        return [ReplyRequested(timestamp, trigger, query, self._last_decided_id)]
+
+    def _await_reply(self, trigger: str, timestamp: float, query: str | None) -> None:
+        """Remember where the reply written elsewhere goes: here, at the trigger."""
         last_length = self.ledger.segments[-1].length if self.ledger.segments else 0
         point = _CachePoint(self._state, tuple(self._pending), self._next_position, last_length)
         with self._lock:
             self._awaiting, self._point = _Reply(trigger, timestamp, query, time.monotonic()), point
         if self._state == STREAMING:
             self._pending = [self.template.interval_id]  # frames stay ","-separated until the reply is in
-        return [ReplyRequested(timestamp, trigger, query, self._last_decided_id)]
+
+    # ---- restored sessions -----------------------------------------------------------------------------
+
+    def _plan_restored(self) -> _Planned | None:
+        """The next restored item's step; None when only an awaited reply was left (it is remembered, and
+        the session's own input goes next)."""
+        while self._restore:
+            item = self._restore.popleft()
+            if isinstance(item, QueuedFrame):
+                return self._plan_frame(item, "restore")
+            if isinstance(item, RestoredTurn):
+                with self._lock:
+                    self._awaiting = _Reply(item.trigger, item.timestamp, item.query, time.monotonic())
+                    self._written, self._point = self._turn_ids(item), None
+                return replace(self._plan_written(), kind="restored")
+            self._await_reply(item.trigger, item.timestamp, item.query)
+        return None
+
+    def _turn_ids(self, turn: RestoredTurn) -> list[int]:
+        ids = list(turn.token_ids) or self.template.encode(turn.reply)
+        return [int(token) for token in ids[: self.config.max_new_tokens]]
 
     # ---- external replies ----------------------------------------------------------------------------
 
@@ -486,7 +558,7 @@ class Session:
             self._tentative, self._point = [], None
 
     def _complete_written(self, planned: _Planned) -> list[Event]:
-        """The external reply is in the cache: the turn ends as an inline reply's would."""
+        """The external (or restored) reply is in the cache: the turn ends as an inline reply's would."""
         if planned.pending:
             self.ledger.extend_last(planned.pending)
         self.ledger.add(planned.segment, planned.step.num_tokens - planned.pending, planned.pinned)
@@ -494,7 +566,7 @@ class Session:
         self._state, self._pending = REPLIED, self._written_ids()[1]
         with self._lock:
             self._awaiting = self._written = None
-        self.responses += 1
+        self.responses += planned.kind == "written"  # a restored turn was counted where it was given
         return []
 
     def _complete_replay(self, planned: _Planned) -> list[Event]:
@@ -502,7 +574,10 @@ class Session:
         inline session would have decided it with the reply in view; here it was decided without)."""
         self._append_frame(planned.step.ids)
         self._pending = [self.template.interval_id]
-        self.frames_replayed += 1
+        if planned.kind == "restore":
+            self.frames_restored += 1
+        else:
+            self.frames_replayed += 1
         return []
 
     # ---- replies ---------------------------------------------------------------------------------------

@@ -1,0 +1,131 @@
+"""A session rebuilt elsewhere (its Decision replica died or drained) from its frames and turns must go on
+deciding as the original would have: the restored cache holds what the original's held, so the next
+decisions agree with it to float precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_helpers import frame_bank, steered
+from liveserve.config import SessionConfig
+from liveserve.engine.events import FrameDecision, ReplyRequested
+from liveserve.engine.inputs import AwaitedReply, RestoredFrame, RestoredTurn
+from liveserve.engine.session import Session, SessionError
+
+EXTERNAL = SessionConfig(max_new_tokens=6, replies="external")
+
+
+@pytest.fixture(scope="module")
+def chatty(tiny_model):
+    return steered(tiny_model, interval_bias=-1.0, eos_bias=-1.0)
+
+
+@pytest.fixture(scope="module")
+def frames(tiny_model):
+    return frame_bank(tiny_model, 14, seed=5)
+
+
+def decisions(events) -> list[FrameDecision]:
+    return [e for e in events if isinstance(e, FrameDecision)]
+
+
+def original_with_a_reply(model, frames, upto: int, reply: str = "a red square"):
+    """An external Decision session over frames[:upto]: its first trigger gets `reply`. Returns the
+    session, the restore items that describe it, and the trigger."""
+    session = Session(model, EXTERNAL)
+    items, trigger = [], None
+    for i in range(upto):
+        session.push_frame(i * 0.5, frames[i], frame_id=i)
+        events = list(session.process())
+        items.append(RestoredFrame(i * 0.5, i, frames[i]))
+        for event in events:
+            if isinstance(event, ReplyRequested) and trigger is None:
+                trigger = event
+        if trigger is not None and session.awaiting_reply and i == trigger.frame_index + 2:
+            session.push_reply(reply)  # lands after two tentative frames, which are replayed behind it
+            list(session.process())
+    assert trigger is not None, "the steered model should fire within the frames"
+    position = next(n for n, item in enumerate(items) if item.timestamp > trigger.timestamp)
+    items.insert(position, RestoredTurn(trigger.timestamp, trigger.query, reply))
+    return session, items, trigger
+
+
+def test_a_restored_session_decides_the_next_frames_as_the_original_does(chatty, frames):
+    original, items, _ = original_with_a_reply(chatty, frames, 10)
+    restored = Session(chatty, EXTERNAL)
+    restored.restore(items)
+    assert list(restored.process()) == []  # putting back what was decided reports nothing
+    assert restored.frames_restored == 10 and restored.frames_decided == 0 and restored.responses == 0
+    assert restored.cache.length == original.cache.length
+    for i in range(10, 14):
+        original.push_frame(i * 0.5, frames[i], frame_id=i)
+        restored.push_frame(i * 0.5, frames[i], frame_id=i)
+        a, b = decisions(original.process()), decisions(restored.process())
+        assert [d.frame_index for d in a] == [d.frame_index for d in b] == [i]
+        assert b[0].p_silent == pytest.approx(a[0].p_silent, abs=1e-5)
+        assert b[0].action == a[0].action or original.awaiting_reply
+
+
+def test_a_reply_in_flight_when_the_session_moved_lands_at_its_trigger(chatty, frames):
+    """The original asked for a reply, then its replica died; the reply arrives at the new replica."""
+    original = Session(chatty, EXTERNAL)
+    items, trigger = [], None
+    for i in range(14):
+        original.push_frame(i * 0.5, frames[i], frame_id=i)
+        events = list(original.process())
+        items.append(RestoredFrame(i * 0.5, i, frames[i]))
+        trigger = trigger or next((e for e in events if isinstance(e, ReplyRequested)), None)
+        if trigger is not None:
+            break
+    assert trigger is not None
+    restored = Session(chatty, EXTERNAL)
+    restored.restore([*items, AwaitedReply(trigger.timestamp, trigger.query)])
+    list(restored.process())
+    assert restored.awaiting_reply
+    nxt = len(items)
+    for session in (original, restored):  # a tentative frame meanwhile, then the reply
+        session.push_frame(nxt * 0.5, frames[nxt], frame_id=nxt)
+        list(session.process())
+        session.push_reply("it moved")
+        list(session.process())
+        assert not session.awaiting_reply
+    assert restored.cache.length == original.cache.length
+    for session in (original, restored):
+        session.push_frame((nxt + 1) * 0.5, frames[nxt + 1], frame_id=nxt + 1)
+    a, b = decisions(original.process()), decisions(restored.process())
+    assert b[0].p_silent == pytest.approx(a[0].p_silent, abs=1e-5)
+
+
+def test_restore_refuses_what_it_cannot_put_back(tiny_model, frames):
+    session = Session(tiny_model, EXTERNAL)
+    with pytest.raises(SessionError, match="stream order"):
+        session.restore([RestoredFrame(1.0, 0, frames[0]), RestoredFrame(0.5, 1, frames[1])])
+    with pytest.raises(SessionError, match="shape"):
+        session.restore([RestoredFrame(0.0, 0, torch.zeros(3, 3))])
+    with pytest.raises(SessionError, match="last"):
+        session.restore([AwaitedReply(0.0, "q?"), RestoredFrame(0.5, 0, frames[0])])
+    session.push_frame(0.0, frames[0])
+    with pytest.raises(SessionError, match="before any other input"):
+        session.restore([RestoredFrame(0.5, 1, frames[1])])
+
+
+def test_new_frames_must_follow_the_restored_ones(tiny_model, frames):
+    session = Session(tiny_model, EXTERNAL)
+    session.restore([RestoredFrame(0.0, 0, frames[0]), RestoredFrame(0.5, 1, frames[1])])
+    with pytest.raises(SessionError, match="backwards"):
+        session.push_frame(0.2, frames[2])
+    session.push_frame(1.0, frames[2])  # its id defaults to the next after the restored ones
+    (decision,) = decisions(session.process())
+    assert decision.frame_index == 2 and session.frames_restored == 2 and session.frames_decided == 1
+
+
+def test_a_query_turn_restores_without_frames(tiny_model, frames):
+    """A client resuming on another gateway has no frames left to restore, only its conversation."""
+    session = Session(tiny_model, EXTERNAL)
+    session.restore([RestoredTurn(0.0, "what is on screen?", "a blue circle"),
+                     RestoredTurn(0.5, None, "dropped: nothing came before it")])
+    list(session.process())
+    assert session.cache.length > 0 and session.responses == 0
+    session.push_frame(1.0, frames[0])
+    assert len(decisions(session.process())) == 1
