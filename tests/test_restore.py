@@ -67,8 +67,10 @@ def test_a_restored_session_decides_the_next_frames_as_the_original_does(chatty,
         assert b[0].action == a[0].action or original.awaiting_reply
 
 
-def test_a_reply_in_flight_when_the_session_moved_lands_at_its_trigger(chatty, frames):
-    """The original asked for a reply, then its replica died; the reply arrives at the new replica."""
+@pytest.mark.parametrize("early", [False, True], ids=["after-the-restore", "before-the-restore-is-stepped"])
+def test_a_reply_in_flight_when_the_session_moved_lands_at_its_trigger(chatty, frames, early):
+    """The original asked for a reply, then its replica died; the reply arrives at the new replica, before
+    or after the new replica has stepped the restored frames."""
     original = Session(chatty, EXTERNAL)
     items, trigger = [], None
     for i in range(14):
@@ -81,15 +83,24 @@ def test_a_reply_in_flight_when_the_session_moved_lands_at_its_trigger(chatty, f
     assert trigger is not None
     restored = Session(chatty, EXTERNAL)
     restored.restore([*items, AwaitedReply(trigger.timestamp, trigger.query)])
-    list(restored.process())
     assert restored.awaiting_reply
     nxt = len(items)
-    for session in (original, restored):  # a tentative frame meanwhile, then the reply
-        session.push_frame(nxt * 0.5, frames[nxt], frame_id=nxt)
-        list(session.process())
-        session.push_reply("it moved")
+    if early:
+        original.push_reply("it moved")
+        restored.push_reply("it moved")
+    else:
+        list(restored.process())
+        assert restored.awaiting_reply
+        for session in (original, restored):  # a tentative frame meanwhile, then the reply
+            session.push_frame(nxt * 0.5, frames[nxt], frame_id=nxt)
+            list(session.process())
+            session.push_reply("it moved")
+    for session in (original, restored):
         list(session.process())
         assert not session.awaiting_reply
+        if early:
+            session.push_frame(nxt * 0.5, frames[nxt], frame_id=nxt)
+            list(session.process())
     assert restored.cache.length == original.cache.length
     for session in (original, restored):
         session.push_frame((nxt + 1) * 0.5, frames[nxt + 1], frame_id=nxt + 1)
@@ -129,3 +140,24 @@ def test_a_query_turn_restores_without_frames(tiny_model, frames):
     assert session.cache.length > 0 and session.responses == 0
     session.push_frame(1.0, frames[0])
     assert len(decisions(session.process())) == 1
+
+
+def test_the_registry_turns_go_back_after_the_frames_up_to_their_time(frames):
+    from liveserve.services.contracts import FrameFeatures, Restore
+    from liveserve.services.recovery import restore_items
+
+    history = [{"t": 0.0, "role": "assistant", "text": "before the window"},
+               {"t": 1.0, "role": "user", "text": "what is it?"}, {"t": 1.0, "role": "assistant", "text": "a cube"},
+               {"t": 1.5, "role": "assistant", "text": "it moves"},
+               {"t": 2.0, "role": "user", "text": "unanswered (its reply failed)"},
+               {"t": 2.5, "role": "user", "text": "still being answered"}]
+    kept = tuple(FrameFeatures("s", 0, i, i * 0.5, frames[i]) for i in (2, 3, 4, 5))  # 1.0 s .. 2.5 s
+    items = restore_items(Restore(kept, AwaitedReply(2.5, "still being answered")), history)
+    described = [(type(item).__name__, item.timestamp) for item in items]
+    assert described == [("RestoredFrame", 1.0), ("RestoredTurn", 1.0), ("RestoredFrame", 1.5),
+                         ("RestoredTurn", 1.5), ("RestoredFrame", 2.0), ("RestoredFrame", 2.5),
+                         ("AwaitedReply", 2.5)]
+    assert items[1].query == "what is it?" and items[1].reply == "a cube" and items[3].query is None
+    # No frames left (resumed on another gateway): the latest turns only.
+    only_turns = restore_items(Restore(()), history)
+    assert [item.reply for item in only_turns] == ["before the window", "a cube", "it moves"]

@@ -142,6 +142,7 @@ class Session:
         self._tentative: list[QueuedFrame] = []  # frames decided since the trigger, with their features
         self._replay: deque[QueuedFrame] = deque()  # tentative frames still to be fed after the reply
         self._restore: deque[QueuedFrame | RestoredTurn | AwaitedReply] = deque()  # see `restore`
+        self._early_reply: list[int] | None = None  # push_reply's ids for an AwaitedReply not yet restored
         self._max_tentative = max(1, self.config.cache.window_frames // 2)
         self._notices: list[Event] = []  # events raised while planning, returned with the next completion
         self._planned: _Planned | None = None
@@ -226,6 +227,10 @@ class Session:
             ids = self.template.encode(text)[: self.config.max_new_tokens]
         with self._lock:
             self._check_open()
+            if self._awaiting is None and self._restore and isinstance(self._restore[-1], AwaitedReply) \
+                    and self._early_reply is None:  # the reply beat the restore of its trigger: kept for it
+                self._early_reply = ids
+                return
             if self._awaiting is None or self._written is not None:
                 raise SessionError("no reply was requested")
             if ids:
@@ -273,7 +278,7 @@ class Session:
 
     @property
     def awaiting_reply(self) -> bool:
-        return self._awaiting is not None
+        return self._awaiting is not None or bool(self._restore and isinstance(self._restore[-1], AwaitedReply))
 
     @property
     def backlog(self) -> int:
@@ -368,14 +373,15 @@ class Session:
             raise RuntimeError(f"session {self.session_id!r}: complete the planned step before planning another")
         if self.closed:
             return None
-        if self._reply is not None:
+        restored = self._plan_restored() if self._restore else None  # a restored session's past goes first
+        if restored is not None:
+            planned = restored
+        elif self._reply is not None:
             planned = self._plan_token() if self._prompted else self._plan_prompt()
         elif self._written is not None:
             planned = self._plan_written()
         elif self._replay:
             planned = self._plan_frame(self._replay.popleft(), "replay")
-        elif self._restore and (restored := self._plan_restored()) is not None:
-            planned = restored
         else:
             while True:
                 with self._lock:
@@ -514,6 +520,12 @@ class Session:
                     self._written, self._point = self._turn_ids(item), None
                 return replace(self._plan_written(), kind="restored")
             self._await_reply(item.trigger, item.timestamp, item.query)
+            with self._lock:
+                early, self._early_reply = self._early_reply, None
+                if early:  # the reply is here already: it goes in next, at the point just remembered
+                    self._written = early
+                elif early is not None:  # it failed: as if the trigger had been silent
+                    self._awaiting, self._point = None, None
         return None
 
     def _turn_ids(self, turn: RestoredTurn) -> list[int]:
