@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.config import CacheConfig, SessionConfig
+from liveserve.engine.inputs import AwaitedReply
 from liveserve.internal.v2 import decision_pb2 as dpb
 from liveserve.internal.v2 import perception_pb2 as ppb
 from liveserve.internal.v2 import reaction_pb2 as rpb
@@ -51,12 +52,32 @@ def settings_from_proto(message: spb.SessionSettings) -> SessionConfig:
 
 
 def open_to_proto(request: c.OpenSession) -> spb.OpenRequest:
-    return spb.OpenRequest(session_id=request.session_id, gateway_id=request.gateway_id,
-                           settings=settings_to_proto(request.config))
+    message = spb.OpenRequest(session_id=request.session_id, gateway_id=request.gateway_id,
+                              settings=settings_to_proto(request.config))
+    if (restore := request.restore) is not None:
+        message.restore.frame_ids.extend(frame.frame_id for frame in restore.frames)
+        message.restore.timestamps.extend(frame.timestamp for frame in restore.frames)
+        if restore.frames:
+            message.restore.features.CopyFrom(tensors.pack([frame.features for frame in restore.frames]))
+        if restore.awaited is not None:
+            message.restore.awaiting_reply = True
+            message.restore.awaited_timestamp = restore.awaited.timestamp
+            message.restore.awaited_query = restore.awaited.query or ""
+    return message
 
 
 def open_from_proto(message: spb.OpenRequest) -> c.OpenSession:
-    return c.OpenSession(message.session_id, message.gateway_id, settings_from_proto(message.settings))
+    restore = None
+    if message.HasField("restore"):
+        r = message.restore
+        if len(r.frame_ids) != len(r.timestamps):
+            raise ValueError("a restore's frame_ids and timestamps differ in length")
+        rows = tensors.unpack(r.features, len(r.frame_ids)) if r.frame_ids else []
+        frames = tuple(c.FrameFeatures(message.session_id, 0, frame_id, timestamp, row)
+                       for frame_id, timestamp, row in zip(r.frame_ids, r.timestamps, rows))
+        awaited = AwaitedReply(r.awaited_timestamp, r.awaited_query or None) if r.awaiting_reply else None
+        restore = c.Restore(frames, awaited)
+    return c.OpenSession(message.session_id, message.gateway_id, settings_from_proto(message.settings), restore)
 
 
 def limits_to_proto(limits: c.Limits) -> pb.Limits:
@@ -65,14 +86,15 @@ def limits_to_proto(limits: c.Limits) -> pb.Limits:
 
 
 def placed_to_proto(placed: c.SessionPlaced) -> spb.OpenResponse:
-    return spb.OpenResponse(replica_id=placed.replica, epoch=placed.epoch, limits=limits_to_proto(placed.limits))
+    return spb.OpenResponse(replica_id=placed.replica, epoch=placed.epoch, limits=limits_to_proto(placed.limits),
+                            restored_turns=placed.restored_turns)
 
 
 def placed_from_proto(session_id: str, message: spb.OpenResponse) -> c.SessionPlaced:
     limits = message.limits
     return c.SessionPlaced(session_id, message.replica_id, message.epoch,
                            c.Limits(limits.max_query_tokens, limits.max_new_tokens, limits.max_lag_s,
-                                    limits.tokens_per_frame))
+                                    limits.tokens_per_frame), message.restored_turns)
 
 
 def _close_to_proto(close: c.CloseSession) -> spb.CloseSession:

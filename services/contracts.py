@@ -14,6 +14,7 @@ from enum import StrEnum
 import torch
 
 from liveserve.config import SessionConfig
+from liveserve.engine.inputs import AwaitedReply
 
 # The W3C traceparent/tracestate of the span a message belongs to, as (key, value) pairs; empty: untraced.
 Trace = tuple[tuple[str, str], ...]
@@ -35,10 +36,20 @@ class Trigger(StrEnum):
 # ---- opening a session (Decision and Reaction) ---------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
+class Restore:
+    """What survived of a session whose Decision replica died or drains, besides its turns (the new owner
+    reads those from the registry): the decided frames its gateway kept, and the reply in flight."""
+
+    frames: tuple[FrameFeatures, ...]
+    awaited: AwaitedReply | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class OpenSession:
     session_id: str
     gateway_id: str  # the gateway whose event stream carries this session's events
     config: SessionConfig  # resolved and validated by the gateway
+    restore: Restore | None = None  # set: rebuild the session here (Decision only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +66,7 @@ class SessionPlaced:
     replica: str  # later calls for the session go to this replica only
     epoch: int  # fencing epoch: commands carry it, a replica refuses one it does not hold
     limits: Limits
+    restored_turns: int = 0  # a restored session: the turns put back from the registry
 
 
 @dataclass(frozen=True, slots=True)

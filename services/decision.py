@@ -23,13 +23,14 @@ from opentelemetry.trace import Span
 
 from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import Event, FrameDecision, FramesDropped, ReplyRequested, SessionFailed
-from liveserve.engine.inputs import SessionError
+from liveserve.engine.inputs import RestoredTurn, SessionError
 from liveserve.engine.session import Session
 from liveserve.model.live import LiveModel
 from liveserve.services import contracts as c
 from liveserve.services.engine_worker import EngineWorker
 from liveserve.services.errors import internal
 from liveserve.services.outbox import GatewayLeases, Outboxes
+from liveserve.services.recovery import restore_items
 from liveserve.services.registry import RegistryError, SessionRegistry, UnknownSessionError
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.telemetry import DecisionMetrics, GpuMetrics, sample_periodically
@@ -66,6 +67,7 @@ class DecisionService:
         self.leases = GatewayLeases(settings.session_ttl_s, self._gateway_gone)
         self._worker: EngineWorker | None = None  # started on the serving loop by the first call
         self._background: list[asyncio.Task] = []
+        self.stopping = False  # the replica goes away: its sessions live on where their gateways move them
 
     def _start(self) -> EngineWorker:
         if self._worker is None:
@@ -93,21 +95,40 @@ class DecisionService:
         sid = request.session_id
         self.leases.renew(request.gateway_id)
         session = await asyncio.to_thread(worker.open, sid, config)
-        epoch = 1
+        epoch, history = 1, ()
         record = {"threshold": config.threshold, "max_new_tokens": config.max_new_tokens,
                   "cache_policy": config.cache.policy, "window_frames": config.cache.window_frames,
                   "gateway": request.gateway_id}
-        if self.registry is not None:
-            try:
+        try:
+            if self.registry is not None and request.restore is not None:
+                epoch, history = await asyncio.to_thread(self._take_over, sid, record)
+            elif self.registry is not None:
                 epoch = (await asyncio.to_thread(self.registry.create, sid, self.replica, record)).epoch
-            except Exception:
-                worker.close(sid)
-                raise
+            restored_turns = 0
+            if request.restore is not None:
+                items = restore_items(request.restore, history)
+                session.restore(items)
+                restored_turns = sum(isinstance(item, RestoredTurn) for item in items)
+                self.engine.wake()
+        except Exception:
+            worker.close(sid)
+            raise
         self.sessions[sid] = _Held(sid, request.gateway_id, epoch, session, record=record)
         limits = c.Limits(max_query_tokens=config.max_query_tokens, max_new_tokens=config.max_new_tokens,
                           max_lag_s=self.engine.config.scheduler.max_lag_s or 0.0,
                           tokens_per_frame=self.model.layout.num_tokens + 1)
-        return c.SessionPlaced(sid, self.replica, epoch, limits)
+        return c.SessionPlaced(sid, self.replica, epoch, limits, restored_turns)
+
+    def _take_over(self, session_id: str, record: dict) -> tuple[int, tuple[dict, ...]]:
+        """Own a session moving here: a new epoch fences its previous owner off (a replica that is only
+        slow or partitioned can no longer write), and its turns come back from the registry."""
+        try:
+            epoch = self.registry.claim(session_id, self.replica)
+        except UnknownSessionError:  # its record expired with its owner: the conversation went with it
+            log.warning("session %s moved here without a registry record; its turns are lost", session_id)
+            return self.registry.create(session_id, self.replica, {**record, "restored": True}).epoch, ()
+        found = self.registry.get(session_id)
+        return epoch, found.history if found is not None else ()
 
     async def push(self, push: c.DecisionPush) -> None:
         """Apply a gateway's commands in order. A command that cannot be applied becomes a Refused event
@@ -201,7 +222,7 @@ class DecisionService:
 
     def _ended(self, session_id: str, session: Session) -> None:
         held = self.sessions.pop(session_id, None)
-        if held is None:
+        if held is None or self.stopping:  # stopping: not ended, moving (its record stays open for the claim)
             return
         for span in held.decide_spans.values():  # never decided: the session ended first
             span.end()
@@ -285,6 +306,9 @@ class DecisionService:
                 "free_fraction": 1.0 - self.engine.pool.reserved_fraction}
 
     def stop(self) -> None:
+        """The replica goes away (scale-down, upgrade, shutdown). Sessions still here are not closed: their
+        gateways see the event streams end and rebuild them on other replicas (gateway recovery)."""
+        self.stopping = True
         for task in self._background:
             task.cancel()
         if self._worker is not None:

@@ -143,7 +143,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
         request = c.OpenSession(uuid.uuid4().hex, self.id, config)
         # Decision first, then Reaction: two sessions opening at once then never hold one pool each while
         # each waits for the other's (both would be refused with room for one of them).
-        placed = await self._place(self.decision.open(request))
+        placed = await self.place_decision(request)
         reaction = None
         if config.replies != "none":
             try:
@@ -178,6 +178,24 @@ class Gateway(pb_grpc.LiveStreamServicer):
                                                           f"{self.settings.call_timeout_s:g}s") from None
         except Exception as exc:
             raise _open_failure(exc) from None
+
+    async def place_decision(self, request: c.OpenSession) -> c.SessionPlaced:
+        """Open a session on a Decision replica with room. While the pool replaces a replica that just died,
+        a call may reach it: such failures are retried (with backoff, within `call_timeout_s`), so a new or
+        moving session lands on a live replica; a full pool or a bad session is not retried."""
+        deadline = time.monotonic() + self.settings.call_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                return await asyncio.wait_for(self.decision.open(request), max(0.01, deadline - time.monotonic()))
+            except Exception as exc:
+                failure = _open_failure(exc)
+                if failure.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay >= deadline:
+                    raise failure from None
+                log.info("opening session %s on Decision failed (%s); retrying", request.session_id,
+                         type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
 
     def _limits(self, session: StreamSession) -> pb.Limits:
         limits = session.placed.limits
@@ -253,20 +271,22 @@ class Gateway(pb_grpc.LiveStreamServicer):
             getattr(session, handler)(event)
 
     def _link_failed(self, link: ReplicaLink, message: str) -> None:
-        """A replica is unreachable: the sessions it held cannot go on (their state lived there)."""
+        """A replica is unreachable (it died, or drains). Sessions on a Decision replica move to another one
+        (StreamSession.recover); a session whose Reaction replica is gone cannot go on (its reply cache
+        lived there)."""
         decision = link.name == "decision"
         links = self._decision_links if decision else self._reaction_links
         if links.get(link.replica) is link:
             del links[link.replica]
         for session in list(self.sessions.values()):
             held = session.placed if decision else session.reaction
-            if held is None or held.replica != link.replica:
+            if held is None or held.replica != link.replica or session.recovering:
                 continue
             if decision:
-                session.ended = True  # nothing is left there to close
+                session.recover(message)
             else:
                 session.reaction = None
-            session.finish(grpc.StatusCode.UNAVAILABLE, message)
+                session.finish(grpc.StatusCode.UNAVAILABLE, message)
 
     def _ensure_watchdog(self) -> None:
         if self._watchdog is None or self._watchdog.done():

@@ -26,6 +26,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.config import SessionConfig
+from liveserve.engine.inputs import AwaitedReply
 from liveserve.services import contracts as c
 from liveserve.services.codec import ACTIONS, FINISH, TRIGGERS
 from liveserve.services.tracing import carried, extract
@@ -110,6 +111,15 @@ class StreamSession:
         self._undecided: dict[int, _Frame] = {}  # frames sent to Decision, by id
         self._unsynced: list[c.FrameFeatures] = []  # decided frames Reaction has not seen
         self._synced = 0
+        # The latest decided frames, kept to rebuild the session if its Decision replica goes away.
+        self._ring: deque[c.FrameFeatures] = deque(maxlen=config.cache.window_frames)
+        self._asked: list[_Query] = []  # queries sent to Decision that no reply has answered yet
+        self._close_sent: _Close | None = None
+        self.recovering = False  # moving to another Decision replica: inputs wait
+        self._late_reply: tuple[str, tuple[int, ...]] | None = None  # a reply that finished while moving
+        self.recoveries = 0
+        self._counted = [0, 0, 0]  # frames decided, dropped, replies: this call's, for SessionClosed after a move
+        self._carried = (0, 0, 0)  # ... what earlier replicas counted (SessionEnded counts on the last one)
         self._last_decided_trace: c.Trace = c.NO_TRACE
         self.reply: _Reply | None = None
         self.room = asyncio.Event()
@@ -210,6 +220,8 @@ class StreamSession:
 
     def _release(self) -> None:
         """Send Decision every input at the head of the queue that is ready, in the client's order."""
+        if self.recovering or self.finished:
+            return  # inputs wait for the session's new replica (or the call is over)
         decision = self.gateway.decision_link(self.placed.replica)
         epoch = self.placed.epoch
         while self._pending:
@@ -224,10 +236,12 @@ class StreamSession:
                                                   head.features, carried(head.span)))
             elif isinstance(head, _Query):
                 self._pending.popleft()
+                self._asked.append(head)
                 decision.send(c.QueryText(self.session_id, epoch, head.timestamp, head.text, carried(head.span)))
                 head.span.end()
             else:
                 self._pending.popleft()
+                self._close_sent = head
                 decision.send(c.CloseSession(self.session_id, epoch, head.drain))
         self._update_room()
 
@@ -244,6 +258,7 @@ class StreamSession:
             self._decided(event)
         elif isinstance(event, c.Dropped):
             frames = [(frame_id, timestamp) for frame_id, timestamp in zip(event.frame_ids, event.timestamps)]
+            self._counted[1] += len(frames)
             for frame_id, _ in frames:
                 frame = self._undecided.pop(frame_id, None)
                 if frame is not None:
@@ -270,6 +285,7 @@ class StreamSession:
         frame = self._undecided.pop(event.frame_id, None)
         lag = time.monotonic() - frame.received if frame is not None else 0.0
         gateway.metrics.frame_to_decision.observe(lag)
+        self._counted[0] += 1
         self.out.put_nowait(pb.ServerMessage(decision=pb.Decision(
             timestamp=event.timestamp, frame_index=event.frame_id, p_silent=event.p_silent, fired=event.fired,
             action=ACTIONS[event.action], lag_s=lag)))
@@ -278,9 +294,10 @@ class StreamSession:
             return
         frame.span.set_attributes({"liveserve.fired": event.fired, "liveserve.p_silent": event.p_silent})
         frame.span.end()
+        decided = c.FrameFeatures(self.session_id, 0, frame.frame_id, frame.timestamp, frame.features)
+        self._ring.append(decided)
         if self.reaction is not None:
-            self._unsynced.append(c.FrameFeatures(self.session_id, 0, frame.frame_id, frame.timestamp,
-                                                  frame.features))
+            self._unsynced.append(decided)
             if self.reply is None and len(self._unsynced) >= gateway.settings.reaction_sync_frames:
                 self._sync_reaction()
 
@@ -305,9 +322,10 @@ class StreamSession:
             self.finish(grpc.StatusCode.UNAVAILABLE, self.shutdown_reason)
             return
         self._report_over_rate()  # before the end of the stream: SessionClosed is its last message
+        decided, dropped, responses = self._carried
         self.out.put_nowait(pb.ServerMessage(closed=pb.SessionClosed(
-            frames_decided=event.frames_decided, frames_dropped=event.frames_dropped + self.rate_dropped,
-            responses=event.responses)))
+            frames_decided=decided + event.frames_decided,
+            frames_dropped=dropped + event.frames_dropped + self.rate_dropped, responses=responses + event.responses)))
         self.finish()
 
     # ---- replies ----------------------------------------------------------------------------------------------
@@ -317,6 +335,8 @@ class StreamSession:
             log.warning("session %s: a reply was asked for while %s", self.session_id,
                         "none can be written" if self.reaction is None else "another is being written")
             return
+        if event.trigger == c.Trigger.QUERY:
+            self._asked = [q for q in self._asked if q.timestamp != event.timestamp]
         parent = extract(event.trace or self._last_decided_trace)
         span = self.gateway.tracer.start_span("reply", context=parent,
                                               attributes={"liveserve.session_id": self.session_id,
@@ -371,8 +391,12 @@ class StreamSession:
         """Decision takes the reply into its cache (right after the trigger); "" means nothing to add."""
         self.reply.span.end()
         self.reply = None
-        self.gateway.decision_link(self.placed.replica).send(
-            c.ReplyText(self.session_id, self.placed.epoch, text, token_ids))
+        self._counted[2] += bool(text)
+        if self.recovering:  # the new replica takes it once the session is there
+            self._late_reply = (text, token_ids)
+        else:
+            self.gateway.decision_link(self.placed.replica).send(
+                c.ReplyText(self.session_id, self.placed.epoch, text, token_ids))
         if len(self._unsynced) >= self.gateway.settings.reaction_sync_frames:
             self._sync_reaction()
 
@@ -385,11 +409,68 @@ class StreamSession:
         self.reaction = None
         return closing
 
+    # ---- moving to another Decision replica --------------------------------------------------------------------
+
+    def recover(self, reason: str) -> None:
+        """The session's Decision replica died or drains: rebuild the session on another one from the frames
+        kept here and the turns in the registry, send the frames it had not decided again, and go on. The
+        client is told (SESSION_RECOVERED); inputs wait meanwhile."""
+        if self.finished or self.ended or self.recovering:
+            return
+        self.recovering = True
+        self.gateway.keep(asyncio.get_running_loop().create_task(self._recover(reason)))
+
+    async def _recover(self, reason: str) -> None:
+        started = time.monotonic()
+        reply = self.reply
+        awaited = AwaitedReply(reply.timestamp, reply.query or None) if reply is not None else None
+        frames = tuple(self._ring)
+        request = c.OpenSession(self.session_id, self.gateway.id, self.config, c.Restore(frames, awaited))
+        try:
+            placed = await self.gateway.place_decision(request)
+        except Exception as exc:
+            details = getattr(exc, "details", type(exc).__name__)
+            self.ended = True  # nothing is left anywhere to close
+            self.finish(grpc.StatusCode.UNAVAILABLE, f"{reason}; the session could not be moved: {details}")
+            return
+        link = self.gateway.decision_link(placed.replica)
+        if self.finished:  # the client went away meanwhile
+            link.send(c.CloseSession(self.session_id, placed.epoch, False))
+            return
+        decided, dropped, responses = self._counted
+        self._carried = (decided, dropped, responses - (self._late_reply is not None and bool(self._late_reply[0])))
+        self.placed, self.recovering = placed, False
+        self.recoveries += 1
+        if self._late_reply is not None:
+            text, token_ids = self._late_reply
+            self._late_reply = None
+            link.send(c.ReplyText(self.session_id, placed.epoch, text, token_ids))
+        resent = sorted(self._undecided.values(), key=lambda frame: frame.frame_id)
+        for frame in resent:  # sent before the move, never decided: the new replica decides them
+            link.send(c.FrameFeatures(self.session_id, placed.epoch, frame.frame_id, frame.timestamp,
+                                      frame.features, carried(frame.span)))
+        for query in self._asked:  # asked before the move, not answered yet
+            link.send(c.QueryText(self.session_id, placed.epoch, query.timestamp, query.text))
+        if self._close_sent is not None:
+            link.send(c.CloseSession(self.session_id, placed.epoch, self._close_sent.drain))
+        self._release()
+        took = time.monotonic() - started
+        self.gateway.metrics.recoveries.inc()
+        self.warn(pb.WARNING_CODE_SESSION_RECOVERED,
+                  f"{reason}; the session moved to another decision replica in {took:.2f}s, rebuilt from its "
+                  f"last {len(frames)} frame(s) and {placed.restored_turns} turn(s) of conversation"
+                  f"{'; the reply in progress goes on' if awaited is not None else ''}; {len(resent)} frame(s) "
+                  f"it had not decided were sent again, none lost")
+
     # ---- the end ------------------------------------------------------------------------------------------------
 
     def abandon(self) -> None:
         """The call is over (the client went away, or the call failed) before Decision ended the session:
         free it everywhere now. A no-op once Decision has ended it."""
+        if self.recovering:
+            self._close_reaction()  # Decision: `_recover` closes what it placed
+            self.finish(grpc.StatusCode.CANCELLED, "the client went away")
+            return
         if not self.ended:
             self.ended = True
             self.gateway.decision_link(self.placed.replica).send(

@@ -114,6 +114,8 @@ class GatewayMetrics:
         self.tick_frames = _histogram("liveserve_gateway_tick_frames", "Frames per Perception call.", SIZES)
         self.push_commands = _histogram("liveserve_gateway_push_commands",
                                         "Commands per push to a Decision or Reaction replica.", SIZES)
+        self.recoveries = _counter("liveserve_sessions_recovered_total",
+                                   "Sessions moved to another Decision replica after theirs died or drained.")
 
 
 class PerceptionMetrics:

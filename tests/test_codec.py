@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from liveserve.config import CacheConfig, SessionConfig
+from liveserve.engine.inputs import AwaitedReply
 from liveserve.internal.v2 import decision_pb2 as dpb
 from liveserve.internal.v2 import perception_pb2 as ppb
 from liveserve.internal.v2 import reaction_pb2 as rpb
@@ -47,6 +48,15 @@ def test_an_open_keeps_every_session_setting():
     request = c.OpenSession("s", "g", config)
     assert codec.open_from_proto(wire(codec.open_to_proto(request), spb.OpenRequest)) == request
     placed = c.SessionPlaced("s", "replica-1", 4, c.Limits(256, 7, 2.0, 11))
+    assert codec.placed_from_proto("s", wire(codec.placed_to_proto(placed), spb.OpenResponse)) == placed
+
+
+@pytest.mark.parametrize("awaited", [None, AwaitedReply(2.5, "what now?"), AwaitedReply(3.0, None)])
+def test_a_moving_session_keeps_its_frames_and_the_reply_in_flight(awaited):
+    frames = tuple(c.FrameFeatures("s", 0, i, i * 0.5, features(i)) for i in (4, 5, 6))
+    request = c.OpenSession("s", "g", SessionConfig(), c.Restore(frames, awaited))
+    assert same(codec.open_from_proto(wire(codec.open_to_proto(request), spb.OpenRequest)), request)
+    placed = c.SessionPlaced("s", "replica-2", 5, c.Limits(256, 7, 2.0, 11), restored_turns=3)
     assert codec.placed_from_proto("s", wire(codec.placed_to_proto(placed), spb.OpenResponse)) == placed
 
 

@@ -34,6 +34,7 @@ class WarningCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WARNING_CODE_BAD_FRAME: _ClassVar[WarningCode]
     WARNING_CODE_BAD_QUERY: _ClassVar[WarningCode]
     WARNING_CODE_LAGGING: _ClassVar[WarningCode]
+    WARNING_CODE_SESSION_RECOVERED: _ClassVar[WarningCode]
 ACTION_UNSPECIFIED: Action
 ACTION_SILENT: Action
 ACTION_RESPOND: Action
@@ -50,6 +51,7 @@ WARNING_CODE_FRAME_DROPPED: WarningCode
 WARNING_CODE_BAD_FRAME: WarningCode
 WARNING_CODE_BAD_QUERY: WarningCode
 WARNING_CODE_LAGGING: WarningCode
+WARNING_CODE_SESSION_RECOVERED: WarningCode
 
 class ClientMessage(_message.Message):
     __slots__ = ("open", "frame", "query", "close")

@@ -1,7 +1,9 @@
 from liveserve.api.v1 import live_stream_pb2 as _live_stream_pb2
+from liveserve.internal.v2 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -37,24 +39,44 @@ class SessionSettings(_message.Message):
     def __init__(self, threshold: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., system_prompt: _Optional[str] = ..., max_query_tokens: _Optional[int] = ..., cache_policy: _Optional[str] = ..., positions: _Optional[str] = ..., window_frames: _Optional[int] = ..., text_window_tokens: _Optional[int] = ..., evict_frames: _Optional[int] = ..., decisions_only: _Optional[bool] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("session_id", "gateway_id", "settings")
+    __slots__ = ("session_id", "gateway_id", "settings", "restore")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     gateway_id: str
     settings: SessionSettings
-    def __init__(self, session_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., settings: _Optional[_Union[SessionSettings, _Mapping]] = ...) -> None: ...
+    restore: Restore
+    def __init__(self, session_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., settings: _Optional[_Union[SessionSettings, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ...) -> None: ...
+
+class Restore(_message.Message):
+    __slots__ = ("frame_ids", "timestamps", "features", "awaiting_reply", "awaited_timestamp", "awaited_query")
+    FRAME_IDS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_REPLY_FIELD_NUMBER: _ClassVar[int]
+    AWAITED_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    AWAITED_QUERY_FIELD_NUMBER: _ClassVar[int]
+    frame_ids: _containers.RepeatedScalarFieldContainer[int]
+    timestamps: _containers.RepeatedScalarFieldContainer[float]
+    features: _tensor_pb2.Tensor
+    awaiting_reply: bool
+    awaited_timestamp: float
+    awaited_query: str
+    def __init__(self, frame_ids: _Optional[_Iterable[int]] = ..., timestamps: _Optional[_Iterable[float]] = ..., features: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., awaiting_reply: _Optional[bool] = ..., awaited_timestamp: _Optional[float] = ..., awaited_query: _Optional[str] = ...) -> None: ...
 
 class OpenResponse(_message.Message):
-    __slots__ = ("replica_id", "epoch", "limits")
+    __slots__ = ("replica_id", "epoch", "limits", "restored_turns")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_TURNS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     epoch: int
     limits: _live_stream_pb2.Limits
-    def __init__(self, replica_id: _Optional[str] = ..., epoch: _Optional[int] = ..., limits: _Optional[_Union[_live_stream_pb2.Limits, _Mapping]] = ...) -> None: ...
+    restored_turns: int
+    def __init__(self, replica_id: _Optional[str] = ..., epoch: _Optional[int] = ..., limits: _Optional[_Union[_live_stream_pb2.Limits, _Mapping]] = ..., restored_turns: _Optional[int] = ...) -> None: ...
 
 class EventsRequest(_message.Message):
     __slots__ = ("gateway_id",)
