@@ -83,9 +83,9 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
                        help="Prometheus endpoint for every service's metrics: a local Ray's, or with --local this "
                             "process's (default: 8080; 0 turns it off with --local)")
     group.add_argument("--metrics-host", default=DEFAULT_METRICS_HOST,
-                       help=f"interface the metrics endpoint listens on (default: {DEFAULT_METRICS_HOST}, this host "
-                            "only; 0.0.0.0 for a scraper elsewhere; a local Ray's exporter listens either on loopback "
-                            "or on every interface)")
+                       help=f"with --local: the interface the metrics endpoint listens on (default: "
+                            f"{DEFAULT_METRICS_HOST}, this host only; 0.0.0.0 for a scraper elsewhere). On Ray the "
+                            "endpoint is Ray's own exporter, which listens on every interface of a networked node")
 
 
 
@@ -151,6 +151,9 @@ def cmd_serve(args, load) -> int:
     if args.local:
         return _serve_local(args, load)
     _port(args.address)
+    if args.metrics_host != DEFAULT_METRICS_HOST:
+        raise ValueError("--metrics-host applies to --local: on Ray the metrics endpoint is Ray's own exporter, "
+                         "which chooses its interfaces itself (every interface of a networked node)")
     _check_tls(_settings(args))
     app = _start_app(args)
     print(f"liveserve: serving liveserve.api.v1.LiveStream on {app.address}{_tls_note(args)} (Ray Serve application "
@@ -226,7 +229,7 @@ def _start_app(args):
     config = load_config(args.config, address=args.address, args=_settings(args), replicas=replicas,
                          max_replicas=None if joining else host_replica_cap())
     return start(config, ray_address=args.ray_address, metrics_port=args.metrics_port,
-                 metrics_host=getattr(args, "metrics_host", DEFAULT_METRICS_HOST), progress=lambda message: print(f"liveserve: {message}", file=sys.stderr, flush=True))
+                 progress=lambda message: print(f"liveserve: {message}", file=sys.stderr, flush=True))
 
 
 def _tls_note(args) -> str:

@@ -129,11 +129,10 @@ class RunningApp:
 
 def start(config: dict, *, ray_address: str | None = None, redis_url: str | None = None, timeout_s: float = 600.0,
           progress: Callable[[str], None] = log.info, log_to_driver: bool = False,
-          metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> RunningApp:
+          metrics_port: int | None = None) -> RunningApp:
     """Deploy `config` (see load_config) and wait for it to run. Joins `ray_address` or RAY_ADDRESS when
-    given, else starts a local Ray (its Prometheus metrics on `metrics_port`, default a free port, on
-    loopback unless `metrics_host` is another interface); uses `redis_url` or REDIS_URL when set, else
-    starts an embedded Redis."""
+    given, else starts a local Ray (its Prometheus metrics on `metrics_port`, default a free port); uses
+    `redis_url` or REDIS_URL when set, else starts an embedded Redis."""
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions
@@ -157,8 +156,7 @@ def start(config: dict, *, ray_address: str | None = None, redis_url: str | None
         if started_ray:
             progress(f"joining Ray at {address}" if address else "starting a local Ray")
             metrics_port = metrics_port or free_port()
-            local = {} if address else {"resources": POOL_RESOURCES, "_metrics_export_port": metrics_port,
-                                        **_metrics_binding(metrics_host)}
+            local = {} if address else {"resources": POOL_RESOURCES, "_metrics_export_port": metrics_port}
             ray.init(address=address, namespace="serve", include_dashboard=False, log_to_driver=log_to_driver,
                      configure_logging=False, **local)
         http = {**(config.get("http_options") or {})}
@@ -167,8 +165,7 @@ def start(config: dict, *, ray_address: str | None = None, redis_url: str | None
         serve.start(proxy_location=config.get("proxy_location", "EveryNode"), http_options=HTTPOptions(**http))
         running = RunningApp(_reachable(ServiceSettings.from_dict(app.get("args")).address), redis_url, config,
                              redis_server, started_ray,
-                             metrics_url=f"http://{_reachable_host(metrics_host)}:{metrics_port}/metrics"
-                             if started_ray and not address
+                             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics" if started_ray and not address
                              else _metrics_url())
         progress(f"deploying {APP_NAME} ({', '.join(d['name'] for d in app['deployments'])})")
         _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
@@ -189,21 +186,6 @@ def host_replica_cap() -> int:
     """Replicas per pool a local Ray on this host may run: four pools share its CPUs, and replicas beyond
     what the cores can run would only compete for them."""
     return max(1, (os.cpu_count() or 1) // 4)
-
-
-def _metrics_binding(host: str) -> dict:
-    """ray.init options that put a local Ray's metrics exporter on `host`. Ray binds it to loopback only
-    when the node's address is loopback, else to every interface; a single-node Ray loses nothing by
-    living on 127.0.0.1, so that is how loopback-only metrics are had."""
-    return {"_node_ip_address": "127.0.0.1"} if _is_loopback(host) else {}
-
-
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
-def _reachable_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "[::]", "") or _is_loopback(host) else host
 
 
 def _reachable(address: str) -> str:
