@@ -93,6 +93,16 @@ def test_unknown_sessions_bad_ids_and_missing_keys_get_specific_statuses(recorde
         assert info.value.code() == code and words in info.value.details(), (sid, info.value.details())
 
 
+def test_a_request_that_cannot_be_parsed_is_invalid_argument(recorded):
+    server, _, _ = recorded
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.unary_unary("/liveserve.api.v1.LiveStream/GetTranscript")
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\x0a\xff\xff", timeout=10)  # a length-delimited field running past the end
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "liveserve.api.v1.GetTranscriptRequest" in info.value.details()
+
+
 def test_a_server_without_redis_says_it_has_no_transcripts(tiny_model):
     server = start_local(tiny_model, "127.0.0.1:0", ServiceSettings(pool_mb=8))
     try:
