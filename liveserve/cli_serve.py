@@ -118,6 +118,7 @@ def _stream(args, address: str) -> int:
         raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
     video = getattr(args, "video", None) or str(SAMPLE_VIDEO)
     started = time.perf_counter()
+    # `client` has connection flags; `demo` talks plaintext to the server it started itself
     connection = {"credentials": channel_credentials(args), "api_key": args.api_key} if hasattr(args, "api_key") else {}
     result = stream_video(address, video, fps=args.fps, realtime=not args.fast, queries=_queries(args),
                           threshold=args.threshold, max_frames=args.max_frames, **connection)

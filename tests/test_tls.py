@@ -166,3 +166,21 @@ def test_metrics_listen_on_loopback_unless_told_otherwise(capsys):
             socket.create_connection((other, port), timeout=5).close()
     assert main(["serve", "--metrics-host", "0.0.0.0"]) == 2  # on Ray, Ray's exporter decides: say so
     assert "--metrics-host applies to --local" in capsys.readouterr().err
+
+
+def test_serve_takes_tls_files_as_absolute_settings_and_refuses_bad_ones_before_loading(pki, tmp_path, capsys,
+                                                                                     monkeypatch):
+    from liveserve.cli_serve import _settings
+
+    monkeypatch.chdir(pki["folder"])
+    args = build_parser().parse_args(["serve", "--local", "--tls-cert", "server.pem", "--tls-key", "server.key",
+                                      "--tls-client-ca", "client-ca.pem"])
+    settings = _settings(args)
+    assert settings["tls_cert_file"] == str(pki["server"].cert)  # absolute: Ray replicas run elsewhere
+    assert settings["tls_client_ca_file"] == str(pki["client_ca"].cert)
+    missing = tmp_path / "absent.pem"
+    for mode in (["--local"], []):  # before a model loads or Ray starts
+        assert main(["serve", *mode, "--model", str(tmp_path / "no-model"), "--tls-cert", str(missing),
+                     "--tls-key", "server.key"]) == 2
+        err = capsys.readouterr().err
+        assert f"server certificate {missing}: No such file or directory" in err and err.count("\n") == 1
