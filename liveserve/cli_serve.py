@@ -118,8 +118,9 @@ def _stream(args, address: str) -> int:
         raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
     video = getattr(args, "video", None) or str(SAMPLE_VIDEO)
     started = time.perf_counter()
-    # `client` has connection flags; `demo` talks plaintext to the server it started itself
-    connection = {"credentials": channel_credentials(args), "api_key": args.api_key} if hasattr(args, "api_key") else {}
+    connection = {}  # `client` has connection flags; `demo` talks plaintext to the server it started itself
+    if hasattr(args, "api_key"):
+        connection = {"credentials": channel_credentials(args), "api_key": args.api_key}
     result = stream_video(address, video, fps=args.fps, realtime=not args.fast, queries=_queries(args),
                           threshold=args.threshold, max_frames=args.max_frames, **connection)
     print(f"liveserve: session {result.session_id}: {result.decisions} frames decided, {result.fired} fired, "
@@ -204,7 +205,8 @@ def _settings(args) -> dict:
     for name in ("max_lag_s", "tick_ms", "hop_ms", "threads"):
         if getattr(args, name, None) is not None:
             settings[name] = getattr(args, name)
-    for flag, name in (("tls_cert", "tls_cert_file"), ("tls_key", "tls_key_file"), ("tls_client_ca", "tls_client_ca_file")):
+    tls_flags = {"tls_cert": "tls_cert_file", "tls_key": "tls_key_file", "tls_client_ca": "tls_client_ca_file"}
+    for flag, name in tls_flags.items():
         if getattr(args, flag, None):  # absolute: Ray replicas run in other directories
             settings[name] = str(Path(getattr(args, flag)).expanduser().resolve())
     return settings

@@ -8,6 +8,9 @@ other pools through deployment handles, one call per tick and replica.
 
 from __future__ import annotations
 
+import os
+
+import redis
 from ray import serve
 
 from liveserve.internal.v2 import perception_pb2 as ppb
@@ -38,6 +41,16 @@ def _registry(settings: ServiceSettings) -> SessionRegistry:
     return SessionRegistry(connect()[0], ttl_s=settings.session_ttl_s, closed_ttl_s=settings.closed_ttl_s)
 
 
+def _registry_reader(settings: ServiceSettings) -> SessionRegistry | None:
+    """The registry for GetTranscript, connecting at its first read: a Gateway starts, and streams, while
+    Redis is away (GetTranscript then answers UNAVAILABLE). None without REDIS_URL."""
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        return None
+    return SessionRegistry(redis.Redis.from_url(url, decode_responses=True), ttl_s=settings.session_ttl_s,
+                           closed_ttl_s=settings.closed_ttl_s)
+
+
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0})
 class GatewayDeployment:
     def __init__(self, perception, decision, reaction, settings: dict | None = None) -> None:
@@ -45,7 +58,7 @@ class GatewayDeployment:
         self.grace_s = settings.drain_timeout_s
         # The same files on every gateway host (e.g. a mounted Secret); a bad one fails the replica at once.
         credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
-        registry = _registry(settings)  # read by GetTranscript; Decision writes it
+        registry = _registry_reader(settings)  # read by GetTranscript; Decision writes it
 
         def build() -> Gateway:
             return Gateway(RayPerception(perception), ray_decision(decision), ray_reaction(reaction), settings,

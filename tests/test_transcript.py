@@ -113,6 +113,20 @@ def test_a_server_without_redis_says_it_has_no_transcripts(tiny_model):
         server.stop(grace_s=1)
 
 
+def test_a_registry_that_does_not_answer_is_unavailable(tiny_model):
+    from liveserve.services.redis_server import free_port
+
+    nobody = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1,
+                                  decode_responses=True)
+    server = start_local(tiny_model, "127.0.0.1:0", ServiceSettings(pool_mb=8), registry=SessionRegistry(nobody))
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            _get(server.address, "0" * 32, "")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "retry" in info.value.details()
+    finally:
+        server.stop(grace_s=1)
+
+
 def test_the_transcript_command_prints_json_and_webvtt(recorded, capsys):
     server, session_id, done = recorded
     _closed_transcript(server.address, session_id, 1 + len(done))
