@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from liveserve.cli_connection import add_connection_options
 from liveserve.loadtest.config import (DEFAULT_ADDRESS, MAX_DURATION_S, MAX_FPS, MAX_QUERIES_PER_MIN, MAX_RAMP_UP_S,
                                        MAX_SESSIONS, MAX_SWEEP_LEVELS, ConfigError, LoadConfig, parse_levels)
 
@@ -19,7 +20,8 @@ _D = LoadConfig()
 EPILOG = f"""\
 examples:
   liveserve loadtest --sessions 16 --duration 60 --fps 2 --json out/lt.json --html out/lt.html
-  liveserve loadtest --address gateway:443 --tls --credential api_key=$KEY --sessions 64 --ramp-up 30
+  liveserve loadtest --address gateway:443 --tls --api-key $KEY --sessions 64 --ramp-up 30
+  liveserve loadtest --address gateway:50051 --ca ca.pem --cert client.pem --key client.key --sessions 8
   liveserve loadtest --sweep 1,2,4,8,16 --duration 30 --slo-ms 250 --slo-target 0.99 --html out/sweep.html
   liveserve loadtest --sweep-max 64 --queries-per-min 2 --video clip.mp4
 
@@ -49,11 +51,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     target = p.add_argument_group("target")
     target.add_argument("--address", default=_D.address,
                         help=f"server host:port (default: {DEFAULT_ADDRESS}, this machine)")
-    target.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
     target.add_argument("--credential", action="append", default=[], metavar="KEY=VALUE",
                         help="sent in Open.credentials, e.g. api_key=...; repeatable (values are redacted in reports)")
     target.add_argument("--connect-timeout", type=float, default=_D.connect_timeout_s, metavar="S",
                         help="give up when the server does not answer within S seconds (default: %(default)g)")
+
+    add_connection_options(p)
 
     load = p.add_argument_group("load")
     levels = load.add_mutually_exclusive_group()
@@ -118,12 +121,15 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         if not sep:
             raise ConfigError(f"--credential takes KEY=VALUE, got {item!r}")
         credentials.append((key.strip(), value))
+    if args.api_key and not any(key == "api_key" for key, _ in credentials):
+        credentials.append(("api_key", args.api_key))
     return LoadConfig(
         address=args.address, sessions=args.sessions, duration_s=args.duration, fps=args.fps,
         ramp_up_s=args.ramp_up, queries_per_min=args.queries_per_min, seed=args.seed, video=args.video,
         frame_size=args.frame_size, image_format=args.image_format, threshold=args.threshold,
         max_new_tokens=args.max_new_tokens, cache_policy=args.cache or "", credentials=tuple(credentials),
-        tls=args.tls, slo_ms=args.slo_ms, slo_target=args.slo_target,
+        tls=args.tls, tls_ca=args.ca, tls_cert=args.cert, tls_key=args.key, slo_ms=args.slo_ms,
+        slo_target=args.slo_target,
         sweep=parse_levels(args.sweep) if args.sweep else (), sweep_max=args.sweep_max,
         connect_timeout_s=args.connect_timeout, open_timeout_s=args.open_timeout,
         drain_timeout_s=args.drain_timeout, streams_per_connection=args.streams_per_connection)

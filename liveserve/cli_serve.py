@@ -1,4 +1,4 @@
-"""The serving commands of the `liveserve` CLI: serve, client, demo."""
+"""The serving commands of the `liveserve` CLI: serve, client, transcript, demo."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import threading
 import time
 from pathlib import Path
 
+from liveserve.cli_connection import add_connection_options, channel_credentials
+
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_METRICS_HOST = "127.0.0.1"
 
 
 def add_parsers(sub, add_model_options, positive_float) -> None:
@@ -34,11 +37,29 @@ def add_parsers(sub, add_model_options, positive_float) -> None:
     serve.add_argument("--hop-ms", type=float, help="a busy hop between services sends at most once per this; an idle "
                                                     "one at once (default: 10)")
     _add_ray_options(serve)
+    tls = serve.add_argument_group("transport security")
+    tls.add_argument("--tls-cert", help="serve the gRPC API over TLS with this PEM certificate (chain), with --tls-key "
+                                        "(setting tls_cert_file)")
+    tls.add_argument("--tls-key", help="the certificate's PEM private key (setting tls_key_file)")
+    tls.add_argument("--tls-client-ca", help="require client certificates signed by this PEM CA: mutual TLS "
+                                             "(setting tls_client_ca_file)")
 
     client = sub.add_parser("client", help="stream a video over the LiveStream API and print what the model says")
     client.add_argument("video", nargs="?", help="video file (default: the bundled sample)")
     client.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default: {DEFAULT_ADDRESS})")
     _add_stream_options(client, positive_float)
+    add_connection_options(client)
+
+    transcript = sub.add_parser("transcript", help="print a session's queries and replies (GetTranscript) as JSON "
+                                                   "or WebVTT subtitles")
+    transcript.add_argument("session", help="the session id (SessionOpened.session_id, printed by `client`)")
+    transcript.add_argument("--address", default=DEFAULT_ADDRESS,
+                            help=f"server host:port (default: {DEFAULT_ADDRESS})")
+    transcript.add_argument("--format", choices=("json", "vtt"), default="json", help="output format (default: json)")
+    transcript.add_argument("--cue-s", type=positive_float, default=5.0, metavar="S",
+                            help="WebVTT: a cue lasts until the next one of its speaker, at most S seconds "
+                                 "(default: 5)")
+    add_connection_options(transcript)
 
     demo = sub.add_parser("demo", help="serve the application on a local Ray, stream the bundled sample through it, "
                                        "shut down")
@@ -59,8 +80,12 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
                            help=f"fixed number of {name.capitalize()} replicas (default: the config's)")
     group.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     group.add_argument("--metrics-port", type=int, default=8080,
-                       help="Prometheus endpoint on 127.0.0.1 for every service's metrics: a local Ray's, or with "
-                            "--local this process's (default: 8080; 0 turns it off with --local)")
+                       help="Prometheus endpoint for every service's metrics: a local Ray's, or with --local this "
+                            "process's (default: 8080; 0 turns it off with --local)")
+    group.add_argument("--metrics-host", default=DEFAULT_METRICS_HOST,
+                       help=f"with --local: the interface the metrics endpoint listens on (default: "
+                            f"{DEFAULT_METRICS_HOST}, this host only; 0.0.0.0 for a scraper elsewhere). On Ray the "
+                            "endpoint is Ray's own exporter, which listens on every interface of a networked node")
 
 
 
@@ -93,8 +118,11 @@ def _stream(args, address: str) -> int:
         raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
     video = getattr(args, "video", None) or str(SAMPLE_VIDEO)
     started = time.perf_counter()
+    connection = {}  # `client` has connection flags; `demo` talks plaintext to the server it started itself
+    if hasattr(args, "api_key"):
+        connection = {"credentials": channel_credentials(args), "api_key": args.api_key}
     result = stream_video(address, video, fps=args.fps, realtime=not args.fast, queries=_queries(args),
-                          threshold=args.threshold, max_frames=args.max_frames)
+                          threshold=args.threshold, max_frames=args.max_frames, **connection)
     print(f"liveserve: session {result.session_id}: {result.decisions} frames decided, {result.fired} fired, "
           f"{len(result.responses)} responses in {time.perf_counter() - started:.1f}s; "
           f"max decision lag {result.max_lag_s * 1e3:.0f} ms", file=sys.stderr)
@@ -105,13 +133,32 @@ def cmd_client(args) -> int:
     return _stream(args, args.address)
 
 
+def cmd_transcript(args) -> int:
+    import json
+
+    from liveserve.services.client import fetch_transcript
+    from liveserve.services.transcript import to_webvtt, transcript_to_dict
+
+    transcript = fetch_transcript(args.address, args.session, credentials=channel_credentials(args),
+                                  api_key=args.api_key)
+    if args.format == "vtt":
+        sys.stdout.write(to_webvtt(transcript, args.cue_s))
+    else:
+        print(json.dumps(transcript_to_dict(transcript), indent=2, ensure_ascii=False))
+    return 0
+
+
 def cmd_serve(args, load) -> int:
     logging.basicConfig(level=logging.INFO, format="liveserve: %(message)s")
     if args.local:
         return _serve_local(args, load)
     _port(args.address)
+    if args.metrics_host != DEFAULT_METRICS_HOST:
+        raise ValueError("--metrics-host applies to --local: on Ray the metrics endpoint is Ray's own exporter, "
+                         "which chooses its interfaces itself (every interface of a networked node)")
+    _check_tls(_settings(args))
     app = _start_app(args)
-    print(f"liveserve: serving liveserve.api.v1.LiveStream on {app.address} (Ray Serve application "
+    print(f"liveserve: serving liveserve.api.v1.LiveStream on {app.address}{_tls_note(args)} (Ray Serve application "
           f"'liveserve'; Redis {app.redis_url}; metrics {app.metrics_url or 'on each Ray node'}); Ctrl-C to stop",
           file=sys.stderr, flush=True)
     stop = threading.Event()
@@ -158,7 +205,19 @@ def _settings(args) -> dict:
     for name in ("max_lag_s", "tick_ms", "hop_ms", "threads"):
         if getattr(args, name, None) is not None:
             settings[name] = getattr(args, name)
+    tls_flags = {"tls_cert": "tls_cert_file", "tls_key": "tls_key_file", "tls_client_ca": "tls_client_ca_file"}
+    for flag, name in tls_flags.items():
+        if getattr(args, flag, None):  # absolute: Ray replicas run in other directories
+            settings[name] = str(Path(getattr(args, flag)).expanduser().resolve())
     return settings
+
+
+def _check_tls(settings: dict) -> None:
+    """Read the TLS files now, so a bad one fails before a model loads or Ray starts."""
+    from liveserve.services.tls import server_credentials
+
+    server_credentials(settings.get("tls_cert_file", ""), settings.get("tls_key_file", ""),
+                       settings.get("tls_client_ca_file", ""))
 
 
 def _start_app(args):
@@ -174,6 +233,12 @@ def _start_app(args):
                          max_replicas=None if joining else host_replica_cap())
     return start(config, ray_address=args.ray_address, metrics_port=args.metrics_port,
                  progress=lambda message: print(f"liveserve: {message}", file=sys.stderr, flush=True))
+
+
+def _tls_note(args) -> str:
+    if getattr(args, "tls_client_ca", None):
+        return " over mutual TLS"
+    return " over TLS" if getattr(args, "tls_cert", None) else ""
 
 
 def _model_ref(model: str) -> str:
@@ -214,19 +279,39 @@ def _serve_local(args, load) -> int:
     from liveserve.services.telemetry import serve_metrics
 
     settings = _local_settings(args, args.address)
+    _check_tls(settings.to_dict())
     if args.threads:  # one process: the pools share torch's threads, all of the host's cores by default
         torch.set_num_threads(args.threads)
     model = load(args)
-    server = start_local(model, args.address, settings, reaction_model=_reaction_model(args, load))
+    registry, redis_note = _local_registry(settings)
+    server = start_local(model, args.address, settings, reaction_model=_reaction_model(args, load), registry=registry)
     metrics = ""
     if args.metrics_port:
-        metrics = f"; metrics http://127.0.0.1:{serve_metrics(f'127.0.0.1:{args.metrics_port}')}/metrics"
+        host = args.metrics_host
+        metrics = f"; metrics http://{host}:{serve_metrics(f'{host}:{args.metrics_port}')}/metrics"
     engine = server.engine
-    print(f"liveserve: serving liveserve.api.v1.LiveStream on {server.address} (model {model.name} on "
-          f"{model.device}; KV pool {engine.pool.nbytes / 2**20:.0f} MiB per engine, {engine.kernel} attention"
-          f"{metrics}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    print(f"liveserve: serving liveserve.api.v1.LiveStream on {server.address}{_tls_note(args)} (model {model.name} "
+          f"on {model.device}; KV pool {engine.pool.nbytes / 2**20:.0f} MiB per engine, {engine.kernel} attention; "
+          f"{redis_note}{metrics}); Ctrl-C to stop", file=sys.stderr, flush=True)
     serve_forever(server)
     return 0
+
+
+def _local_registry(settings):
+    """Where one process records its sessions (for transcripts): REDIS_URL when set (it must answer),
+    else an embedded Redis when a redis-server is at hand, else nowhere."""
+    from liveserve.services.redis_server import EmbeddedRedis, RedisUnavailable, connect
+    from liveserve.services.registry import SessionRegistry
+
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        try:
+            url = EmbeddedRedis().start().keep_alive().url
+        except RedisUnavailable as exc:
+            return None, f"no Redis ({exc}): sessions are not recorded, no transcripts"
+    client, _ = connect(url)
+    registry = SessionRegistry(client, ttl_s=settings.session_ttl_s, closed_ttl_s=settings.closed_ttl_s)
+    return registry, f"sessions recorded in Redis {url}"
 
 
 def _demo_local(args, load) -> int:

@@ -47,7 +47,10 @@ class LoadConfig:
     max_new_tokens: int = 0  # 0: the server's default
     cache_policy: str = ""
     credentials: tuple[tuple[str, str], ...] = ()
-    tls: bool = False
+    tls: bool = False  # TLS with the system's roots; also implied by any of the files below
+    tls_ca: str = ""  # PEM CA the server's certificate must chain to
+    tls_cert: str = ""  # PEM client certificate and key, for servers that require them (mutual TLS)
+    tls_key: str = ""
     slo_ms: float = 250.0
     slo_target: float = 0.99
     sweep: tuple[int, ...] = ()
@@ -80,6 +83,13 @@ class LoadConfig:
         for key, _ in self.credentials:
             if not key:
                 raise ConfigError("--credential needs KEY=VALUE with a non-empty KEY")
+        if self.uses_tls:
+            from liveserve.services.tls import TlsConfigError, channel_credentials
+
+            try:  # read now: a bad file is a bad option, not a failed run
+                channel_credentials(self.tls_ca, self.tls_cert, self.tls_key)
+            except TlsConfigError as exc:
+                raise ConfigError(f"--ca/--cert/--key: {exc}") from None
         _check_range("--slo-ms", self.slo_ms, 0.0, 3_600_000.0, low_open=True, unit="ms")
         _check_range("--slo-target", self.slo_target, 0.0, 1.0, low_open=True)
         _check_range("--connect-timeout", self.connect_timeout_s, 0.0, 600.0, low_open=True, unit="s")
@@ -103,6 +113,10 @@ class LoadConfig:
         if len(levels) > MAX_SWEEP_LEVELS:
             raise ConfigError(f"--sweep has {len(levels)} levels; the cap is {MAX_SWEEP_LEVELS}")
         return levels
+
+    @property
+    def uses_tls(self) -> bool:
+        return bool(self.tls or self.tls_ca or self.tls_cert or self.tls_key)
 
     @property
     def is_sweep(self) -> bool:

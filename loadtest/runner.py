@@ -28,6 +28,7 @@ from liveserve.loadtest.metrics import LevelReport, LiveStats, RunReport, aggreg
 from liveserve.loadtest.progress import Progress
 from liveserve.loadtest.session import SessionDriver
 from liveserve.loadtest.workload import FrameBank, frame_bank
+from liveserve.services.tls import channel_credentials
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LiveStream"].full_name
 # Above this the client itself was late: what it measured is a lighter load than the one configured.
@@ -44,8 +45,9 @@ def _channel(config: LoadConfig) -> grpc.aio.Channel:
         ("grpc.max_send_message_length", 16 << 20),
         ("grpc.max_receive_message_length", 16 << 20),
     ]
-    if config.tls:
-        return grpc.aio.secure_channel(config.address, grpc.ssl_channel_credentials(), options=options)
+    if config.uses_tls:
+        credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
+        return grpc.aio.secure_channel(config.address, credentials, options=options)
     return grpc.aio.insecure_channel(config.address, options=options)
 
 

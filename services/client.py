@@ -19,6 +19,7 @@ from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
 from liveserve.engine.events import FrameDecision, ResponseDone
 from liveserve.run import Printer, RunStats
 from liveserve.services.messages import from_message
+from liveserve.services.tls import open_channel
 from liveserve.video import iter_video_frames, paced, probe_video
 
 
@@ -66,15 +67,17 @@ def requests(video: str, *, fps: float, size: int, realtime: bool, queries: list
 def stream_video(address: str, video: str, *, fps: float = 2.0, size: int = 384, realtime: bool = False,
                  queries: list[tuple[float, str]] = (), threshold: float | None = None,
                  max_frames: int | None = None, printer: Printer | None = None,
-                 timeout_s: float = 3600.0) -> ClientResult:
+                 timeout_s: float = 3600.0, credentials: grpc.ChannelCredentials | None = None,
+                 api_key: str = "") -> ClientResult:
+    """`credentials`: TLS (tls.channel_credentials), else plaintext; `api_key` goes in Open.credentials."""
     info = probe_video(video)  # fail on a bad file before connecting
     total = info.num_frames_at(fps) if max_frames is None else min(max_frames, info.num_frames_at(fps))
     printer = printer or Printer(total)
-    open_message = pb.Open(fps=fps)
+    open_message = pb.Open(fps=fps, credentials={"api_key": api_key} if api_key else {})
     if threshold is not None:
         open_message.threshold = threshold
     result, stats, started = ClientResult(), RunStats(), time.perf_counter()
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, credentials) as channel:
         call = pb_grpc.LiveStreamStub(channel).Stream(
             requests(video, fps=fps, size=size, realtime=realtime, queries=list(queries), open_message=open_message,
                      max_frames=max_frames), timeout=timeout_s)
@@ -104,3 +107,14 @@ def stream_video(address: str, video: str, *, fps: float = 2.0, size: int = 384,
         finally:
             printer.finish()
     return result
+
+
+def fetch_transcript(address: str, session_id: str, *, credentials: grpc.ChannelCredentials | None = None,
+                     api_key: str = "", timeout_s: float = 30.0) -> pb.Transcript:
+    """A session's transcript (GetTranscript); ClientError names the status when the server refuses."""
+    request = pb.GetTranscriptRequest(session_id=session_id, credentials={"api_key": api_key} if api_key else {})
+    with open_channel(address, credentials) as channel:
+        try:
+            return pb_grpc.LiveStreamStub(channel).GetTranscript(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise ClientError(f"{exc.code().name}: {exc.details()}") from None

@@ -8,6 +8,9 @@ other pools through deployment handles, one call per tick and replica.
 
 from __future__ import annotations
 
+import os
+
+import redis
 from ray import serve
 
 from liveserve.internal.v2 import perception_pb2 as ppb
@@ -25,6 +28,7 @@ from liveserve.services.seams import RayPerception, ray_decision, ray_reaction
 from liveserve.services.server import GatewayServer
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.telemetry import use_ray_metrics
+from liveserve.services.tls import server_credentials
 
 
 def _settings(values: dict | None) -> ServiceSettings:
@@ -32,18 +36,36 @@ def _settings(values: dict | None) -> ServiceSettings:
     return ServiceSettings.from_dict(values)
 
 
+def _registry(settings: ServiceSettings) -> SessionRegistry:
+    """The session registry at REDIS_URL (set for every replica by the launcher or the manifests)."""
+    return SessionRegistry(connect()[0], ttl_s=settings.session_ttl_s, closed_ttl_s=settings.closed_ttl_s)
+
+
+def _registry_reader(settings: ServiceSettings) -> SessionRegistry | None:
+    """The registry for GetTranscript, connecting at its first read: a Gateway starts, and streams, while
+    Redis is away (GetTranscript then answers UNAVAILABLE). None without REDIS_URL."""
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        return None
+    return SessionRegistry(redis.Redis.from_url(url, decode_responses=True), ttl_s=settings.session_ttl_s,
+                           closed_ttl_s=settings.closed_ttl_s)
+
+
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0})
 class GatewayDeployment:
     def __init__(self, perception, decision, reaction, settings: dict | None = None) -> None:
         settings = _settings(settings)
         self.grace_s = settings.drain_timeout_s
+        # The same files on every gateway host (e.g. a mounted Secret); a bad one fails the replica at once.
+        credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+        registry = _registry_reader(settings)  # read by GetTranscript; Decision writes it
 
         def build() -> Gateway:
             return Gateway(RayPerception(perception), ray_decision(decision), ray_reaction(reaction), settings,
-                           gateway_id=replica_id())
+                           gateway_id=replica_id(), registry=registry)
 
         self.server = GatewayServer(build, settings.address, max_frame_bytes=settings.max_frame_bytes,
-                                    check_every_s=settings.heartbeat_s).start()
+                                    check_every_s=settings.heartbeat_s, credentials=credentials).start()
 
     async def Address(self) -> str:
         """Where this replica serves the public API (tools and tests)."""
@@ -128,8 +150,7 @@ class DecisionDeployment(_SessionPool):
     def __init__(self, settings: dict | None = None) -> None:
         settings = _settings(settings)
         model = load_replica_model(settings.model, vision=False, threads=settings.threads)
-        registry = SessionRegistry(connect()[0], ttl_s=settings.session_ttl_s, closed_ttl_s=settings.closed_ttl_s)
-        self.service = DecisionService(model, settings, replica_id(), registry)
+        self.service = DecisionService(model, settings, replica_id(), _registry(settings))
 
     async def Sessions(self, route_to: str = "") -> dict:
         """This replica's id and its sessions, with how far each got (operators' tools, and tests)."""

@@ -10,6 +10,8 @@ Recoverable input problems come back as Warnings and the session goes on; proble
 it with a status: FAILED_PRECONDITION (no Open first), UNAUTHENTICATED (the deployment has API keys and
 the Open carries none of them), INVALID_ARGUMENT (bad Open), RESOURCE_EXHAUSTED (no replica has room,
 or the session's cache filled up), UNAVAILABLE (a service failed or did not answer in time), INTERNAL.
+
+GetTranscript reads a session's record and history from the registry (Redis), under the same API keys.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
+import redis
 from opentelemetry import context as otel_context
 
 from liveserve.api.v1 import live_stream_pb2 as pb
@@ -32,10 +35,12 @@ from liveserve.services.auth import api_key_accepted, api_keys_from_env
 from liveserve.services.errors import internal
 from liveserve.services.links import FrameBatcher, ReplicaLink
 from liveserve.services.messages import session_config
+from liveserve.services.registry import SessionRegistry
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.stream_session import Finish, StreamSession
 from liveserve.services.telemetry import GatewayMetrics
 from liveserve.services.tracing import extract, tracer
+from liveserve.services.transcript import SESSION_ID, transcript_from_record
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +65,12 @@ class CallFailed(Exception):
 
 
 class Gateway(pb_grpc.LiveStreamServicer):
-    def __init__(self, perception, decision, reaction, settings: ServiceSettings, gateway_id: str = "") -> None:
-        """`perception`, `decision`, `reaction`: the services through one transport (seams.py)."""
+    def __init__(self, perception, decision, reaction, settings: ServiceSettings, gateway_id: str = "",
+                 registry: SessionRegistry | None = None) -> None:
+        """`perception`, `decision`, `reaction`: the services through one transport (seams.py); `registry`:
+        where Decision records sessions, read by GetTranscript (None: no transcripts)."""
         self.perception, self.decision, self.reaction = perception, decision, reaction
+        self.registry = registry
         self.settings, self.id = settings, gateway_id or f"gateway-{uuid.uuid4().hex[:12]}"
         self.defaults = settings.session_defaults()
         # One checkpoint decides and replies: Reaction's token ids are valid in Decision's cache as they are.
@@ -123,6 +131,40 @@ class Gateway(pb_grpc.LiveStreamServicer):
         if end.code != grpc.StatusCode.OK:
             self.metrics.errors.inc(tags={"code": end.code.name})
             await context.abort(end.code, end.details)
+
+    async def GetTranscript(self, request: pb.GetTranscriptRequest | Unparsable,
+                            context: grpc.aio.ServicerContext) -> pb.Transcript:
+        try:
+            return await self._transcript(request)
+        except CallFailed as failed:
+            self.metrics.errors.inc(tags={"code": failed.code.name})
+            await context.abort(failed.code, failed.details)
+        except Exception as exc:
+            self.metrics.errors.inc(tags={"code": "INTERNAL"})
+            await context.abort(grpc.StatusCode.INTERNAL, internal(log, "reading the transcript failed", exc))
+
+    async def _transcript(self, request: pb.GetTranscriptRequest | Unparsable) -> pb.Transcript:
+        if isinstance(request, Unparsable):
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
+        if not api_key_accepted(request.credentials, self.api_keys):
+            raise CallFailed(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown api_key in credentials")
+        if not SESSION_ID.fullmatch(request.session_id):
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"session_id must be 1-128 letters, digits, '-' or "
+                                                               f"'_' (SessionOpened.session_id), got "
+                                                               f"{request.session_id[:140]!r}")
+        if self.registry is None:
+            raise CallFailed(grpc.StatusCode.FAILED_PRECONDITION,
+                             "this server keeps no session records (no Redis), so it has no transcripts")
+        try:
+            record = await asyncio.to_thread(self.registry.get, request.session_id)
+        except redis.RedisError as exc:
+            raise CallFailed(grpc.StatusCode.UNAVAILABLE, f"the session registry did not answer ({type(exc).__name__});"
+                                                          f" retry shortly") from None
+        if record is None:
+            raise CallFailed(grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r}: it never existed, or "
+                                                        f"its record expired ({self.settings.closed_ttl_s:g}s after "
+                                                        f"it closed)")
+        return transcript_from_record(record)
 
     async def _open(self, first: pb.ClientMessage | Unparsable, trace_parent: otel_context.Context) -> StreamSession:
         if isinstance(first, Unparsable):

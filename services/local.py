@@ -18,9 +18,11 @@ from liveserve.services.decision import DecisionService
 from liveserve.services.gateway import Gateway
 from liveserve.services.perception import FrameEncoder
 from liveserve.services.reaction import ReactionService
+from liveserve.services.registry import SessionRegistry
 from liveserve.services.seams import LocalPerception, LocalSessions
 from liveserve.services.server import GatewayServer
 from liveserve.services.settings import ServiceSettings
+from liveserve.services.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +31,18 @@ class LocalServer:
     """A running single-process server (see `start_local`)."""
 
     def __init__(self, model: LiveModel, address: str, settings: ServiceSettings,
-                 reaction_model: LiveModel | None = None) -> None:
-        self.settings = settings
+                 reaction_model: LiveModel | None = None, registry: SessionRegistry | None = None) -> None:
+        self.settings, self.registry = settings, registry
+        credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
         self.encoder = FrameEncoder(model, settings.max_batch_size, settings.max_frame_pixels)
-        self.decision = DecisionService(model, settings, replica="local")
+        self.decision = DecisionService(model, settings, replica="local", registry=registry)
         self.reaction = ReactionService(reaction_model or model, settings, replica="local")
         self.server = GatewayServer(self._gateway, address, max_frame_bytes=settings.max_frame_bytes,
-                                    check_every_s=settings.heartbeat_s, name="grpc-server")
+                                    check_every_s=settings.heartbeat_s, name="grpc-server", credentials=credentials)
 
     def _gateway(self) -> Gateway:
         return Gateway(LocalPerception(self.encoder), LocalSessions(self.decision), LocalSessions(self.reaction),
-                       self.settings, gateway_id="local")
+                       self.settings, gateway_id="local", registry=self.registry)
 
     @property
     def address(self) -> str:
@@ -69,9 +72,10 @@ class LocalServer:
 
 
 def start_local(model: LiveModel, address: str = "127.0.0.1:0", settings: ServiceSettings | None = None, *,
-                reaction_model: LiveModel | None = None) -> LocalServer:
-    """Start the services and the gRPC server; returns once listening (`.address` has the bound port)."""
-    return LocalServer(model, address, settings or ServiceSettings(), reaction_model).start()
+                reaction_model: LiveModel | None = None, registry: SessionRegistry | None = None) -> LocalServer:
+    """Start the services and the gRPC server; returns once listening (`.address` has the bound port).
+    With a `registry`, sessions are recorded in Redis (and GetTranscript reads them back)."""
+    return LocalServer(model, address, settings or ServiceSettings(), reaction_model, registry).start()
 
 
 def serve_forever(server: LocalServer, grace_s: float = 5.0) -> None:

@@ -27,10 +27,13 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LiveStream"].full_name
 
 class GatewayServer:
     def __init__(self, build: Callable[[], Gateway], address: str, *, max_frame_bytes: int,
-                 check_every_s: float = 2.0, name: str = "gateway") -> None:
+                 check_every_s: float = 2.0, name: str = "gateway",
+                 credentials: grpc.ServerCredentials | None = None) -> None:
         """`build` makes the Gateway on the server's loop (its services' loop-bound parts live there too);
-        every `check_every_s` it asks the pools whether they answer, and health says so."""
+        every `check_every_s` it asks the pools whether they answer, and health says so. With `credentials`
+        (tls.server_credentials) the port speaks TLS only, health and reflection included."""
         self._build, self._requested, self._max_frame_bytes = build, address, max_frame_bytes
+        self._credentials = credentials
         self._check_every_s = check_every_s
         self.gateway: Gateway | None = None
         self.address = ""
@@ -80,7 +83,10 @@ class GatewayServer:
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = server.add_insecure_port(self._requested)
+        if self._credentials is None:
+            port = server.add_insecure_port(self._requested)
+        else:
+            port = server.add_secure_port(self._requested, self._credentials)
         if port == 0:
             raise OSError(f"cannot listen on {self._requested}")
         await server.start()
@@ -108,17 +114,26 @@ class GatewayServer:
             self._thread.join(grace_s + 10)
 
 
-def _parse(data: bytes) -> pb.ClientMessage | Unparsable:
-    """A client message, or what was wrong with it: the Gateway ends the call with INVALID_ARGUMENT
-    rather than let gRPC drop the message or fail the call with an unrelated status."""
-    try:
-        return pb.ClientMessage.FromString(data)
-    except DecodeError as exc:
-        return Unparsable(f"a message could not be parsed as liveserve.api.v1.ClientMessage ({exc})")
+def _parser(message_type):
+    """A deserializer giving the message, or what was wrong with it: the Gateway ends the call with
+    INVALID_ARGUMENT rather than let gRPC drop the message or fail the call with an unrelated status."""
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return Unparsable(f"a message could not be parsed as {message_type.DESCRIPTOR.full_name} ({exc})")
+
+    return parse
 
 
 def _add_live_stream(gateway: Gateway, server: grpc.aio.Server) -> None:
-    handlers = {"Stream": grpc.stream_stream_rpc_method_handler(
-        gateway.Stream, request_deserializer=_parse, response_serializer=pb.ServerMessage.SerializeToString)}
+    handlers = {
+        "Stream": grpc.stream_stream_rpc_method_handler(
+            gateway.Stream, request_deserializer=_parser(pb.ClientMessage),
+            response_serializer=pb.ServerMessage.SerializeToString),
+        "GetTranscript": grpc.unary_unary_rpc_method_handler(
+            gateway.GetTranscript, request_deserializer=_parser(pb.GetTranscriptRequest),
+            response_serializer=pb.Transcript.SerializeToString),
+    }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -41,6 +41,11 @@ class ServiceSettings:
     # frames beyond are dropped and reported, so one flooding client cannot crowd out its neighbours.
     ingress_factor: float = 2.0
     api_keys_env: str = ""  # an environment variable listing accepted API keys (comma-separated); "": none
+    # TLS on the public port (PEM files where the Gateway runs); "": plaintext. A client CA requires every
+    # client to present a certificate it signed (mutual TLS).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
     call_timeout_s: float = 30.0  # an internal call that takes longer fails the session with UNAVAILABLE
     drain_timeout_s: float = 60.0  # Close waits this long for queued frames and replies to finish
     # Registry
@@ -68,6 +73,10 @@ class ServiceSettings:
             raise ValueError("heartbeat_s must be shorter than session_ttl_s, or records expire between beats")
         if not 0 <= self.reaction_nice <= 19:
             raise ValueError(f"reaction_nice must be in [0, 19], got {self.reaction_nice}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file: mutual TLS is TLS first")
         if self.pool_mb is not None and self.pool_mb < 1:
             raise ValueError(f"pool_mb must be >= 1, got {self.pool_mb}")
         self.session_defaults()  # validates threshold, cache policy and lengths

@@ -43,6 +43,19 @@ def session_messages(frames: int, threshold: float | None = None, queries=(), cl
         yield pb.ClientMessage(close=pb.Close())
 
 
+def other_address() -> str | None:
+    """An IPv4 address of this host other than loopback, if it has one (to show a port is loopback-only)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # sends nothing: only picks the outgoing interface
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
 def kinds(replies) -> list[str]:
     return [r.WhichOneof("kind") for r in replies]
 

@@ -55,11 +55,12 @@ def test_client_without_a_server_is_a_one_line_error(capsys):
     assert code == 2 and err.startswith("liveserve: error: UNAVAILABLE") and err.count("\n") == 1
 
 
-def test_single_process_server_answers_a_client_and_stops_on_sigint(tiny_dir):
+def test_single_process_server_answers_a_client_keeps_its_transcript_and_stops_on_sigint(tiny_dir):
     port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
     server = subprocess.Popen([sys.executable, "-m", "liveserve", "serve", "--local", "--model", str(tiny_dir),
                                "--address", f"127.0.0.1:{port}", "--pool-mb", "64"],
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              stderr=subprocess.PIPE, text=True, env={**env, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 120
         line = ""
@@ -73,6 +74,17 @@ def test_single_process_server_answers_a_client_and_stops_on_sigint(tiny_dir):
         assert client.returncode == 0, client.stderr
         assert client.stdout.startswith("[   0.00s] User: Hello\n")
         assert "2 frames decided" in client.stderr
+        assert "sessions recorded in Redis redis://127.0.0.1:" in line  # an embedded one: REDIS_URL is unset
+        session_id = client.stderr.split("session ", 1)[1].split(":", 1)[0]
+        deadline = time.monotonic() + 30  # the history is written off the serving path
+        while True:
+            transcript = subprocess.run([sys.executable, "-m", "liveserve", "transcript", session_id, "--address",
+                                         f"127.0.0.1:{port}", "--format", "vtt"], capture_output=True, text=True,
+                                        timeout=60)
+            assert transcript.returncode == 0, transcript.stderr
+            if "<v User>Hello" in transcript.stdout or time.monotonic() > deadline:
+                break
+        assert transcript.stdout.startswith("WEBVTT\n") and "q1\n00:00:00.000 --> " in transcript.stdout
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
     finally:

@@ -37,6 +37,14 @@ def registry(ray_app):
     return SessionRegistry(redis.Redis.from_url(ray_app.redis_url, decode_responses=True))
 
 
+def get_transcript(address: str, session_id: str) -> pb.Transcript:
+    from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.LiveStreamStub(channel).GetTranscript(pb.GetTranscriptRequest(session_id=session_id),
+                                                            timeout=10)
+
+
 def decision_handle():
     from ray import serve
 
@@ -60,6 +68,9 @@ def test_one_session_end_to_end_with_a_query_and_its_record_in_redis(ray_app, re
     assert record is not None and record.state == "closed" and record.owner
     assert {"t": 1.0, "role": "user", "text": "what is happening"} in record.history
     assert [t["text"] for t in record.history if t["role"] == "assistant"] == [d.text for d in done]
+    transcript = get_transcript(ray_app.address, opened.session_id)  # the Gateway reads the same record
+    assert transcript.state == "closed"
+    assert [(t.timestamp, t.text) for t in transcript.turns] == [(t["t"], t["text"]) for t in record.history]
 
 
 def test_session_metadata_expires_after_close(ray_app, registry):
@@ -71,6 +82,9 @@ def test_session_metadata_expires_after_close(ray_app, registry):
     while registry.get(session_id) is not None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert registry.get(session_id) is None
+    with pytest.raises(grpc.RpcError) as info:
+        get_transcript(ray_app.address, session_id)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_eight_concurrent_sessions_with_different_thresholds(ray_app):

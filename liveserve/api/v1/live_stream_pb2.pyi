@@ -35,6 +35,12 @@ class WarningCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WARNING_CODE_BAD_QUERY: _ClassVar[WarningCode]
     WARNING_CODE_LAGGING: _ClassVar[WarningCode]
     WARNING_CODE_SESSION_RECOVERED: _ClassVar[WarningCode]
+
+class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_UNSPECIFIED: _ClassVar[Role]
+    ROLE_USER: _ClassVar[Role]
+    ROLE_ASSISTANT: _ClassVar[Role]
 ACTION_UNSPECIFIED: Action
 ACTION_SILENT: Action
 ACTION_RESPOND: Action
@@ -52,6 +58,9 @@ WARNING_CODE_BAD_FRAME: WarningCode
 WARNING_CODE_BAD_QUERY: WarningCode
 WARNING_CODE_LAGGING: WarningCode
 WARNING_CODE_SESSION_RECOVERED: WarningCode
+ROLE_UNSPECIFIED: Role
+ROLE_USER: Role
+ROLE_ASSISTANT: Role
 
 class ClientMessage(_message.Message):
     __slots__ = ("open", "frame", "query", "close")
@@ -251,3 +260,50 @@ class SessionClosed(_message.Message):
     frames_dropped: int
     responses: int
     def __init__(self, frames_decided: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., responses: _Optional[int] = ...) -> None: ...
+
+class GetTranscriptRequest(_message.Message):
+    __slots__ = ("session_id", "credentials")
+    class CredentialsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    credentials: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., credentials: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Turn(_message.Message):
+    __slots__ = ("timestamp", "role", "text")
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    timestamp: float
+    role: Role
+    text: str
+    def __init__(self, timestamp: _Optional[float] = ..., role: _Optional[_Union[Role, str]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class Transcript(_message.Message):
+    __slots__ = ("session_id", "state", "created", "last_timestamp", "threshold", "max_new_tokens", "cache_policy", "window_frames", "turns")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    LAST_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    state: str
+    created: float
+    last_timestamp: float
+    threshold: float
+    max_new_tokens: int
+    cache_policy: str
+    window_frames: int
+    turns: _containers.RepeatedCompositeFieldContainer[Turn]
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[str] = ..., created: _Optional[float] = ..., last_timestamp: _Optional[float] = ..., threshold: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., cache_policy: _Optional[str] = ..., window_frames: _Optional[int] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ...) -> None: ...

@@ -39,6 +39,11 @@ class LiveStreamStub:
                 request_serializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.ClientMessage.SerializeToString,
                 response_deserializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.ServerMessage.FromString,
                 _registered_method=True)
+        self.GetTranscript = channel.unary_unary(
+                '/liveserve.api.v1.LiveStream/GetTranscript',
+                request_serializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.GetTranscriptRequest.SerializeToString,
+                response_deserializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.Transcript.FromString,
+                _registered_method=True)
 
 
 class LiveStreamServicer:
@@ -50,6 +55,15 @@ class LiveStreamServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTranscript(self, request, context):
+        """NOT_FOUND once the session's record has expired (or for an id that never existed); UNAUTHENTICATED
+        as for Open; INVALID_ARGUMENT for a malformed id; FAILED_PRECONDITION where the server keeps no
+        session records (one process without Redis).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LiveStreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +71,11 @@ def add_LiveStreamServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.ClientMessage.FromString,
                     response_serializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.ServerMessage.SerializeToString,
+            ),
+            'GetTranscript': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTranscript,
+                    request_deserializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.GetTranscriptRequest.FromString,
+                    response_serializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.Transcript.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +105,33 @@ class LiveStream:
             '/liveserve.api.v1.LiveStream/Stream',
             liveserve_dot_api_dot_v1_dot_live__stream__pb2.ClientMessage.SerializeToString,
             liveserve_dot_api_dot_v1_dot_live__stream__pb2.ServerMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTranscript(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liveserve.api.v1.LiveStream/GetTranscript',
+            liveserve_dot_api_dot_v1_dot_live__stream__pb2.GetTranscriptRequest.SerializeToString,
+            liveserve_dot_api_dot_v1_dot_live__stream__pb2.Transcript.FromString,
             options,
             channel_credentials,
             insecure,
