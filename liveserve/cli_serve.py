@@ -217,7 +217,8 @@ def _serve_local(args, load) -> int:
     if args.threads:  # one process: the pools share torch's threads, all of the host's cores by default
         torch.set_num_threads(args.threads)
     model = load(args)
-    server = start_local(model, args.address, settings, reaction_model=_reaction_model(args, load))
+    server = start_local(model, args.address, settings, reaction_model=_reaction_model(args, load),
+                         redis_url=os.environ.get("REDIS_URL"))  # tenants' sessions: counted there when set
     metrics = ""
     if args.metrics_port:
         metrics = f"; metrics http://127.0.0.1:{serve_metrics(f'127.0.0.1:{args.metrics_port}')}/metrics"

@@ -38,9 +38,11 @@ class GatewayDeployment:
         settings = _settings(settings)
         self.grace_s = settings.drain_timeout_s
 
+        redis = connect()[0]  # REDIS_URL: tenants' sessions are counted over every gateway replica
+
         def build() -> Gateway:
             return Gateway(RayPerception(perception), ray_decision(decision), ray_reaction(reaction), settings,
-                           gateway_id=replica_id())
+                           gateway_id=replica_id(), redis=redis)
 
         self.server = GatewayServer(build, settings.address, max_frame_bytes=settings.max_frame_bytes,
                                     check_every_s=settings.heartbeat_s).start()
@@ -112,7 +114,8 @@ class _SessionPool:
     def record_routing_stats(self) -> dict:
         """What the router places new sessions by: the free share of the KV pool, and sessions held."""
         load = self.service.load()
-        return {"sessions": load["sessions"], "free_fraction": load["free_fraction"]}
+        return {"sessions": load["sessions"], "free_fraction": load["free_fraction"],
+                "max_sessions": load.get("max_sessions", 0)}
 
     def __del__(self) -> None:
         service = getattr(self, "service", None)

@@ -18,6 +18,7 @@ from liveserve.services.decision import DecisionService
 from liveserve.services.gateway import Gateway
 from liveserve.services.perception import FrameEncoder
 from liveserve.services.reaction import ReactionService
+from liveserve.services.redis_server import connect
 from liveserve.services.seams import LocalPerception, LocalSessions
 from liveserve.services.server import GatewayServer
 from liveserve.services.settings import ServiceSettings
@@ -29,8 +30,11 @@ class LocalServer:
     """A running single-process server (see `start_local`)."""
 
     def __init__(self, model: LiveModel, address: str, settings: ServiceSettings,
-                 reaction_model: LiveModel | None = None) -> None:
+                 reaction_model: LiveModel | None = None, redis_url: str | None = None) -> None:
         self.settings = settings
+        # Tenants' sessions are counted in Redis when there is one (several servers then share the quota),
+        # else by this server alone.
+        self.redis = connect(redis_url)[0] if redis_url else None
         self.encoder = FrameEncoder(model, settings.max_batch_size, settings.max_frame_pixels)
         self.decision = DecisionService(model, settings, replica="local")
         self.reaction = ReactionService(reaction_model or model, settings, replica="local")
@@ -39,7 +43,7 @@ class LocalServer:
 
     def _gateway(self) -> Gateway:
         return Gateway(LocalPerception(self.encoder), LocalSessions(self.decision), LocalSessions(self.reaction),
-                       self.settings, gateway_id="local")
+                       self.settings, gateway_id="local", redis=self.redis)
 
     @property
     def address(self) -> str:
@@ -69,9 +73,10 @@ class LocalServer:
 
 
 def start_local(model: LiveModel, address: str = "127.0.0.1:0", settings: ServiceSettings | None = None, *,
-                reaction_model: LiveModel | None = None) -> LocalServer:
-    """Start the services and the gRPC server; returns once listening (`.address` has the bound port)."""
-    return LocalServer(model, address, settings or ServiceSettings(), reaction_model).start()
+                reaction_model: LiveModel | None = None, redis_url: str | None = None) -> LocalServer:
+    """Start the services and the gRPC server; returns once listening (`.address` has the bound port).
+    `redis_url`: where tenants' concurrent sessions are counted (None: in this process)."""
+    return LocalServer(model, address, settings or ServiceSettings(), reaction_model, redis_url).start()
 
 
 def serve_forever(server: LocalServer, grace_s: float = 5.0) -> None:

@@ -16,10 +16,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from google.protobuf.message import DecodeError
-
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.services.gateway import Gateway, Unparsable
+from liveserve.services.gateway import Gateway, Unparsed, parse_client_message
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LiveStream"].full_name
@@ -108,17 +106,14 @@ class GatewayServer:
             self._thread.join(grace_s + 10)
 
 
-def _parse(data: bytes) -> pb.ClientMessage | Unparsable:
-    """A client message, or what was wrong with it: the Gateway ends the call with INVALID_ARGUMENT
-    rather than let gRPC drop the message or fail the call with an unrelated status."""
-    try:
-        return pb.ClientMessage.FromString(data)
-    except DecodeError as exc:
-        return Unparsable(f"a message could not be parsed as liveserve.api.v1.ClientMessage ({exc})")
-
-
 def _add_live_stream(gateway: Gateway, server: grpc.aio.Server) -> None:
+    open_limit = gateway.settings.max_open_bytes
+
+    def parse(data: bytes):
+        """Messages over `max_open_bytes` stay unparsed until the Gateway knows they are not the Open."""
+        return Unparsed(data) if len(data) > open_limit else parse_client_message(data)
+
     handlers = {"Stream": grpc.stream_stream_rpc_method_handler(
-        gateway.Stream, request_deserializer=_parse, response_serializer=pb.ServerMessage.SerializeToString)}
+        gateway.Stream, request_deserializer=parse, response_serializer=pb.ServerMessage.SerializeToString)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
