@@ -135,17 +135,19 @@ class Gateway(pb_grpc.LiveStreamServicer):
             self.metrics.errors.inc(tags={"code": "INTERNAL"})
             await context.abort(grpc.StatusCode.INTERNAL, internal(log, "opening the session failed", exc))
             return
-        yield pb.ServerMessage(opened=pb.SessionOpened(
-            session_id=session.session_id, client_session_id=first.open.client_session_id,
-            limits=self._limits(session)))
-        reader = asyncio.get_running_loop().create_task(self._read(request_iterator, session))
+        reader = None
         end = Finish(grpc.StatusCode.CANCELLED, "the call ended")
-        try:
+        try:  # from the first yield: a client gone at SessionOpened must not leave the session (or its quota)
+            yield pb.ServerMessage(opened=pb.SessionOpened(
+                session_id=session.session_id, client_session_id=first.open.client_session_id,
+                limits=self._limits(session)))
+            reader = asyncio.get_running_loop().create_task(self._read(request_iterator, session))
             while not isinstance(message := await session.out.get(), Finish):
                 yield message
             end = message
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             session.abandon()  # a no-op once the session ended; else the client is gone: free it now
             self.sessions.pop(session.session_id, None)
             self._release_quota(session.tenant, session.session_id)
@@ -173,6 +175,9 @@ class Gateway(pb_grpc.LiveStreamServicer):
             usage = await self.tenancy.admit(tenant, request.session_id)
         except QuotaExceeded as exc:
             raise CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        except Exception as exc:  # Redis does not answer: retryable, as when a pool does not
+            raise CallFailed(grpc.StatusCode.UNAVAILABLE, internal(log, "counting the tenant's sessions failed",
+                                                                   exc)) from None
         try:
             placed, reaction = await self._place_session(request)
         except BaseException:
