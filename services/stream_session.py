@@ -161,10 +161,11 @@ class StreamSession:
                                                      f"its declared fps of {self.fps:g})", frames)
         if self._over_quota and not self.finished:
             frames, self._over_quota = self._over_quota, []
+            quota = self.tenant.quota.frames_per_s  # None once an operator lifted it since
             self.warn(pb.WARNING_CODE_FRAME_DROPPED, f"{len(frames)} frame(s) dropped: tenant {self.tenant.tenant!r} "
                                                      f"sent frames faster than its quota of "
-                                                     f"{self.tenant.quota.frames_per_s:g} a second (frames_per_s)",
-                      frames)
+                                                     f"{quota if quota is None else format(quota, 'g')} a second "
+                                                     f"(frames_per_s)", frames)
 
     def _check_frame(self, frame: pb.Frame) -> str:
         limit = self.gateway.settings.max_frame_bytes
