@@ -14,7 +14,10 @@ gateways cannot both take the last place; each gateway pushes its sessions' expi
 heartbeat, so the sessions of a gateway that died stop counting `session_ttl_s` later. Without Redis
 (`serve --local` without REDIS_URL: one gateway) the count is kept in memory.
 
-Frames a second and replies a minute are counted by each gateway for the tenant's sessions it holds.
+Frames a second and replies a minute are counted by each gateway for the tenant's sessions it holds,
+against the gateway's share of the quota: with Redis, each heartbeat sets it to the gateway's part of the
+tenant's open sessions (3 of 4 sessions here: 3/4 of frames_per_s), so the gateways together keep to the
+quota; until the first heartbeat after a tenant's first session here, and without Redis, the whole quota.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, fields
@@ -101,9 +105,9 @@ class QuotaBook:
 
 
 class SessionCount(Protocol):
-    def acquire(self, tenant: str, session_id: str, limit: int) -> bool: ...
+    def acquire(self, tenant: str, session_id: str, limit: int | None) -> bool: ...
     def release(self, tenant: str, session_id: str) -> None: ...
-    def refresh(self, held: list[tuple[str, str]]) -> None: ...
+    def refresh(self, held: list[tuple[str, str]]) -> dict[str, int]: ...
 
 
 class LocalSessionCount:
@@ -112,9 +116,9 @@ class LocalSessionCount:
     def __init__(self) -> None:
         self._sessions: dict[str, set[str]] = {}
 
-    def acquire(self, tenant: str, session_id: str, limit: int) -> bool:
+    def acquire(self, tenant: str, session_id: str, limit: int | None) -> bool:
         held = self._sessions.setdefault(tenant, set())
-        if len(held) >= limit:
+        if limit is not None and len(held) >= limit:
             return False
         held.add(session_id)
         return True
@@ -126,31 +130,35 @@ class LocalSessionCount:
             if not held:
                 del self._sessions[tenant]
 
-    def refresh(self, held: list[tuple[str, str]]) -> None:
-        pass
+    def refresh(self, held: list[tuple[str, str]]) -> dict[str, int]:
+        return {tenant: len(self._sessions.get(tenant, ())) for tenant, _ in held}
 
 
-# KEYS[1]: the tenant's set; ARGV: session id, limit, ttl_ms. Returns 1 (admitted) or 0 (at the limit).
+# KEYS[1]: the tenant's set; ARGV: session id, limit ('' = none), ttl_ms. Returns 1 (admitted) or 0 (at the limit).
 _ACQUIRE = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+if ARGV[2] ~= '' and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
 # KEYS: tenants' sets; ARGV: ttl_ms, then the session ids, one per key. Moves each member's expiry forward
-# (only members still there: a released session is not brought back).
+# (only members still there: a released session is not brought back), drops the expired; returns each
+# key's count of open sessions.
 _REFRESH = """
 local now = redis.call('TIME')
-local until_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[1])
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local counts = {}
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', until_ms, ARGV[i + 1])
+  redis.call('ZADD', key, 'XX', now_ms + tonumber(ARGV[1]), ARGV[i + 1])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now_ms)
   redis.call('PEXPIRE', key, ARGV[1])
+  counts[i] = redis.call('ZCARD', key)
 end
-return 1
+return counts
 """
 
 
@@ -165,16 +173,20 @@ class RedisSessionCount:
     def key(self, tenant: str) -> str:
         return f"{self.prefix}:tenant:{tenant}:sessions"
 
-    def acquire(self, tenant: str, session_id: str, limit: int) -> bool:
-        return bool(self._acquire(keys=[self.key(tenant)], args=[session_id, limit, self.ttl_ms]))
+    def acquire(self, tenant: str, session_id: str, limit: int | None) -> bool:
+        return bool(self._acquire(keys=[self.key(tenant)],
+                                  args=[session_id, "" if limit is None else limit, self.ttl_ms]))
 
     def release(self, tenant: str, session_id: str) -> None:
         self.client.zrem(self.key(tenant), session_id)
 
-    def refresh(self, held: list[tuple[str, str]]) -> None:
-        if held:
-            self._refresh(keys=[self.key(tenant) for tenant, _ in held],
-                          args=[self.ttl_ms, *(session_id for _, session_id in held)])
+    def refresh(self, held: list[tuple[str, str]]) -> dict[str, int]:
+        """Renew `held` (tenant, session id) pairs; returns each tenant's open sessions over every gateway."""
+        if not held:
+            return {}
+        counts = self._refresh(keys=[self.key(tenant) for tenant, _ in held],
+                               args=[self.ttl_ms, *(session_id for _, session_id in held)])
+        return {tenant: int(count) for (tenant, _), count in zip(held, counts)}
 
 
 class ReplyWindow:
@@ -209,6 +221,14 @@ class TenantUsage:
         self.frames = IngressLimit(rate, max(1.0, rate)) if rate is not None else None
         self.replies = ReplyWindow(int(quota.replies_per_min)) if quota.replies_per_min is not None else None
 
+    def share(self, fraction: float) -> None:
+        """Count against `fraction` of the quota from now on: this gateway's part of the tenant's sessions."""
+        if self.frames is not None:
+            self.frames.rate = self.quota.frames_per_s * fraction
+            self.frames.burst = max(1.0, self.frames.rate)
+        if self.replies is not None:  # rounded up: a tenant allowed replies gets at least one on each gateway
+            self.replies.per_min = math.ceil(self.quota.replies_per_min * fraction)
+
     def take_frame(self) -> bool:
         return self.frames is None or self.frames.take()
 
@@ -235,12 +255,10 @@ class Tenancy:
     async def admit(self, tenant: str, session_id: str) -> TenantUsage:
         """Count the session against its tenant's quota; QuotaExceeded when the tenant is at its limit."""
         quota = await self._blocking(self.book.quota, tenant)
-        if quota.sessions is not None and not await self._blocking(self.count.acquire, tenant, session_id,
-                                                                   int(quota.sessions)):
-            raise QuotaExceeded(f"tenant {tenant!r} is at its quota of {int(quota.sessions)} concurrent "
+        if not await self._blocking(self.count.acquire, tenant, session_id, quota.sessions):
+            raise QuotaExceeded(f"tenant {tenant!r} is at its quota of {quota.sessions} concurrent "
                                 f"session(s) (sessions); close one or ask for a larger quota")
-        if quota.sessions is not None:
-            self.held[session_id] = tenant
+        self.held[session_id] = tenant
         usage = self.usage.get(tenant)
         if usage is None:
             usage = self.usage[tenant] = TenantUsage(tenant, quota)
@@ -258,6 +276,11 @@ class Tenancy:
             await self._blocking(self.count.release, tenant, session_id)
 
     async def refresh(self) -> None:
-        """Keep this gateway's sessions counted (each heartbeat): a dead gateway's stop counting on their own."""
-        if self.held:
-            await self._blocking(self.count.refresh, [(tenant, sid) for sid, tenant in self.held.items()])
+        """Keep this gateway's sessions counted (each heartbeat: a dead gateway's stop counting on their own),
+        and count each tenant's frames and replies here against this gateway's share of its quota."""
+        if not self.held:
+            return
+        totals = await self._blocking(self.count.refresh, [(tenant, sid) for sid, tenant in self.held.items()])
+        for tenant, usage in self.usage.items():
+            if totals.get(tenant):
+                usage.share(min(1.0, usage.sessions / totals[tenant]))

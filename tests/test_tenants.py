@@ -4,6 +4,7 @@ by single-process servers (`serve --local`)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -16,7 +17,7 @@ from stream_helpers import LiveCall, jpeg, kinds, stream
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.services.local import start_local
 from liveserve.services.settings import ServiceSettings
-from liveserve.services.tenants import Quota, QuotaBook, RedisSessionCount
+from liveserve.services.tenants import Quota, QuotaBook, RedisSessionCount, Tenancy
 
 KEYS = "acme:ka, beta:kb, gamma:kc, delta:kd"
 QUOTAS = {"acme": {"sessions": 1}, "beta": {"frames_per_s": 2}, "gamma": {"replies_per_min": 1},
@@ -118,6 +119,23 @@ def test_quotas_from_redis_take_the_place_of_the_settings(client):
     client.hset("liveserve:tenant_quotas", "acme", '{"sesions": 4}')  # a typo: the next entry applies
     assert book.quota("acme") == Quota(sessions=1)
     assert QuotaBook({}, None).quota("anyone") == Quota()
+
+
+def test_gateways_share_a_tenants_frame_and_reply_quotas_by_their_part_of_its_sessions(client):
+    quotas = {"acme": Quota(frames_per_s=8.0, replies_per_min=10)}
+    first, second = (Tenancy(quotas, client, session_ttl_s=30) for _ in range(2))
+
+    async def run():
+        here = [await first.admit("acme", "a1")]
+        there = [await second.admit("acme", f"b{i}") for i in range(3)]
+        assert here[0].frames.rate == 8.0  # the whole quota until the first heartbeat
+        await first.refresh()
+        await second.refresh()
+        return here[0], there[0]
+
+    here, there = asyncio.run(run())
+    assert (here.frames.rate, there.frames.rate) == (2.0, 6.0)  # 1 and 3 of the tenant's 4 sessions
+    assert (here.replies.per_min, there.replies.per_min) == (3, 8)  # rounded up: 2.5 and 7.5
 
 
 def test_bad_quota_settings_are_refused_by_name():
