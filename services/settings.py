@@ -50,7 +50,7 @@ class ServiceSettings:
     api_keys_env: str = ""
     # {tenant or "*": {sessions, frames_per_s, replies_per_min}} (services/tenants.py); Redis may override.
     tenant_quotas: dict | None = None
-    auth_failures_per_min: int = 10  # failed key checks per client host a minute before its Opens are refused; 0: no limit
+    auth_failures_per_min: int = 10  # failed key checks per client host a minute, then its Opens are refused; 0: off
     max_open_bytes: int = 64 << 10  # a first message (the Open) larger than this is refused before any key check
     call_timeout_s: float = 30.0  # an internal call that takes longer fails the session with UNAVAILABLE
     drain_timeout_s: float = 60.0  # Close waits this long for queued frames and replies to finish

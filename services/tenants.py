@@ -70,7 +70,8 @@ class Quota:
 def quotas_from_setting(values: dict | None) -> dict[str, Quota]:
     if not isinstance(values or {}, dict):
         raise ValueError(f"tenant_quotas must map tenant names (or \"*\") to quotas, got {values!r}")
-    return {str(tenant): Quota.from_dict(quota, f"tenant_quotas[{tenant!r}]") for tenant, quota in (values or {}).items()}
+    return {str(tenant): Quota.from_dict(quota, f"tenant_quotas[{tenant!r}]")
+            for tenant, quota in (values or {}).items()}
 
 
 class QuotaExceeded(Exception):
