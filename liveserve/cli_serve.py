@@ -73,7 +73,8 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--local", action="store_true",
                        help="one process instead of Ray: the same Gateway, with Perception, Decision and Reaction "
                             "in this process")
-    group.add_argument("--config", help="Ray Serve config (default: the bundled orchestration/serve_config.yaml)")
+    group.add_argument("--config", help="Ray Serve config (default: the bundled orchestration/serve_config.yaml); "
+                                        "with --local, its application args are the settings (flags override)")
     group.add_argument("--reaction-model", help="checkpoint that writes the replies (default: the --model one)")
     for name in ("gateway", "decision", "perception", "reaction"):
         group.add_argument(f"--{name}-replicas", type=int, metavar="N",
@@ -258,7 +259,12 @@ def _local_settings(args, address: str):
 
     if getattr(args, "max_frame_kb", None) is not None and args.max_frame_kb < 1:
         raise ValueError(f"--max-frame-kb must be >= 1, got {args.max_frame_kb}")
-    settings = {**_settings(args), "address": address}
+    configured = {}
+    if getattr(args, "config", None):  # the same settings as on Ray: API keys, tenants' quotas, limits
+        from liveserve.orchestration.launch import application_args
+
+        configured = application_args(args.config)
+    settings = {**configured, **_settings(args), "address": address}
     try:
         return ServiceSettings.from_dict(settings)
     except ValueError as exc:

@@ -92,6 +92,19 @@ def _entry(app: dict, name: str) -> dict:
     return app["deployments"][-1]
 
 
+def application_args(path: str | Path) -> dict:
+    """The application `args` (ServiceSettings) of the Serve config at `path`, for `serve --local`, which
+    runs the same settings in one process."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise LaunchError(f"cannot read the Serve config {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise LaunchError(f"{path} is not valid YAML: {exc}") from None
+    return dict(_app(config or {}, path).get("args") or {})
+
+
 def _app(config: dict, path: Path) -> dict:
     apps = [a for a in config.get("applications") or [] if a.get("name") == APP_NAME]
     if not apps:

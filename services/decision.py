@@ -24,6 +24,7 @@ from opentelemetry.trace import Span
 from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import Event, FrameDecision, FramesDropped, ReplyRequested, SessionFailed
 from liveserve.engine.inputs import RestoredTurn, SessionError
+from liveserve.engine.kv_pool import PoolFullError
 from liveserve.engine.session import Session
 from liveserve.model.live import LiveModel
 from liveserve.services import contracts as c
@@ -66,6 +67,8 @@ class DecisionService:
         self.outboxes = Outboxes(self._gateway_gone, interval_s=settings.hop_ms / 1000)
         self.leases = GatewayLeases(settings.session_ttl_s, self._gateway_gone)
         self._worker: EngineWorker | None = None  # started on the serving loop by the first call
+        self.max_sessions = settings.sessions_per_replica()  # None: as many as the KV pool holds
+        self._opening = 0  # sessions being admitted (counted against max_sessions before they are held)
         self._background: list[asyncio.Task] = []
         self.stopping = False  # the replica goes away: its sessions live on where their gateways move them
 
@@ -88,13 +91,22 @@ class DecisionService:
             await asyncio.to_thread(self.registry.client.ping)
 
     async def open(self, request: c.OpenSession) -> c.SessionPlaced:
-        """Admit the session here (PoolFullError when the KV pool has no room) and register it."""
+        """Admit the session here (PoolFullError when the replica holds `max_sessions` or the KV pool has no
+        room) and register it."""
         worker = self._start()
         config = request.config
         config = dataclasses.replace(config, replies="none" if config.replies == "none" else "external")
         sid = request.session_id
         self.leases.renew(request.gateway_id)
-        session = await asyncio.to_thread(worker.open, sid, config)
+        # The engine's sessions: those closing still take compute until they are gone.
+        if self.max_sessions is not None and len(self.engine.sessions) + self._opening >= self.max_sessions:
+            raise PoolFullError(f"decision replica {self.replica} holds {len(self.engine.sessions) + self._opening}"
+                                f" sessions, its max_sessions_per_replica ({self.max_sessions})")
+        self._opening += 1
+        try:
+            session = await asyncio.to_thread(worker.open, sid, config)
+        finally:
+            self._opening -= 1  # now one of the engine's sessions
         epoch, history = 1, ()
         record = {"threshold": config.threshold, "max_new_tokens": config.max_new_tokens,
                   "cache_policy": config.cache.policy, "window_frames": config.cache.window_frames,
@@ -303,7 +315,7 @@ class DecisionService:
     def load(self) -> dict:
         """What routing and autoscaling go by: sessions held and the KV pool's reserved share."""
         return {"sessions": len(self.sessions), "kv_used_fraction": self.engine.pool.reserved_fraction,
-                "free_fraction": 1.0 - self.engine.pool.reserved_fraction}
+                "free_fraction": 1.0 - self.engine.pool.reserved_fraction, "max_sessions": self.max_sessions or 0}
 
     def stop(self) -> None:
         """The replica goes away (scale-down, upgrade, shutdown). Sessions still here are not closed: their

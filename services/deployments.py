@@ -58,7 +58,8 @@ class GatewayDeployment:
         self.grace_s = settings.drain_timeout_s
         # The same files on every gateway host (e.g. a mounted Secret); a bad one fails the replica at once.
         credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
-        registry = _registry_reader(settings)  # read by GetTranscript; Decision writes it
+        # Read by GetTranscript (Decision writes it); tenants' sessions are counted there over every gateway.
+        registry = _registry_reader(settings)
 
         def build() -> Gateway:
             return Gateway(RayPerception(perception), ray_decision(decision), ray_reaction(reaction), settings,
@@ -134,7 +135,8 @@ class _SessionPool:
     def record_routing_stats(self) -> dict:
         """What the router places new sessions by: the free share of the KV pool, and sessions held."""
         load = self.service.load()
-        return {"sessions": load["sessions"], "free_fraction": load["free_fraction"]}
+        return {"sessions": load["sessions"], "free_fraction": load["free_fraction"],
+                "max_sessions": load.get("max_sessions", 0)}
 
     def __del__(self) -> None:
         service = getattr(self, "service", None)

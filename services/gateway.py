@@ -8,8 +8,10 @@ per replica and go out to the client as they arrive.
 
 Recoverable input problems come back as Warnings and the session goes on; problems with the call end
 it with a status: FAILED_PRECONDITION (no Open first), UNAUTHENTICATED (the deployment has API keys and
-the Open carries none of them), INVALID_ARGUMENT (bad Open), RESOURCE_EXHAUSTED (no replica has room,
-or the session's cache filled up), UNAVAILABLE (a service failed or did not answer in time), INTERNAL.
+the Open carries none of them), INVALID_ARGUMENT (bad Open; a first message over `max_open_bytes`,
+refused before any key is checked), RESOURCE_EXHAUSTED (no replica has room, the tenant is at its
+sessions quota, too many failed key checks from the client's host, or the session's cache filled up),
+UNAVAILABLE (a service failed or did not answer in time), INTERNAL.
 
 GetTranscript reads a session's record and history from the registry (Redis), under the same API keys.
 """
@@ -25,13 +27,14 @@ from dataclasses import dataclass
 
 import grpc
 import redis
+from google.protobuf.message import DecodeError
 from opentelemetry import context as otel_context
 
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
 from liveserve.engine.kv_pool import PoolFullError
 from liveserve.services import contracts as c
-from liveserve.services.auth import api_key_accepted, api_keys_from_env
+from liveserve.services.auth import FailedAuthLimit, peer_host, tenant_keys_from_env, tenant_of
 from liveserve.services.errors import internal
 from liveserve.services.links import FrameBatcher, ReplicaLink
 from liveserve.services.messages import session_config
@@ -39,6 +42,7 @@ from liveserve.services.registry import SessionRegistry
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.stream_session import Finish, StreamSession
 from liveserve.services.telemetry import GatewayMetrics
+from liveserve.services.tenants import QuotaExceeded, Tenancy, quotas_from_setting
 from liveserve.services.tracing import extract, tracer
 from liveserve.services.transcript import SESSION_ID, transcript_from_record
 
@@ -56,6 +60,26 @@ class Unparsable:
     problem: str
 
 
+@dataclass(frozen=True, slots=True)
+class Unparsed:
+    """A client message over `max_open_bytes`, not parsed yet: refused if it is the first (an Open is
+    small), parsed when the session reads it (frames may be larger)."""
+
+    data: bytes
+
+    def parse(self) -> pb.ClientMessage | Unparsable:
+        return parse_message(pb.ClientMessage, self.data)
+
+
+def parse_message(message_type, data: bytes):
+    """A client's message of `message_type`, or what was wrong with it: the Gateway ends the call with
+    INVALID_ARGUMENT rather than let gRPC drop the message or fail the call with an unrelated status."""
+    try:
+        return message_type.FromString(data)
+    except DecodeError as exc:
+        return Unparsable(f"a message could not be parsed as {message_type.DESCRIPTOR.full_name} ({exc})")
+
+
 class CallFailed(Exception):
     """Ends the call with `code` and `details`."""
 
@@ -68,16 +92,21 @@ class Gateway(pb_grpc.LiveStreamServicer):
     def __init__(self, perception, decision, reaction, settings: ServiceSettings, gateway_id: str = "",
                  registry: SessionRegistry | None = None) -> None:
         """`perception`, `decision`, `reaction`: the services through one transport (seams.py); `registry`:
-        where Decision records sessions, read by GetTranscript (None: no transcripts)."""
+        where Decision records sessions, read by GetTranscript, and where tenants' sessions are counted over
+        every gateway (None: no transcripts, and tenants counted by this gateway alone)."""
         self.perception, self.decision, self.reaction = perception, decision, reaction
         self.registry = registry
         self.settings, self.id = settings, gateway_id or f"gateway-{uuid.uuid4().hex[:12]}"
         self.defaults = settings.session_defaults()
         # One checkpoint decides and replies: Reaction's token ids are valid in Decision's cache as they are.
         self.shared_tokenizer = settings.reaction_model in ("", settings.model)
-        self.api_keys = api_keys_from_env(settings.api_keys_env)
+        self.api_keys = tenant_keys_from_env(settings.api_keys_env)  # key -> tenant
         if settings.api_keys_env and not self.api_keys:
             raise ValueError(f"api_keys_env names {settings.api_keys_env}, which holds no keys")
+        self.auth_failures = FailedAuthLimit(settings.auth_failures_per_min)
+        self.tenancy = Tenancy(quotas_from_setting(settings.tenant_quotas),
+                               registry.client if registry is not None else None, settings.session_ttl_s)
+        self._counting: asyncio.Task | None = None  # keeps this gateway's sessions counted in Redis
         self.metrics, self.tracer = GatewayMetrics(), tracer("gateway")
         self.sessions: dict[str, StreamSession] = {}
         self._decision_links: dict[str, ReplicaLink] = {}
@@ -105,7 +134,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
             first = await anext(aiter(request_iterator), None)
             if first is None:
                 return
-            session = await self._open(first, trace_parent)
+            session = await self._open(first, trace_parent, peer_host(context.peer() or ""))
         except CallFailed as failed:
             self.metrics.errors.inc(tags={"code": failed.code.name})
             await context.abort(failed.code, failed.details)
@@ -114,19 +143,22 @@ class Gateway(pb_grpc.LiveStreamServicer):
             self.metrics.errors.inc(tags={"code": "INTERNAL"})
             await context.abort(grpc.StatusCode.INTERNAL, internal(log, "opening the session failed", exc))
             return
-        yield pb.ServerMessage(opened=pb.SessionOpened(
-            session_id=session.session_id, client_session_id=first.open.client_session_id,
-            limits=self._limits(session)))
-        reader = asyncio.get_running_loop().create_task(self._read(request_iterator, session))
+        reader = None
         end = Finish(grpc.StatusCode.CANCELLED, "the call ended")
-        try:
+        try:  # from the first yield: a client gone at SessionOpened must not leave the session (or its quota)
+            yield pb.ServerMessage(opened=pb.SessionOpened(
+                session_id=session.session_id, client_session_id=first.open.client_session_id,
+                limits=self._limits(session)))
+            reader = asyncio.get_running_loop().create_task(self._read(request_iterator, session))
             while not isinstance(message := await session.out.get(), Finish):
                 yield message
             end = message
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             session.abandon()  # a no-op once the session ended; else the client is gone: free it now
             self.sessions.pop(session.session_id, None)
+            self._release_quota(session.tenant, session.session_id)
             self.metrics.sessions_active.set(len(self.sessions))
         if end.code != grpc.StatusCode.OK:
             self.metrics.errors.inc(tags={"code": end.code.name})
@@ -135,7 +167,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
     async def GetTranscript(self, request: pb.GetTranscriptRequest | Unparsable,
                             context: grpc.aio.ServicerContext) -> pb.Transcript:
         try:
-            return await self._transcript(request)
+            return await self._transcript(request, peer_host(context.peer() or ""))
         except CallFailed as failed:
             self.metrics.errors.inc(tags={"code": failed.code.name})
             await context.abort(failed.code, failed.details)
@@ -143,10 +175,15 @@ class Gateway(pb_grpc.LiveStreamServicer):
             self.metrics.errors.inc(tags={"code": "INTERNAL"})
             await context.abort(grpc.StatusCode.INTERNAL, internal(log, "reading the transcript failed", exc))
 
-    async def _transcript(self, request: pb.GetTranscriptRequest | Unparsable) -> pb.Transcript:
+    async def _transcript(self, request: pb.GetTranscriptRequest | Unparsable, host: str) -> pb.Transcript:
+        if self.api_keys and (wait := self.auth_failures.retry_after(host)):
+            raise CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"too many failed api_key checks from this address (auth_failures_per_min: "
+                             f"{self.settings.auth_failures_per_min}); retry in {math.ceil(wait)}s")
         if isinstance(request, Unparsable):
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
-        if not api_key_accepted(request.credentials, self.api_keys):
+        if tenant_of(request.credentials, self.api_keys) is None:
+            self.auth_failures.failed(host)
             raise CallFailed(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown api_key in credentials")
         if not SESSION_ID.fullmatch(request.session_id):
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"session_id must be 1-128 letters, digits, '-' or "
@@ -166,15 +203,13 @@ class Gateway(pb_grpc.LiveStreamServicer):
                                                         f"it closed)")
         return transcript_from_record(record)
 
-    async def _open(self, first: pb.ClientMessage | Unparsable, trace_parent: otel_context.Context) -> StreamSession:
-        if isinstance(first, Unparsable):
-            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, first.problem)
-        kind = first.WhichOneof("kind")
-        if kind != "open":
-            raise CallFailed(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"the first message of a stream must be open, got {kind or 'an empty message'}")
-        if not api_key_accepted(first.open.credentials, self.api_keys):
-            raise CallFailed(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown api_key in open.credentials")
+    async def _open(self, first: pb.ClientMessage | Unparsable | Unparsed, trace_parent: otel_context.Context,
+                    host: str) -> StreamSession:
+        if isinstance(first, Unparsed):  # before any key check: an unauthenticated client gets no parsing
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"the first message is {len(first.data)} bytes; an open may be at most "
+                             f"{self.settings.max_open_bytes} bytes (max_open_bytes)")
+        tenant = self._authenticate(first, host)
         self._check_open(first.open)
         try:
             config = session_config(first.open, self.defaults)
@@ -183,23 +218,76 @@ class Gateway(pb_grpc.LiveStreamServicer):
         if self.unready:  # fail fast and retryably rather than hang on a pool that is not there
             raise CallFailed(grpc.StatusCode.UNAVAILABLE, self.unready)
         request = c.OpenSession(uuid.uuid4().hex, self.id, config)
-        # Decision first, then Reaction: two sessions opening at once then never hold one pool each while
-        # each waits for the other's (both would be refused with room for one of them).
-        placed = await self.place_decision(request)
-        reaction = None
-        if config.replies != "none":
-            try:
-                reaction = await self._place(self.reaction.open(request))
-            except CallFailed:
-                self.decision_link(placed.replica).send(c.CloseSession(request.session_id, placed.epoch, False))
-                raise
+        try:
+            usage = await self.tenancy.admit(tenant, request.session_id)
+        except QuotaExceeded as exc:
+            raise CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        except Exception as exc:  # Redis does not answer: retryable, as when a pool does not
+            raise CallFailed(grpc.StatusCode.UNAVAILABLE, internal(log, "counting the tenant's sessions failed",
+                                                                   exc)) from None
+        try:
+            placed, reaction = await self._place_session(request)
+        except BaseException:
+            self._release_quota(usage, request.session_id)
+            raise
         session = StreamSession(self, request.session_id, config, placed, reaction, trace_parent,
-                                fps=first.open.fps or DEFAULT_FPS)
+                                fps=first.open.fps or DEFAULT_FPS, tenant=usage)
         self.sessions[session.session_id] = session
         self.metrics.sessions_opened.inc()
         self.metrics.sessions_active.set(len(self.sessions))
         self._ensure_watchdog()
         return session
+
+    def _authenticate(self, first: pb.ClientMessage | Unparsable, host: str) -> str:
+        """The Open's tenant. A host with too many failed key checks this minute is refused before its
+        message is looked at."""
+        if self.api_keys and (wait := self.auth_failures.retry_after(host)):
+            raise CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"too many failed api_key checks from this address (auth_failures_per_min: "
+                             f"{self.settings.auth_failures_per_min}); retry in {math.ceil(wait)}s")
+        if isinstance(first, Unparsable):
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, first.problem)
+        kind = first.WhichOneof("kind")
+        if kind != "open":
+            raise CallFailed(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"the first message of a stream must be open, got {kind or 'an empty message'}")
+        tenant = tenant_of(first.open.credentials, self.api_keys)
+        if tenant is None:
+            self.auth_failures.failed(host)
+            raise CallFailed(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown api_key in open.credentials")
+        return tenant
+
+    async def _place_session(self, request: c.OpenSession) -> tuple[c.SessionPlaced, c.SessionPlaced | None]:
+        # Decision first, then Reaction: two sessions opening at once then never hold one pool each while
+        # each waits for the other's (both would be refused with room for one of them).
+        placed = await self.place_decision(request)
+        reaction = None
+        if request.config.replies != "none":
+            try:
+                reaction = await self._place(self.reaction.open(request))
+            except CallFailed:
+                self.decision_link(placed.replica).send(c.CloseSession(request.session_id, placed.epoch, False))
+                raise
+        return placed, reaction
+
+    def _release_quota(self, usage, session_id: str) -> None:
+        """The session no longer counts against its tenant (in Redis off the loop; should that fail, its
+        entry expires on its own)."""
+        async def release() -> None:
+            try:
+                await self.tenancy.release(usage, session_id)
+            except Exception:
+                log.warning("releasing session %s from its tenant's count failed", session_id, exc_info=True)
+
+        self.keep(asyncio.get_running_loop().create_task(release()))
+
+    async def _keep_counted(self) -> None:
+        while self.tenancy.held:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                await self.tenancy.refresh()
+            except Exception:
+                log.warning("refreshing the tenants' session counts failed", exc_info=True)
 
     def _check_open(self, open_: pb.Open) -> None:
         """What the gateway checks itself; the settings are checked by SessionConfig, and the sizes against
@@ -251,6 +339,8 @@ class Gateway(pb_grpc.LiveStreamServicer):
         drain = True
         try:
             async for message in request_iterator:
+                if isinstance(message, Unparsed):
+                    message = message.parse()
                 if isinstance(message, Unparsable):
                     session.finish(grpc.StatusCode.INVALID_ARGUMENT, message.problem)
                     return
@@ -333,6 +423,8 @@ class Gateway(pb_grpc.LiveStreamServicer):
     def _ensure_watchdog(self) -> None:
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = asyncio.get_running_loop().create_task(self._watch_replies())
+        if self.tenancy.held and (self._counting is None or self._counting.done()):
+            self._counting = asyncio.get_running_loop().create_task(self._keep_counted())
 
     async def _watch_replies(self) -> None:
         """A reply that shows no sign of life for `call_timeout_s` is given up (its session goes on)."""
@@ -382,8 +474,9 @@ class Gateway(pb_grpc.LiveStreamServicer):
             link.close()
         if self._batcher is not None:
             self._batcher.close()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in (self._watchdog, self._counting):
+            if task is not None:
+                task.cancel()
         for task in self._tasks:
             task.cancel()
 

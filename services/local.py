@@ -18,6 +18,7 @@ from liveserve.services.decision import DecisionService
 from liveserve.services.gateway import Gateway
 from liveserve.services.perception import FrameEncoder
 from liveserve.services.reaction import ReactionService
+from liveserve.services.redis_server import connect
 from liveserve.services.registry import SessionRegistry
 from liveserve.services.seams import LocalPerception, LocalSessions
 from liveserve.services.server import GatewayServer
@@ -72,10 +73,17 @@ class LocalServer:
 
 
 def start_local(model: LiveModel, address: str = "127.0.0.1:0", settings: ServiceSettings | None = None, *,
-                reaction_model: LiveModel | None = None, registry: SessionRegistry | None = None) -> LocalServer:
+                reaction_model: LiveModel | None = None, registry: SessionRegistry | None = None,
+                redis_url: str | None = None) -> LocalServer:
     """Start the services and the gRPC server; returns once listening (`.address` has the bound port).
-    With a `registry`, sessions are recorded in Redis (and GetTranscript reads them back)."""
-    return LocalServer(model, address, settings or ServiceSettings(), reaction_model, registry).start()
+    With a `registry` (or a `redis_url` to make one), sessions are recorded in Redis (GetTranscript reads
+    them back) and tenants' sessions are counted there (several servers then share a quota); without,
+    nothing is recorded and tenants are counted in this process."""
+    settings = settings or ServiceSettings()
+    if registry is None and redis_url:
+        registry = SessionRegistry(connect(redis_url)[0], ttl_s=settings.session_ttl_s,
+                                   closed_ttl_s=settings.closed_ttl_s)
+    return LocalServer(model, address, settings, reaction_model, registry).start()
 
 
 def serve_forever(server: LocalServer, grace_s: float = 5.0) -> None:

@@ -7,7 +7,7 @@ call for a session must reach the replica holding it.
   the gateway) goes to that replica only. If the replica is gone the call waits for it; callers bound
   the wait and report UNAVAILABLE rather than guess (another replica has no state for the session).
 - An Open goes to a replica with room and the fewest sessions, from the routing stats each replica
-  reports (`free_fraction` of its KV pool, `sessions`); ties rotate. A Ping (a health check) goes
+  reports (`free_fraction` of its KV pool, `sessions`, `max_sessions`); ties rotate. A Ping (a health check) goes
   anywhere.
 """
 
@@ -48,7 +48,8 @@ class SessionRouter(RequestRouter):
         return [[replica] for replica in self.rank_by_room(candidate_replicas)]
 
     def rank_by_room(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
-        """Replicas with room (at least `MIN_FREE` of their KV pool unreserved) first, fewest sessions
+        """Replicas with room (at least `MIN_FREE` of their KV pool unreserved, fewer sessions than their
+        `max_sessions` when they have one) first, fewest sessions
         first among them, then most free memory. A replica's stats arrive every few seconds, so sessions
         this router placed since its last report count too (a burst of opens would otherwise all land on
         the replica that looked emptiest)."""
@@ -63,7 +64,8 @@ class SessionRouter(RequestRouter):
             if self._reported.get(key) != stats:  # a fresh report already counts our placements
                 self._reported[key], self._placed[key] = dict(stats), 0
             free = float(stats.get("free_fraction", 1.0))
-            return free < MIN_FREE, int(stats.get("sessions", 0)) + self._placed[key], -free
+            sessions, most = int(stats.get("sessions", 0)) + self._placed[key], int(stats.get("max_sessions", 0))
+            return free < MIN_FREE or 0 < most <= sessions, sessions, -free
 
         ranked = sorted(rotated, key=room)  # stable: the rotation breaks ties
         self._placed[replica_key(ranked[0])] += 1

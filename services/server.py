@@ -10,16 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from functools import partial
 from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from google.protobuf.message import DecodeError
-
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.services.gateway import Gateway, Unparsable
+from liveserve.services.gateway import Gateway, Unparsed, parse_message
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LiveStream"].full_name
@@ -114,25 +113,18 @@ class GatewayServer:
             self._thread.join(grace_s + 10)
 
 
-def _parser(message_type):
-    """A deserializer giving the message, or what was wrong with it: the Gateway ends the call with
-    INVALID_ARGUMENT rather than let gRPC drop the message or fail the call with an unrelated status."""
-    def parse(data: bytes):
-        try:
-            return message_type.FromString(data)
-        except DecodeError as exc:
-            return Unparsable(f"a message could not be parsed as {message_type.DESCRIPTOR.full_name} ({exc})")
-
-    return parse
-
-
 def _add_live_stream(gateway: Gateway, server: grpc.aio.Server) -> None:
+    open_limit = gateway.settings.max_open_bytes
+
+    def parse_stream(data: bytes):
+        """Messages over `max_open_bytes` stay unparsed until the Gateway knows they are not the Open."""
+        return Unparsed(data) if len(data) > open_limit else parse_message(pb.ClientMessage, data)
+
     handlers = {
         "Stream": grpc.stream_stream_rpc_method_handler(
-            gateway.Stream, request_deserializer=_parser(pb.ClientMessage),
-            response_serializer=pb.ServerMessage.SerializeToString),
+            gateway.Stream, request_deserializer=parse_stream, response_serializer=pb.ServerMessage.SerializeToString),
         "GetTranscript": grpc.unary_unary_rpc_method_handler(
-            gateway.GetTranscript, request_deserializer=_parser(pb.GetTranscriptRequest),
+            gateway.GetTranscript, request_deserializer=partial(parse_message, pb.GetTranscriptRequest),
             response_serializer=pb.Transcript.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -24,6 +24,11 @@ class ServiceSettings:
     max_new_tokens: int = 64
     cache_policy: str = "sink_window"
     window_frames: int = 64
+    # Sessions one Decision replica admits before refusing new ones (RESOURCE_EXHAUSTED), so the admitted
+    # keep their latency: None = `capacity_streams`, the streams one replica serves within the SLO as
+    # measured on this deployment's hardware (`liveserve loadtest --sweep`); 0 = no limit but KV memory.
+    max_sessions_per_replica: int | None = None
+    capacity_streams: int = 0  # 0: not measured (admission by KV memory alone)
     reaction_sync_frames: int = 1  # send Reaction unseen frames once this many have piled up
     reaction_nice: int = 10  # the Reaction engine thread's lower CPU priority (Linux nice) where cores are shared
     # Perception
@@ -40,7 +45,13 @@ class ServiceSettings:
     # A stream may send frames at up to this many times its declared fps (with a few seconds of burst);
     # frames beyond are dropped and reported, so one flooding client cannot crowd out its neighbours.
     ingress_factor: float = 2.0
-    api_keys_env: str = ""  # an environment variable listing accepted API keys (comma-separated); "": none
+    # An environment variable listing accepted API keys, comma-separated `tenant:key` (a bare key is a
+    # tenant of its own); "": no keys, every session is tenant "anonymous".
+    api_keys_env: str = ""
+    # {tenant or "*": {sessions, frames_per_s, replies_per_min}} (services/tenants.py); Redis may override.
+    tenant_quotas: dict | None = None
+    auth_failures_per_min: int = 10  # failed key checks per client host a minute, then its Opens are refused; 0: off
+    max_open_bytes: int = 64 << 10  # a first message (the Open) larger than this is refused before any key check
     # TLS on the public port (PEM files where the Gateway runs); "": plaintext. A client CA requires every
     # client to present a certificate it signed (mutual TLS).
     tls_cert_file: str = ""
@@ -79,6 +90,14 @@ class ServiceSettings:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file: mutual TLS is TLS first")
         if self.pool_mb is not None and self.pool_mb < 1:
             raise ValueError(f"pool_mb must be >= 1, got {self.pool_mb}")
+        if self.max_sessions_per_replica is not None and self.max_sessions_per_replica < 0 \
+                or self.capacity_streams < 0 or self.auth_failures_per_min < 0 or self.max_open_bytes < 1:
+            raise ValueError("max_sessions_per_replica, capacity_streams and auth_failures_per_min must be >= 0, "
+                             "max_open_bytes >= 1")
+        if self.tenant_quotas:
+            from liveserve.services.tenants import quotas_from_setting  # brings torch: only when quotas are set
+
+            quotas_from_setting(self.tenant_quotas)
         self.session_defaults()  # validates threshold, cache policy and lengths
 
     @classmethod
@@ -98,6 +117,11 @@ class ServiceSettings:
                             evict_frames=min(CacheConfig().evict_frames, self.window_frames))
         extra = {} if self.threshold is None else {"threshold": self.threshold}
         return SessionConfig(max_new_tokens=self.max_new_tokens, cache=cache, **extra)
+
+    def sessions_per_replica(self) -> int | None:
+        """The most sessions one Decision replica admits; None: as many as its KV pool holds."""
+        limit = self.capacity_streams if self.max_sessions_per_replica is None else self.max_sessions_per_replica
+        return limit or None
 
     def pool(self) -> PoolConfig:
         return PoolConfig(budget_bytes=self.pool_mb << 20 if self.pool_mb else None)

@@ -95,8 +95,11 @@ class IngressLimit:
 
 class StreamSession:
     def __init__(self, gateway, session_id: str, config: SessionConfig, placed: c.SessionPlaced,
-                 reaction: c.SessionPlaced | None, trace_parent: otel_context.Context, fps: float) -> None:
+                 reaction: c.SessionPlaced | None, trace_parent: otel_context.Context, fps: float,
+                 tenant=None) -> None:
+        """`tenant`: the TenantUsage (tenants.py) its frames and replies count against."""
         self.gateway, self.session_id, self.config, self.fps = gateway, session_id, config, fps
+        self.tenant = tenant
         self.placed, self.reaction = placed, reaction  # reaction: None for a decisions-only session
         self.trace_parent = trace_parent
         self.out: asyncio.Queue[pb.ServerMessage | Finish] = asyncio.Queue()
@@ -127,6 +130,7 @@ class StreamSession:
         rate = gateway.settings.ingress_factor * fps
         self._ingress = IngressLimit(rate, max(8.0, 2 * rate))  # two seconds of burst at the allowed rate
         self._over_rate: list[tuple[int, float]] = []  # frames refused for the rate, reported once a second
+        self._over_quota: list[tuple[int, float]] = []  # frames refused for the tenant's frames_per_s
         self.rate_dropped = 0
 
     # ---- from the client --------------------------------------------------------------------------------
@@ -140,10 +144,11 @@ class StreamSession:
         if problem:
             self.warn(pb.WARNING_CODE_BAD_FRAME, problem, [(frame_id, frame.timestamp)])
             return
-        if not self._ingress.take():
-            if not self._over_rate:
+        stream_ok = self._ingress.take()
+        if not stream_ok or (self.tenant is not None and not self.tenant.take_frame()):
+            if not self._over_rate and not self._over_quota:
                 asyncio.get_running_loop().call_later(1.0, self._report_over_rate)
-            self._over_rate.append((frame_id, frame.timestamp))
+            (self._over_rate if not stream_ok else self._over_quota).append((frame_id, frame.timestamp))
             self.rate_dropped += 1
             return
         self.last_timestamp = frame.timestamp
@@ -164,6 +169,13 @@ class StreamSession:
             self.warn(pb.WARNING_CODE_FRAME_DROPPED, f"{len(frames)} frame(s) dropped: the stream sent frames faster "
                                                      f"than {limit:g} a second ({self.gateway.settings.ingress_factor:g}x "
                                                      f"its declared fps of {self.fps:g})", frames)
+        if self._over_quota and not self.finished:
+            frames, self._over_quota = self._over_quota, []
+            quota = self.tenant.quota.frames_per_s  # None once an operator lifted it since
+            self.warn(pb.WARNING_CODE_FRAME_DROPPED, f"{len(frames)} frame(s) dropped: tenant {self.tenant.tenant!r} "
+                                                     f"sent frames faster than its quota of "
+                                                     f"{quota if quota is None else format(quota, 'g')} a second "
+                                                     f"(frames_per_s)", frames)
 
     def _check_frame(self, frame: pb.Frame) -> str:
         limit = self.gateway.settings.max_frame_bytes
@@ -337,6 +349,14 @@ class StreamSession:
             return
         if event.trigger == c.Trigger.QUERY:
             self._asked = [q for q in self._asked if q.timestamp != event.timestamp]
+        if self.tenant is not None and not self.tenant.take_reply():  # not written; Decision goes on without it
+            what = f"the query {event.query!r}" if event.trigger == c.Trigger.QUERY else "the frame's trigger"
+            self.warn(pb.WARNING_CODE_UNSPECIFIED,
+                      f"no reply at {event.timestamp:.3f}s to {what}: tenant {self.tenant.tenant!r} is at its "
+                      f"quota of {self.tenant.quota.replies_per_min} replies a minute (replies_per_min)")
+            self.gateway.decision_link(self.placed.replica).send(
+                c.ReplyText(self.session_id, self.placed.epoch, "", ()))
+            return
         parent = extract(event.trace or self._last_decided_trace)
         span = self.gateway.tracer.start_span("reply", context=parent,
                                               attributes={"liveserve.session_id": self.session_id,

@@ -136,3 +136,12 @@ def test_sigterm_drains_open_sessions_and_ends_them_unavailable(tiny_dir):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_serve_local_takes_its_settings_from_the_serve_config(tmp_path, capsys):
+    """API keys, tenants' quotas and limits hold in one process as on Ray: --config's args are the settings."""
+    config = tmp_path / "serve.yaml"
+    config.write_text("applications:\n  - name: liveserve\n    import_path: liveserve.services.app:build_app\n"
+                      "    args: {api_keys_env: LIVESERVE_TEST_KEYS, tenant_quotas: {acme: {sesions: 1}}}\n")
+    assert main(["serve", "--local", "--config", str(config), "--model", "tiny"]) == 2
+    assert "tenant_quotas['acme']: unknown quota(s) sesions" in capsys.readouterr().err

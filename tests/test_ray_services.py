@@ -354,3 +354,37 @@ def test_frames_with_equal_timestamps_are_each_decided_and_told_apart(ray_app):
     decisions = of_kind(replies, "decision")
     assert [d.frame_index for d in decisions] == [0, 1, 2] and all(d.timestamp == 1.0 for d in decisions)
     assert all(d.lag_s > 0 for d in decisions)
+
+
+def test_a_tenants_sessions_quota_holds_over_both_gateway_replicas(ray_app):
+    """Sessions are counted in Redis, so a tenant at its quota is refused by every Gateway replica, not
+    only by the one holding its session (connections spread over both; see the test above). The quota
+    comes from Redis, which overrides the settings' without a redeploy."""
+    client = redis.Redis.from_url(ray_app.redis_url, decode_responses=True)
+    deadline = time.monotonic() + 30  # earlier tests' sessions have stopped counting
+    while client.zcard("liveserve:tenant:anonymous:sessions"):
+        assert time.monotonic() < deadline, client.zrange("liveserve:tenant:anonymous:sessions", 0, -1)
+        time.sleep(0.05)
+    client.hset("liveserve:tenant_quotas", "anonymous", '{"sessions": 1}')  # the tenant when there are no keys
+    held = None
+    try:
+        held = LiveCall(ray_app.address, pb.Open(decisions_only=True))
+        held.wait_for(lambda: held.of_kind("opened"))
+        codes = []
+        for _ in range(8):  # one connection each: the kernel spreads them over the two replicas
+            with grpc.insecure_channel(ray_app.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
+
+                try:
+                    list(pb_grpc.LiveStreamStub(channel).Stream(
+                        iter([pb.ClientMessage(open=pb.Open(decisions_only=True))]), timeout=60))
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+                    assert "quota of 1 concurrent session" in exc.details(), exc.details()
+        assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 8
+    finally:
+        if held is not None:
+            held.close()
+        client.delete("liveserve:tenant_quotas")
+    assert kinds(held.replies) == ["opened", "closed"]

@@ -45,3 +45,12 @@ def test_new_sessions_go_where_there_is_room_and_a_burst_is_spread(router):
     first = [choose(router, [a, b], request(SimpleNamespace(session_id=f"s{i}")))[0][0].replica_id.unique_id
              for i in range(4)]
     assert sorted(first) == ["a", "a", "b", "b"]  # stale stats do not send the whole burst to one replica
+
+
+def test_a_replica_at_its_max_sessions_takes_new_sessions_only_when_every_replica_is(router):
+    capped = replica("capped", free_fraction=0.9, sessions=2, max_sessions=2)
+    busier = replica("busier", free_fraction=0.5, sessions=5, max_sessions=8)
+    assert choose(router, [capped, busier], request())[0] == [busier]  # fewer sessions, but at its cap
+    other = replica("other", free_fraction=0.5, sessions=8, max_sessions=8)
+    ranked = choose(router, [capped, other], request())
+    assert [r[0].replica_id.unique_id for r in ranked] == ["capped", "other"]  # all capped: it refuses
