@@ -260,11 +260,11 @@ class Gateway(pb_grpc.LiveStreamServicer):
     async def _place_session(self, request: c.OpenSession) -> tuple[c.SessionPlaced, c.SessionPlaced | None]:
         # Decision first, then Reaction: two sessions opening at once then never hold one pool each while
         # each waits for the other's (both would be refused with room for one of them).
-        placed = await self.place_decision(request)
+        placed = await self.place(self.decision, request)
         reaction = None
         if request.config.replies != "none":
             try:
-                reaction = await self._place(self.reaction.open(request))
+                reaction = await self.place(self.reaction, request)
             except CallFailed:
                 self.decision_link(placed.replica).send(c.CloseSession(request.session_id, placed.epoch, False))
                 raise
@@ -300,30 +300,24 @@ class Gateway(pb_grpc.LiveStreamServicer):
                              f"bad open: fps must be in (0, {MAX_FPS:g}] (0: the default {DEFAULT_FPS:g}), "
                              f"got {open_.fps}")
 
-    async def _place(self, opening) -> c.SessionPlaced:
-        try:
-            return await asyncio.wait_for(opening, self.settings.call_timeout_s)
-        except asyncio.TimeoutError:
-            raise CallFailed(grpc.StatusCode.UNAVAILABLE, f"opening the session took longer than "
-                                                          f"{self.settings.call_timeout_s:g}s") from None
-        except Exception as exc:
-            raise _open_failure(exc) from None
-
-    async def place_decision(self, request: c.OpenSession) -> c.SessionPlaced:
-        """Open a session on a Decision replica with room. While the pool replaces a replica that just died,
-        a call may reach it: such failures are retried (with backoff, within `call_timeout_s`), so a new or
-        moving session lands on a live replica; a full pool or a bad session is not retried."""
+    async def place(self, pool, request: c.OpenSession) -> c.SessionPlaced:
+        """Open a session on a replica of `pool` (Decision or Reaction) with room. While the pool replaces a
+        replica that just died, a call may reach it: such failures are retried (with backoff, within
+        `call_timeout_s`), so a new or moving session lands on a live replica; a full pool or a bad session
+        is not retried. Raises CallFailed."""
         deadline = time.monotonic() + self.settings.call_timeout_s
         delay = 0.05
         while True:
             try:
-                return await asyncio.wait_for(self.decision.open(request), max(0.01, deadline - time.monotonic()))
+                return await asyncio.wait_for(pool.open(request), max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise CallFailed(grpc.StatusCode.UNAVAILABLE, f"opening the session took longer than "
+                                                              f"{self.settings.call_timeout_s:g}s") from None
             except Exception as exc:
                 failure = _open_failure(exc)
                 if failure.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay >= deadline:
                     raise failure from None
-                log.info("opening session %s on Decision failed (%s); retrying", request.session_id,
-                         type(exc).__name__)
+                log.info("opening session %s failed (%s); retrying", request.session_id, type(exc).__name__)
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
 
@@ -370,9 +364,11 @@ class Gateway(pb_grpc.LiveStreamServicer):
 
     def _encoded(self, batch: list, result: c.EncodeResult | None, error: str) -> None:
         for row, (frame, session) in enumerate(batch):
-            if result is None:
-                session.finish(grpc.StatusCode.UNAVAILABLE, f"Perception: {error}")
-            elif not session.finished:
+            if session.finished:
+                continue
+            if result is None:  # Perception failed (retried first): these frames are lost, reported; later ones go on
+                session.encoded(frame.frame_id, None, f"frame dropped: Perception {error}", pb.WARNING_CODE_FRAME_DROPPED)
+            else:
                 session.encoded(frame.frame_id, result.features[row], result.errors[row])
 
     def decision_link(self, replica: str) -> ReplicaLink:
@@ -403,9 +399,8 @@ class Gateway(pb_grpc.LiveStreamServicer):
             getattr(session, handler)(event)
 
     def _link_failed(self, link: ReplicaLink, message: str) -> None:
-        """A replica is unreachable (it died, or drains). Sessions on a Decision replica move to another one
-        (StreamSession.recover); a session whose Reaction replica is gone cannot go on (its reply cache
-        lived there)."""
+        """A replica is unreachable (it died, or drains): its sessions move to another replica of its pool
+        (StreamSession.recover, recover_reaction)."""
         decision = link.name == "decision"
         links = self._decision_links if decision else self._reaction_links
         if links.get(link.replica) is link:
@@ -417,8 +412,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
             if decision:
                 session.recover(message)
             else:
-                session.reaction = None
-                session.finish(grpc.StatusCode.UNAVAILABLE, message)
+                session.recover_reaction(message)
 
     def _ensure_watchdog(self) -> None:
         if self._watchdog is None or self._watchdog.done():

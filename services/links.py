@@ -6,7 +6,8 @@ first one) and encodes them with one Perception call; an idle stream is delayed 
 It goes sooner once `max_frames` wait, or once every session that is open has a frame in the batch
 (no other session could join it, so waiting would only add latency). At most `max_calls` calls are
 in flight: when Perception falls behind, frames collect into fuller batches instead of piling up as
-ever more calls (the frames that then fall too far behind are dropped by Decision, and reported). `ReplicaLink` is the gateway's connection to one Decision or Reaction
+ever more calls (the frames that then fall too far behind are dropped by Decision, and reported). A call
+that fails is tried again (Perception is stateless; another replica takes it) before its frames fail. `ReplicaLink` is the gateway's connection to one Decision or Reaction
 replica: commands of all sessions on that replica go out together, one push at a time (a push that is
 in flight is the next one's batching window, and keeps the replica's view of each session in order),
 at most one per `interval_s` while busy (an idle link pushes at once), and one long-lived stream
@@ -23,16 +24,20 @@ from typing import Callable
 from liveserve.services.contracts import EncodeRequest, EncodeResult, FrameImage
 
 log = logging.getLogger(__name__)
+RETRY_S = (0.05, 1.0)  # backoff before a Perception call is tried again: first, most (doubling between)
 
 
 class FrameBatcher:
     def __init__(self, perception, *, tick_s: float, max_frames: int, timeout_s: float,
                  done: Callable[[list[tuple[FrameImage, object]], EncodeResult | None, str], None],
-                 senders: Callable[[], int], max_calls: int = 4, on_batch: Callable[[int], None] | None = None) -> None:
+                 senders: Callable[[], int], max_calls: int = 4, on_batch: Callable[[int], None] | None = None,
+                 attempts: int = 8) -> None:
         """`done(batch, result, error)` gets each batch back: its (frame, owner) pairs and the result, or
-        None and why the call failed. `senders()`: how many sessions could send a frame now."""
+        None and why the call failed. `senders()`: how many sessions could send a frame now. `attempts`:
+        tries of a call that fails (within `timeout_s`), about 4 s of backoff for 8: long enough for the
+        pool to route around a replica that died, or to replace its only one."""
         self.perception, self.tick_s, self.max_frames, self.timeout_s = perception, tick_s, max_frames, timeout_s
-        self.max_calls = max_calls
+        self.max_calls, self.attempts = max_calls, attempts
         self._done, self._senders, self._on_batch = done, senders, on_batch
         self._batch: list[tuple[FrameImage, object]] = []
         self._owners: set[int] = set()  # id() of the sessions with a frame in the batch
@@ -69,16 +74,27 @@ class FrameBatcher:
         if self._on_batch is not None:
             self._on_batch(len(batch))
         request = EncodeRequest(tuple(frame for frame, _ in batch))
-        try:
-            result = await asyncio.wait_for(self.perception.encode(request), self.timeout_s)
-        except asyncio.TimeoutError:
-            self._done(batch, None, f"encoding took longer than {self.timeout_s:g}s")
+        deadline = time.monotonic() + self.timeout_s
+        backoff = RETRY_S[0]
+        for attempt in range(1, self.attempts + 1):
+            try:
+                result = await asyncio.wait_for(self.perception.encode(request), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                self._done(batch, None, f"encoding took longer than {self.timeout_s:g}s")
+                return
+            except Exception as exc:
+                # Perception holds no state: a call that failed (e.g. its replica died) may go to another
+                # replica, the pool routes around the dead one.
+                log.warning("a Perception call for %d frames failed (attempt %d of %d)", len(batch), attempt,
+                            self.attempts, exc_info=attempt == 1)
+                if attempt == self.attempts or time.monotonic() + backoff >= deadline:
+                    self._done(batch, None, f"encoding failed: {type(exc).__name__}")
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(RETRY_S[1], 2 * backoff)
+                continue
+            self._done(batch, result, "")
             return
-        except Exception as exc:
-            log.warning("a Perception call for %d frames failed", len(batch), exc_info=True)
-            self._done(batch, None, f"encoding failed: {type(exc).__name__}")
-            return
-        self._done(batch, result, "")
 
     def close(self) -> None:
         self.closed = True

@@ -119,6 +119,7 @@ class StreamSession:
         self._asked: list[_Query] = []  # queries sent to Decision that no reply has answered yet
         self._close_sent: _Close | None = None
         self.recovering = False  # moving to another Decision replica: inputs wait
+        self.reaction_moving = False  # moving to another Reaction replica: no reply can be written
         self._late_reply: tuple[str, tuple[int, ...]] | None = None  # a reply that finished while moving
         self.recoveries = 0
         self._counted = [0, 0, 0]  # frames decided, dropped, replies: this call's, for SessionClosed after a move
@@ -132,6 +133,7 @@ class StreamSession:
         self._over_rate: list[tuple[int, float]] = []  # frames refused for the rate, reported once a second
         self._over_quota: list[tuple[int, float]] = []  # frames refused for the tenant's frames_per_s
         self.rate_dropped = 0
+        self.unencoded = 0  # frames dropped because Perception could not be reached
 
     # ---- from the client --------------------------------------------------------------------------------
 
@@ -217,7 +219,10 @@ class StreamSession:
 
     # ---- Perception's answer ------------------------------------------------------------------------------
 
-    def encoded(self, frame_id: int, features: torch.Tensor | None, error: str) -> None:
+    def encoded(self, frame_id: int, features: torch.Tensor | None, error: str,
+                code: int = pb.WARNING_CODE_BAD_FRAME) -> None:
+        """Perception's answer for a frame: its features, or (None) why it has none, told the client as
+        `code` (BAD_FRAME: the image; FRAME_DROPPED: Perception could not be reached)."""
         frame = self._encoding.pop(frame_id, None)
         if frame is None:
             return
@@ -225,7 +230,8 @@ class StreamSession:
             frame.failed = True
             frame.span.set_status(Status(StatusCode.ERROR, error))
             frame.span.end()
-            self.warn(pb.WARNING_CODE_BAD_FRAME, error, [(frame_id, frame.timestamp)])
+            self.unencoded += code == pb.WARNING_CODE_FRAME_DROPPED
+            self.warn(code, error, [(frame_id, frame.timestamp)])
         else:
             frame.features = features
         self._release()
@@ -337,7 +343,8 @@ class StreamSession:
         decided, dropped, responses = self._carried
         self.out.put_nowait(pb.ServerMessage(closed=pb.SessionClosed(
             frames_decided=decided + event.frames_decided,
-            frames_dropped=dropped + event.frames_dropped + self.rate_dropped, responses=responses + event.responses)))
+            frames_dropped=dropped + event.frames_dropped + self.rate_dropped + self.unencoded,
+            responses=responses + event.responses)))
         self.finish()
 
     # ---- replies ----------------------------------------------------------------------------------------------
@@ -346,6 +353,11 @@ class StreamSession:
         if self.reaction is None or self.reply is not None:
             log.warning("session %s: a reply was asked for while %s", self.session_id,
                         "none can be written" if self.reaction is None else "another is being written")
+            return
+        if self.reaction_moving:  # not written; Decision goes on as if the trigger had been silent
+            self.warn(pb.WARNING_CODE_UNSPECIFIED, f"no reply at {event.timestamp:.3f}s: the session's reply "
+                                                   f"writer is moving to another replica")
+            self.gateway.decision_link(self.placed.replica).send(c.ReplyText(self.session_id, self.placed.epoch, "", ()))
             return
         if event.trigger == c.Trigger.QUERY:
             self._asked = [q for q in self._asked if q.timestamp != event.timestamp]
@@ -367,7 +379,7 @@ class StreamSession:
             c.Respond(self.session_id, event.trigger, event.timestamp, event.query, carried(span)))
 
     def _sync_reaction(self) -> None:
-        if not self._unsynced:
+        if not self._unsynced or self.reaction_moving:
             return
         frames, self._unsynced = tuple(self._unsynced), []
         self.gateway.reaction_link(self.reaction.replica).send(c.SyncFrames(self.session_id, self._synced, frames))
@@ -422,7 +434,7 @@ class StreamSession:
 
     def _close_reaction(self) -> asyncio.Future | None:
         """Free the session's reply cache; the future resolves once Reaction applied it."""
-        if self.reaction is None:
+        if self.reaction is None or self.reaction_moving:  # moving: `_recover_reaction` closes what it placed
             return None
         closing = self.gateway.reaction_link(self.reaction.replica).send_acknowledged(
             c.CloseSession(self.session_id, self.reaction.epoch, False))
@@ -447,7 +459,7 @@ class StreamSession:
         frames = tuple(self._ring)
         request = c.OpenSession(self.session_id, self.gateway.id, self.config, c.Restore(frames, awaited))
         try:
-            placed = await self.gateway.place_decision(request)
+            placed = await self.gateway.place(self.gateway.decision, request)
         except Exception as exc:
             details = getattr(exc, "details", type(exc).__name__)
             self.ended = True  # nothing is left anywhere to close
@@ -481,6 +493,37 @@ class StreamSession:
                   f"last {len(frames)} frame(s) and {placed.restored_turns} turn(s) of conversation"
                   f"{'; the reply in progress goes on' if awaited is not None else ''}; {len(resent)} frame(s) "
                   f"it had not decided were sent again, none lost")
+
+    def recover_reaction(self, reason: str) -> None:
+        """The session's Reaction replica died or drains: its reply in progress fails (Decision goes on), and
+        the session gets a reply writer on another replica, given the frames kept here. Replies written there
+        see those frames, not the conversation before them."""
+        if self.finished or self.reaction is None or self.reaction_moving:
+            return
+        self.reaction_moving = True
+        self.reply_failed(reason)
+        self.gateway.keep(asyncio.get_running_loop().create_task(self._recover_reaction(reason)))
+
+    async def _recover_reaction(self, reason: str) -> None:
+        started = time.monotonic()
+        try:
+            placed = await self.gateway.place(self.gateway.reaction,
+                                              c.OpenSession(self.session_id, self.gateway.id, self.config))
+        except Exception as exc:
+            self.reaction = None  # nothing is left there to close
+            self.finish(grpc.StatusCode.UNAVAILABLE,
+                        f"{reason}; the session's reply writer could not be moved: {getattr(exc, 'details', exc)}")
+            return
+        if self.finished:  # the client went away meanwhile
+            self.gateway.reaction_link(placed.replica).send(c.CloseSession(self.session_id, placed.epoch, False))
+            return
+        self.reaction, self.reaction_moving = placed, False
+        self._synced, self._unsynced = 0, list(self._ring)  # the new writer starts from the frames kept here
+        self._sync_reaction()
+        self.gateway.metrics.recoveries.inc()
+        self.warn(pb.WARNING_CODE_SESSION_RECOVERED,
+                  f"{reason}; replies are written on another replica from {time.monotonic() - started:.2f}s on, "
+                  f"seeing the last {len(self._ring)} frame(s) but not the conversation before them")
 
     # ---- the end ------------------------------------------------------------------------------------------------
 

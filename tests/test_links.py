@@ -23,7 +23,8 @@ def frame(session: str, frame_id: int) -> c.FrameImage:
 class SlowPerception:
     """Encodes after `delay_s`; records each call's frames and how many calls were in flight at once."""
 
-    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+    def __init__(self, delay_s: float = 0.0, fail: bool | int = False) -> None:
+        """`fail`: True fails every call, a number that many calls first."""
         self.delay_s, self.fail = delay_s, fail
         self.calls: list[list[int]] = []
         self.in_flight = self.most_in_flight = 0
@@ -34,7 +35,7 @@ class SlowPerception:
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             await asyncio.sleep(self.delay_s)
-            if self.fail:
+            if self.fail is True or (self.fail and len(self.calls) <= self.fail):
                 raise RuntimeError("tower on fire")
         finally:
             self.in_flight -= 1
@@ -43,14 +44,14 @@ class SlowPerception:
 
 
 def run_batcher(perception, script, *, senders: int = 99, tick_s: float = 0.02, max_frames: int = 8,
-                max_calls: int = 4):
+                max_calls: int = 4, attempts: int = 3):
     """Feed (delay before, frame) pairs to a FrameBatcher; returns what came back: (frame ids, error)."""
     done: list[tuple[list[int], str]] = []
 
     async def main():
         batcher = FrameBatcher(perception, tick_s=tick_s, max_frames=max_frames, timeout_s=5,
                                done=lambda batch, result, error: done.append(([f.frame_id for f, _ in batch], error)),
-                               senders=lambda: senders, max_calls=max_calls)
+                               senders=lambda: senders, max_calls=max_calls, attempts=attempts)
         for delay, item in script:
             await asyncio.sleep(delay)
             batcher.add(item, owner=item.session_id)
@@ -87,9 +88,17 @@ def test_calls_in_flight_are_bounded_and_later_frames_wait_for_fuller_batches():
     assert all(len(call) <= 4 for call in perception.calls)
 
 
-def test_a_failed_call_reports_every_frame_in_it():
-    done = run_batcher(SlowPerception(fail=True), [(0, frame("a", 0)), (0, frame("b", 1))], senders=2)
-    assert done == [([0, 1], "encoding failed: RuntimeError")]
+def test_a_failed_call_reports_every_frame_in_it_after_its_retries():
+    perception = SlowPerception(fail=True)
+    done = run_batcher(perception, [(0, frame("a", 0)), (0, frame("b", 1))], senders=2)
+    assert done == [([0, 1], "encoding failed: RuntimeError")] and perception.calls == [[0, 1]] * 3
+
+
+def test_a_call_that_fails_once_is_tried_again_and_its_frames_come_back():
+    """A Perception replica died under the call: the pool routes the next try to another one."""
+    perception = SlowPerception(fail=1)
+    done = run_batcher(perception, [(0, frame("a", 0)), (0, frame("b", 1))], senders=2)
+    assert done == [([0, 1], "")] and perception.calls == [[0, 1], [0, 1]]
 
 
 class Replica:
