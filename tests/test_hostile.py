@@ -1,0 +1,175 @@
+"""Hostile and careless clients against one real server (gRPC on 127.0.0.1, real Redis): calls cancelled
+at every stage leave nothing held anywhere, and fuzzed messages (valid protos with wild values, and raw
+bytes) always end with a proper status, never a crash, with the server serving the next client."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import grpc
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine_helpers import steered
+from liveserve.api.v1 import live_stream_pb2 as pb
+from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
+from liveserve.services.local import start_local
+from liveserve.services.settings import ServiceSettings
+from stream_helpers import jpeg, kinds, session_messages, stream
+
+# What a call may end with. UNKNOWN and INTERNAL are bugs: they must never appear.
+PROPER = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+          grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model, redis_url):
+    # A Redis database of its own, so what other tests' servers left behind does not count here.
+    kwargs = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
+    redis_url = f"redis://{kwargs['host']}:{kwargs['port']}/7"
+    redis.Redis.from_url(redis_url).flushdb()
+    model = steered(tiny_model, interval_bias=-1.0, eos_bias=-4.0)  # speaks often, with replies of a few tokens
+    server = start_local(model, "127.0.0.1:0", ServiceSettings(
+        max_new_tokens=6, window_frames=8, max_frame_bytes=64 << 10, pool_mb=64, max_lag_s=600.0,
+        max_frame_pixels=1_000_000, heartbeat_s=0.5, session_ttl_s=5.0), redis_url=redis_url)
+    yield server
+    server.stop(grace_s=1)
+
+
+def held(local) -> dict:
+    """Everything a session can hold: Decision and Reaction engine sessions, open Redis records, and the
+    tenants' session counts."""
+    client = local.registry.client
+    records = [key for key in client.scan_iter("liveserve:session:*") if not key.endswith(":history")
+               and client.hget(key, "state") == "open"]
+    counted = sum(client.zcard(key) for key in client.scan_iter("liveserve:tenant:*:sessions"))
+    return {"decision": len(local.engine.sessions), "reaction": len(local.reaction.engine.sessions),
+            "open records": len(records), "counted": counted, "gateway": len(local.server.gateway.sessions)}
+
+
+def settle(local, timeout_s: float = 20.0) -> dict:
+    """Wait until nothing is held; what is still held otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while any((now := held(local)).values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return now
+
+
+class Call:
+    """A call the test can cut off at any moment."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.outbox: queue.Queue = queue.Queue()
+        self.replies: list[pb.ServerMessage] = []
+        self.seen = threading.Condition()
+        self.call = pb_grpc.LiveStreamStub(self.channel).Stream(iter(self.outbox.get, None), timeout=60)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        try:
+            for reply in self.call:
+                with self.seen:
+                    self.replies.append(reply)
+                    self.seen.notify_all()
+        except grpc.RpcError:
+            pass
+
+    def send(self, message: pb.ClientMessage) -> None:
+        self.outbox.put(message)
+
+    def until(self, kind: str, timeout_s: float = 30.0) -> None:
+        with self.seen:
+            assert self.seen.wait_for(lambda: kind in kinds(self.replies), timeout_s), kinds(self.replies)
+
+    def cut(self) -> None:
+        self.call.cancel()
+        self.outbox.put(None)
+        self.reader.join(10)
+        self.channel.close()
+
+
+def frame(i: int) -> pb.ClientMessage:
+    return pb.ClientMessage(frame=pb.Frame(timestamp=i * 0.5, image=jpeg(i)))
+
+
+STAGES = ["before SessionOpened", "after SessionOpened", "with frames in flight", "after decisions",
+          "mid-reply", "after Close"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_call_cut_off_at_any_stage_leaves_nothing_held(local, stage):
+    assert settle(local) == dict.fromkeys(held(local), 0)  # the baseline
+    call = Call(local.address)
+    call.send(pb.ClientMessage(open=pb.Open(threshold=0.0, fps=30.0)))
+    if stage != "before SessionOpened":
+        call.until("opened")
+    if stage in ("with frames in flight", "after decisions", "mid-reply", "after Close"):
+        for i in range(6):
+            call.send(frame(i))
+    if stage in ("after decisions", "mid-reply"):
+        call.until("decision")
+    if stage == "mid-reply":
+        call.send(pb.ClientMessage(query=pb.Query(timestamp=3.0, text="what is there?")))
+        call.until("response_started")
+    if stage == "after Close":
+        call.send(pb.ClientMessage(close=pb.Close()))
+    call.cut()
+    assert settle(local) == dict.fromkeys(held(local), 0), f"held after a call cut {stage}"
+
+
+# ---- fuzzing ---------------------------------------------------------------------------------------------
+
+finite = st.floats(allow_nan=True, allow_infinity=True, width=64)
+opens = st.builds(pb.Open, threshold=finite, max_new_tokens=st.integers(0, 2**32 - 1), fps=finite,
+                  model=st.sampled_from(["", "default", "nope", "x" * 300]), decisions_only=st.booleans(),
+                  client_session_id=st.text(max_size=40), system_prompt=st.text(max_size=60))
+frames = st.builds(pb.Frame, timestamp=finite,
+                   image=st.one_of(st.binary(max_size=64), st.sampled_from([jpeg(1), jpeg(2)[:40], b""])))
+queries = st.builds(pb.Query, timestamp=finite, text=st.text(max_size=80))
+messages = st.one_of(st.builds(lambda o: pb.ClientMessage(open=o), opens),
+                     st.builds(lambda f: pb.ClientMessage(frame=f), frames),
+                     st.builds(lambda q: pb.ClientMessage(query=q), queries),
+                     st.just(pb.ClientMessage(close=pb.Close())), st.just(pb.ClientMessage()))
+
+
+def outcome(call) -> tuple[grpc.StatusCode, list[str]]:
+    try:
+        replies = list(call)
+    except grpc.RpcError as exc:
+        return exc.code(), []
+    return grpc.StatusCode.OK, kinds(replies)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(first=opens, rest=st.lists(messages, max_size=8))
+def test_fuzzed_messages_always_end_with_a_proper_status(local, first, rest):
+    with grpc.insecure_channel(local.address) as channel:
+        call = pb_grpc.LiveStreamStub(channel).Stream(iter([pb.ClientMessage(open=first), *rest]), timeout=30)
+        code, replied = outcome(call)
+    assert code in PROPER, code
+    if code == grpc.StatusCode.OK and replied:  # a session that opened ends with its summary
+        assert replied[0] == "opened" and replied[-1] == "closed", replied
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(raw=st.lists(st.binary(max_size=200), min_size=1, max_size=4))
+def test_raw_bytes_end_with_a_proper_status(local, raw):
+    with grpc.insecure_channel(local.address) as channel:
+        call = channel.stream_stream("/liveserve.api.v1.LiveStream/Stream", request_serializer=None,
+                                     response_deserializer=pb.ServerMessage.FromString)(iter(raw), timeout=30)
+        code, _ = outcome(call)
+    assert code in PROPER, code
+
+
+def test_after_the_fuzzing_the_server_serves_and_holds_nothing(local):
+    replies = stream(local.address, session_messages(3))
+    assert kinds(replies)[0] == "opened" and kinds(replies)[-1] == "closed"
+    assert settle(local) == dict.fromkeys(held(local), 0)
