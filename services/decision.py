@@ -98,6 +98,8 @@ class DecisionService:
         config = dataclasses.replace(config, replies="none" if config.replies == "none" else "external")
         sid = request.session_id
         self.leases.renew(request.gateway_id)
+        if request.restore is not None:  # resumed right after its call broke: its old self may still be closing
+            await self._gone(sid)
         # The engine's sessions: those closing still take compute until they are gone.
         if self.max_sessions is not None and len(self.engine.sessions) + self._opening >= self.max_sessions:
             raise PoolFullError(f"decision replica {self.replica} holds {len(self.engine.sessions) + self._opening}"
@@ -131,11 +133,16 @@ class DecisionService:
                           tokens_per_frame=self.model.layout.num_tokens + 1)
         return c.SessionPlaced(sid, self.replica, epoch, limits, restored_turns)
 
+    async def _gone(self, session_id: str, timeout_s: float = 5.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while session_id in self.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+
     def _take_over(self, session_id: str, record: dict) -> tuple[int, tuple[dict, ...]]:
         """Own a session moving here: a new epoch fences its previous owner off (a replica that is only
         slow or partitioned can no longer write), and its turns come back from the registry."""
         try:
-            epoch = self.registry.claim(session_id, self.replica)
+            epoch = self.registry.claim(session_id, self.replica, reopen=True)  # reopen: a resumed session
         except UnknownSessionError:  # its record expired with its owner: the conversation went with it
             log.warning("session %s moved here without a registry record; its turns are lost", session_id)
             return self.registry.create(session_id, self.replica, {**record, "restored": True}).epoch, ()

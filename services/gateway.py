@@ -19,6 +19,7 @@ GetTranscript reads a session's record and history from the registry (Redis), un
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -39,6 +40,7 @@ from liveserve.services.errors import internal
 from liveserve.services.links import FrameBatcher, ReplicaLink
 from liveserve.services.messages import session_config
 from liveserve.services.registry import SessionRegistry
+from liveserve.services.resume import Parked, ResumeTokens
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.stream_session import Finish, StreamSession
 from liveserve.services.telemetry import GatewayMetrics
@@ -104,6 +106,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
         if settings.api_keys_env and not self.api_keys:
             raise ValueError(f"api_keys_env names {settings.api_keys_env}, which holds no keys")
         self.auth_failures = FailedAuthLimit(settings.auth_failures_per_min)
+        self.resumes = ResumeTokens(registry.client if registry is not None else None, settings.session_ttl_s)
         self.tenancy = Tenancy(quotas_from_setting(settings.tenant_quotas),
                                registry.client if registry is not None else None, settings.session_ttl_s)
         self._counting: asyncio.Task | None = None  # keeps this gateway's sessions counted in Redis
@@ -148,7 +151,8 @@ class Gateway(pb_grpc.LiveStreamServicer):
         try:  # from the first yield: a client gone at SessionOpened must not leave the session (or its quota)
             yield pb.ServerMessage(opened=pb.SessionOpened(
                 session_id=session.session_id, client_session_id=first.open.client_session_id,
-                limits=self._limits(session)))
+                limits=self._limits(session), resume_token=session.resume_token,
+                next_frame_index=session.next_frame_id))
             reader = asyncio.get_running_loop().create_task(self._read(request_iterator, session))
             while not isinstance(message := await session.out.get(), Finish):
                 yield message
@@ -156,6 +160,8 @@ class Gateway(pb_grpc.LiveStreamServicer):
         finally:
             if reader is not None:
                 reader.cancel()
+            if end.code == grpc.StatusCode.CANCELLED and not session.ended and self.resumes.enabled:
+                self._park(session)  # the client went away: it may resume the session with its token
             session.abandon()  # a no-op once the session ended; else the client is gone: free it now
             self.sessions.pop(session.session_id, None)
             self._release_quota(session.tenant, session.session_id)
@@ -217,7 +223,9 @@ class Gateway(pb_grpc.LiveStreamServicer):
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"bad open: {exc}") from None
         if self.unready:  # fail fast and retryably rather than hang on a pool that is not there
             raise CallFailed(grpc.StatusCode.UNAVAILABLE, self.unready)
-        request = c.OpenSession(uuid.uuid4().hex, self.id, config)
+        parked = await self._resumable(first.open, tenant) if first.open.resume_session_id else None
+        request = c.OpenSession(parked.session_id if parked else uuid.uuid4().hex, self.id, config,
+                                c.Restore(parked.frames) if parked else None)
         try:
             usage = await self.tenancy.admit(tenant, request.session_id)
         except QuotaExceeded as exc:
@@ -231,12 +239,53 @@ class Gateway(pb_grpc.LiveStreamServicer):
             self._release_quota(usage, request.session_id)
             raise
         session = StreamSession(self, request.session_id, config, placed, reaction, trace_parent,
-                                fps=first.open.fps or DEFAULT_FPS, tenant=usage)
+                                fps=first.open.fps or DEFAULT_FPS, tenant=usage, resumed=parked)
+        if parked is not None:
+            self.metrics.recoveries.inc()
+            session.warn(pb.WARNING_CODE_SESSION_RECOVERED,
+                         f"resumed: the session was rebuilt from its last {len(parked.frames)} frame(s)"
+                         f"{'' if parked.frames else ' (another gateway kept them, or they expired)'} and "
+                         f"{placed.restored_turns} turn(s) of conversation; frames sent after the connection "
+                         f"broke never arrived; the next frame gets index {parked.next_frame}")
         self.sessions[session.session_id] = session
         self.metrics.sessions_opened.inc()
         self.metrics.sessions_active.set(len(self.sessions))
         self._ensure_watchdog()
         return session
+
+    async def _resumable(self, open_: pb.Open, tenant: str) -> Parked:
+        """The parked session the Open resumes (its token is used up), or CallFailed."""
+        if not self.resumes.enabled:
+            raise CallFailed(grpc.StatusCode.FAILED_PRECONDITION,
+                             "this server keeps no session records (no Redis), so sessions cannot be resumed")
+        if not SESSION_ID.fullmatch(open_.resume_session_id):
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"bad open: resume_session_id must be a session id "
+                                                               f"(SessionOpened.session_id), got "
+                                                               f"{open_.resume_session_id[:140]!r}")
+        try:
+            parked = await asyncio.to_thread(self.resumes.take, open_.resume_session_id, open_.resume_token, tenant)
+        except redis.RedisError as exc:
+            raise CallFailed(grpc.StatusCode.UNAVAILABLE, f"the session registry did not answer "
+                                                          f"({type(exc).__name__}); retry shortly") from None
+        if parked is None:
+            raise CallFailed(grpc.StatusCode.NOT_FOUND,
+                             f"no session {open_.resume_session_id!r} to resume with that token: it was closed, "
+                             f"resumed already, or not resumed within {self.settings.session_ttl_s:g}s of its "
+                             f"connection breaking")
+        return parked
+
+    def _park(self, session: StreamSession) -> None:
+        """Keep what resuming the session needs for `session_ttl_s` (in Redis, off the loop)."""
+        parked = Parked(session.session_id, session.tenant.tenant if session.tenant is not None else "",
+                        session.next_frame_id, max(0.0, session.last_timestamp), tuple(session.kept_frames))
+
+        async def park() -> None:
+            try:
+                await asyncio.to_thread(self.resumes.park, parked, session.resume_digest)
+            except Exception:
+                log.warning("session %s could not be parked for resuming", session.session_id, exc_info=True)
+
+        self.keep(asyncio.get_running_loop().create_task(park()))
 
     def _authenticate(self, first: pb.ClientMessage | Unparsable, host: str) -> str:
         """The Open's tenant. A host with too many failed key checks this minute is refused before its
@@ -264,7 +313,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
         reaction = None
         if request.config.replies != "none":
             try:
-                reaction = await self.place(self.reaction, request)
+                reaction = await self.place(self.reaction, dataclasses.replace(request, restore=None))
             except CallFailed:
                 self.decision_link(placed.replica).send(c.CloseSession(request.session_id, placed.epoch, False))
                 raise

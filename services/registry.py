@@ -46,12 +46,14 @@ if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[3
 return 1
 """
 
+# ARGV: owner, ttl_ms, reopen ('1': a closed session may be claimed too, and is open again)
 _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('HGET', KEYS[1], 'state') ~= 'open' then return -3 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'open' and ARGV[3] ~= '1' then return -3 end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'state', 'open')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
 return epoch
 """
 
@@ -146,10 +148,11 @@ class SessionRegistry:
         """Mark the session closed; its record expires closed_ttl_s later."""
         self._fenced(session_id, owner, epoch, closing=True)
 
-    def claim(self, session_id: str, owner: str) -> int:
+    def claim(self, session_id: str, owner: str, *, reopen: bool = False) -> int:
         """Move an open session to `owner` (e.g. after its replica died); returns the new epoch, which
-        fences off every earlier owner."""
-        result = self._claim(keys=self._keys(session_id)[:1], args=[owner, self.ttl_ms])
+        fences off every earlier owner. `reopen`: a closed session (its client resumes it) is claimed too
+        and open again."""
+        result = self._claim(keys=self._keys(session_id), args=[owner, self.ttl_ms, "1" if reopen else ""])
         if result == -1:
             raise UnknownSessionError(f"session {session_id!r} does not exist or has expired")
         if result == -3:

@@ -29,6 +29,7 @@ from liveserve.config import SessionConfig
 from liveserve.engine.inputs import AwaitedReply
 from liveserve.services import contracts as c
 from liveserve.services.codec import ACTIONS, FINISH, TRIGGERS
+from liveserve.services.resume import Parked, new_token
 from liveserve.services.tracing import carried, extract
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,9 @@ class IngressLimit:
 class StreamSession:
     def __init__(self, gateway, session_id: str, config: SessionConfig, placed: c.SessionPlaced,
                  reaction: c.SessionPlaced | None, trace_parent: otel_context.Context, fps: float,
-                 tenant=None) -> None:
-        """`tenant`: the TenantUsage (tenants.py) its frames and replies count against."""
+                 tenant=None, resumed: Parked | None = None) -> None:
+        """`tenant`: the TenantUsage (tenants.py) its frames and replies count against. `resumed`: the
+        parked session this call resumes (services/resume.py)."""
         self.gateway, self.session_id, self.config, self.fps = gateway, session_id, config, fps
         self.tenant = tenant
         self.placed, self.reaction = placed, reaction  # reaction: None for a decisions-only session
@@ -125,6 +127,11 @@ class StreamSession:
         self._counted = [0, 0, 0]  # frames decided, dropped, replies: this call's, for SessionClosed after a move
         self._carried = (0, 0, 0)  # ... what earlier replicas counted (SessionEnded counts on the last one)
         self._last_decided_trace: c.Trace = c.NO_TRACE
+        self.resume_token, self.resume_digest = new_token() if gateway.resumes.enabled else ("", "")
+        if resumed is not None:  # numbering and time go on where the broken call left them
+            self.next_frame_id, self.last_timestamp = resumed.next_frame, resumed.last_timestamp
+            self._ring.extend(resumed.frames)
+            self._unsynced = list(resumed.frames)  # the reply writer is new: it gets them before its first reply
         self.reply: _Reply | None = None
         self.room = asyncio.Event()
         self.room.set()
@@ -440,6 +447,11 @@ class StreamSession:
             c.CloseSession(self.session_id, self.reaction.epoch, False))
         self.reaction = None
         return closing
+
+    @property
+    def kept_frames(self) -> tuple[c.FrameFeatures, ...]:
+        """The decided frames kept to rebuild the session elsewhere (its cache window)."""
+        return tuple(self._ring)
 
     # ---- moving to another Decision replica --------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
 from liveserve.services.local import start_local
 from liveserve.services.settings import ServiceSettings
-from stream_helpers import jpeg, kinds, session_messages, stream
+from stream_helpers import LiveCall, jpeg, kinds, session_messages, stream
 
 # What a call may end with. UNKNOWN and INTERNAL are bugs: they must never appear.
 PROPER = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
@@ -173,3 +173,57 @@ def test_after_the_fuzzing_the_server_serves_and_holds_nothing(local):
     replies = stream(local.address, session_messages(3))
     assert kinds(replies)[0] == "opened" and kinds(replies)[-1] == "closed"
     assert settle(local) == dict.fromkeys(held(local), 0)
+
+
+# ---- resuming ---------------------------------------------------------------------------------------------
+
+def test_a_broken_connection_resumes_its_session_with_its_token(local):
+    first = Call(local.address)
+    first.send(pb.ClientMessage(open=pb.Open(threshold=0.0, fps=30.0)))
+    first.until("opened")
+    opened = first.replies[0].opened
+    assert opened.resume_token and opened.next_frame_index == 0
+    for i in range(6):
+        first.send(frame(i))
+    first.send(pb.ClientMessage(query=pb.Query(timestamp=2.5, text="what is there?")))
+    first.until("response_done")
+    with first.seen:
+        first.seen.wait_for(lambda: len([r for r in first.replies if r.WhichOneof("kind") == "decision"]) == 6, 30)
+    first.cut()  # the connection breaks
+    assert settle(local) == dict.fromkeys(held(local), 0)  # parked: nothing held but the token's entry
+
+    resume = pb.Open(threshold=0.0, fps=30.0, resume_session_id=opened.session_id, resume_token=opened.resume_token)
+    call = LiveCall(local.address, resume)
+    reopened = call.wait_for(lambda: call.of_kind("opened"))[0]
+    assert reopened.session_id == opened.session_id and reopened.next_frame_index == 6
+    assert reopened.resume_token and reopened.resume_token != opened.resume_token
+    (warning,) = call.wait_for(lambda: [w for w in call.of_kind("warning")
+                                        if w.code == pb.WARNING_CODE_SESSION_RECOVERED])
+    assert "last 6 frame(s)" in warning.message and " 0 turn(s)" not in warning.message, warning.message
+    call.send(pb.ClientMessage(frame=pb.Frame(timestamp=1.0, image=jpeg(9))))  # time goes on where it was
+    (backwards,) = call.wait_for(lambda: [w for w in call.of_kind("warning") if w.code == pb.WARNING_CODE_BAD_FRAME])
+    assert list(backwards.frame_indexes) == [6] and "backwards" in backwards.message
+    for i in range(6, 9):
+        call.send(frame(i))
+    replies = call.close()
+    decided = [d.frame_index for d in call.of_kind("decision")]
+    assert decided == [7, 8, 9] and kinds(replies)[-1] == "closed"  # index 6 went to the refused frame
+    assert settle(local) == dict.fromkeys(held(local), 0)
+
+    # A token resumes one call; a closed session none; a wrong token none.
+    for open_ in (resume, pb.Open(resume_session_id=opened.session_id, resume_token="guess")):
+        with pytest.raises(grpc.RpcError) as failed:
+            stream(local.address, [pb.ClientMessage(open=open_)])
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND and "to resume" in failed.value.details()
+
+
+def test_without_session_records_a_resume_is_refused_by_name(tiny_model):
+    server = start_local(tiny_model, "127.0.0.1:0", ServiceSettings(pool_mb=8))
+    try:
+        replies = stream(server.address, session_messages(1))
+        assert replies[0].opened.resume_token == ""
+        with pytest.raises(grpc.RpcError) as failed:
+            stream(server.address, [pb.ClientMessage(open=pb.Open(resume_session_id="abc", resume_token="x"))])
+        assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no Redis" in failed.value.details()
+    finally:
+        server.stop(grace_s=1)

@@ -51,6 +51,18 @@ def test_claim_fences_off_the_stale_owner(registry):
     assert registry.get("s2").last_timestamp == 9.0
 
 
+def test_a_resumed_session_reopens_with_its_history_under_a_new_epoch(registry):
+    registry.create("s4", "replica-a", {})
+    registry.record("s4", "replica-a", 1, turn={"t": 1.0, "role": "assistant", "text": "hello"})
+    registry.close("s4", "replica-a", 1)
+    assert registry.claim("s4", "replica-b", reopen=True) == 2
+    record = registry.get("s4")
+    assert (record.state, record.owner, [t["text"] for t in record.history]) == ("open", "replica-b", ["hello"])
+    assert registry.client.pttl(f"{registry.prefix}:session:s4:history") > 1000  # no longer closed_ttl_s
+    with pytest.raises(StaleEpochError):
+        registry.record("s4", "replica-a", 1, last_timestamp=2.0)
+
+
 def test_closed_sessions_refuse_writes_and_expire(registry):
     registry.create("s3", "replica-a", {})
     registry.record("s3", "replica-a", 1, turn={"t": 0.0, "role": "user", "text": "q"})

@@ -75,7 +75,7 @@ class ClientMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., query: _Optional[_Union[Query, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("model", "threshold", "fps", "cache", "max_new_tokens", "system_prompt", "credentials", "client_session_id", "decisions_only")
+    __slots__ = ("model", "threshold", "fps", "cache", "max_new_tokens", "system_prompt", "credentials", "client_session_id", "decisions_only", "resume_session_id", "resume_token")
     class CredentialsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,8 @@ class Open(_message.Message):
     CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DECISIONS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    RESUME_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model: str
     threshold: float
     fps: float
@@ -101,7 +103,9 @@ class Open(_message.Message):
     credentials: _containers.ScalarMap[str, str]
     client_session_id: str
     decisions_only: bool
-    def __init__(self, model: _Optional[str] = ..., threshold: _Optional[float] = ..., fps: _Optional[float] = ..., cache: _Optional[_Union[CacheOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., system_prompt: _Optional[str] = ..., credentials: _Optional[_Mapping[str, str]] = ..., client_session_id: _Optional[str] = ..., decisions_only: _Optional[bool] = ...) -> None: ...
+    resume_session_id: str
+    resume_token: str
+    def __init__(self, model: _Optional[str] = ..., threshold: _Optional[float] = ..., fps: _Optional[float] = ..., cache: _Optional[_Union[CacheOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., system_prompt: _Optional[str] = ..., credentials: _Optional[_Mapping[str, str]] = ..., client_session_id: _Optional[str] = ..., decisions_only: _Optional[bool] = ..., resume_session_id: _Optional[str] = ..., resume_token: _Optional[str] = ...) -> None: ...
 
 class CacheOptions(_message.Message):
     __slots__ = ("policy", "window_frames", "text_window_tokens")
@@ -154,14 +158,18 @@ class ServerMessage(_message.Message):
     def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., response_started: _Optional[_Union[ResponseStarted, _Mapping]] = ..., response_delta: _Optional[_Union[ResponseDelta, _Mapping]] = ..., response_done: _Optional[_Union[ResponseDone, _Mapping]] = ..., warning: _Optional[_Union[Warning, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., closed: _Optional[_Union[SessionClosed, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "client_session_id", "limits")
+    __slots__ = ("session_id", "client_session_id", "limits", "resume_token", "next_frame_index")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     client_session_id: str
     limits: Limits
-    def __init__(self, session_id: _Optional[str] = ..., client_session_id: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    resume_token: str
+    next_frame_index: int
+    def __init__(self, session_id: _Optional[str] = ..., client_session_id: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., resume_token: _Optional[str] = ..., next_frame_index: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_frame_bytes", "max_query_tokens", "max_new_tokens", "max_lag_s", "tokens_per_frame")
