@@ -227,3 +227,53 @@ def test_without_session_records_a_resume_is_refused_by_name(tiny_model):
         assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no Redis" in failed.value.details()
     finally:
         server.stop(grace_s=1)
+
+
+# ---- Redis dies -------------------------------------------------------------------------------------------
+
+def test_a_redis_server_killed_mid_stream_comes_back_and_the_sessions_never_notice(tiny_model):
+    """kill -9 of the embedded redis-server under live streams: they go on deciding every frame; it is
+    started again on its port, and the replicas write their sessions' records again."""
+    import os
+    import signal
+
+    from liveserve.services.redis_server import EmbeddedRedis
+
+    redis_server = EmbeddedRedis().start().keep_alive(check_every_s=0.05)
+    server = start_local(steered(tiny_model, interval_bias=8.0, eos_bias=7.8), "127.0.0.1:0",
+                         ServiceSettings(pool_mb=16, heartbeat_s=0.2, session_ttl_s=5.0, max_lag_s=600.0),
+                         redis_url=redis_server.url)
+    try:
+        calls = [LiveCall(server.address, pb.Open(fps=30.0)) for _ in range(2)]
+        ids = [call.wait_for(lambda call=call: call.of_kind("opened"))[0].session_id for call in calls]
+        for i in range(5):
+            for call in calls:
+                call.send(frame(i))
+        killed_at = time.monotonic()
+        os.kill(redis_server._process.pid, signal.SIGKILL)
+        for i in range(5, 10):
+            for call in calls:
+                call.send(frame(i))
+        registry = server.registry
+        deadline = time.monotonic() + 30
+        while not all((record := _get(registry, sid)) is not None and record.state == "open" for sid in ids):
+            assert time.monotonic() < deadline, "the sessions' records were not written again"
+            time.sleep(0.05)
+        back_in = time.monotonic() - killed_at
+        results = [call.close() for call in calls]
+    finally:
+        server.stop(grace_s=1)
+        redis_server.stop()
+    for call, replies in zip(calls, results):
+        assert [d.frame_index for d in call.of_kind("decision")] == list(range(10)), (kinds(replies), [
+            (w.code, w.message) for w in call.of_kind("warning")])
+        assert kinds(replies)[-1] == "closed" and replies[-1].closed.frames_decided == 10
+    assert redis_server.restarts >= 1
+    print(f"\nredis: restarted and both records written again {back_in:.1f}s after the kill")
+
+
+def _get(registry, session_id: str):
+    try:
+        return registry.get(session_id)
+    except redis.RedisError:
+        return None
