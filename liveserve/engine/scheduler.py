@@ -2,8 +2,10 @@
 
 Fair: each ready session gets at most one step per engine step (its next step needs this step's
 logits), least recently served first, within a budget of new tokens per step (and, optionally, a cap on
-sessions), so a session waits at most about ceil(ready tokens / budget) steps. A session that does not fit the token budget is skipped for smaller ones, but it only grows
-older, reaches the front, and the front session is always taken, so nothing starves.
+sessions), so a session waits at most about ceil(ready tokens / budget) steps. The budget, not a session
+count, bounds a step's cost: frame steps are 11 tokens, a reply prompt can be hundreds. A session that
+does not fit the budget is skipped for smaller ones, but it only grows older, reaches the front, and the
+front session is always taken, so nothing starves.
 
 Real-time: before picking, a session whose queued frames fall too far behind its stream drops its
 oldest queued frames (reported as FramesDropped) instead of building an ever-growing backlog.
