@@ -170,3 +170,16 @@ def test_gpu_preset_is_built_on_the_device_in_bf16_and_runs_a_level(tmp_path):
     settings = CapacitySettings(duration_s=1.5, warmup_s=0.25, prefill_frames=2, single_stream_frames=8)
     report = run_capacity_bench(model, levels=[2], settings=settings, out=str(tmp_path / "gpu.json"), preset="tiny")
     assert report["levels"][0]["memory"]["kind"] == "gpu" and report["levels"][0]["frames_decided"] > 0
+
+
+def test_a_decision_replica_logs_how_many_sessions_its_pool_admits(tiny_model, caplog):
+    from liveserve.services.decision import DecisionService
+    from liveserve.services.settings import ServiceSettings
+
+    settings = ServiceSettings(model="tiny", pool_mb=8)
+    with caplog.at_level("INFO", logger="liveserve.services.decision"):
+        service = DecisionService(tiny_model, settings, "replica-1")
+    expected = service.engine.pool.sessions_admitted(service.engine.session_tokens(settings.session_defaults()))
+    assert expected > 0
+    assert any(f"admits {expected} sessions of cache policy sink_window" in r.getMessage() for r in caplog.records)
+    service.engine.shutdown()

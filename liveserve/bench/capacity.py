@@ -395,6 +395,8 @@ def pool_config(model: LiveModel, settings: CapacitySettings, largest: int,
     """On CUDA the serving default (a fraction of the memory left after the weights); on CPU room for the
     largest level (host memory is shared, so no fraction of it is taken)."""
     if model.device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()  # memory the allocator caches from the warm-up engines counts as free
         return PoolConfig(memory_fraction=memory_fraction or PoolConfig().memory_fraction)
     config = SessionConfig(cache=CacheConfig(policy="sink_window", window_frames=settings.window_frames))
     return PoolConfig(budget_tokens=largest * (cache_limit(model, config) + 16) + 16)
