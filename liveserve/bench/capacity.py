@@ -333,11 +333,13 @@ def reference_single_stream(model: LiveModel, frames: list[torch.Tensor], settin
     interval, eos = template.interval_id, template.eos_id
     cache = DynamicCache(config=lm.config)
     # newer transformers name the argument `cache`, older ones `past_key_values`
-    cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
 
     def last_logits(embeds: torch.Tensor) -> torch.Tensor:
-        out = lm(inputs_embeds=embeds[None], use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-        return out.logits[0, -1].float()
+        # the LM head on the last position only, as the engine does (a strided view into the head is slow on
+        # some CPU kernels, which would flatter the engine)
+        out = lm.model(inputs_embeds=embeds[None], use_cache=True, **{cache_arg: cache})
+        return lm.lm_head(out.last_hidden_state[0, -1:])[0].float()
 
     pending = template.start_ids(model.system_prompt)
     decisions, replies = [], []
