@@ -1,7 +1,7 @@
 """Random-weight LIVE models of named real sizes, built in memory (no checkpoint on disk), for benchmarks.
 
   tiny               the test model's sizes (TinySizes), 64 px frames
-  llama3.2-1b-siglip Llama-3.2-1B's sizes + SigLIP-so400m (384 px, patch 14): a ~1.4B model
+  llama3.2-1b-siglip Llama-3.2-1B's sizes + SigLIP-so400m (384 px, patch 14): 1.7B parameters
   llama3-8b-siglip   VideoLLM-online-8B's sizes: Llama-3-8B + SigLIP-so400m (384 px, patch 14)
 
 Weights are created directly on the target device in the target dtype (modules are constructed under
