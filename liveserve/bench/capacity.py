@@ -368,8 +368,9 @@ def reference_single_stream(model: LiveModel, frames: list[torch.Tensor], settin
 
 def single_stream(model: LiveModel, settings: CapacitySettings, frame: Callable[[int], torch.Tensor]) -> dict:
     frames = [frame(i) for i in range(settings.single_stream_frames)]
-    engine_single_stream(model, frames[:2], settings)  # warm both paths (allocator, kernels, lazy imports)
-    reference_single_stream(model, frames[:2], settings)
+    # a full unmeasured pass of each first: the reply path, the allocator and lazy imports warm up too
+    engine_single_stream(model, frames, settings)
+    reference_single_stream(model, frames, settings)
     engine_decisions, engine_replies, engine_s = engine_single_stream(model, frames, settings)
     reference_decisions, reference_replies, reference_s = reference_single_stream(model, frames, settings)
     fired = [f for _, f in engine_decisions]
