@@ -180,8 +180,9 @@ def memory_now(device: torch.device) -> dict:
 # ---- one level of the open loop ---------------------------------------------------------------------------
 
 def _prefill(engine: BatchEngine, ids: list[str], frames: int, features: Callable[[int], torch.Tensor],
-             fps: float) -> None:
-    """Bring every session's cache to steady state: `frames` frames each, fed in lockstep, unmeasured."""
+             fps: float) -> str | None:
+    """Bring every session's cache to steady state: `frames` frames each, fed in lockstep, unmeasured.
+    Returns why a session failed meanwhile (e.g. the device ran out of memory), None when none did."""
     for j in range(frames):
         for k, sid in enumerate(ids):
             engine.session(sid).push_frame(j / fps, features(j + k))
@@ -190,7 +191,8 @@ def _prefill(engine: BatchEngine, ids: list[str], frames: int, features: Callabl
             if isinstance(event, ReplyRequested):
                 engine.push_reply(sid, "", ())  # no replies while filling: the caches hold frames
             elif isinstance(event, SessionFailed):
-                raise RuntimeError(f"session {sid} failed while filling its cache: {event.message}")
+                return f"session {sid} failed while filling its cache: {event.message}"
+    return None
 
 
 def run_level(engine: BatchEngine, n: int, settings: CapacitySettings, frame: Callable[[int], torch.Tensor],
@@ -211,7 +213,9 @@ def run_level(engine: BatchEngine, n: int, settings: CapacitySettings, frame: Ca
             engine.close(sid)
         return {**result, "admitted": len(opened), "meets_slo": False, "refused": str(exc)}
     try:
-        _prefill(engine, ids, settings.prefill_frames, features, settings.fps)
+        failure = _prefill(engine, ids, settings.prefill_frames, features, settings.fps)
+        if failure is not None:
+            return {**result, "admitted": n, "meets_slo": False, "failed": failure}
         sync(model.device)
         if model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(model.device)
@@ -235,7 +239,8 @@ def _open_loop(engine: BatchEngine, ids: list[str], settings: CapacitySettings, 
     replies: list[tuple[float, str]] = []  # (due, session): the simulated Reaction's answers
     due: dict[tuple[str, int], float] = {}
     latencies: list[float] = []
-    counts = dict(due=0, decided=0, dropped=0, failed=0, fired=0, steps=0, batch_sessions=0)
+    counts = dict(due=0, decided=0, dropped=0, fired=0, steps=0, batch_sessions=0)
+    failed: set[str] = set()  # sessions the engine failed (e.g. a forward ran out of device memory)
     last_due = start + (frames_per_stream - 1) * period + period
     deadline = last_due + settings.drain_s
     while time.monotonic() < deadline:
@@ -243,14 +248,16 @@ def _open_loop(engine: BatchEngine, ids: list[str], settings: CapacitySettings, 
         while arrivals and arrivals[0][0] <= now:
             at, k, j = heapq.heappop(arrivals)
             sid, frame_id = ids[k], offset + j
-            engine.push_frame(sid, frame_id * period, frame(frame_id + k), frame_id=frame_id)
-            due[(sid, frame_id)] = at
+            due[(sid, frame_id)] = at  # a failed session's frames stay here: they count as undecided
+            if sid not in failed:
+                engine.push_frame(sid, frame_id * period, frame(frame_id + k), frame_id=frame_id)
             counts["due"] += at >= measured_from
             if j + 1 < frames_per_stream:
                 heapq.heappush(arrivals, (at + period, k, j + 1))
         while replies and replies[0][0] <= now:
             _, sid = heapq.heappop(replies)
-            engine.push_reply(sid, reply_text, reply_ids)
+            if sid not in failed:
+                engine.push_reply(sid, reply_text, reply_ids)
         if engine.has_work():
             events = engine.step()
             sync(engine.model.device)
@@ -269,16 +276,16 @@ def _open_loop(engine: BatchEngine, ids: list[str], settings: CapacitySettings, 
                 elif isinstance(event, FramesDropped):
                     counts["dropped"] += sum(due.pop((sid, i), 0.0) >= measured_from for i in event.frame_ids)
                 elif isinstance(event, SessionFailed):
-                    counts["failed"] += 1
+                    failed.add(sid)
             continue
-        if not arrivals and not replies and not due:
+        if not arrivals and not replies and all(sid in failed for sid, _ in due):
             break
         wake = min([deadline] + [queue[0][0] for queue in (arrivals, replies) if queue])
         engine.wait_for_work(max(0.0, wake - time.monotonic()))
     undecided = sum(at >= measured_from for at in due.values())
     result = {
         "admitted": n, "frames_due": counts["due"], "frames_decided": counts["decided"],
-        "dropped": counts["dropped"], "undecided": undecided, "failed_sessions": counts["failed"],
+        "dropped": counts["dropped"], "undecided": undecided, "failed_sessions": len(failed),
         "replies": counts["fired"], "reply_rate": counts["fired"] / counts["decided"] if counts["decided"] else 0.0,
         "steps": counts["steps"],
         "mean_batch_sessions": counts["batch_sessions"] / counts["steps"] if counts["steps"] else 0.0,
@@ -288,7 +295,7 @@ def _open_loop(engine: BatchEngine, ids: list[str], settings: CapacitySettings, 
         result.update(p50_ms=percentile(latencies, 50) * 1e3, p99_ms=percentile(latencies, 99) * 1e3,
                       max_ms=max(latencies) * 1e3)
     result["meets_slo"] = bool(latencies) and result["p99_ms"] <= settings.slo_ms and not (
-        counts["dropped"] or undecided or counts["failed"])
+        counts["dropped"] or undecided or failed)
     return result
 
 
@@ -387,6 +394,8 @@ def single_stream(model: LiveModel, settings: CapacitySettings, frame: Callable[
 def _level_line(level: dict) -> str:
     if "refused" in level:
         return f"  {level['sessions']} streams: refused after {level['admitted']} ({level['refused']})"
+    if "failed" in level:
+        return f"  {level['sessions']} streams: {level['failed']}"
     p = (f"p50 {level['p50_ms']:.1f} ms, p99 {level['p99_ms']:.1f} ms" if "p99_ms" in level else "no decisions")
     return (f"  {level['sessions']} streams: {p}, {level['dropped']} dropped, {level['undecided']} undecided, "
             f"{level['replies']} replies, {level['mean_batch_sessions']:.1f} sessions/step -> "
