@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--repeats", type=int, default=3,
                          help="times each session count runs, the paths taking turns (default: 3)")
 
+    _add_capacity_parser(bench_sub)
+
     tiny = sub.add_parser("tiny", help="write a tiny random-weight checkpoint")
     tiny.add_argument("out", help="output directory")
     tiny.add_argument("--layout", choices=("liveserve", "videollm-online"), default="liveserve")
@@ -140,6 +142,49 @@ def _add_sessions_bench(bench_sub, name: str, help_text: str, sessions: str) -> 
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured frames per session first (default: 3)")
     parser.add_argument("--json", dest="json_out", required=True, help="where to write the results")
     return parser
+
+
+def _add_capacity_parser(bench_sub) -> None:
+    from liveserve.bench.capacity import CapacitySettings
+    from liveserve.model.presets import PRESETS
+
+    d = CapacitySettings()
+    capacity = bench_sub.add_parser("capacity", help="how many real-time streams one replica decides within an SLO")
+    model = capacity.add_argument_group("model")
+    model.add_argument("--preset", choices=tuple(PRESETS), default="tiny",
+                       help="random-weight model of a named size, built in memory (default: %(default)s)")
+    model.add_argument("--model", help="a checkpoint instead: directory, 'tiny' or 'default'")
+    model.add_argument("--base-model", help="local base LLM directory for a VideoLLM-online adapter")
+    model.add_argument("--vision-model", help="local SigLIP/CLIP directory for a VideoLLM-online adapter")
+    model.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    levels = capacity.add_mutually_exclusive_group()
+    levels.add_argument("--sessions", help="stream counts to run, e.g. 1,8,64")
+    levels.add_argument("--sweep-max", type=_positive_int, default=64,
+                        help="sweep 1, 2, 4, ... up to N, stop at the first level that misses the SLO, then bisect "
+                             "(default: %(default)s)")
+    capacity.add_argument("--refine", type=int, default=1, help="bisection levels after a sweep's miss (default: 1)")
+    capacity.add_argument("--fps", type=_positive_float, default=d.fps,
+                          help="frames per second per stream (default: 2)")
+    capacity.add_argument("--duration", type=_positive_float, default=d.duration_s,
+                          help="seconds each level streams in real time (default: %(default)s)")
+    capacity.add_argument("--warmup", type=float, default=d.warmup_s,
+                          help="first seconds of a level not measured (default: %(default)s)")
+    capacity.add_argument("--slo-ms", type=_positive_float, default=d.slo_ms,
+                          help="p99 frame -> decision a level must meet (default: %(default)s)")
+    capacity.add_argument("--input", choices=("pixels", "features"), default=d.input_kind,
+                          help="pixels: frame encoding included; features: decision steps only (default: %(default)s)")
+    capacity.add_argument("--reply-rate", type=float, default=d.reply_rate,
+                          help="share of frames that fire, through a calibrated decision bias (default: %(default)s)")
+    capacity.add_argument("--prefill-frames", type=int, default=d.prefill_frames,
+                          help="frames fed to every session before a level is timed (default: %(default)s)")
+    capacity.add_argument("--window-frames", type=_positive_int, default=d.window_frames,
+                          help="sink_window frames kept per session (default: %(default)s)")
+    capacity.add_argument("--single-frames", type=int, default=d.single_stream_frames,
+                          help="frames of the single-stream engine/reference comparison (default: %(default)s)")
+    capacity.add_argument("--memory-fraction", type=float,
+                          help="CUDA: share of the memory left after the weights the KV pool takes (default: 0.9)")
+    capacity.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    capacity.add_argument("--json", dest="json_out", required=True, help="where to write the results")
 
 
 def _add_train_parser(sub) -> None:
@@ -217,6 +262,8 @@ def cmd_run(args) -> int:
 def cmd_bench(args) -> int:
     if args.bench in ("batch", "service"):
         return cmd_bench_sessions(args)
+    if args.bench == "capacity":
+        return cmd_bench_capacity(args)
     from liveserve.bench.engine import run_engine_bench
 
     lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
@@ -249,6 +296,39 @@ def cmd_bench_sessions(args) -> int:
 
     run_batch_bench(load(args), sessions=sessions, rounds=args.rounds, warmup=args.warmup, input_kind=args.input,
                     out=args.json_out)
+    return 0
+
+
+def cmd_bench_capacity(args) -> int:
+    from liveserve.bench.capacity import CapacitySettings, run_capacity_bench, sweep_levels
+
+    if args.sessions:
+        try:
+            levels = sorted({int(x) for x in args.sessions.split(",") if x.strip()})
+        except ValueError:
+            raise ValueError(f"--sessions must be a comma-separated list of counts, got {args.sessions!r}") from None
+        if not levels or levels[0] < 1:
+            raise ValueError("--sessions must be positive counts")
+    else:
+        levels = sweep_levels(args.sweep_max)
+    if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
+        raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
+    settings = CapacitySettings(fps=args.fps, duration_s=args.duration, warmup_s=args.warmup, slo_ms=args.slo_ms,
+                                input_kind=args.input, reply_rate=args.reply_rate, prefill_frames=args.prefill_frames,
+                                window_frames=args.window_frames, single_stream_frames=args.single_frames)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.model:
+        model, preset = load(args), None
+    else:
+        from liveserve.model.loading import default_device
+        from liveserve.model.presets import build_preset_model
+
+        model, preset = build_preset_model(args.preset, device=args.device or default_device()), args.preset
+    run_capacity_bench(model, levels=levels, settings=settings, out=args.json_out, preset=preset,
+                       sweep=not args.sessions, refine=args.refine, memory_fraction=args.memory_fraction)
     return 0
 
 

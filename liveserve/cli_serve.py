@@ -25,8 +25,8 @@ def add_parsers(sub, add_model_options, positive_float) -> None:
     serve.add_argument("--address", default=DEFAULT_ADDRESS,
                        help=f"host:port the gRPC API listens on (default: {DEFAULT_ADDRESS}; 0.0.0.0:PORT for every "
                             "interface); on Ray every Gateway replica on this host serves it there")
-    serve.add_argument("--pool-mb", type=int, help="KV pool size in MiB per Decision replica (default: 25%% of free "
-                                                   "GPU memory, 1 GiB on CPU)")
+    serve.add_argument("--pool-mb", type=int, help="KV pool size in MiB per Decision replica (default: 90%% of the "
+                                                   "GPU memory left after the weights, 1 GiB on CPU)")
     serve.add_argument("--max-frame-kb", type=int, help="largest accepted frame (default: 4096 KiB)")
     serve.add_argument("--max-lag-s", type=float, help="a session drops queued frames further behind its stream than "
                                                        "this, and reports them (default: 2)")

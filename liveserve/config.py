@@ -92,13 +92,16 @@ ATTENTION_KERNELS = ("auto", "sdpa", "flash")
 class PoolConfig:
     """The KV pool of one model replica.
 
-    The budget is `budget_tokens`, else `budget_bytes`, else a default: 25% of the free device memory on
-    CUDA, 1 GiB on CPU. Each admitted session reserves its cache policy's worst case (see docs); `full`
-    sessions would reserve the model's whole context, so `max_session_tokens` caps them.
+    The budget is `budget_tokens`, else `budget_bytes`, else on CUDA `memory_fraction` of the device memory
+    still free when the pool is made (the weights are loaded by then; 0.9 by default, as serving engines
+    do, the rest left for activations), and on CPU a fixed 1 GiB. Each admitted session reserves its cache
+    policy's worst case (see docs); `full` sessions would reserve the model's whole context, so
+    `max_session_tokens` caps them.
     """
 
     budget_tokens: int | None = None
     budget_bytes: int | None = None
+    memory_fraction: float = 0.9
     block_size: int = 16
     max_session_tokens: int | None = None
 
@@ -107,6 +110,8 @@ class PoolConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
@@ -116,19 +121,21 @@ class SchedulerConfig:
     """How one engine step is filled, and how a lagging session catches up.
 
     A step serves each ready session at most once (a session's next step needs this step's logits),
-    least recently served first, up to `max_batch_sessions` sessions and `max_batch_tokens` new tokens.
+    least recently served first, up to `max_batch_tokens` new tokens: the token budget is what bounds a
+    step's cost, so a step of frame steps (11 tokens each) takes ~370 sessions at the default.
+    `max_batch_sessions` optionally caps the sessions as well (None: no cap).
     A session whose queued frames span more than `max_lag_s` seconds of stream time, or number more
     than `max_queued_frames`, drops its oldest queued frames (reported) and keeps the newest.
     """
 
-    max_batch_sessions: int = 64
+    max_batch_sessions: int | None = None
     max_batch_tokens: int = 4096
     max_lag_s: float | None = 2.0
     max_queued_frames: int = 64
 
     def __post_init__(self) -> None:
-        if self.max_batch_sessions < 1 or self.max_batch_tokens < 1:
-            raise ValueError("max_batch_sessions and max_batch_tokens must be >= 1")
+        if (self.max_batch_sessions is not None and self.max_batch_sessions < 1) or self.max_batch_tokens < 1:
+            raise ValueError("max_batch_sessions (or None) and max_batch_tokens must be >= 1")
         if self.max_lag_s is not None and not self.max_lag_s >= 0:
             raise ValueError(f"max_lag_s must be >= 0 or None, got {self.max_lag_s}")
         if self.max_queued_frames < 1:

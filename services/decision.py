@@ -62,6 +62,7 @@ class DecisionService:
                  registry: SessionRegistry | None = None) -> None:
         self.model, self.settings, self.replica, self.registry = model, settings, replica, registry
         self.engine = BatchEngine(model, settings.engine_config())
+        log.info("decision replica %s: %s", replica, self.engine.describe_capacity(settings.session_defaults()))
         self.metrics, self.gpu, self.tracer = DecisionMetrics(), GpuMetrics(), tracer("decision")
         self.sessions: dict[str, _Held] = {}
         self.outboxes = Outboxes(self._gateway_gone, interval_s=settings.hop_ms / 1000)

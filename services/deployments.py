@@ -18,7 +18,7 @@ from liveserve.internal.v2 import session_pb2 as spb
 from liveserve.services import codec
 from liveserve.services.decision import DecisionService
 from liveserve.services.gateway import Gateway
-from liveserve.services.perception import FrameEncoder
+from liveserve.services.perception import FrameEncoder, load_perception_model
 from liveserve.services.reaction import ReactionService
 from liveserve.services.redis_server import connect
 from liveserve.services.registry import SessionRegistry
@@ -91,7 +91,7 @@ class GatewayDeployment:
 class PerceptionDeployment:
     def __init__(self, settings: dict | None = None) -> None:
         settings = _settings(settings)
-        self.encoder = FrameEncoder(load_replica_model(settings.model, vision=True, threads=settings.threads),
+        self.encoder = FrameEncoder(load_perception_model(settings.model, threads=settings.threads),
                                     settings.max_batch_size, settings.max_frame_pixels)
 
     async def Ping(self) -> None:

@@ -5,12 +5,14 @@ together in batches of up to `max_batch_size`. Requests run one at a time on the
 so encoding overlaps the Decision engine's steps and never runs inside them; the images of a request
 are decoded on a few threads at once (the image codecs release the GIL). A frame that cannot be
 decoded fails alone, with the reason. The features are what the Decision and Reaction models' own
-connectors read, in the model's dtype, so a larger Reaction model can share this pool.
+connectors read, in the model's dtype, so a larger Reaction model can share this pool; a replica
+therefore loads only the checkpoint's vision tower (`load_perception_model`), never the LM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,13 +21,31 @@ import torch
 from opentelemetry.trace import Status, StatusCode
 
 from liveserve.model.live import LiveModel
+from liveserve.model.vision import VisionModel
 from liveserve.services.contracts import EncodeRequest, EncodeResult, FrameImage
 from liveserve.services.telemetry import PerceptionMetrics
 from liveserve.services.tracing import extract, tracer
 
+log = logging.getLogger(__name__)
+
+
+def load_perception_model(model: str, *, threads: int = 1) -> VisionModel:
+    """A Perception replica's model ("default", "tiny" or a checkpoint directory): the vision tower alone,
+    on CUDA in bfloat16 when there is a GPU, else on CPU in float32. `threads` caps torch's CPU threads."""
+    from liveserve.model.loading import load_vision_model
+    from liveserve.model.registry import resolve_model
+
+    torch.set_num_threads(max(1, threads))
+    cuda = torch.cuda.is_available()
+    loaded = load_vision_model(resolve_model(model), device="cuda" if cuda else "cpu",
+                               dtype=torch.bfloat16 if cuda else torch.float32)
+    log.info("loaded the vision tower of %s on %s (no LM)", loaded.name, loaded.device)
+    return loaded
+
 
 class FrameEncoder:
-    def __init__(self, model: LiveModel, max_batch_size: int = 32, max_pixels: int | None = None) -> None:
+    def __init__(self, model: LiveModel | VisionModel, max_batch_size: int = 32,
+                 max_pixels: int | None = None) -> None:
         """`max_pixels`: images claiming more pixels are refused from their header, never decoded."""
         if model.vision is None:
             raise ValueError(f"model {model.name!r} has no vision tower to encode frames with")

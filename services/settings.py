@@ -18,7 +18,7 @@ class ServiceSettings:
     reaction_model: str = ""  # "" = the same checkpoint as Decision
     threads: int = 1  # torch CPU threads per replica
     # Decision
-    pool_mb: int | None = None  # KV pool per Decision replica; None = 25% of free GPU memory, 1 GiB on CPU
+    pool_mb: int | None = None  # KV pool per Decision replica; None: 90% of GPU memory left after weights, 1 GiB CPU
     max_lag_s: float = 2.0  # queued frames further behind their stream than this are dropped (reported)
     threshold: float | None = None  # default streaming threshold for sessions that set none
     max_new_tokens: int = 64

@@ -297,3 +297,57 @@ def test_error_adapter_without_connector(release_dir, tmp_path):
     _edit_json(root / "adapter" / "adapter_config.json", modules_to_save=None)
     with pytest.raises(CheckpointError, match=r"modules_to_save must contain 'connector'"):
         load(root / "adapter")
+
+
+# ---- vision-only loading (Perception replicas) ------------------------------------------------------
+
+
+def test_vision_only_load_never_reads_the_lm(tiny_dir, tiny_model, tmp_path):
+    """Without the LM's weights on disk the vision tower still loads (and the full model does not): the LM
+    is never materialized. The features equal the full model's."""
+    from liveserve.model.loading import load_vision_model
+
+    copy = tmp_path / "no-lm"
+    shutil.copytree(tiny_dir, copy)
+    for weights in (copy / "llm").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(CheckpointError):
+        load(copy)
+    vision = load_vision_model(copy, device="cpu", dtype=torch.float32)
+    assert not hasattr(vision, "lm") and not hasattr(vision, "connector")
+    tower_params = sum(p.numel() for p in tiny_model.vision.parameters())
+    assert sum(p.numel() for p in vision.parameters()) == tower_params
+    assert (vision.frame_size, vision.layout, vision.vision_hidden_size) == \
+        (tiny_model.frame_size, tiny_model.layout, tiny_model.vision_hidden_size)
+    px = pixels(2, seed=5)
+    assert torch.equal(vision.encode_frames(px), tiny_model.encode_frames(px))
+
+
+def test_vision_only_load_of_a_release_needs_no_base_model(release_dir, merged, tmp_path):
+    from liveserve.model.loading import load_vision_model
+
+    root = tmp_path / "release"
+    shutil.copytree(release_dir.parent, root)
+    shutil.rmtree(root / "base")
+    vision = load_vision_model(root / "adapter", device="cpu", dtype=torch.float32)
+    px = pixels(2, seed=6)
+    assert torch.equal(vision.encode_frames(px), merged.encode_frames(px))
+    with pytest.raises(CheckpointError, match="vision"):
+        load_vision_model(root / "adapter", vision_model=tmp_path / "missing", device="cpu")
+
+
+def test_perception_encodes_frames_with_the_vision_only_model(tiny_dir, tiny_model):
+    from liveserve.model.loading import load_vision_model
+    from liveserve.services.client import encode_jpeg
+    from liveserve.services.contracts import EncodeRequest, FrameImage
+    from liveserve.services.perception import FrameEncoder
+
+    encoder = FrameEncoder(load_vision_model(tiny_dir, device="cpu", dtype=torch.float32))
+    try:
+        result = encoder.encode_now(EncodeRequest(tuple(FrameImage("s", i, i * 0.5, encode_jpeg(p))
+                                                        for i, p in enumerate(pixels(2, seed=7)))))
+    finally:
+        encoder.close()
+    assert result.errors == ("", "")
+    assert [tuple(f.shape) for f in result.features] == [(tiny_model.layout.num_tokens,
+                                                          tiny_model.vision_hidden_size)] * 2

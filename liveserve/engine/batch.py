@@ -69,9 +69,7 @@ class BatchEngine:
     def open(self, session_id: str, config: SessionConfig | None = None) -> Session:
         """Admit a session or raise PoolFullError (why, and how much is free) / SessionError (id in use)."""
         config = config or SessionConfig()
-        limit = cache_limit(self.model, config)
-        if config.cache.policy == "full" and self.config.pool.max_session_tokens is not None:
-            limit = min(limit, self.config.pool.max_session_tokens)
+        limit = self.session_tokens(config)
         with self._step_lock:
             if session_id in self._sessions:
                 raise SessionError(f"session {session_id!r} is already open")
@@ -80,6 +78,20 @@ class BatchEngine:
             session = Session(self.model, config, session_id, cache=cache, encoder=encoder)
             self._sessions[session_id] = session
         return session
+
+    def session_tokens(self, config: SessionConfig) -> int:
+        """The KV tokens a session of `config` reserves in the pool."""
+        limit = cache_limit(self.model, config)
+        if config.cache.policy == "full" and self.config.pool.max_session_tokens is not None:
+            limit = min(limit, self.config.pool.max_session_tokens)
+        return limit
+
+    def describe_capacity(self, config: SessionConfig) -> str:
+        """One line for the logs: the pool's size and how many sessions of `config` it admits."""
+        pool, tokens = self.pool, self.session_tokens(config)
+        return (f"KV pool: {pool.capacity_tokens} tokens ({pool.nbytes / 2**30:.2f} GiB on {pool.device}) admits "
+                f"{pool.sessions_admitted(tokens)} sessions of cache policy {config.cache.policy} "
+                f"({tokens} tokens, {tokens * pool.bytes_per_token / 2**20:.1f} MiB each)")
 
     def session(self, session_id: str) -> Session:
         try:

@@ -20,13 +20,17 @@ from liveserve.engine.kv_cache import CacheFullError
 from liveserve.engine.rope import shift_keys
 
 
-def default_budget_bytes(device: torch.device) -> int:
-    """A quarter of the free device memory on CUDA (weights are already loaded); 1 GiB on CPU."""
+CPU_BUDGET_BYTES = 1 << 30  # host memory is shared with everything else: a fixed, modest default
+
+
+def default_budget_bytes(device: torch.device, memory_fraction: float = 0.9) -> int:
+    """On CUDA, `memory_fraction` of the device memory free now (the weights are loaded before the pool, so
+    this is the memory left after them); on CPU a fixed 1 GiB."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free // 4
-    return 1 << 30
+        return int(free * memory_fraction)
+    return CPU_BUDGET_BYTES
 
 
 class PoolFullError(RuntimeError):
@@ -59,7 +63,7 @@ class KVPool:
         per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * element
         tokens = config.budget_tokens
         if tokens is None:
-            tokens = (config.budget_bytes or default_budget_bytes(model.device)) // per_token
+            tokens = (config.budget_bytes or default_budget_bytes(model.device, config.memory_fraction)) // per_token
         return cls(num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
                    dtype=model.dtype, device=model.device, budget_tokens=tokens, block_size=config.block_size)
 
@@ -96,6 +100,10 @@ class KVPool:
 
     def can_admit(self, max_tokens: int) -> bool:
         return self.reserved_blocks + self.blocks_for(max_tokens) <= self.num_blocks
+
+    def sessions_admitted(self, max_tokens: int) -> int:
+        """How many sessions reserving `max_tokens` each the empty pool admits."""
+        return self.num_blocks // self.blocks_for(max_tokens)
 
     # ---- sessions --------------------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """Which sessions run in the next engine step.
 
 Fair: each ready session gets at most one step per engine step (its next step needs this step's
-logits), least recently served first, so a session waits at most ceil(ready / max_batch_sessions)
-steps. A session that does not fit the token budget is skipped for smaller ones, but it only grows
-older, reaches the front, and the front session is always taken, so nothing starves.
+logits), least recently served first, within a budget of new tokens per step (and, optionally, a cap on
+sessions), so a session waits at most about ceil(ready tokens / budget) steps. The budget, not a session
+count, bounds a step's cost: frame steps are 11 tokens, a reply prompt can be hundreds. A session that
+does not fit the budget is skipped for smaller ones, but it only grows older, reaches the front, and the
+front session is always taken, so nothing starves.
 
 Real-time: before picking, a session whose queued frames fall too far behind its stream drops its
 oldest queued frames (reported as FramesDropped) instead of building an ever-growing backlog.
@@ -49,7 +51,7 @@ class Scheduler:
         ready = sorted((s for s in sessions if s.ready()), key=lambda s: self._last_served.get(s.session_id, 0))
         batch, tokens = [], 0
         for session in ready:
-            if len(batch) == config.max_batch_sessions:
+            if config.max_batch_sessions is not None and len(batch) == config.max_batch_sessions:
                 break
             cost = session.next_step_tokens()
             if batch and tokens + cost > config.max_batch_tokens:

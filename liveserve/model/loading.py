@@ -18,6 +18,9 @@ VideoLLM-online release layout (e.g. videollm-online-8b-v1plus)::
 
 LoRA is merged into the base weights at load (one matmul per linear instead of three); pass
 merge_lora=False to keep the adapter separate, e.g. to check the merge.
+
+`load_vision_model` reads only the vision tower (and the frame layout) of either layout: the LM's
+weights are never opened, which is all a Perception replica needs.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVi
 from liveserve.engine.attention import ATTN_IMPLEMENTATION
 from liveserve.model.live import LiveModel, build_connector
 from liveserve.model.template import DEFAULT_SYSTEM_PROMPT, StreamTemplate
-from liveserve.model.vision import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, FrameLayout, VisionEncoder
+from liveserve.model.vision import (CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, FrameLayout, VisionEncoder,
+                                    VisionModel)
 
 LIVE_CONFIG = "live_config.json"
 LIVE_FORMAT = "liveserve.live/1"
@@ -68,6 +72,35 @@ def load_model(path: str | Path, *, base_model: str | Path | None = None, vision
     else:
         raise CheckpointError(f"{path} has neither {LIVE_CONFIG} (liveserve layout) nor {ADAPTER_CONFIG} "
                               "(VideoLLM-online layout)")
+    return model.eval().requires_grad_(False)
+
+
+def load_vision_model(path: str | Path, *, vision_model: str | Path | None = None,
+                      device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> VisionModel:
+    """The vision tower of the LIVE checkpoint at `path` (either layout), without its LM or connector."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {path} does not exist")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    if (path / LIVE_CONFIG).is_file():
+        config = _read_json(path / LIVE_CONFIG)
+        if config.get("format") != LIVE_FORMAT:
+            raise CheckpointError(f"{path / LIVE_CONFIG}: format must be {LIVE_FORMAT!r}, got {config.get('format')!r}")
+        vision_dir = _subdir(path, config, "vision")
+        layout = FrameLayout(cls_token=bool(config.get("frame_cls_token", True)),
+                             pooled=int(config.get("frame_pooled", 3)))
+    elif (path / ADAPTER_CONFIG).is_file():
+        extra = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+        vision_dir = _local_dir(vision_model or extra.get("vision_pretrained"), path, "vision tower",
+                                "config.json vision_pretrained", "vision_model= (CLI --vision-model)")
+        pooled = extra.get("frame_token_pooled") or [3, 3]
+        layout = FrameLayout(cls_token=bool(extra.get("frame_token_cls", True)), pooled=int(pooled[0]))
+    else:
+        raise CheckpointError(f"{path} has neither {LIVE_CONFIG} (liveserve layout) nor {ADAPTER_CONFIG} "
+                              "(VideoLLM-online layout)")
+    vision = _load_vision(vision_dir, layout, device, dtype)
+    model = VisionModel(vision, frame_size=_vision_config(vision_dir).image_size, name=str(path))
     return model.eval().requires_grad_(False)
 
 

@@ -63,3 +63,29 @@ class VisionEncoder(nn.Module):
             pooled = F.adaptive_avg_pool2d(grid.float(), self.layout.pooled).to(hidden.dtype)
             parts.append(pooled.flatten(2).transpose(1, 2))
         return torch.cat(parts, dim=1)
+
+
+class VisionModel(nn.Module):
+    """What a Perception replica needs of a LIVE model: the vision tower and the frame layout, no LM.
+
+    Perception sends vision features (before the connector) and each Decision/Reaction model applies its
+    own connector, so neither the LM nor the connector is loaded here. Same `encode_frames` as LiveModel.
+    """
+
+    def __init__(self, vision: VisionEncoder, *, frame_size: int, name: str = "") -> None:
+        super().__init__()
+        self.vision, self.layout, self.frame_size, self.name = vision, vision.layout, frame_size, name
+        self.vision_hidden_size = vision.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision.mean.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision.tower.dtype
+
+    @torch.inference_mode()
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 images [N, 3, S, S] -> vision features [N, tokens_per_frame, vision_hidden]."""
+        return self.vision(pixels.to(self.device))
