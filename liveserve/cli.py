@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layout", choices=("liveserve", "videollm-online"), default="liveserve")
     tiny.add_argument("--llm", choices=("llama", "qwen2"), default="llama")
     tiny.add_argument("--vision", choices=("siglip", "clip"), default="siglip")
+    tiny.add_argument("--tokenizer", choices=("minimal", "llama3", "qwen2"), default="minimal",
+                      help="special tokens of the tokenizer: 'minimal' (bos and eos), 'llama3' (and its header "
+                           "tokens and chat template) or 'qwen2' (no bos, ChatML) (default: %(default)s)")
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data", required=True)
@@ -335,7 +338,8 @@ def cmd_bench_capacity(args) -> int:
 def cmd_tiny(args) -> int:
     from liveserve.model.tiny import write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(args.out, layout=args.layout, llm=args.llm, vision=args.vision)
+    path = write_tiny_checkpoint(args.out, layout=args.layout, llm=args.llm, vision=args.vision,
+                                 tokenizer=args.tokenizer)
     print(path)
     return 0
 

@@ -147,9 +147,12 @@ def test_template_from_tokenizer_with_merged_respond():
     assert t.stream_open_ids == (4, 5)
 
 
-def test_template_error_without_bos():
-    with pytest.raises(TemplateError, match="bos"):
-        StreamTemplate.from_tokenizer(_char_tokenizer(merge_respond=True, bos=False), V)
+def test_a_tokenizer_without_bos_starts_the_stream_with_the_system_prompt():
+    """Qwen2's tokenizers have no bos token: the stream is the same, without it."""
+    tokenizer = _char_tokenizer(merge_respond=True, bos=False)
+    template = StreamTemplate.from_tokenizer(tokenizer, V)
+    assert template.bos_text == ""
+    assert template.start_ids("S") == template.encode("S\n\n[")
 
 
 # ---- streams ------------------------------------------------------------------------------------

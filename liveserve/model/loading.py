@@ -164,12 +164,32 @@ def _load_lm(llm_dir: Path, device, dtype):
         tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), local_files_only=True)
     except Exception as exc:  # transformers raises several types for missing/corrupt tokenizer files
         raise CheckpointError(f"cannot load the tokenizer from {llm_dir}: {exc}") from exc
+    check_supported(_read_json(llm_dir / "config.json"), llm_dir)
     try:
         lm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, local_files_only=True,
                                                   attn_implementation=ATTN_IMPLEMENTATION)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load the causal LM from {llm_dir}: {exc}") from exc
     return lm.to(device), tokenizer
+
+
+def check_supported(config: dict, where: Path) -> None:
+    """Refuse LMs whose attention or logits the engine would compute differently from the model's own code,
+    before loading their weights: the engine's attention is full causal attention with plain softmax, and
+    its logits are the LM head's, unscaled."""
+    problems = []
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if config.get(key):
+            problems.append(f"{key}={config[key]} (logit soft-capping, e.g. Gemma-2)")
+    layer_types = config.get("layer_types") or []
+    sliding = [i for i, kind in enumerate(layer_types) if "sliding" in str(kind)]
+    if sliding:
+        problems.append(f"sliding-window attention in layers {sliding[:8]}{'...' if len(sliding) > 8 else ''}")
+    elif config.get("sliding_window") and config.get("use_sliding_window", True) and not layer_types:
+        problems.append(f"sliding_window={config['sliding_window']} (sliding-window attention, e.g. Mistral)")
+    if problems:
+        raise CheckpointError(f"{where / 'config.json'}: the engine does not implement {'; '.join(problems)}; "
+                              f"it serves LMs with full causal attention (Llama, Qwen2)")
 
 
 def _vision_config(vision_dir: Path):

@@ -4,6 +4,8 @@ The conversation is one token sequence:
 
     <bos>{system}\\n\\n[<v>*10,<v>*10,...,<v>*10]\\nUser: {q}\\nAssistant: {a}<eos>\\n[<v>*10,...
 
+(<bos> only where the tokenizer has one: Qwen2's has none.)
+
 A frame is 10 <v> slots (replaced by vision embeddings) plus the interval token "," that joins it to
 the next frame: 11 tokens. The decision is read at the frame's last <v>: "," keeps watching, "]\\n"
 closes the stream and the assistant speaks. Pieces are tokenized separately, exactly as the reference
@@ -41,15 +43,17 @@ class StreamTemplate:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, frame_num_tokens: int) -> StreamTemplate:
-        if tokenizer.bos_token is None or tokenizer.eos_token_id is None:
-            raise TemplateError("tokenizer needs both a bos and an eos token for the stream template")
+        """A tokenizer without a bos token (Qwen2's) starts the stream with the system prompt itself; its chat
+        template, if any, is not used (the stream template is the one the model was trained on)."""
+        if tokenizer.eos_token_id is None:
+            raise TemplateError("tokenizer needs an eos token for the stream template (it ends every reply)")
         if V_PLACEHOLDER not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [V_PLACEHOLDER]})
         interval = _single_token(tokenizer, INTERVAL_TEXT, "interval")
         respond = _single_token(tokenizer, RESPOND_TEXT, "respond")
         return cls(
             tokenizer=tokenizer,
-            bos_text=tokenizer.bos_token,
+            bos_text=tokenizer.bos_token or "",
             eos_id=tokenizer.eos_token_id,
             interval_id=interval,
             respond_id=respond,

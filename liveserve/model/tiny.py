@@ -30,23 +30,49 @@ _WORDS = ("red green blue yellow purple orange white black square circle triangl
           "appears enters moves left right up down across the frame screen turns becomes changes colour color "
           "to from leaves disappears stops slowly quickly now there is a an of and in on at what happening "
           "see video please narrate real time describe you I it this that where how many")
+# The special tokens of real tokenizers, so templates are tested against the layouts they will meet:
+# Llama-3 (bos <|begin_of_text|>, turns ending <|eot_id|>, header tokens) and Qwen2 (no bos at all,
+# ChatML turns ending <|im_end|>, <|endoftext|> for padding, the vision markers of Qwen2-VL).
+TOKENIZER_STYLES = {
+    # Llama-3's bos and eos only: the default of the tiny checkpoints the tests and demo use.
+    "minimal": {"bos": BOS, "eos": EOS, "pad": EOS, "extra": [], "chat_template": None},
+    "llama3": {"bos": BOS, "eos": EOS, "pad": EOS,
+               "extra": ["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|reserved_special_token_0|>"],
+               "chat_template": "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+                                "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"},
+    "qwen2": {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>",
+              "extra": ["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+              "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}"},
+}
 LAYOUTS = ("liveserve", "videollm-online")
 LLM_FAMILIES = ("llama", "qwen2")
 VISION_FAMILIES = ("siglip", "clip")
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    corpus = [f"{BOS}{DEFAULT_SYSTEM_PROMPT}\n\n[<v>,<v>,<v>]\nUser: Please narrate the video in real time."
-              f"\nAssistant: A red square appears.{EOS}\n[<v>,<v>]\nAssistant: It moves left.{EOS}\n["] * 20
+def build_tiny_tokenizer(style: str = "minimal") -> PreTrainedTokenizerFast:
+    """A small byte-level BPE with the special tokens (and chat template) of `style` (TOKENIZER_STYLES)."""
+    if style not in TOKENIZER_STYLES:
+        raise ValueError(f"tokenizer style must be one of {tuple(TOKENIZER_STYLES)}, got {style!r}")
+    special = TOKENIZER_STYLES[style]
+    bos, eos = special["bos"] or "", special["eos"]
+    corpus = [f"{bos}{DEFAULT_SYSTEM_PROMPT}\n\n[<v>,<v>,<v>]\nUser: Please narrate the video in real time."
+              f"\nAssistant: A red square appears.{eos}\n[<v>,<v>]\nAssistant: It moves left.{eos}\n["] * 20
     corpus += [_WORDS] * 10 + [" " + w for w in _WORDS.split()] * 5 + ["]\n[,]\n,]\n"] * 50
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=640, special_tokens=[BOS, EOS], show_progress=False,
+    tokens = [t for t in (special["bos"], eos, special["pad"], *special["extra"]) if t]
+    trainer = trainers.BpeTrainer(vocab_size=640, special_tokens=list(dict.fromkeys(tokens)), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special["bos"], eos_token=eos,
+                                        pad_token=special["pad"], additional_special_tokens=special["extra"] or None)
+    if special["chat_template"]:
+        tokenizer.chat_template = special["chat_template"]
+    return tokenizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +123,10 @@ def _vision(family: str, image_size: int, full: bool, sizes: TinySizes):
 
 def write_tiny_checkpoint(out_dir: str | Path, *, layout: str = "liveserve", llm: str = "llama",
                           vision: str = "siglip", seed: int = 0, image_size: int = 64,
-                          max_positions: int = 131072, lora_rank: int = 8, sizes: TinySizes = TinySizes()) -> Path:
+                          max_positions: int = 131072, lora_rank: int = 8, sizes: TinySizes = TinySizes(),
+                          tokenizer: str = "minimal") -> Path:
     """Write a random-weight LIVE checkpoint to `out_dir` and return the directory `load_model` takes.
+    `tokenizer`: the special-token layout of its tokenizer (TOKENIZER_STYLES), e.g. "qwen2": no bos.
 
     layout="videollm-online" writes base/ (LLM), vision/ (full SigLIP) and adapter/ (PEFT LoRA with the
     connector in modules_to_save) and returns adapter/, whose config points at the other two.
@@ -108,7 +136,7 @@ def write_tiny_checkpoint(out_dir: str | Path, *, layout: str = "liveserve", llm
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(tokenizer)
     vocab = ((len(tokenizer) + 63) // 64) * 64
     lm = _lm(llm, vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, max_positions, sizes)
     tower, mean, std = _vision(vision, image_size, layout == "videollm-online", sizes)
