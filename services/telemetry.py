@@ -160,6 +160,9 @@ class DecisionMetrics(EngineMetrics):
         self.decision_latency = _histogram("liveserve_decision_latency_seconds",
                                            "A frame's arrival at its Decision replica to its decision.", LATENCY_S)
         self.responses = _counter("liveserve_responses_total", "Replies requested, by trigger.", ("trigger",))
+        self.redis_pings = _counter("liveserve_redis_pings_total",
+                                    "PINGs to the session registry's Redis (the gateways' health checks), by result.",
+                                    ("result",))
 
 
 class ReactionMetrics(EngineMetrics):
@@ -193,6 +196,14 @@ class GpuMetrics:
             if gpu.power_watts is not None:
                 self.power.set(gpu.power_watts, tags=tags)
         return len(readings)
+
+
+def catalog() -> dict[str, str]:
+    """Every metric the services export, name -> kind ("counter", "gauge", "histogram"), in this process's
+    backend: what dashboards and alerting rules may use (tests/test_k8s.py checks them against it)."""
+    GatewayMetrics(), PerceptionMetrics(), DecisionMetrics(), ReactionMetrics(), GpuMetrics()
+    with _lock:
+        return {name: metric.kind for name, metric in _metrics.items()}
 
 
 async def sample_periodically(sample, period_s: float = 5.0) -> None:

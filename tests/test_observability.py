@@ -149,3 +149,35 @@ def test_the_bundled_serve_config_names_real_policies_and_routers():
     assert policies
     for policy in policies:
         resolve(policy["policy_function"])(**policy.get("policy_kwargs", {}))  # constructs with the config's kwargs
+
+
+def test_decision_counts_redis_pings_answered_and_not(tiny_model, redis_url):
+    """The gateways' health checks reach Redis through a Decision replica's ping; each outcome is counted,
+    which is what the RedisUnreachable alert (k8s/prometheusrule.yaml) watches."""
+    import asyncio
+
+    import prometheus_client
+    import redis
+
+    from liveserve.services.decision import DecisionService
+    from liveserve.services.redis_server import free_port
+    from liveserve.services.registry import SessionRegistry
+    from liveserve.services.settings import ServiceSettings
+
+    def count(result: str) -> float:
+        return prometheus_client.REGISTRY.get_sample_value("liveserve_redis_pings_total", {"result": result}) or 0.0
+
+    def ping(url: str) -> BaseException | None:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        service = DecisionService(tiny_model, ServiceSettings(pool_mb=8), "d", registry=SessionRegistry(client))
+        try:
+            asyncio.run(service.ping())
+        except redis.RedisError as exc:
+            return exc
+        finally:
+            service.stop()
+
+    before = count("ok"), count("error")
+    assert ping(redis_url) is None
+    assert isinstance(ping(f"redis://127.0.0.1:{free_port()}/0"), redis.ConnectionError)
+    assert (count("ok"), count("error")) == (before[0] + 1, before[1] + 1)
