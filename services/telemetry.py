@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import dataclass
 
 from liveserve.services.gpu import read_gpus
 
@@ -33,10 +34,20 @@ def use_ray_metrics() -> None:
     _backend = "ray"
 
 
+@dataclass(frozen=True)
+class MetricSpec:
+    """What a metric is, as dashboards and alerting rules see it."""
+
+    kind: str  # "counter", "gauge" or "histogram"
+    tags: tuple[str, ...]
+    boundaries: tuple[float, ...] = ()  # a histogram's bucket upper bounds (its `le` values, +Inf aside)
+
+
 class _Metric:
     """One metric with the same calls on either backend: inc / set / observe, with optional tags."""
 
     def __init__(self, kind: str, name: str, description: str, tags: tuple[str, ...], boundaries=None) -> None:
+        self.spec = MetricSpec(kind, tags, tuple(boundaries or ()))
         self.kind, self.tags = kind, tags
         if _backend == "ray":
             from ray.serve import metrics  # adds the deployment and replica tags
@@ -198,12 +209,12 @@ class GpuMetrics:
         return len(readings)
 
 
-def catalog() -> dict[str, str]:
-    """Every metric the services export, name -> kind ("counter", "gauge", "histogram"), in this process's
-    backend: what dashboards and alerting rules may use (tests/test_k8s.py checks them against it)."""
+def catalog() -> dict[str, MetricSpec]:
+    """Every metric the services export, by name (creating them in this process's backend if need be): what
+    dashboards and alerting rules may use; tests/test_k8s.py checks k8s/ against it."""
     GatewayMetrics(), PerceptionMetrics(), DecisionMetrics(), ReactionMetrics(), GpuMetrics()
     with _lock:
-        return {name: metric.kind for name, metric in _metrics.items()}
+        return {name: metric.spec for name, metric in _metrics.items()}
 
 
 async def sample_periodically(sample, period_s: float = 5.0) -> None:
