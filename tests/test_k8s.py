@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from functools import cache
@@ -978,3 +980,14 @@ def test_rule_check_catches_broken_copies(mutate):
     rule_doc = prometheus_rule()
     mutate(rule_doc)
     assert rule_problems(rule_doc)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_renders_the_dashboards_configmap_and_the_rules():
+    rendered = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True)
+    docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    config_map = one(docs, "ConfigMap", "liveserve-grafana-dashboards")
+    assert config_map["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    assert config_map["metadata"]["namespace"] == "liveserve"
+    assert config_map["data"] == {p.name: p.read_text() for p in DASHBOARDS}
+    assert one(docs, "PrometheusRule")["spec"] == prometheus_rule()["spec"]
