@@ -774,6 +774,14 @@ def promql_problems(expr: str, known: dict[str, Series], grouped: set[str] = fro
     """What in a PromQL expression is not a real series, label, bucket or function. `grouped`: extra labels
     the expression's text may mention (a Grafana legend's {{label}})."""
     problems, labels = [], set(grouped)
+    depth = []
+    for char in re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr):
+        if char in "([{":
+            depth.append(char)
+        elif char in ")]}" and (not depth or "([{"[")]}".index(char)] != depth.pop()):
+            return [f"unbalanced {char!r} in {expr!r}"]
+    if depth:
+        return [f"unclosed {depth[-1]!r} in {expr!r}"]
     for clause in GROUPING.findall(expr):
         labels |= {label.strip() for label in clause.split(",") if label.strip()}
     rest = GROUPING.sub(" ", expr)
@@ -946,6 +954,8 @@ BROKEN_DASHBOARD = {
     "a matcher on a missing label": lambda d: _first_expr(d).__setitem__("expr", 'sum(ray_liveserve_errors_total{status="x"})'),
     "a legend label aggregated away": lambda d: _first_expr(d).__setitem__("legendFormat", "{{replica}}"),
     "a misspelled function": lambda d: _first_expr(d).__setitem__("expr", "summ(ray_liveserve_sessions_active)"),
+    "an unclosed parenthesis": lambda d: _first_expr(d).__setitem__("expr", "sum(rate(ray_liveserve_frames_decided_total[5m])"),
+    "a stray bracket": lambda d: _first_expr(d).__setitem__("expr", "sum(ray_liveserve_sessions_active])"),
     "another data source": lambda d: _first_expr(d).__setitem__("datasource", {"type": "prometheus", "uid": "prom"}),
     "overlapping panels": lambda d: d["panels"][2]["gridPos"].update(d["panels"][1]["gridPos"]),
     "off the grid": lambda d: d["panels"][1]["gridPos"].__setitem__("x", 20),
