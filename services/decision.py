@@ -88,8 +88,14 @@ class DecisionService:
 
     async def ping(self) -> None:
         """Raises when this replica cannot take sessions: its Redis (when it has one) is unreachable."""
-        if self.registry is not None:
+        if self.registry is None:
+            return
+        try:
             await asyncio.to_thread(self.registry.client.ping)
+        except BaseException:  # unreachable, or the caller stopped waiting (cancelled): no answer either way
+            self.metrics.redis_pings.inc(tags={"result": "error"})
+            raise
+        self.metrics.redis_pings.inc(tags={"result": "ok"})
 
     async def open(self, request: c.OpenSession) -> c.SessionPlaced:
         """Admit the session here (PoolFullError when the replica holds `max_sessions` or the KV pool has no

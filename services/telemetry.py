@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import dataclass
 
 from liveserve.services.gpu import read_gpus
 
@@ -33,10 +34,20 @@ def use_ray_metrics() -> None:
     _backend = "ray"
 
 
+@dataclass(frozen=True)
+class MetricSpec:
+    """What a metric is, as dashboards and alerting rules see it."""
+
+    kind: str  # "counter", "gauge" or "histogram"
+    tags: tuple[str, ...]
+    boundaries: tuple[float, ...] = ()  # a histogram's bucket upper bounds (its `le` values, +Inf aside)
+
+
 class _Metric:
     """One metric with the same calls on either backend: inc / set / observe, with optional tags."""
 
     def __init__(self, kind: str, name: str, description: str, tags: tuple[str, ...], boundaries=None) -> None:
+        self.spec = MetricSpec(kind, tags, tuple(boundaries or ()))
         self.kind, self.tags = kind, tags
         if _backend == "ray":
             from ray.serve import metrics  # adds the deployment and replica tags
@@ -160,6 +171,9 @@ class DecisionMetrics(EngineMetrics):
         self.decision_latency = _histogram("liveserve_decision_latency_seconds",
                                            "A frame's arrival at its Decision replica to its decision.", LATENCY_S)
         self.responses = _counter("liveserve_responses_total", "Replies requested, by trigger.", ("trigger",))
+        self.redis_pings = _counter("liveserve_redis_pings_total",
+                                    "PINGs to the session registry's Redis (the gateways' health checks), by result.",
+                                    ("result",))
 
 
 class ReactionMetrics(EngineMetrics):
@@ -193,6 +207,14 @@ class GpuMetrics:
             if gpu.power_watts is not None:
                 self.power.set(gpu.power_watts, tags=tags)
         return len(readings)
+
+
+def catalog() -> dict[str, MetricSpec]:
+    """Every metric the services export, by name (creating them in this process's backend if need be): what
+    dashboards and alerting rules may use; tests/test_k8s.py checks k8s/ against it."""
+    GatewayMetrics(), PerceptionMetrics(), DecisionMetrics(), ReactionMetrics(), GpuMetrics()
+    with _lock:
+        return {name: metric.spec for name, metric in _metrics.items()}
 
 
 async def sample_periodically(sample, period_s: float = 5.0) -> None:

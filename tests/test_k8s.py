@@ -3,7 +3,8 @@ cross-file promises: the RayService embeds orchestration/serve_config.yaml verba
 resource is offered by exactly one worker group, GPU pools get GPUs, every Ray container finds Redis,
 the gRPC Service reaches only the gateway pods on the Gateway replicas' own port (the serve config's
 `address`) behind a gRPC readiness probe, the ServiceMonitor points at ports that exist, and kustomize
-lists every manifest.
+lists every manifest and dashboard. The Grafana dashboards and the PrometheusRule use only metrics the
+services (or Ray Serve) export, with labels those series carry (see "Dashboards and alerts" below).
 
 Each consistency check returns a list of problems; the tests assert it is empty for the real manifests
 and not empty for a deliberately broken copy, so every check is known to bite.
@@ -14,7 +15,10 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import subprocess
 import sys
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -34,12 +38,14 @@ SCHEMA_FOR = {
     ("apps/v1", "Deployment"): "deployment.json",
     ("ray.io/v1", "RayService"): "rayservice.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.json",
     ("kustomize.config.k8s.io/v1beta1", "Kustomization"): "kustomization.json",
 }
 SHARED_SCHEMAS = {"k8s-core.json"}
 GPU_POOLS = {"perception", "decision", "reaction"}
 POOL_PREFIX = "liveserve_"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
+DASHBOARDS = sorted((K8S / "grafana").glob("*.json"))
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -387,6 +393,13 @@ def kustomization_problems(kustomization: dict) -> list[str]:
     expected = sorted(p.name for p in MANIFESTS if p.name != "kustomization.yaml")
     problems = [f"kustomization lists {r}, which does not exist" for r in listed if not (K8S / r).is_file()]
     problems += [f"kustomization does not list {name}" for name in expected if name not in listed]
+    generated = [f for generator in kustomization.get("configMapGenerator") or [] for f in generator.get("files") or []]
+    problems += [f"configMapGenerator names {f}, which does not exist" for f in generated if not (K8S / f).is_file()]
+    problems += [f"no configMapGenerator ships dashboard {p.name}" for p in DASHBOARDS
+                 if str(p.relative_to(K8S)) not in generated]
+    if generated and not any((g.get("options") or {}).get("labels", {}).get("grafana_dashboard")
+                             for g in kustomization["configMapGenerator"]):
+        problems.append("the dashboards' ConfigMap lacks the grafana_dashboard label the Grafana sidecar watches")
     return problems
 
 
@@ -411,7 +424,9 @@ def test_schemas_are_valid_and_all_used():
 
 def test_manifests_exist():
     names = {p.name for p in MANIFESTS}
-    assert {"kustomization.yaml", "rayservice.yaml", "redis.yaml", "service.yaml", "servicemonitor.yaml"} <= names
+    assert {"kustomization.yaml", "rayservice.yaml", "redis.yaml", "service.yaml", "servicemonitor.yaml",
+            "prometheusrule.yaml"} <= names
+    assert [p.name for p in DASHBOARDS] == ["liveserve-overview.json"]
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -434,6 +449,10 @@ def _rename(mapping: dict, old: str, new: str) -> None:
 
 def _groups(docs):
     return cluster(one(docs, "RayService"))["workerGroupSpecs"]
+
+
+def _rules(docs):
+    return [rule for group in one(docs, "PrometheusRule")["spec"]["groups"] for rule in group["rules"]]
 
 
 def _gateway_probe(docs):
@@ -469,6 +488,12 @@ BROKEN = {
     "ServiceMonitor: bad interval": lambda d: one(d, "ServiceMonitor")["spec"]["endpoints"][0].__setitem__(
         "interval", "15 seconds"),
     "ServiceMonitor: endpoints missing": lambda d: one(d, "ServiceMonitor")["spec"].pop("endpoints"),
+    "PrometheusRule: alert without expr": lambda d: _rules(d)[-1].pop("expr"),
+    "PrometheusRule: a recording rule with for": lambda d: _rules(d)[0].__setitem__("for", "5m"),
+    "PrometheusRule: recording and alerting at once": lambda d: _rules(d)[-1].__setitem__("record", "x:y"),
+    "PrometheusRule: bad for duration": lambda d: _rules(d)[-1].__setitem__("for", "two minutes"),
+    "PrometheusRule: a label value as a number": lambda d: _rules(d)[-1]["labels"].__setitem__("severity", 1),
+    "PrometheusRule: group without rules": lambda d: one(d, "PrometheusRule")["spec"]["groups"][0].pop("rules"),
     "Kustomization: resources misspelled": lambda d: _rename(one(d, "Kustomization"), "resources", "resource"),
 }
 
@@ -669,6 +694,12 @@ def test_kustomization_lists_every_manifest():
     partial = copy.deepcopy(kustomization)
     partial["resources"] = [r for r in partial["resources"] if r != "servicemonitor.yaml"] + ["missing.yaml"]
     assert len(kustomization_problems(partial)) == 2
+    unshipped = copy.deepcopy(kustomization)
+    unshipped["configMapGenerator"][0]["files"] = ["grafana/missing.json"]
+    assert len(kustomization_problems(unshipped)) == 2
+    unlabelled = copy.deepcopy(kustomization)
+    unlabelled["configMapGenerator"][0]["options"]["labels"] = {}
+    assert len(kustomization_problems(unlabelled)) == 1
 
 
 def test_image_is_the_same_on_every_ray_pod():
@@ -676,3 +707,297 @@ def test_image_is_the_same_on_every_ray_pod():
     images = {c["image"] for _, t in ray_templates(rayservice) for c in t["spec"]["containers"]}
     assert len(images) == 1, images
     assert re.fullmatch(r"[\w.-]+(/[\w.-]+)+:[\w.-]+", images.pop())
+
+
+# ------------------------------------------------------------------------------ dashboards and alerts
+#
+# Every PromQL expression in k8s/grafana/*.json and k8s/prometheusrule.yaml may name only series that are
+# really scraped: the services' metrics (services/telemetry.py's catalog) under Ray's `ray_` prefix (a
+# histogram as _bucket/_sum/_count), Ray Serve's own metrics listed below, and the PrometheusRule's own
+# recording rules. Labels must be ones those series carry, and a histogram's `le` one of its boundaries.
+
+# Ray Serve's metrics the dashboards and alerts use: name -> (the ray package file defining it, its tags).
+# test_ray_serve_metrics_exist_in_the_installed_ray checks each against the installed Ray.
+RAY_SERVE_METRICS = {
+    "serve_deployment_replica_healthy": ("serve/_private/deployment_state.py", ("deployment", "replica", "application")),
+    "serve_autoscaling_target_replicas": ("serve/_private/deployment_state.py", ("deployment", "application")),
+    "serve_autoscaling_desired_replicas": ("serve/_private/autoscaling_state.py", ("deployment", "application")),
+}
+SERVE_TAGS = {"deployment", "replica", "application"}  # ray.serve.metrics adds them to every application metric
+# Labels Prometheus (Operator) puts on every scraped series: the target's, plus the ServiceMonitor's relabelings.
+TARGET_LABELS = {"instance", "job", "namespace", "service", "endpoint", "pod", "container"}
+PROMQL_FUNCTIONS = {"sum", "max", "min", "avg", "count", "topk", "bottomk", "rate", "irate", "increase", "delta",
+                    "histogram_quantile", "clamp_max", "clamp_min", "absent", "absent_over_time", "max_over_time",
+                    "min_over_time", "avg_over_time", "label_replace", "vector", "scalar", "time"}
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+                "offset", "inf", "nan"}
+GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)?\s*\{([^}]*)\}")
+MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+IDENTIFIER = re.compile(r"(?<![\w:.$])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?")
+
+
+@dataclass(frozen=True)
+class Series:
+    labels: frozenset[str]
+    boundaries: tuple[float, ...] = ()  # a histogram's _bucket: its `le` values
+
+
+@cache
+def scraped_series() -> dict[str, Series]:
+    """Every series name the ServiceMonitor scrapes from the Ray pods, with the labels it carries."""
+    from liveserve.services.telemetry import catalog
+
+    monitor = one(documents(K8S / "servicemonitor.yaml"), "ServiceMonitor")
+    relabelled = {r["targetLabel"] for e in monitor["spec"]["endpoints"] for r in e.get("relabelings", [])}
+    common = TARGET_LABELS | relabelled
+    series = {}
+    for name, spec in catalog().items():
+        labels = frozenset(set(spec.tags) | SERVE_TAGS | common)
+        if spec.kind == "histogram":
+            series[f"ray_{name}_bucket"] = Series(labels | {"le"}, spec.boundaries)
+            series[f"ray_{name}_sum"] = series[f"ray_{name}_count"] = Series(labels)
+        else:
+            series[f"ray_{name}"] = Series(labels)
+    for name, (_, tags) in RAY_SERVE_METRICS.items():
+        series[f"ray_{name}"] = Series(frozenset(set(tags) | common))
+    return series
+
+
+def recorded_series(rule_doc: dict) -> dict[str, Series]:
+    """The recording rules' outputs (they aggregate everything away but their own labels)."""
+    return {rule["record"]: Series(frozenset(rule.get("labels", {})))
+            for group in rule_doc["spec"]["groups"] for rule in group["rules"] if "record" in rule}
+
+
+def promql_problems(expr: str, known: dict[str, Series], grouped: set[str] = frozenset()) -> list[str]:
+    """What in a PromQL expression is not a real series, label, bucket or function. `grouped`: extra labels
+    the expression's text may mention (a Grafana legend's {{label}})."""
+    problems, labels = [], set(grouped)
+    depth = []
+    for char in re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr):
+        if char in "([{":
+            depth.append(char)
+        elif char in ")]}" and (not depth or "([{"[")]}".index(char)] != depth.pop()):
+            return [f"unbalanced {char!r} in {expr!r}"]
+    if depth:
+        return [f"unclosed {depth[-1]!r} in {expr!r}"]
+    for clause in GROUPING.findall(expr):
+        labels |= {label.strip() for label in clause.split(",") if label.strip()}
+    rest = GROUPING.sub(" ", expr)
+    for metric, body in SELECTOR.findall(rest):
+        matched = 0
+        for label, value in MATCHER.findall(body):
+            matched += 1
+            labels.add(label)
+            series = known.get(metric)
+            if label == "le" and series is not None and series.boundaries and float(value) not in series.boundaries:
+                problems.append(f"{metric}: le={value!r} is not a bucket boundary {series.boundaries}")
+        if matched != body.count("="):
+            problems.append(f"unparsed label matchers {{{body}}}")
+    rest = re.sub(r"\[[^\]]*\]", " ", SELECTOR.sub(lambda m: f" {m.group(1) or ''} ", rest))
+    metrics = set()
+    for name, call in IDENTIFIER.findall(rest):
+        if name.lower() in PROMQL_WORDS:
+            continue
+        if call and name not in PROMQL_FUNCTIONS:
+            problems.append(f"unknown function {name}()")
+        elif not call:
+            metrics.add(name)
+    for name in sorted(metrics - known.keys()):
+        hint = " (scraped from Ray with the ray_ prefix)" if f"ray_{name}" in known else ""
+        problems.append(f"{name} is not a scraped series{hint}")
+    carried = set().union(*(known[m].labels for m in metrics if m in known)) if metrics else set()
+    problems += [f"label {label!r} is on none of {sorted(metrics)}" for label in sorted(labels - carried)]
+    if not metrics:
+        problems.append("the expression names no series")
+    return problems
+
+
+def dashboard_targets(dashboard: dict) -> list[tuple[str, dict]]:
+    """(panel title, target) for every query of every panel, rows' collapsed panels included."""
+    panels = [p for top in dashboard["panels"] for p in [top, *top.get("panels", [])]]
+    return [(p.get("title", "?"), t) for p in panels for t in p.get("targets", [])]
+
+
+def dashboard_problems(dashboard: dict) -> list[str]:
+    """The shape Grafana's dashboard JSON model needs, one Prometheus data source variable used by every
+    query, panels on the 24-column grid without overlapping, and only real series in the queries."""
+    problems = []
+    for key, kind in (("uid", str), ("title", str), ("schemaVersion", int), ("panels", list), ("templating", dict)):
+        if not isinstance(dashboard.get(key), kind):
+            problems.append(f"dashboard {key} should be a {kind.__name__}")
+    if problems:
+        return problems
+    if not re.fullmatch(r"[a-zA-Z0-9_-]{1,40}", dashboard["uid"]):
+        problems.append(f"uid {dashboard['uid']!r} is not a Grafana uid")
+    variables = {v.get("name"): v for v in dashboard["templating"].get("list", [])}
+    source = variables.get("datasource") or {}
+    if source.get("type") != "datasource" or source.get("query") != "prometheus":
+        problems.append("no `datasource` variable of Prometheus data sources")
+    panels = [p for top in dashboard["panels"] for p in [top, *top.get("panels", [])]]
+    ids = [p.get("id") for p in panels]
+    if len(set(ids)) != len(ids) or not all(isinstance(i, int) for i in ids):
+        problems.append(f"panel ids should be distinct integers: {ids}")
+    cells = {}
+    for panel in panels:
+        title, pos = panel.get("title", "?"), panel.get("gridPos") or {}
+        if not all(isinstance(pos.get(k), int) for k in "hwxy") or pos["x"] < 0 or pos["x"] + pos["w"] > 24:
+            problems.append(f"{title}: gridPos {pos} is not on the 24-column grid")
+            continue
+        for cell in ((x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])):
+            if cell in cells:
+                problems.append(f"{title} overlaps {cells[cell]}")
+                break
+            cells[cell] = title
+        if panel.get("type") == "row":
+            continue
+        if panel.get("type") not in {"timeseries", "stat", "gauge", "bargauge", "table", "heatmap"}:
+            problems.append(f"{title}: unexpected panel type {panel.get('type')!r}")
+        refs = [t.get("refId") for t in panel.get("targets", [])]
+        if not refs or len(set(refs)) != len(refs):
+            problems.append(f"{title}: queries need distinct refIds, got {refs}")
+        for target in [panel, *panel.get("targets", [])]:
+            if target.get("datasource") != {"type": "prometheus", "uid": "${datasource}"}:
+                problems.append(f"{title}: data source should be the dashboard's ${{datasource}}")
+    for title, target in dashboard_targets(dashboard):
+        expr = target.get("expr") or ""
+        grafana = re.sub(r"\$__(rate_)?interval|\$__range", "5m", expr)
+        legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat") or ""))
+        problems += [f"{title}: {p}" for p in promql_problems(grafana, scraped_series(), legend)]
+        grouped = {l.strip() for clause in GROUPING.findall(expr) for l in clause.split(",")}
+        problems += [f"{title}: legend label {l!r} is aggregated away" for l in sorted(legend - grouped)]
+    return problems
+
+
+def rule_problems(rule_doc: dict) -> list[str]:
+    """Every rule's expression uses real series; alerts have a severity, a `for`, a summary, a description
+    and a runbook_url at a section of docs/operations.md; names are unique."""
+    known = scraped_series() | recorded_series(rule_doc)
+    anchors = {github_anchor(h) for h in re.findall(r"^#+\s+(.+)$", (ROOT / "docs" / "operations.md").read_text(), re.M)}
+    problems, names = [], []
+    groups = rule_doc["spec"]["groups"]
+    if len({g["name"] for g in groups}) != len(groups):
+        problems.append("rule group names repeat")
+    for rule in (r for g in groups for r in g["rules"]):
+        name = rule.get("alert") or rule.get("record")
+        names.append(name)
+        problems += [f"{name}: {p}" for p in promql_problems(rule["expr"], known)]
+        if "alert" not in rule:
+            continue
+        if rule.get("labels", {}).get("severity") not in {"critical", "warning", "info"}:
+            problems.append(f"{name}: severity should be critical, warning or info")
+        if not rule.get("for"):
+            problems.append(f"{name}: no `for:` (one bad scrape would page)")
+        notes = rule.get("annotations", {})
+        problems += [f"{name}: no {key} annotation" for key in ("summary", "description") if not notes.get(key)]
+        page, _, anchor = notes.get("runbook_url", "").partition("#")
+        if page != "docs/operations.md" or anchor not in anchors:
+            problems.append(f"{name}: runbook_url {notes.get('runbook_url')!r} is no section of docs/operations.md")
+    if len(set(names)) != len(names):
+        problems.append("rule names repeat")
+    return problems
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def prometheus_rule() -> dict:
+    return one(documents(K8S / "prometheusrule.yaml"), "PrometheusRule")
+
+
+def load_dashboard(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_ray_serve_metrics_exist_in_the_installed_ray():
+    import ray
+
+    for name, (path, tags) in RAY_SERVE_METRICS.items():
+        source = (Path(ray.__file__).parent / path).read_text()
+        found = re.search(r"metrics\.(Gauge|Counter|Histogram)\(\s*\"" + name + r"\".*?tag_keys=(\([^)]*\))", source, re.S)
+        assert found, f"Ray {ray.__version__} defines no metric {name} in {path}"
+        assert set(re.findall(r"\"(\w+)\"", found.group(2))) <= set(tags), (name, found.group(2))
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboards_use_only_scraped_series(path):
+    assert dashboard_problems(load_dashboard(path)) == []
+    assert len(path.read_bytes()) < 256 * 1024, "kubectl apply keeps a copy in a 256 KiB annotation"
+
+
+def test_rules_use_only_scraped_series_and_document_every_alert():
+    rule_doc = prometheus_rule()
+    assert rule_problems(rule_doc) == []
+    alerts = {r["alert"] for g in rule_doc["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert {"LiveserveSLOBurnFast", "LiveserveFramesDropped", "LiveserveKVPoolNearFull",
+            "LiveservePoolAtMaxReplicas", "LiveserveRedisUnreachable"} <= alerts
+
+
+def _first_expr(dashboard):
+    return dashboard_targets(dashboard)[0][1]
+
+
+def _set_expr(doc, old, new):
+    rule = next(r for g in doc["spec"]["groups"] for r in g["rules"] if old in r["expr"])
+    rule["expr"] = rule["expr"].replace(old, new, 1)
+
+
+BROKEN_DASHBOARD = {
+    "a misspelled metric": lambda d: _first_expr(d).__setitem__("expr", "sum(ray_liveserve_session_active)"),
+    "a local-mode name without ray_": lambda d: _first_expr(d).__setitem__("expr", "sum(liveserve_sessions_active)"),
+    "a histogram without _bucket": lambda d: _first_expr(d).__setitem__(
+        "expr", "histogram_quantile(0.9, sum by (le) (rate(ray_liveserve_frame_to_decision_seconds[5m])))"),
+    "a label no series has": lambda d: _first_expr(d).__setitem__("expr", "sum by (pool_name) (ray_liveserve_decision_sessions)"),
+    "a matcher on a missing label": lambda d: _first_expr(d).__setitem__("expr", 'sum(ray_liveserve_errors_total{status="x"})'),
+    "a legend label aggregated away": lambda d: _first_expr(d).__setitem__("legendFormat", "{{replica}}"),
+    "a misspelled function": lambda d: _first_expr(d).__setitem__("expr", "summ(ray_liveserve_sessions_active)"),
+    "an unclosed parenthesis": lambda d: _first_expr(d).__setitem__("expr", "sum(rate(ray_liveserve_frames_decided_total[5m])"),
+    "a stray bracket": lambda d: _first_expr(d).__setitem__("expr", "sum(ray_liveserve_sessions_active])"),
+    "another data source": lambda d: _first_expr(d).__setitem__("datasource", {"type": "prometheus", "uid": "prom"}),
+    "overlapping panels": lambda d: d["panels"][2]["gridPos"].update(d["panels"][1]["gridPos"]),
+    "off the grid": lambda d: d["panels"][1]["gridPos"].__setitem__("x", 20),
+    "no datasource variable": lambda d: d["templating"].__setitem__("list", []),
+    "repeated panel ids": lambda d: d["panels"][2].__setitem__("id", d["panels"][1]["id"]),
+}
+
+
+@pytest.mark.parametrize("mutate", BROKEN_DASHBOARD.values(), ids=BROKEN_DASHBOARD.keys())
+def test_dashboard_check_catches_broken_copies(mutate):
+    dashboard = load_dashboard(DASHBOARDS[0])
+    mutate(dashboard)
+    assert dashboard_problems(dashboard)
+
+
+BROKEN_RULES = {
+    "a misspelled metric": lambda d: _set_expr(d, "ray_liveserve_frames_dropped_total", "ray_liveserve_frame_dropped_total"),
+    "an unrecorded rule": lambda d: _set_expr(d, "liveserve:frames_within_slo:ratio_rate1h", "liveserve:slo:ratio_rate1h"),
+    "an le that is no bucket": lambda d: _set_expr(d, 'le="0.25"', 'le="0.3"'),
+    "a Serve metric Ray lacks": lambda d: _set_expr(d, "ray_serve_autoscaling_desired_replicas", "ray_serve_max_replicas"),
+    "a label the series lacks": lambda d: _set_expr(d, 'result="ok"', 'outcome="ok"'),
+    "no severity": lambda d: d["spec"]["groups"][1]["rules"][0]["labels"].pop("severity"),
+    "no for": lambda d: d["spec"]["groups"][1]["rules"][0].pop("for"),
+    "a runbook that is no section": lambda d: d["spec"]["groups"][1]["rules"][0]["annotations"].__setitem__(
+        "runbook_url", "docs/operations.md#nowhere"),
+    "a repeated alert": lambda d: d["spec"]["groups"][1]["rules"].append(copy.deepcopy(d["spec"]["groups"][1]["rules"][0])),
+}
+
+
+@pytest.mark.parametrize("mutate", BROKEN_RULES.values(), ids=BROKEN_RULES.keys())
+def test_rule_check_catches_broken_copies(mutate):
+    rule_doc = prometheus_rule()
+    mutate(rule_doc)
+    assert rule_problems(rule_doc)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_renders_the_dashboards_configmap_and_the_rules():
+    rendered = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True)
+    docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    config_map = one(docs, "ConfigMap", "liveserve-grafana-dashboards")
+    assert config_map["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    assert config_map["metadata"]["namespace"] == "liveserve"
+    assert config_map["data"] == {p.name: p.read_text() for p in DASHBOARDS}
+    assert one(docs, "PrometheusRule")["spec"] == prometheus_rule()["spec"]

@@ -3,6 +3,7 @@ service, GPU metrics absent without a GPU, and autoscaling (a pool scaling up un
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import urllib.request
@@ -73,6 +74,34 @@ def test_every_service_reports_prometheus_metrics_and_no_gpu_means_no_gpu_series
     assert 'deployment="Decision"' in decided[0]
     has_gpu = bool(read_gpus())
     assert ("ray_liveserve_gpu_memory_total_bytes" in body) == has_gpu  # absent without a GPU, and no error
+
+
+def series_labels(body: str, name: str) -> list[dict[str, str]]:
+    """The label sets of the scraped samples of `name`."""
+    return [dict(re.findall(r'(\w+)="([^"]*)"', line[len(name):line.rindex("}") + 1]))
+            for line in body.splitlines() if line.startswith(name + "{")]
+
+
+def test_the_series_dashboards_and_alerts_rely_on_are_scraped_as_they_expect(ray_app):
+    """k8s/grafana and k8s/prometheusrule.yaml use Ray Serve's replica and autoscaling gauges, the Redis
+    pings of the gateways' health checks and the 250 ms bucket: the real scrape has them, so labelled."""
+    stream(ray_app.address, session_messages(2, threshold=1.0))
+    wanted = {"ray_serve_deployment_replica_healthy": {"deployment", "replica", "application"},
+              "ray_serve_autoscaling_target_replicas": {"deployment", "application"},
+              "ray_serve_autoscaling_desired_replicas": {"deployment", "application"},
+              "ray_liveserve_redis_pings_total": {"result", "deployment", "replica", "application"},
+              "ray_liveserve_frame_to_decision_seconds_bucket": {"le", "deployment", "replica", "application"}}
+    body = wait_for(lambda: (text := scrape(ray_app.metrics_url)) and all(series_labels(text, n) for n in wanted)
+                    and text, 60, 1)
+    assert body, [n for n in wanted if not series_labels(scrape(ray_app.metrics_url), n)]
+    for name, labels in wanted.items():
+        assert all(labels <= set(sample) for sample in series_labels(body, name)), (name, series_labels(body, name))
+    healthy = {s["deployment"] for s in series_labels(body, "ray_serve_deployment_replica_healthy")}
+    assert healthy == {"Gateway", "Perception", "Decision", "Reaction"}
+    assert {"Perception"} <= {s["deployment"] for s in series_labels(body, "ray_serve_autoscaling_desired_replicas")}
+    assert any(s["result"] == "ok" and s["deployment"] == "Decision"
+               for s in series_labels(body, "ray_liveserve_redis_pings_total"))
+    assert "0.25" in {s["le"] for s in series_labels(body, "ray_liveserve_frame_to_decision_seconds_bucket")}
 
 
 def test_gpu_readings_are_empty_without_a_gpu_and_complete_with_one():
@@ -149,3 +178,35 @@ def test_the_bundled_serve_config_names_real_policies_and_routers():
     assert policies
     for policy in policies:
         resolve(policy["policy_function"])(**policy.get("policy_kwargs", {}))  # constructs with the config's kwargs
+
+
+def test_decision_counts_redis_pings_answered_and_not(tiny_model, redis_url):
+    """The gateways' health checks reach Redis through a Decision replica's ping; each outcome is counted,
+    which is what the RedisUnreachable alert (k8s/prometheusrule.yaml) watches."""
+    import asyncio
+
+    import prometheus_client
+    import redis
+
+    from liveserve.services.decision import DecisionService
+    from liveserve.services.redis_server import free_port
+    from liveserve.services.registry import SessionRegistry
+    from liveserve.services.settings import ServiceSettings
+
+    def count(result: str) -> float:
+        return prometheus_client.REGISTRY.get_sample_value("liveserve_redis_pings_total", {"result": result}) or 0.0
+
+    def ping(url: str) -> BaseException | None:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        service = DecisionService(tiny_model, ServiceSettings(pool_mb=8), "d", registry=SessionRegistry(client))
+        try:
+            asyncio.run(service.ping())
+        except redis.RedisError as exc:
+            return exc
+        finally:
+            service.stop()
+
+    before = count("ok"), count("error")
+    assert ping(redis_url) is None
+    assert isinstance(ping(f"redis://127.0.0.1:{free_port()}/0"), redis.ConnectionError)
+    assert (count("ok"), count("error")) == (before[0] + 1, before[1] + 1)
