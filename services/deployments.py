@@ -116,7 +116,7 @@ class _SessionPool:
     async def Ping(self) -> None:
         await self.service.ping()
 
-    async def Open(self, request: spb.OpenRequest) -> spb.OpenResponse:
+    async def Open(self, request: spb.OpenRequest, avoid: str = "") -> spb.OpenResponse:  # avoid: for the router
         return codec.placed_to_proto(await self.service.open(codec.open_from_proto(request)))
 
     async def Push(self, request, route_to: str = "") -> spb.PushAck:

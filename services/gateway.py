@@ -349,7 +349,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
                              f"bad open: fps must be in (0, {MAX_FPS:g}] (0: the default {DEFAULT_FPS:g}), "
                              f"got {open_.fps}")
 
-    async def place(self, pool, request: c.OpenSession) -> c.SessionPlaced:
+    async def place(self, pool, request: c.OpenSession, avoid: str = "") -> c.SessionPlaced:
         """Open a session on a replica of `pool` (Decision or Reaction) with room. While the pool replaces a
         replica that just died, a call may reach it: such failures are retried (with backoff, within
         `call_timeout_s`), so a new or moving session lands on a live replica; a full pool or a bad session
@@ -358,7 +358,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
         delay = 0.05
         while True:
             try:
-                return await asyncio.wait_for(pool.open(request), max(0.01, deadline - time.monotonic()))
+                return await asyncio.wait_for(pool.open(request, avoid), max(0.01, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 raise CallFailed(grpc.StatusCode.UNAVAILABLE, f"opening the session took longer than "
                                                               f"{self.settings.call_timeout_s:g}s") from None

@@ -7,8 +7,9 @@ call for a session must reach the replica holding it.
   the gateway) goes to that replica only. If the replica is gone the call waits for it; callers bound
   the wait and report UNAVAILABLE rather than guess (another replica has no state for the session).
 - An Open goes to a replica with room and the fewest sessions, from the routing stats each replica
-  reports (`free_fraction` of its KV pool, `sessions`, `max_sessions`); ties rotate. A Ping (a health check) goes
-  anywhere.
+  reports (`free_fraction` of its KV pool, `sessions`, `max_sessions`); ties rotate; an `avoid` keyword
+  (the replica a moving session leaves) keeps it off that replica unless no other is left. A Ping (a
+  health check) goes anywhere.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ class SessionRouter(RequestRouter):
             return [[r for r in candidate_replicas if replica_key(r) == route_to]]
         if pending_request.metadata.call_method == "Ping":  # any replica; no session is placed
             return [candidate_replicas]
-        return [[replica] for replica in self.rank_by_room(candidate_replicas)]
+        # A session moving off a replica its gateway lost goes elsewhere while there is an elsewhere: the
+        # replica may be alive (a timeout) and still hold the session's old self.
+        avoid = pending_request.kwargs.get("avoid")
+        candidates = [r for r in candidate_replicas if replica_key(r) != avoid] or candidate_replicas
+        return [[replica] for replica in self.rank_by_room(candidates)]
 
     def rank_by_room(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
         """Replicas with room (at least `MIN_FREE` of their KV pool unreserved, fewer sessions than their

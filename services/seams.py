@@ -25,7 +25,8 @@ class Perception(Protocol):
 class Decision(Protocol):
     async def ping(self) -> None: ...  # raises when the pool cannot serve (Decision: its Redis too)
 
-    async def open(self, request: OpenSession) -> SessionPlaced: ...
+    # `avoid`: a replica not to place the session on, unless it is the only one (a session moving off it)
+    async def open(self, request: OpenSession, avoid: str = "") -> SessionPlaced: ...
 
     async def push(self, replica: str, push: DecisionPush) -> None: ...
 
@@ -35,7 +36,7 @@ class Decision(Protocol):
 class Reaction(Protocol):
     async def ping(self) -> None: ...
 
-    async def open(self, request: OpenSession) -> SessionPlaced: ...
+    async def open(self, request: OpenSession, avoid: str = "") -> SessionPlaced: ...
 
     async def push(self, replica: str, push: ReactionPush) -> None: ...
 
@@ -64,8 +65,8 @@ class LocalSessions:
     async def ping(self) -> None:
         await self.service.ping()
 
-    async def open(self, request: OpenSession) -> SessionPlaced:
-        return await self.service.open(request)
+    async def open(self, request: OpenSession, avoid: str = "") -> SessionPlaced:
+        return await self.service.open(request)  # one replica: nowhere else to go
 
     async def push(self, replica: str, push) -> None:
         await self.service.push(push)
@@ -97,8 +98,8 @@ class RaySessions:
     async def ping(self) -> None:
         await self.handle.Ping.remote()
 
-    async def open(self, request: OpenSession) -> SessionPlaced:
-        response = await self.handle.Open.remote(codec.open_to_proto(request))
+    async def open(self, request: OpenSession, avoid: str = "") -> SessionPlaced:
+        response = await self.handle.Open.remote(codec.open_to_proto(request), avoid=avoid)
         return codec.placed_from_proto(request.session_id, response)
 
     async def push(self, replica: str, push) -> None:

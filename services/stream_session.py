@@ -471,7 +471,7 @@ class StreamSession:
         frames = tuple(self._ring)
         request = c.OpenSession(self.session_id, self.gateway.id, self.config, c.Restore(frames, awaited))
         try:
-            placed = await self.gateway.place(self.gateway.decision, request)
+            placed = await self.gateway.place(self.gateway.decision, request, avoid=self.placed.replica)
         except Exception as exc:
             details = getattr(exc, "details", type(exc).__name__)
             self.ended = True  # nothing is left anywhere to close
@@ -520,7 +520,8 @@ class StreamSession:
         started = time.monotonic()
         try:
             placed = await self.gateway.place(self.gateway.reaction,
-                                              c.OpenSession(self.session_id, self.gateway.id, self.config))
+                                              c.OpenSession(self.session_id, self.gateway.id, self.config),
+                                              avoid=self.reaction.replica)
         except Exception as exc:
             self.reaction = None  # nothing is left there to close
             self.finish(grpc.StatusCode.UNAVAILABLE,

@@ -47,6 +47,12 @@ def test_new_sessions_go_where_there_is_room_and_a_burst_is_spread(router):
     assert sorted(first) == ["a", "a", "b", "b"]  # stale stats do not send the whole burst to one replica
 
 
+def test_a_moving_session_avoids_the_replica_it_leaves_unless_it_is_the_only_one(router):
+    left, other = replica("left", free_fraction=1.0, sessions=0), replica("other", free_fraction=0.5, sessions=3)
+    assert choose(router, [left, other], request(avoid="left")) == [[other]]
+    assert choose(router, [left], request(avoid="left")) == [[left]]
+
+
 def test_a_replica_at_its_max_sessions_takes_new_sessions_only_when_every_replica_is(router):
     capped = replica("capped", free_fraction=0.9, sessions=2, max_sessions=2)
     busier = replica("busier", free_fraction=0.5, sessions=5, max_sessions=8)
