@@ -41,6 +41,7 @@ from liveserve.services.links import FrameBatcher, ReplicaLink
 from liveserve.services.messages import session_config
 from liveserve.services.registry import SessionRegistry
 from liveserve.services.resume import Parked, ResumeTokens
+from liveserve.services.resume import digest as resume_digest
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.stream_session import Finish, StreamSession
 from liveserve.services.telemetry import GatewayMetrics
@@ -227,16 +228,21 @@ class Gateway(pb_grpc.LiveStreamServicer):
         request = c.OpenSession(parked.session_id if parked else uuid.uuid4().hex, self.id, config,
                                 c.Restore(parked.frames) if parked else None)
         try:
-            usage = await self.tenancy.admit(tenant, request.session_id)
-        except QuotaExceeded as exc:
-            raise CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-        except Exception as exc:  # Redis does not answer: retryable, as when a pool does not
-            raise CallFailed(grpc.StatusCode.UNAVAILABLE, internal(log, "counting the tenant's sessions failed",
-                                                                   exc)) from None
-        try:
-            placed, reaction = await self._place_session(request)
+            try:
+                usage = await self.tenancy.admit(tenant, request.session_id)
+            except QuotaExceeded as exc:
+                raise CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            except Exception as exc:  # Redis does not answer: retryable, as when a pool does not
+                raise CallFailed(grpc.StatusCode.UNAVAILABLE, internal(log, "counting the tenant's sessions failed",
+                                                                       exc)) from None
+            try:
+                placed, reaction = await self._place_session(request)
+            except BaseException:
+                self._release_quota(usage, request.session_id)
+                raise
         except BaseException:
-            self._release_quota(usage, request.session_id)
+            if parked is not None:  # not resumed after all: the token stays good for a retry
+                await asyncio.to_thread(self.resumes.park, parked, resume_digest(first.open.resume_token))
             raise
         session = StreamSession(self, request.session_id, config, placed, reaction, trace_parent,
                                 fps=first.open.fps or DEFAULT_FPS, tenant=usage, resumed=parked)

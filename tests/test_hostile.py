@@ -277,3 +277,27 @@ def _get(registry, session_id: str):
         return registry.get(session_id)
     except redis.RedisError:
         return None
+
+
+def test_a_resume_refused_for_room_keeps_its_token_good(local):
+    first = Call(local.address)
+    first.send(pb.ClientMessage(open=pb.Open(fps=30.0)))
+    first.until("opened")
+    opened = first.replies[0].opened
+    first.send(frame(0))
+    first.until("decision")
+    first.cut()
+    assert settle(local) == dict.fromkeys(held(local), 0)
+    resume = pb.Open(fps=30.0, resume_session_id=opened.session_id, resume_token=opened.resume_token)
+    blocker = LiveCall(local.address, pb.Open(fps=30.0))
+    blocker.wait_for(lambda: blocker.of_kind("opened"))
+    before, local.decision.max_sessions = local.decision.max_sessions, 1  # the one replica is full
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            stream(local.address, [pb.ClientMessage(open=resume)])
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        local.decision.max_sessions = before
+        blocker.close()
+    replies = stream(local.address, [pb.ClientMessage(open=resume), frame(1), pb.ClientMessage(close=pb.Close())])
+    assert replies[0].opened.session_id == opened.session_id and kinds(replies)[-1] == "closed"
