@@ -15,12 +15,16 @@ call for a session must reach the replica holding it.
 from __future__ import annotations
 
 import itertools
+import time
+from collections import deque
 from typing import Sequence
 
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 MIN_FREE = 0.1  # a replica with less of its KV pool unreserved takes new sessions only if all are as full
+STATS_PERIOD_S = 2.0  # how often a replica reports its routing stats
+PLACED_WINDOW_S = 2 * STATS_PERIOD_S  # placements older than this are in the replica's stats
 
 
 def replica_key(replica: RunningReplica) -> str:
@@ -33,8 +37,7 @@ class SessionRouter(RequestRouter):
 
     def initialize_state(self, **kwargs) -> None:
         self._turn = itertools.count()
-        self._reported: dict[str, dict] = {}  # replica key -> the routing stats last seen from it
-        self._placed: dict[str, int] = {}  # replica key -> sessions placed here since that report
+        self._placed: dict[str, deque[float]] = {}  # replica key -> when this router placed sessions there
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> Sequence[list[RunningReplica]]:
@@ -56,27 +59,31 @@ class SessionRouter(RequestRouter):
         """Replicas with room (at least `MIN_FREE` of their KV pool unreserved, fewer sessions than their
         `max_sessions` when they have one) first, fewest sessions
         first among them, then most free memory. A replica's stats arrive every few seconds, so sessions
-        this router placed since its last report count too (a burst of opens would otherwise all land on
-        the replica that looked emptiest)."""
+        this router placed in the last two report periods count too (a burst of opens would otherwise all
+        land on the replica that looked emptiest); older placements are in the stats already, or closed.
+        (Waiting for the stats to change instead is wrong: a replica whose short sessions end between
+        reports reports the same stats again and again, and its placements would pile up forever.)"""
         if not replicas:
             return []
         turn = next(self._turn) % len(replicas)
         rotated = replicas[turn:] + replicas[:turn]  # equal room: spread new sessions round-robin
 
+        now = time.monotonic()
+
         def room(replica: RunningReplica) -> tuple[bool, int, float]:
             stats = replica.routing_stats or {}
-            key = replica_key(replica)
-            if self._reported.get(key) != stats:  # a fresh report already counts our placements
-                self._reported[key], self._placed[key] = dict(stats), 0
+            placed = self._placed.setdefault(replica_key(replica), deque())
+            while placed and placed[0] < now - PLACED_WINDOW_S:
+                placed.popleft()
             free = float(stats.get("free_fraction", 1.0))
-            sessions, most = int(stats.get("sessions", 0)) + self._placed[key], int(stats.get("max_sessions", 0))
+            sessions, most = int(stats.get("sessions", 0)) + len(placed), int(stats.get("max_sessions", 0))
             return free < MIN_FREE or 0 < most <= sessions, sessions, -free
 
         ranked = sorted(rotated, key=room)  # stable: the rotation breaks ties
-        self._placed[replica_key(ranked[0])] += 1
+        self._placed[replica_key(ranked[0])].append(now)
         return ranked
 
 
 # For deployments whose replicas hold session state (Decision, Reaction).
 SESSION_ROUTER = RequestRouterConfig(request_router_class=f"{__name__}.SessionRouter",
-                                     request_routing_stats_period_s=2.0)
+                                     request_routing_stats_period_s=STATS_PERIOD_S)

@@ -47,6 +47,21 @@ def test_new_sessions_go_where_there_is_room_and_a_burst_is_spread(router):
     assert sorted(first) == ["a", "a", "b", "b"]  # stale stats do not send the whole burst to one replica
 
 
+def test_placements_stop_counting_once_the_stats_have_had_time_to_include_them(router, monkeypatch):
+    """A replica whose short sessions end between reports keeps reporting the same stats: what this router
+    placed there must not pile up against it forever."""
+    import liveserve.services.routing as routing
+
+    clock = [1000.0]
+    monkeypatch.setattr(routing.time, "monotonic", lambda: clock[0])
+    a, b = replica("a", free_fraction=1.0, sessions=0), replica("b", free_fraction=1.0, sessions=0)
+    for _ in range(10):  # short sessions, all on a (b is busy elsewhere: at its cap)
+        choose(router, [a, replica("b", free_fraction=1.0, sessions=1, max_sessions=1)], request())
+    clock[0] += routing.PLACED_WINDOW_S + 1  # a's stats still say 0 sessions: they have ended
+    first = [choose(router, [a, b], request())[0][0].replica_id.unique_id for _ in range(4)]
+    assert sorted(first) == ["a", "a", "b", "b"]
+
+
 def test_a_moving_session_avoids_the_replica_it_leaves_unless_it_is_the_only_one(router):
     left, other = replica("left", free_fraction=1.0, sessions=0), replica("other", free_fraction=0.5, sessions=3)
     assert choose(router, [left, other], request(avoid="left")) == [[other]]
