@@ -294,12 +294,12 @@ def _serve_local(args, load) -> int:
     from liveserve.services.telemetry import serve_metrics
 
     settings = _local_settings(args, args.address)
-    _check_tls(settings.to_dict())
     if args.http_port is not None and not 0 <= args.http_port < 65536:
         raise ValueError(f"--http-port must be in 0..65535, got {args.http_port}")
     if args.http_port and settings.tls_cert_file:
         raise ValueError("--http-port relays to the gRPC API in plaintext on this host: it does not combine with "
                          "--tls-cert")
+    _check_tls(settings.to_dict())
     if args.threads:  # one process: the pools share torch's threads, all of the host's cores by default
         torch.set_num_threads(args.threads)
     model = load(args)

@@ -89,6 +89,9 @@ class Chromium:
                 if pages:
                     self._socket = self._stack.enter_context(
                         connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10))
+                    loaded = "location.protocol.startsWith('http') && document.readyState === 'complete'"
+                    if not self.wait_for(loaded, max(1.0, deadline - time.monotonic())):
+                        raise TimeoutError(f"the page did not load within {timeout_s:g}s")
                     return self
             if time.monotonic() > deadline:
                 raise TimeoutError(f"chromium's DevTools did not come up within {timeout_s:g}s")
