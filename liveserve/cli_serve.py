@@ -241,7 +241,8 @@ def _start_app(args):
     config = load_config(args.config, address=args.address, args=_settings(args), replicas=replicas,
                          max_replicas=None if joining else host_replica_cap())
     return start(config, ray_address=args.ray_address, metrics_port=args.metrics_port,
-                 http_port=getattr(args, "http_port", None), progress=lambda message: print(f"liveserve: {message}", file=sys.stderr, flush=True))
+                 http_port=getattr(args, "http_port", None),
+                 progress=lambda message: print(f"liveserve: {message}", file=sys.stderr, flush=True))
 
 
 def _tls_note(args) -> str:

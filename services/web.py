@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import queue
 import threading
 from importlib import resources
@@ -36,8 +35,6 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
-
-log = logging.getLogger(__name__)
 
 STREAM_PATH = "/v1/stream"
 CLOSE_OK = 1000

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def web(tiny_model):
     finally:
         del os.environ[KEYS_ENV]
     front = WebServer(server.address, "127.0.0.1", 0, server.settings.max_frame_bytes).start()
+    front.local = server  # for tests that look at the gateway's sessions
     yield front
     front.stop()
     server.stop(grace_s=1)
@@ -122,12 +124,43 @@ def test_frames_over_the_limits_get_the_grpc_answers(web):
     assert code == 4008 and received[-1]["error"]["code"] == 8, received[-1]
 
 
+def test_a_browser_that_goes_away_mid_session_ends_its_grpc_call(web):
+    gateway = web.local.server.gateway
+    with connect(_ws_url(web), open_timeout=10) as socket:
+        for message in _messages(2)[:-1]:  # no Close: the browser just goes
+            socket.send(_json(message))
+        assert "opened" in json.loads(socket.recv(timeout=30))
+        assert len(gateway.sessions) == 1
+    deadline = time.monotonic() + 30
+    while gateway.sessions and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not gateway.sessions
+
+
 def test_the_page_is_self_contained(web):
     for path in ("/", "/app.js", "/style.css"):
         with urllib.request.urlopen(f"{web.url.rstrip('/')}{path}", timeout=10) as answer:
             body = answer.read().decode()
             assert answer.status == 200
         assert "://" not in body.replace("${scheme}//", ""), f"{path} loads something from elsewhere"
+
+
+PAGE_FIGURES = ("({status: document.getElementById('status').textContent, "
+                "decisions: +document.getElementById('decisions').textContent, "
+                "replies: [...document.querySelectorAll('#replies li .text')].map(e => e.textContent), "
+                "lag: document.getElementById('lag').textContent})")
+
+
+def _page_session(browser: Chromium, frames: int) -> dict:
+    """Wait (bounded) for the page's session to end; what the page shows then."""
+    state = browser.wait_for("['closed', 'error'].includes(document.body.dataset.state) && "
+                             "document.body.dataset.state", timeout_s=120)
+    figures = browser.evaluate(PAGE_FIGURES)
+    assert state == "closed", figures
+    assert figures["decisions"] == frames
+    assert any(text for text in figures["replies"]), figures
+    assert figures["lag"].endswith(" ms")
+    return figures
 
 
 def test_the_page_in_headless_chromium_shows_decisions_and_a_reply(web, tmp_path):
@@ -138,19 +171,25 @@ def test_the_page_in_headless_chromium_shows_decisions_and_a_reply(web, tmp_path
     url = f"{web.url}?auto=1&source=camera&fps=4&threshold=1&max_frames=10&key={API_KEY}"
     browser = Chromium(binary, tmp_path / "profile", url, camera_clip=clip).connect()
     try:
-        state = browser.wait_for("['closed', 'error'].includes(document.body.dataset.state) && "
-                                 "document.body.dataset.state", timeout_s=120)
-        figures = browser.evaluate("({status: document.getElementById('status').textContent, "
-                                   "decisions: +document.getElementById('decisions').textContent, "
-                                   "replies: [...document.querySelectorAll('#replies li .text')].map(e => e.textContent), "
-                                   "lag: document.getElementById('lag').textContent})")
-        assert state == "closed", figures
-        assert figures["decisions"] == 10
-        assert any(text for text in figures["replies"]), figures
-        assert figures["lag"].endswith(" ms")
+        _page_session(browser, 10)
         browser.screenshot(tmp_path / "browser.png")
     finally:
         browser.close()
     assert (tmp_path / "browser.png").stat().st_size > 10_000
     if keep := os.environ.get("LIVESERVE_BROWSER_SCREENSHOT"):  # where to keep the page's screenshot
         Path(keep).write_bytes((tmp_path / "browser.png").read_bytes())
+
+
+def test_the_page_in_headless_chromium_streams_a_local_video_file(web, tmp_path):
+    """The other source: a file picked in the page's file input (set over CDP), played and streamed."""
+    binary = chromium_or_skip(pytest)
+    url = f"{web.url}?source=file&fps=4&threshold=1&max_frames=6&key={API_KEY}"
+    browser = Chromium(binary, tmp_path / "profile", url).connect()
+    try:
+        document = browser.call("DOM.getDocument")
+        node = browser.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#file")
+        browser.call("DOM.setFileInputFiles", files=[str(SAMPLE_VIDEO)], nodeId=node["nodeId"])
+        browser.evaluate("document.getElementById('start').click()")
+        _page_session(browser, 6)
+    finally:
+        browser.close()
