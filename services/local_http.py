@@ -13,9 +13,10 @@ from liveserve.services.web import web_app
 class WebServer:
     """HTTP (the page) and WebSocket (/v1/stream) on `host:port` (0: a free port), bridging to `grpc_address`."""
 
-    def __init__(self, grpc_address: str, host: str, port: int, max_frame_bytes: int) -> None:
+    def __init__(self, grpc_address: str, host: str, port: int, max_frame_bytes: int, refusal: str = "") -> None:
+        """With a `refusal`, every stream is refused with it (web.web_app)."""
         # A frame in JSON is base64 (4/3 of its bytes): the gateway's limits answer it, not the socket's.
-        config = uvicorn.Config(web_app(grpc_address), host=host, port=port, lifespan="off", log_config=None,
+        config = uvicorn.Config(web_app(grpc_address, refusal), host=host, port=port, lifespan="off", log_config=None,
                                 access_log=False, ws_max_size=max_frame_bytes * 4 // 3 + (1 << 20))
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # the main thread keeps SIGINT/SIGTERM

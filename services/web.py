@@ -197,9 +197,16 @@ async def _receive(websocket: WebSocket) -> str | bytes | None:
 
 
 async def refuse(websocket: WebSocket, reason: str) -> None:
+    """Answer the client's first message (its Open) with `reason`, as the gRPC API answers a refused Open."""
     await websocket.accept()
+    if (first := await _receive(websocket)) is None:
+        return
     code = grpc.StatusCode.FAILED_PRECONDITION
-    await websocket.send_text(server_message_json(pb.ServerMessage(error=pb.Error(code=code.value[0], message=reason))))
+    message = pb.ServerMessage(error=pb.Error(code=code.value[0], message=reason))
+    if isinstance(first, bytes):
+        await websocket.send_bytes(message.SerializeToString())
+    else:
+        await websocket.send_text(server_message_json(message))
     await websocket.close(CLOSE_STATUS_BASE + code.value[0])
 
 

@@ -137,6 +137,16 @@ def test_a_browser_that_goes_away_mid_session_ends_its_grpc_call(web):
     assert not gateway.sessions
 
 
+def test_a_front_that_cannot_relay_refuses_every_stream_with_its_reason(web):
+    """As a Ray Gateway serving TLS does: the bridge speaks plaintext gRPC only."""
+    front = WebServer(web.local.address, "127.0.0.1", 0, 1 << 20, refusal="no plaintext gRPC here").start()
+    try:
+        received, code = _session(front, _messages(1)[:1])  # the Open
+    finally:
+        front.stop()
+    assert code == 4009 and received == [{"error": {"code": 9, "message": "no plaintext gRPC here"}}]
+
+
 def test_the_page_is_self_contained(web):
     for path in ("/", "/app.js", "/style.css"):
         with urllib.request.urlopen(f"{web.url.rstrip('/')}{path}", timeout=10) as answer:
