@@ -37,6 +37,14 @@ def add_parsers(sub, add_model_options, positive_float) -> None:
     serve.add_argument("--hop-ms", type=float, help="a busy hop between services sends at most once per this; an idle "
                                                     "one at once (default: 10)")
     _add_ray_options(serve)
+    web = serve.add_argument_group("browser front")
+    web.add_argument("--http-port", type=int, metavar="PORT",
+                     help="serve the browser page at / and the session protocol as a WebSocket at /v1/stream on "
+                          "this port: with --local (default: off), and on Ray as the Serve HTTP proxy's port "
+                          "(default: a free one)")
+    web.add_argument("--http-host", default=DEFAULT_METRICS_HOST,
+                     help=f"with --local: the interface the browser front listens on (default: "
+                          f"{DEFAULT_METRICS_HOST}, this host only)")
     tls = serve.add_argument_group("transport security")
     tls.add_argument("--tls-cert", help="serve the gRPC API over TLS with this PEM certificate (chain), with --tls-key "
                                         "(setting tls_cert_file)")
@@ -160,8 +168,8 @@ def cmd_serve(args, load) -> int:
     _check_tls(_settings(args))
     app = _start_app(args)
     print(f"liveserve: serving liveserve.api.v1.LiveStream on {app.address}{_tls_note(args)} (Ray Serve application "
-          f"'liveserve'; Redis {app.redis_url}; metrics {app.metrics_url or 'on each Ray node'}); Ctrl-C to stop",
-          file=sys.stderr, flush=True)
+          f"'liveserve'; Redis {app.redis_url}; metrics {app.metrics_url or 'on each Ray node'}; browser page "
+          f"{app.http_url}); Ctrl-C to stop", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -233,6 +241,7 @@ def _start_app(args):
     config = load_config(args.config, address=args.address, args=_settings(args), replicas=replicas,
                          max_replicas=None if joining else host_replica_cap())
     return start(config, ray_address=args.ray_address, metrics_port=args.metrics_port,
+                 http_port=getattr(args, "http_port", None),
                  progress=lambda message: print(f"liveserve: {message}", file=sys.stderr, flush=True))
 
 
@@ -282,24 +291,40 @@ def _serve_local(args, load) -> int:
     import torch
 
     from liveserve.services.local import serve_forever, start_local
+    from liveserve.services.local_http import WebServer
     from liveserve.services.telemetry import serve_metrics
 
     settings = _local_settings(args, args.address)
+    if args.http_port is not None and not 0 <= args.http_port < 65536:
+        raise ValueError(f"--http-port must be in 0..65535, got {args.http_port}")
+    if args.http_port and settings.tls_cert_file:
+        raise ValueError("--http-port relays to the gRPC API in plaintext on this host: it does not combine with "
+                         "--tls-cert")
     _check_tls(settings.to_dict())
     if args.threads:  # one process: the pools share torch's threads, all of the host's cores by default
         torch.set_num_threads(args.threads)
     model = load(args)
     registry, redis_note = _local_registry(settings)
     server = start_local(model, args.address, settings, reaction_model=_reaction_model(args, load), registry=registry)
-    metrics = ""
-    if args.metrics_port:
-        host = args.metrics_host
-        metrics = f"; metrics http://{host}:{serve_metrics(f'{host}:{args.metrics_port}')}/metrics"
+    metrics = web_note = ""
+    web = None
+    try:
+        if args.metrics_port:
+            host = args.metrics_host
+            metrics = f"; metrics http://{host}:{serve_metrics(f'{host}:{args.metrics_port}')}/metrics"
+        if args.http_port:
+            web = WebServer(server.address, args.http_host, args.http_port, settings.max_frame_bytes).start()
+            web_note = f"; browser page {web.url}"
+    except BaseException:
+        server.stop(grace_s=0)
+        raise
     engine = server.engine
     print(f"liveserve: serving liveserve.api.v1.LiveStream on {server.address}{_tls_note(args)} (model {model.name} "
           f"on {model.device}; KV pool {engine.pool.nbytes / 2**20:.0f} MiB per engine, {engine.kernel} attention; "
-          f"{redis_note}{metrics}); Ctrl-C to stop", file=sys.stderr, flush=True)
-    serve_forever(server)
+          f"{redis_note}{metrics}{web_note}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    serve_forever(server)  # open WebSocket sessions end with their gRPC calls, then the page goes
+    if web is not None:
+        web.stop()
     return 0
 
 

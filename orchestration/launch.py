@@ -122,6 +122,7 @@ class RunningApp:
     redis: EmbeddedRedis | None = None
     started_ray: bool = False
     metrics_url: str = ""  # this node's Prometheus endpoint (Ray's metrics export)
+    http_url: str = ""  # the browser page on the Serve HTTP proxy (the Gateway's ingress) of this host
     stopped: bool = field(default=False, init=False)
 
     def stop(self) -> None:
@@ -142,9 +143,10 @@ class RunningApp:
 
 def start(config: dict, *, ray_address: str | None = None, redis_url: str | None = None, timeout_s: float = 600.0,
           progress: Callable[[str], None] = log.info, log_to_driver: bool = False,
-          metrics_port: int | None = None) -> RunningApp:
+          metrics_port: int | None = None, http_port: int | None = None) -> RunningApp:
     """Deploy `config` (see load_config) and wait for it to run. Joins `ray_address` or RAY_ADDRESS when
-    given, else starts a local Ray (its Prometheus metrics on `metrics_port`, default a free port); uses
+    given, else starts a local Ray (its Prometheus metrics on `metrics_port`, default a free port; its HTTP
+    proxy, the browser front, on 127.0.0.1:`http_port`, default a free port); uses
     `redis_url` or REDIS_URL when set, else starts an embedded Redis."""
     import ray
     from ray import serve
@@ -174,12 +176,14 @@ def start(config: dict, *, ray_address: str | None = None, redis_url: str | None
                      configure_logging=False, **local)
         http = {**(config.get("http_options") or {})}
         if not address:
-            http.update(host="127.0.0.1", port=free_port())  # local: no fixed HTTP port to collide on
+            http.update(host="127.0.0.1", port=http_port or free_port())  # local: no fixed port to collide on
+        elif http_port:
+            http["port"] = http_port
         serve.start(proxy_location=config.get("proxy_location", "EveryNode"), http_options=HTTPOptions(**http))
         running = RunningApp(_reachable(ServiceSettings.from_dict(app.get("args")).address), redis_url, config,
                              redis_server, started_ray,
                              metrics_url=f"http://127.0.0.1:{metrics_port}/metrics" if started_ray and not address
-                             else _metrics_url())
+                             else _metrics_url(), http_url=f"http://127.0.0.1:{http.get('port', 8000)}/")
         progress(f"deploying {APP_NAME} ({', '.join(d['name'] for d in app['deployments'])})")
         _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
         _wait_running(timeout_s, progress)

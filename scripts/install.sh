@@ -19,3 +19,13 @@ echo "install: liveserve[test]" >&2
 "$venv/bin/python" -m pip install -q -e ".[test]"
 echo "install: gRPC stubs from protos/" >&2
 "$venv/bin/python" scripts/gen_protos.py 2>/dev/null
+
+# --- Browser front test: Debian's headless Chromium (tests/test_web.py drives the page in it) ----------
+# Installed only where it is missing, on Debian (or a derivative), as root; elsewhere the browser test
+# skips locally and fails under CI=true. LIVESERVE_SKIP_CHROMIUM=1 leaves it out.
+if [ -z "${LIVESERVE_SKIP_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 \
+    && [ -f /etc/debian_version ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "install: chromium (apt-get)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi

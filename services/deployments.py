@@ -29,6 +29,7 @@ from liveserve.services.server import GatewayServer
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.telemetry import use_ray_metrics
 from liveserve.services.tls import server_credentials
+from liveserve.services.web import web_app
 
 
 def _settings(values: dict | None) -> ServiceSettings:
@@ -52,6 +53,7 @@ def _registry_reader(settings: ServiceSettings) -> SessionRegistry | None:
 
 
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0})
+@serve.ingress()  # the browser front on Serve's HTTP proxy: __serve_build_asgi_app__
 class GatewayDeployment:
     def __init__(self, perception, decision, reaction, settings: dict | None = None) -> None:
         settings = _settings(settings)
@@ -67,6 +69,12 @@ class GatewayDeployment:
 
         self.server = GatewayServer(build, settings.address, max_frame_bytes=settings.max_frame_bytes,
                                     check_every_s=settings.heartbeat_s, credentials=credentials).start()
+        self._tls = credentials is not None
+
+    def __serve_build_asgi_app__(self):
+        """The page and /v1/stream (web.py), relaying to this replica's own gRPC port on loopback."""
+        refusal = "the browser front relays to the gRPC API in plaintext; this deployment serves it over TLS only"
+        return web_app(self.server.address, refusal=refusal if self._tls else "")
 
     async def Address(self) -> str:
         """Where this replica serves the public API (tools and tests)."""

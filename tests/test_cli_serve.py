@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 from liveserve.cli import main
 from liveserve.services.redis_server import free_port
@@ -47,6 +48,10 @@ def test_serve_refuses_bad_deployment_options_before_starting_anything(tmp_path,
     assert "unknown setting(s) modle" in capsys.readouterr().err
     assert main(["serve", "--decision-replicas", "0"]) == 2
     assert "--decision-replicas must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--local", "--http-port", "70000"]) == 2
+    assert "--http-port must be in 0..65535" in capsys.readouterr().err
+    assert main(["serve", "--local", "--http-port", "8001", "--tls-cert", "c.pem", "--tls-key", "k.pem"]) == 2
+    assert "does not combine with --tls-cert" in capsys.readouterr().err
 
 
 def test_client_without_a_server_is_a_one_line_error(capsys):
@@ -56,10 +61,10 @@ def test_client_without_a_server_is_a_one_line_error(capsys):
 
 
 def test_single_process_server_answers_a_client_keeps_its_transcript_and_stops_on_sigint(tiny_dir):
-    port = free_port()
+    port, http_port = free_port(), free_port()
     env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
     server = subprocess.Popen([sys.executable, "-m", "liveserve", "serve", "--local", "--model", str(tiny_dir),
-                               "--address", f"127.0.0.1:{port}", "--pool-mb", "64"],
+                               "--address", f"127.0.0.1:{port}", "--pool-mb", "64", "--http-port", str(http_port)],
                               stderr=subprocess.PIPE, text=True, env={**env, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 120
@@ -68,6 +73,9 @@ def test_single_process_server_answers_a_client_keeps_its_transcript_and_stops_o
             assert time.monotonic() < deadline and server.poll() is None, line
             line = server.stderr.readline()
         assert f"127.0.0.1:{port}" in line
+        assert f"browser page http://127.0.0.1:{http_port}/" in line
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=30) as page:
+            assert page.status == 200 and b"app.js" in page.read()
         client = subprocess.run([sys.executable, "-m", "liveserve", "client", "--address", f"127.0.0.1:{port}",
                                  "--max-frames", "2", "--query", "0:Hello"], capture_output=True, text=True,
                                 timeout=120)

@@ -388,3 +388,29 @@ def test_a_tenants_sessions_quota_holds_over_both_gateway_replicas(ray_app):
             held.close()
         client.delete("liveserve:tenant_quotas")
     assert kinds(held.replies) == ["opened", "closed"]
+
+
+def test_the_browser_front_on_the_serve_http_proxy_relays_a_session_to_the_gateway(ray_app):
+    """The Gateway is the application's HTTP ingress: the page, and a WebSocket session (services/web.py)
+    through Serve's proxy into a Gateway replica's own gRPC port."""
+    import json
+    import urllib.request
+
+    from google.protobuf import json_format
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with urllib.request.urlopen(ray_app.http_url, timeout=30) as answer:
+        assert answer.status == 200 and b"app.js" in answer.read()
+    received = []
+    with connect(ray_app.http_url.replace("http://", "ws://") + "v1/stream", open_timeout=30) as socket:
+        for message in session_messages(3):
+            socket.send(json_format.MessageToJson(message))
+        try:
+            while True:
+                received.append(json.loads(socket.recv(timeout=60)))
+        except ConnectionClosed:
+            pass
+    assert socket.close_code == 1000, received[-1:]
+    assert "opened" in received[0] and "closed" in received[-1]
+    assert [m["decision"]["frame_index"] for m in received if "decision" in m] == [0, 1, 2]
