@@ -207,24 +207,24 @@ class LiveSource:
         lost_at: float | None = None
         dropped_at_loss = 0
         try:
-            while container is not None:
+            while container is not None and self.max_frames != 0:
                 try:
                     for frame in container.decode(video=0):
                         now = self._clock()
                         t_src = frame.time
-                        if seg_src0 is None or t_src is None:
-                            if seg_src0 is None:  # first frame of a segment: stream time follows the wall clock
-                                seg_base = 0.0 if last_t == -math.inf else max(last_t + now - last_wall,
-                                                                               last_t + _EPS)
-                                anchor_wall, anchor_t = now, seg_base
-                            seg_src0 = t_src if t_src is not None else 0.0
-                            t = seg_base if t_src is not None else last_t + now - last_wall
+                        # Where the wall clock puts this frame if the stream simply went on since the last one.
+                        by_wall = 0.0 if last_t == -math.inf else last_t + max(now - last_wall, _EPS)
+                        if t_src is None:  # no timestamp: arrival is all there is
+                            t, anchor_wall, anchor_t = by_wall, now, by_wall
+                        elif seg_src0 is None:  # first frame of a segment
+                            seg_base, seg_src0 = by_wall, t_src
+                            t, anchor_wall, anchor_t = by_wall, now, by_wall
                         else:
                             t = seg_base + (t_src - seg_src0)
                             if t <= last_t or anchor_wall + (t - anchor_t) - now > _MAX_AHEAD_S:
                                 # Discontinuity (a looped or restarted encoder): continue from the wall clock.
-                                seg_base, seg_src0 = last_t + max(now - last_wall, _EPS), t_src
-                                t, anchor_wall, anchor_t = seg_base, now, seg_base
+                                seg_base, seg_src0 = by_wall, t_src
+                                t, anchor_wall, anchor_t = by_wall, now, by_wall
                         stalled = t - last_t > _STALL_S or last_t == -math.inf
                         last_t, last_wall = t, now
                         if t < next_slot / fps - _EPS:

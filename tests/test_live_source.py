@@ -205,4 +205,17 @@ def test_client_streams_a_live_source_to_a_local_server_at_its_pace(tiny_model, 
         server.stop(grace_s=1)
     assert result.live and result.decisions == 8 and not result.warnings
     assert result.source_reconnects == 0 and result.source_dropped == 0
-    assert_real_time(printer.arrived_at, FPS)
+    # From the second frame: the first is sent at once but reaches the engine only once the session is open.
+    assert_real_time(printer.arrived_at[1:], FPS)
+
+
+def test_a_source_that_accepts_but_sends_nothing_times_out():
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        policy = ReconnectPolicy(attempts=0, timeout_s=1.0)
+        started = time.monotonic()
+        with pytest.raises(SourceUnavailable, match=r"unreachable after 1 attempt \("):
+            open_frame_source(f"http://127.0.0.1:{silent.getsockname()[1]}/x", fps=2, size=64, realtime=True,
+                              reconnect=policy)
+        assert 0.9 <= time.monotonic() - started < 10
