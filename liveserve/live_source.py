@@ -34,8 +34,11 @@ _SCHEME_OPTIONS: dict[str, dict[str, str]] = {
     "rtmp": {"rtmp_live": "live"},
     "rtmps": {"rtmp_live": "live"},
 }
-# Start quickly and hold nothing back: probe at most 1 s of the stream before the first frame.
-_LOW_DELAY_OPTIONS = {"fflags": "nobuffer", "flags": "low_delay", "analyzeduration": "1000000", "probesize": "1000000"}
+# Start quickly: probe at most 1 s of the stream before the first frame.
+_LOW_DELAY_OPTIONS = {"flags": "low_delay", "analyzeduration": "1000000", "probesize": "1000000"}
+# Continuous streams also skip what was read while probing, to start at the live edge rather than a probe
+# behind it. Not HLS/DASH playlists: their probe reads a whole segment, which would be lost.
+_SEGMENTED_SUFFIXES = (".m3u8", ".mpd")
 
 # A gap between two decoded frames longer than this is a stall: the slots it skips count as dropped.
 # (Shorter gaps are a source slower than the requested fps, not a loss.)
@@ -128,7 +131,10 @@ def _open_live(name: str, timeout_s: float) -> av.container.InputContainer:
         _check_device(name)
         kwargs["format"] = "video4linux2"
     else:
-        options.update(_SCHEME_OPTIONS.get(urlsplit(name).scheme.lower(), {}))
+        url = urlsplit(name)
+        options.update(_SCHEME_OPTIONS.get(url.scheme.lower(), {}))
+    if name.startswith("/dev/") or not url.path.lower().endswith(_SEGMENTED_SUFFIXES):
+        options["fflags"] = "nobuffer"
     # PyAV's timeout (an interrupt callback) bounds opening and every read, whatever the protocol.
     container = av.open(name, mode="r", options=options, timeout=(timeout_s, timeout_s), **kwargs)
     if not container.streams.video:

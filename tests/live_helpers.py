@@ -9,10 +9,13 @@ brings it back.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import socket
 import threading
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -111,3 +114,34 @@ class LiveTsServer:
             return  # the client went away or the server was stopped
         finally:
             conn.close()
+
+
+def write_hls(directory: Path, seconds: int = 4, rate: int = 10, segment_s: int = 1) -> Path:
+    """An HLS playlist of the sample (MPEG-2 in MPEG-TS segments of `segment_s`); returns the playlist."""
+    images, sample_fps = sample_images()
+    repeat = max(1, round(rate / sample_fps))
+    playlist = directory / "index.m3u8"
+    options = {"hls_time": str(segment_s), "hls_playlist_type": "vod"}
+    with av.open(str(playlist), mode="w", format="hls", options=options) as container:
+        stream = container.add_stream("mpeg2video", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 128, 128, "yuv420p"
+        stream.codec_context.gop_size = rate
+        for i in range(seconds * rate):
+            frame = av.VideoFrame.from_ndarray(images[(i // repeat) % len(images)], format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, rate)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return playlist
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def serve_directory(directory: Path) -> http.server.ThreadingHTTPServer:
+    """A plain HTTP server for `directory` on 127.0.0.1 (every file whole, as fast as asked)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler,
+                                                                                 directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True, name="http-dir").start()
+    return server

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from live_helpers import LiveTsServer
+from live_helpers import LiveTsServer, serve_directory, write_hls
 from liveserve.cli import main
 from liveserve.config import SessionConfig
 from liveserve.engine.events import FrameDecision
@@ -134,6 +134,24 @@ def test_frames_of_a_live_source_arrive_at_its_pace_sampled_to_fps(live_server):
     assert all(f.pixels.shape == (3, 64, 64) for f in frames)
     assert_real_time(arrivals, FPS)
     assert source.counters.frames == 10 and source.counters.dropped == 0 and source.counters.reconnects == 0
+
+
+def test_an_hls_playlist_is_spread_out_to_real_time_from_its_first_segment(tmp_path):
+    """Segments arrive whole, as fast as HTTP goes; frames still come at the stream's pace, none lost."""
+    write_hls(tmp_path, seconds=3, segment_s=1)
+    server = serve_directory(tmp_path)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/index.m3u8"
+        source = LiveSource(url, fps=FPS, size=64, reconnect=ReconnectPolicy(attempts=0)).open()
+        arrivals, stamps = [], []
+        for frame in source:
+            arrivals.append(time.monotonic())
+            stamps.append(frame.timestamp)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert stamps == [k / FPS for k in range(12)]  # 3 s at 4 fps, from the first segment on
+    assert_real_time(arrivals, FPS)
 
 
 def test_run_decides_a_live_source_at_real_time_pace_and_reconnects(tiny_model, live_server):
