@@ -4,6 +4,7 @@ says it."""
 from __future__ import annotations
 
 import resource
+import signal
 import sys
 import threading
 import time
@@ -31,6 +32,7 @@ class RunStats:
     max_lag_s: float = 0.0
     source_dropped: int = 0  # live sources: sampling slots with no frame (the source stalled or was away)
     source_reconnects: int = 0
+    interrupted: bool = False  # a live source stopped by Ctrl-C (its frames already read were still decided)
 
 
 class Printer:
@@ -135,8 +137,10 @@ def run_video(model: LiveModel, video: str, *, fps: float, config: SessionConfig
                 stats.responses += 1
             printer.event(event)
 
-    if source.live:
-        _run_realtime(session, frames, due, handle_events)  # paced by the source itself
+    if source.live:  # paced by the source itself; Ctrl-C is how a stream with no end stops
+        stats.interrupted = _run_realtime(session, frames, due, handle_events, stop_on_interrupt=True)
+        if stats.interrupted:
+            printer.warn("interrupted: deciding the frames already read, then stopping (Ctrl-C again to quit now)")
     elif realtime:
         _run_realtime(session, paced(frames), due, handle_events)
     else:
@@ -157,29 +161,58 @@ def _push(session: Session, frame: VideoFrame, due: list[tuple[float, str]]) -> 
     session.push_frame(frame.timestamp, frame.pixels)
 
 
-def _run_realtime(session: Session, frames, due, handle_events) -> None:
+def _run_realtime(session: Session, frames, due, handle_events, stop_on_interrupt: bool = False) -> bool:
     """Frames arrive at wall-clock pace from a reader thread; whatever queued up during a reply is
-    processed afterwards, in order, and its lag shows in the decisions."""
-    done = threading.Event()
+    processed afterwards, in order, and its lag shows in the decisions.
+
+    With `stop_on_interrupt`, Ctrl-C stops taking frames and returns True once those already pushed are
+    processed; the reader is left to notice at its next frame (it may be waiting on the source for seconds).
+    """
+    done, stop = threading.Event(), threading.Event()
+    push_lock = threading.Lock()  # once `stop` is set, nothing more is pushed
     failure: list[BaseException] = []
 
     def reader() -> None:
         try:
             for frame in frames:
-                _push(session, frame, due)
+                with push_lock:
+                    if stop.is_set():
+                        return
+                    _push(session, frame, due)
         except BaseException as exc:  # surfaced on the main thread
             failure.append(exc)
         finally:
             done.set()
 
+    interrupted = threading.Event()
+    previous = None
+    if stop_on_interrupt and threading.current_thread() is threading.main_thread():
+        # Ctrl-C becomes a flag checked between steps, never an exception in the middle of one; a second
+        # Ctrl-C (the previous handler again) quits at once.
+        def on_interrupt(signum, frame) -> None:
+            interrupted.set()
+            signal.signal(signal.SIGINT, previous)
+
+        previous = signal.signal(signal.SIGINT, on_interrupt)
     thread = threading.Thread(target=reader, name="video-reader", daemon=True)
     thread.start()
-    while not done.is_set() or session.backlog:
-        handle_events()
-        time.sleep(0.002)
+    try:
+        while (not done.is_set() or session.backlog) and not interrupted.is_set():
+            handle_events()
+            time.sleep(0.002)
+        if interrupted.is_set():
+            with push_lock:
+                stop.set()
+            while session.backlog:
+                handle_events()
+            return True
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGINT) is not previous:
+            signal.signal(signal.SIGINT, previous)
     thread.join()
     if failure:
         raise failure[0]
+    return False
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -5,6 +5,7 @@ the source is killed and restarted; clear errors for unknown schemes, missing de
 from __future__ import annotations
 
 import io
+import signal
 import socket
 import statistics
 import threading
@@ -205,6 +206,23 @@ def test_run_command_on_a_live_url_reports_its_source(tiny_dir, live_server, cap
     assert err.rstrip("\n").split("\n")[-1].startswith("liveserve: 4 frames, ")
     assert err.rstrip("\n").endswith("; source: 0 reconnects, 0 frames dropped")
     assert out.startswith("[   0.00s] User: Hi\n")
+
+
+def test_ctrl_c_ends_a_live_run_with_its_frames_decided(tiny_model, live_server):
+    printer = RecordingPrinter()
+
+    def progress(stats, cache_tokens=None) -> None:
+        Printer.progress(printer, stats, cache_tokens)
+        if stats.frames == 3:
+            signal.raise_signal(signal.SIGINT)  # as Ctrl-C would, on the main thread
+
+    printer.progress = progress
+    previous = signal.getsignal(signal.SIGINT)
+    stats = run_video(tiny_model, live_server.url, fps=FPS, config=SessionConfig(max_new_tokens=1), queries=[],
+                      printer=printer, reconnect=QUICK)  # no --max-frames: only Ctrl-C ends it
+    assert stats.interrupted and 3 <= stats.frames <= 5
+    assert "interrupted: deciding the frames already read" in printer.err.getvalue()
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_client_streams_a_live_source_to_a_local_server_at_its_pace(tiny_model, live_server):
