@@ -136,11 +136,22 @@ def _open_live(name: str, timeout_s: float) -> av.container.InputContainer:
     if name.startswith("/dev/") or not url.path.lower().endswith(_SEGMENTED_SUFFIXES):
         options["fflags"] = "nobuffer"
     # PyAV's timeout (an interrupt callback) bounds opening and every read, whatever the protocol.
-    container = av.open(name, mode="r", options=options, timeout=(timeout_s, timeout_s), **kwargs)
+    try:
+        container = av.open(name, mode="r", options=options, timeout=(timeout_s, timeout_s), **kwargs)
+    except av.error.ProtocolNotFoundError:
+        raise VideoError(f"{name}: the FFmpeg that PyAV was built with cannot read {urlsplit(name).scheme}:// "
+                         "URLs") from None
     if not container.streams.video:
         container.close()
         raise VideoError(f"{name}: the source has no video stream")
     return container
+
+
+def _describe(exc: BaseException, timeout_s: float) -> str:
+    """One line for why a read or an open failed (PyAV's timeout shows as "Immediate exit requested")."""
+    if isinstance(exc, av.error.ExitError):
+        return f"nothing received for {timeout_s:g} s"
+    return str(exc)
 
 
 class LiveSource:
@@ -163,7 +174,7 @@ class LiveSource:
         self._container: av.container.InputContainer | None = None
 
     def open(self) -> LiveSource:
-        first_error = None
+        reason = ""
         for attempt in range(self.reconnect.attempts + 1):
             if attempt:
                 self._sleep(self.reconnect.delay_s(attempt))
@@ -171,9 +182,9 @@ class LiveSource:
                 self._container = _open_live(self.name, self.reconnect.timeout_s)
                 return self
             except (av.FFmpegError, OSError) as exc:
-                first_error = first_error or exc
+                reason = _describe(exc, self.reconnect.timeout_s)
         tries = self.reconnect.attempts + 1
-        raise SourceUnavailable(f"{self.name}: unreachable after {tries} attempt{'s' * (tries > 1)} ({first_error})")
+        raise SourceUnavailable(f"{self.name}: unreachable after {tries} attempt{'s' * (tries > 1)} ({reason})")
 
     def __iter__(self) -> Iterator[VideoFrame]:
         if self._container is None:
@@ -193,7 +204,7 @@ class LiveSource:
             try:
                 return _open_live(self.name, policy.timeout_s)
             except (av.FFmpegError, OSError) as exc:
-                reason = str(exc)
+                reason = _describe(exc, policy.timeout_s)
             except VideoError as exc:  # e.g. the device was unplugged: retrying cannot help
                 self._on_event(SourceEvent("gave_up", str(exc)))
                 return None
@@ -257,7 +268,7 @@ class LiveSource:
                             return
                     reason = "end of stream"
                 except (av.FFmpegError, OSError) as exc:
-                    reason = str(exc)
+                    reason = _describe(exc, self.reconnect.timeout_s)
                 container.close()
                 container = None  # not closed twice if reopening is interrupted
                 if lost_at is None:
