@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from liveserve import cli_loadtest, cli_serve
+from liveserve.cli_source import add_reconnect_options, reconnect_policy
 from liveserve.config import CACHE_POLICIES, DEFAULT_THRESHOLD, CacheConfig, SessionConfig
 
 if TYPE_CHECKING:  # torch/transformers take seconds to import; the CLI imports them only when needed
@@ -60,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="stream a video through the model and print its narration")
-    run.add_argument("video", nargs="?", help="video file (default: the bundled sample)")
+    run.add_argument("video", nargs="?", help="video file, live URL (rtsp://, rtmp://, srt://, http(s):// incl. "
+                                              "HLS/DASH, udp://, tcp://) or V4L2 device such as /dev/video0 "
+                                              "(default: the bundled sample)")
     _add_model_options(run, _default_model())
     run.add_argument("--fps", type=_positive_float, default=2.0, help="frames per second to sample (default: 2)")
     run.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
@@ -73,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=100, help="reply length cap (default: 100)")
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     run.add_argument("--max-frames", type=int, help="stop after this many frames")
-    run.add_argument("--realtime", action="store_true", help="feed frames at wall-clock pace")
+    run.add_argument("--realtime", action="store_true",
+                     help="feed a file's frames at wall-clock pace (a live source always runs at its own pace)")
+    add_reconnect_options(run)
     run.add_argument("--query", action="append", default=[], metavar="T:TEXT",
                      help="user query at stream time T seconds (repeatable; default: "
                           "'0:Please narrate the video in real time.')")
@@ -235,6 +240,7 @@ def load(args) -> LiveModel:
 
 
 def cmd_run(args) -> int:
+    from liveserve.live_source import check_live_source, is_live_source
     from liveserve.run import DEFAULT_QUERY, parse_query, peak_memory_bytes, run_video
     from liveserve.video import SAMPLE_VIDEO, probe_video
 
@@ -246,19 +252,30 @@ def cmd_run(args) -> int:
                            cache=CacheConfig(policy=args.cache, window_frames=args.window_frames,
                                              text_window_tokens=args.text_window,
                                              evict_frames=min(_CACHE_DEFAULTS.evict_frames, max(args.window_frames, 1))))
-    info = probe_video(video)  # fail on a bad video before spending seconds on the model
+    # Fail on a bad file, scheme or device before spending seconds on the model. A live source is opened after
+    # the model is loaded: opened before, it would start with a backlog it can never catch up on.
+    live = is_live_source(video)
+    if live:
+        check_live_source(video)
+        described = "live"
+    else:
+        info = probe_video(video)
+        described = f"{info.width}x{info.height} {info.duration_s:.1f}s"
+    reconnect = reconnect_policy(args)
     model = load(args)
     print(f"liveserve: model {model.name} on {model.device} ({model.dtype}); video {video} "
-          f"{info.width}x{info.height} {info.duration_s:.1f}s at {args.fps:g} fps, cache {args.cache}", file=sys.stderr)
+          f"{described} at {args.fps:g} fps, cache {args.cache}", file=sys.stderr)
     started = time.perf_counter()
     stats = run_video(model, video, fps=args.fps, config=config, queries=queries, realtime=args.realtime,
-                      max_frames=args.max_frames)
+                      max_frames=args.max_frames, reconnect=reconnect)
     wall = time.perf_counter() - started
     fps = stats.frames / stats.busy_s if stats.busy_s else 0.0
     print(f"liveserve: {stats.frames} frames, {stats.fired} fired, {stats.responses} responses in {wall:.1f}s; "
           f"processed {fps:.1f} FPS; max decision lag {stats.max_lag_s * 1e3:.0f} ms; "
           f"peak KV cache {stats.peak_cache_bytes / 2**20:.1f} MiB; "
-          f"peak memory {peak_memory_bytes(model.device) / 2**20:.0f} MiB", file=sys.stderr)
+          f"peak memory {peak_memory_bytes(model.device) / 2**20:.0f} MiB"
+          + (f"; source: {stats.source_reconnects} reconnects, {stats.source_dropped} frames dropped" if live else ""),
+          file=sys.stderr)
     return 0
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from liveserve.cli_connection import add_connection_options, channel_credentials
+from liveserve.cli_source import add_reconnect_options, reconnect_policy
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_METRICS_HOST = "127.0.0.1"
@@ -53,9 +54,12 @@ def add_parsers(sub, add_model_options, positive_float) -> None:
                                              "(setting tls_client_ca_file)")
 
     client = sub.add_parser("client", help="stream a video over the LiveStream API and print what the model says")
-    client.add_argument("video", nargs="?", help="video file (default: the bundled sample)")
+    client.add_argument("video", nargs="?", help="video file, live URL (rtsp://, rtmp://, srt://, http(s):// incl. "
+                                                 "HLS/DASH, udp://, tcp://) or V4L2 device such as /dev/video0 "
+                                                 "(default: the bundled sample)")
     client.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default: {DEFAULT_ADDRESS})")
     _add_stream_options(client, positive_float)
+    add_reconnect_options(client)
     add_connection_options(client)
 
     transcript = sub.add_parser("transcript", help="print a session's queries and replies (GetTranscript) as JSON "
@@ -105,8 +109,9 @@ def _add_stream_options(parser: argparse.ArgumentParser, positive_float) -> None
     pace.add_argument("--realtime", action="store_true",
                       help="send frames at wall-clock pace, like a camera (the default)")
     pace.add_argument("--fast", action="store_true",
-                      help="send frames as fast as possible instead of at wall-clock pace (the server keeps "
-                           "sessions real-time, so frames more than its max lag behind are dropped and reported)")
+                      help="send a file's frames as fast as possible instead of at wall-clock pace (the server keeps "
+                           "sessions real-time, so frames more than its max lag behind are dropped and reported); "
+                           "a live source always sends at its own pace")
     parser.add_argument("--max-frames", type=int, help="stop after this many frames")
     parser.add_argument("--query", action="append", default=[], metavar="T:TEXT",
                         help="user query at stream time T seconds (repeatable; default: "
@@ -120,21 +125,27 @@ def _queries(args) -> list[tuple[float, str]]:
 
 
 def _stream(args, address: str) -> int:
+    from liveserve.live_source import is_live_source
     from liveserve.services.client import stream_video
     from liveserve.video import SAMPLE_VIDEO
 
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
     video = getattr(args, "video", None) or str(SAMPLE_VIDEO)
+    if args.fast and is_live_source(video):
+        raise ValueError(f"--fast reads a file as fast as possible; {video} is a live source, read at its own pace")
     started = time.perf_counter()
     connection = {}  # `client` has connection flags; `demo` talks plaintext to the server it started itself
     if hasattr(args, "api_key"):
-        connection = {"credentials": channel_credentials(args), "api_key": args.api_key}
+        connection = {"credentials": channel_credentials(args), "api_key": args.api_key,
+                      "reconnect": reconnect_policy(args)}
     result = stream_video(address, video, fps=args.fps, realtime=not args.fast, queries=_queries(args),
                           threshold=args.threshold, max_frames=args.max_frames, **connection)
     print(f"liveserve: session {result.session_id}: {result.decisions} frames decided, {result.fired} fired, "
           f"{len(result.responses)} responses in {time.perf_counter() - started:.1f}s; "
-          f"max decision lag {result.max_lag_s * 1e3:.0f} ms", file=sys.stderr)
+          f"max decision lag {result.max_lag_s * 1e3:.0f} ms"
+          + (f"; source: {result.source_reconnects} reconnects, {result.source_dropped} frames dropped"
+             if result.live else ""), file=sys.stderr)
     return 0
 
 

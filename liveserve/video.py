@@ -35,7 +35,7 @@ class VideoError(Exception):
 @dataclass(frozen=True, slots=True)
 class VideoFrame:
     index: int  # 0, 1, 2, ... in sampled order
-    timestamp: float  # seconds: start_s + index / fps
+    timestamp: float  # seconds: start_s + index / fps (a live source: its sampling slot's k / fps, see live_source)
     pixels: torch.Tensor  # uint8 [3, size, size], RGB
 
 

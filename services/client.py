@@ -1,14 +1,16 @@
-"""`liveserve client`: stream a video file over the public API and print what comes back, as it comes.
+"""`liveserve client`: stream a video file or live source over the public API and print what comes back, as it comes.
 
 Frames are sampled at `fps`, letterboxed to `size` pixels and sent as JPEG with their stream
-timestamps; queries are sent when the video reaches their time. With `realtime`, frames leave at
-wall-clock pace (what a camera does); otherwise as fast as the server takes them.
+timestamps; queries are sent when the video reaches their time. With `realtime`, a file's frames leave
+at wall-clock pace (what a camera does); otherwise as fast as the server takes them. A live source
+(URL or device) always sends at its own pace, and is reopened when it drops.
 """
 
 from __future__ import annotations
 
 import io
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -20,7 +22,8 @@ from liveserve.engine.events import FrameDecision, ResponseDone
 from liveserve.run import Printer, RunStats
 from liveserve.services.messages import from_message
 from liveserve.services.tls import open_channel
-from liveserve.video import iter_video_frames, paced, probe_video
+from liveserve.live_source import ReconnectPolicy, open_frame_source
+from liveserve.video import VideoFrame
 
 
 class ClientError(RuntimeError):
@@ -35,6 +38,9 @@ class ClientResult:
     responses: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     max_lag_s: float = 0.0
+    live: bool = False
+    source_dropped: int = 0  # live sources: sampling slots with no frame (the source stalled or was away)
+    source_reconnects: int = 0
 
 
 def encode_jpeg(pixels, quality: int = 90) -> bytes:
@@ -44,12 +50,10 @@ def encode_jpeg(pixels, quality: int = 90) -> bytes:
     return out.getvalue()
 
 
-def requests(video: str, *, fps: float, size: int, realtime: bool, queries: list[tuple[float, str]],
-             open_message: pb.Open, max_frames: int | None):
+def requests(frames: Iterable[VideoFrame], *, queries: list[tuple[float, str]], open_message: pb.Open):
     yield pb.ClientMessage(open=open_message)
     due = sorted(queries)
-    frames = iter_video_frames(video, fps=fps, size=size, max_frames=max_frames)
-    for frame in paced(frames) if realtime else frames:
+    for frame in frames:
         while due and due[0][0] < frame.timestamp:
             timestamp, text = due.pop(0)
             yield pb.ClientMessage(query=pb.Query(timestamp=timestamp, text=text))
@@ -68,19 +72,21 @@ def stream_video(address: str, video: str, *, fps: float = 2.0, size: int = 384,
                  queries: list[tuple[float, str]] = (), threshold: float | None = None,
                  max_frames: int | None = None, printer: Printer | None = None,
                  timeout_s: float = 3600.0, credentials: grpc.ChannelCredentials | None = None,
-                 api_key: str = "") -> ClientResult:
-    """`credentials`: TLS (tls.channel_credentials), else plaintext; `api_key` goes in Open.credentials."""
-    info = probe_video(video)  # fail on a bad file before connecting
-    total = info.num_frames_at(fps) if max_frames is None else min(max_frames, info.num_frames_at(fps))
-    printer = printer or Printer(total)
+                 api_key: str = "", reconnect: ReconnectPolicy = ReconnectPolicy()) -> ClientResult:
+    """`credentials`: TLS (tls.channel_credentials), else plaintext; `api_key` goes in Open.credentials.
+    `video`: a file, or a live source (URL or device; `realtime` does not apply, it sends at its own pace)."""
+    # Fail on a bad file or an unreachable source before connecting. The printer is bound before the source
+    # reports anything: events only come once frames are read.
+    source = open_frame_source(video, fps=fps, size=size, realtime=realtime, max_frames=max_frames,
+                               reconnect=reconnect, on_event=lambda event: printer.source_event(event))
+    printer = printer or Printer(source.total)
     open_message = pb.Open(fps=fps, credentials={"api_key": api_key} if api_key else {})
     if threshold is not None:
         open_message.threshold = threshold
     result, stats, started = ClientResult(), RunStats(), time.perf_counter()
     with open_channel(address, credentials) as channel:
         call = pb_grpc.LiveStreamStub(channel).Stream(
-            requests(video, fps=fps, size=size, realtime=realtime, queries=list(queries), open_message=open_message,
-                     max_frames=max_frames), timeout=timeout_s)
+            requests(source.frames, queries=list(queries), open_message=open_message), timeout=timeout_s)
         try:
             for message in call:
                 kind = message.WhichOneof("kind")
@@ -106,6 +112,8 @@ def stream_video(address: str, video: str, *, fps: float = 2.0, size: int = 384,
             raise ClientError(f"{exc.code().name}: {exc.details()}") from None
         finally:
             printer.finish()
+    result.live = source.live
+    result.source_dropped, result.source_reconnects = source.counters.dropped, source.counters.reconnects
     return result
 
 

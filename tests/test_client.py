@@ -50,8 +50,10 @@ def test_a_query_at_a_frames_time_is_sent_after_that_frame():
     from liveserve.api.v1 import live_stream_pb2 as pb
     from liveserve.services.client import requests
 
-    sent = list(requests(str(SAMPLE_VIDEO), fps=2, size=64, realtime=False, open_message=pb.Open(), max_frames=3,
-                         queries=[(0.0, "a"), (0.5, "b"), (0.7, "c"), (9.0, "late")]))
+    from liveserve.video import iter_video_frames
+
+    frames = iter_video_frames(SAMPLE_VIDEO, fps=2, size=64, max_frames=3)
+    sent = list(requests(frames, open_message=pb.Open(), queries=[(0.0, "a"), (0.5, "b"), (0.7, "c"), (9.0, "late")]))
     order = [(m.WhichOneof("kind"), m.frame.timestamp if m.HasField("frame") else m.query.text) for m in sent]
     assert order == [("open", ""), ("frame", 0.0), ("query", "a"), ("frame", 0.5), ("query", "b"), ("query", "c"),
                      ("frame", 1.0), ("query", "late"), ("close", "")]
