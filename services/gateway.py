@@ -183,15 +183,10 @@ class Gateway(pb_grpc.LiveStreamServicer):
             await context.abort(grpc.StatusCode.INTERNAL, internal(log, "reading the transcript failed", exc))
 
     async def _transcript(self, request: pb.GetTranscriptRequest | Unparsable, host: str) -> pb.Transcript:
-        if self.api_keys and (wait := self.auth_failures.retry_after(host)):
-            raise CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"too many failed api_key checks from this address (auth_failures_per_min: "
-                             f"{self.settings.auth_failures_per_min}); retry in {math.ceil(wait)}s")
+        self._check_host(host)
         if isinstance(request, Unparsable):
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
-        if tenant_of(request.credentials, self.api_keys) is None:
-            self.auth_failures.failed(host)
-            raise CallFailed(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown api_key in credentials")
+        self._tenant(request.credentials, host, "credentials")
         if not SESSION_ID.fullmatch(request.session_id):
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"session_id must be 1-128 letters, digits, '-' or "
                                                                f"'_' (SessionOpened.session_id), got "
@@ -293,24 +288,31 @@ class Gateway(pb_grpc.LiveStreamServicer):
 
         self.keep(asyncio.get_running_loop().create_task(park()))
 
-    def _authenticate(self, first: pb.ClientMessage | Unparsable, host: str) -> str:
-        """The Open's tenant. A host with too many failed key checks this minute is refused before its
-        message is looked at."""
+    def _check_host(self, host: str) -> None:
+        """A host with too many failed key checks this minute is refused before its message is looked at."""
         if self.api_keys and (wait := self.auth_failures.retry_after(host)):
             raise CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"too many failed api_key checks from this address (auth_failures_per_min: "
                              f"{self.settings.auth_failures_per_min}); retry in {math.ceil(wait)}s")
+
+    def _tenant(self, credentials, host: str, where: str) -> str:
+        """The tenant whose key `credentials` carry; a miss counts against the host."""
+        tenant = tenant_of(credentials, self.api_keys)
+        if tenant is None:
+            self.auth_failures.failed(host)
+            raise CallFailed(grpc.StatusCode.UNAUTHENTICATED, f"missing or unknown api_key in {where}")
+        return tenant
+
+    def _authenticate(self, first: pb.ClientMessage | Unparsable, host: str) -> str:
+        """The Open's tenant."""
+        self._check_host(host)
         if isinstance(first, Unparsable):
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, first.problem)
         kind = first.WhichOneof("kind")
         if kind != "open":
             raise CallFailed(grpc.StatusCode.FAILED_PRECONDITION,
                              f"the first message of a stream must be open, got {kind or 'an empty message'}")
-        tenant = tenant_of(first.open.credentials, self.api_keys)
-        if tenant is None:
-            self.auth_failures.failed(host)
-            raise CallFailed(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown api_key in open.credentials")
-        return tenant
+        return self._tenant(first.open.credentials, host, "open.credentials")
 
     async def _place_session(self, request: c.OpenSession) -> tuple[c.SessionPlaced, c.SessionPlaced | None]:
         # Decision first, then Reaction: two sessions opening at once then never hold one pool each while
