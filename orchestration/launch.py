@@ -44,13 +44,7 @@ def load_config(path: str | Path | None = None, *, address: str | None = None, a
     from ray.serve.schema import ServeDeploySchema
 
     path = Path(path) if path else DEFAULT_CONFIG
-    try:
-        config = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise LaunchError(f"cannot read the Serve config {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise LaunchError(f"{path} is not valid YAML: {exc}") from None
-    config = copy.deepcopy(config)
+    config = _read_config(path)
     app = _app(config, path)
     app["args"] = {**(app.get("args") or {}), **(args or {})}
     if address is not None:
@@ -96,13 +90,16 @@ def application_args(path: str | Path) -> dict:
     """The application `args` (ServiceSettings) of the Serve config at `path`, for `serve --local`, which
     runs the same settings in one process."""
     path = Path(path)
+    return dict(_app(_read_config(path) or {}, path).get("args") or {})
+
+
+def _read_config(path: Path):
     try:
-        config = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except OSError as exc:
         raise LaunchError(f"cannot read the Serve config {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise LaunchError(f"{path} is not valid YAML: {exc}") from None
-    return dict(_app(config or {}, path).get("args") or {})
 
 
 def _app(config: dict, path: Path) -> dict:

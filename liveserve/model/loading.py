@@ -60,11 +60,7 @@ def load_model(path: str | Path, *, base_model: str | Path | None = None, vision
                device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                merge_lora: bool = True, load_vision: bool = True) -> LiveModel:
     """Load a LIVE model from `path` in either layout (see module docs)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"model directory {path} does not exist")
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    path, device, dtype = _target(path, device, dtype)
     if (path / LIVE_CONFIG).is_file():
         model = _load_liveserve(path, device, dtype, load_vision)
     elif (path / ADAPTER_CONFIG).is_file():
@@ -78,24 +74,13 @@ def load_model(path: str | Path, *, base_model: str | Path | None = None, vision
 def load_vision_model(path: str | Path, *, vision_model: str | Path | None = None,
                       device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> VisionModel:
     """The vision tower of the LIVE checkpoint at `path` (either layout), without its LM or connector."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"model directory {path} does not exist")
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    path, device, dtype = _target(path, device, dtype)
     if (path / LIVE_CONFIG).is_file():
-        config = _read_json(path / LIVE_CONFIG)
-        if config.get("format") != LIVE_FORMAT:
-            raise CheckpointError(f"{path / LIVE_CONFIG}: format must be {LIVE_FORMAT!r}, got {config.get('format')!r}")
-        vision_dir = _subdir(path, config, "vision")
-        layout = FrameLayout(cls_token=bool(config.get("frame_cls_token", True)),
-                             pooled=int(config.get("frame_pooled", 3)))
+        config = _live_config(path)
+        vision_dir, layout = _subdir(path, config, "vision"), _live_layout(config)
     elif (path / ADAPTER_CONFIG).is_file():
-        extra = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
-        vision_dir = _local_dir(vision_model or extra.get("vision_pretrained"), path, "vision tower",
-                                "config.json vision_pretrained", "vision_model= (CLI --vision-model)")
-        pooled = extra.get("frame_token_pooled") or [3, 3]
-        layout = FrameLayout(cls_token=bool(extra.get("frame_token_cls", True)), pooled=int(pooled[0]))
+        extra = _release_config(path)
+        vision_dir, layout = _release_vision_dir(path, vision_model, extra), _release_layout(extra)
     else:
         raise CheckpointError(f"{path} has neither {LIVE_CONFIG} (liveserve layout) nor {ADAPTER_CONFIG} "
                               "(VideoLLM-online layout)")
@@ -104,13 +89,46 @@ def load_vision_model(path: str | Path, *, vision_model: str | Path | None = Non
     return model.eval().requires_grad_(False)
 
 
-def _load_liveserve(path: Path, device, dtype, load_vision: bool) -> LiveModel:
+def _target(path, device, dtype) -> tuple[Path, torch.device, torch.dtype]:
+    """The checkpoint directory (it must exist), and the device and dtype to load onto."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {path} does not exist")
+    device = torch.device(device) if device is not None else default_device()
+    return path, device, dtype or default_dtype(device)
+
+
+def _live_config(path: Path) -> dict:
     config = _read_json(path / LIVE_CONFIG)
     if config.get("format") != LIVE_FORMAT:
         raise CheckpointError(f"{path / LIVE_CONFIG}: format must be {LIVE_FORMAT!r}, got {config.get('format')!r}")
+    return config
+
+
+def _live_layout(config: dict) -> FrameLayout:
+    return FrameLayout(cls_token=bool(config.get("frame_cls_token", True)), pooled=int(config.get("frame_pooled", 3)))
+
+
+def _release_config(path: Path) -> dict:
+    """A VideoLLM-online release's config.json (frame layout, vision tower), {} when it has none."""
+    return _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+
+
+def _release_layout(extra: dict) -> FrameLayout:
+    pooled = extra.get("frame_token_pooled") or [3, 3]
+    return FrameLayout(cls_token=bool(extra.get("frame_token_cls", True)), pooled=int(pooled[0]))
+
+
+def _release_vision_dir(path: Path, vision_model, extra: dict) -> Path:
+    return _local_dir(vision_model or extra.get("vision_pretrained"), path, "vision tower",
+                      "config.json vision_pretrained", "vision_model= (CLI --vision-model)")
+
+
+def _load_liveserve(path: Path, device, dtype, load_vision: bool) -> LiveModel:
+    config = _live_config(path)
     llm_dir = _subdir(path, config, "llm")
     lm, tokenizer = _load_lm(llm_dir, device, dtype)
-    layout = FrameLayout(cls_token=bool(config.get("frame_cls_token", True)), pooled=int(config.get("frame_pooled", 3)))
+    layout = _live_layout(config)
     vision_dir = _subdir(path, config, "vision")
     tower_config = _vision_config(vision_dir)
     vision = _load_vision(vision_dir, layout, device, dtype) if load_vision else None
@@ -124,11 +142,10 @@ def _load_videollm_online(path: Path, base_model, vision_model, device, dtype, m
     from peft import PeftModel
 
     adapter = _read_json(path / ADAPTER_CONFIG)
-    extra = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    extra = _release_config(path)
     base_dir = _local_dir(base_model or adapter.get("base_model_name_or_path"), path, "base LLM",
                           f"{ADAPTER_CONFIG} base_model_name_or_path", "base_model= (CLI --base-model)")
-    vision_dir = _local_dir(vision_model or extra.get("vision_pretrained"), path, "vision tower",
-                            "config.json vision_pretrained", "vision_model= (CLI --vision-model)")
+    vision_dir = _release_vision_dir(path, vision_model, extra)
     if "connector" not in (adapter.get("modules_to_save") or []):
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: modules_to_save must contain 'connector' "
                               "(the connector is trained in full in VideoLLM-online)")
@@ -136,8 +153,7 @@ def _load_videollm_online(path: Path, base_model, vision_model, device, dtype, m
         raise CheckpointError(f"{path} has no adapter_model.safetensors")
     lm, tokenizer = _load_lm(base_dir, device, dtype)
     tower_config = _vision_config(vision_dir)
-    pooled = extra.get("frame_token_pooled") or [3, 3]
-    layout = FrameLayout(cls_token=bool(extra.get("frame_token_cls", True)), pooled=int(pooled[0]))
+    layout = _release_layout(extra)
     # The release's module tree is LlamaForCausalLM + a top-level `connector`; mirror it so PEFT's keys match.
     lm.connector = build_connector(tower_config.hidden_size, lm.config.hidden_size).to(device, dtype)
     peft_model = PeftModel.from_pretrained(lm, str(path), is_trainable=False)
