@@ -67,10 +67,12 @@ def test_a_restored_session_decides_the_next_frames_as_the_original_does(chatty,
         assert b[0].action == a[0].action or original.awaiting_reply
 
 
-@pytest.mark.parametrize("early", [False, True], ids=["after-the-restore", "before-the-restore-is-stepped"])
+@pytest.mark.parametrize("early", [False, True, "racing"],
+                         ids=["after-the-restore", "before-the-restore-is-stepped", "as-the-restore-takes-it"])
 def test_a_reply_in_flight_when_the_session_moved_lands_at_its_trigger(chatty, frames, early):
     """The original asked for a reply, then its replica died; the reply arrives at the new replica, before
-    or after the new replica has stepped the restored frames."""
+    or after the new replica has stepped the restored frames, or (racing: from the serving thread) just as
+    the engine's thread takes the awaited reply off the restored items."""
     original = Session(chatty, EXTERNAL)
     items, trigger = [], None
     for i in range(14):
@@ -85,7 +87,20 @@ def test_a_reply_in_flight_when_the_session_moved_lands_at_its_trigger(chatty, f
     restored.restore([*items, AwaitedReply(trigger.timestamp, trigger.query)])
     assert restored.awaiting_reply
     nxt = len(items)
-    if early:
+    if early == "racing":
+        await_reply = restored._await_reply
+
+        def reply_arrives_first(*args):
+            restored._await_reply = await_reply  # once: later triggers are the session's own
+            restored.push_reply("it moved")
+            await_reply(*args)
+
+        restored._await_reply = reply_arrives_first
+        original.push_reply("it moved")
+        list(restored.process())
+        assert not restored.awaiting_reply  # taken, not refused: the frames are not held behind it
+        early = True
+    elif early:
         original.push_reply("it moved")
         restored.push_reply("it moved")
     else:

@@ -511,16 +511,20 @@ class Session:
         """The next restored item's step; None when only an awaited reply was left (it is remembered, and
         the session's own input goes next)."""
         while self._restore:
-            item = self._restore.popleft()
+            item = self._restore[0]
             if isinstance(item, QueuedFrame):
-                return self._plan_frame(item, "restore")
+                return self._plan_frame(self._restore.popleft(), "restore")
             if isinstance(item, RestoredTurn):
+                self._restore.popleft()
                 with self._lock:
                     self._awaiting = _Reply(item.trigger, item.timestamp, item.query, time.monotonic())
                     self._written, self._point = self._turn_ids(item), None
                 return replace(self._plan_written(), kind="restored")
+            # The awaited reply leaves the queue only once it is awaited: push_reply (another thread) must
+            # always find one of the two, or it would refuse the reply and leave the frames held for good.
             self._await_reply(item.trigger, item.timestamp, item.query)
             with self._lock:
+                self._restore.popleft()
                 early, self._early_reply = self._early_reply, None
                 if early:  # the reply is here already: it goes in next, at the point just remembered
                     self._written = early
