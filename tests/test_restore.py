@@ -123,6 +123,36 @@ def test_a_reply_in_flight_when_the_session_moved_lands_at_its_trigger(chatty, f
     assert b[0].p_silent == pytest.approx(a[0].p_silent, abs=1e-5)
 
 
+def test_a_reply_arriving_while_a_restored_turn_is_written_waits_for_its_trigger(chatty, frames):
+    """The batched engine plans a restored turn, then runs the forward: a reply reaching the session from
+    the serving thread meanwhile belongs to the awaited trigger after that turn, not to the turn."""
+    items = [RestoredFrame(i * 0.5, i, frames[i]) for i in range(4)]
+    items.insert(2, RestoredTurn(0.5, None, "a red square"))  # a proactive reply after frame 1
+    items.append(AwaitedReply(1.5, None))  # the reply being written when the session moved
+    reference, restored = Session(chatty, EXTERNAL), Session(chatty, EXTERNAL)
+    reference.restore(items)
+    list(reference.process())
+    reference.push_reply("it moved")
+    restored.restore(items)
+    plan_written = restored._plan_written
+
+    def reply_arrives_meanwhile():
+        planned = plan_written()
+        restored._plan_written = plan_written  # once: only the restored turn's step is raced
+        restored.push_reply("it moved")
+        return planned
+
+    restored._plan_written = reply_arrives_meanwhile
+    list(restored.process())
+    list(reference.process())
+    assert not restored.awaiting_reply and not reference.awaiting_reply
+    assert restored.cache.length == reference.cache.length
+    for session in (reference, restored):
+        session.push_frame(2.0, frames[4], frame_id=4)
+    a, b = decisions(reference.process()), decisions(restored.process())
+    assert b[0].p_silent == pytest.approx(a[0].p_silent, abs=1e-5)
+
+
 def test_restore_refuses_what_it_cannot_put_back(tiny_model, frames):
     session = Session(tiny_model, EXTERNAL)
     with pytest.raises(SessionError, match="stream order"):

@@ -227,8 +227,9 @@ class Session:
             ids = self.template.encode(text)[: self.config.max_new_tokens]
         with self._lock:
             self._check_open()
-            if self._awaiting is None and self._restore and isinstance(self._restore[-1], AwaitedReply) \
-                    and self._early_reply is None:  # the reply beat the restore of its trigger: kept for it
+            if self._restore and isinstance(self._restore[-1], AwaitedReply) and self._early_reply is None:
+                # The reply beat the restore of its trigger (the engine may be writing a restored turn, or
+                # taking the awaited reply itself): kept for it, `_plan_restored` puts it in.
                 self._early_reply = ids
                 return
             if self._awaiting is None or self._written is not None:
@@ -520,8 +521,8 @@ class Session:
                     self._awaiting = _Reply(item.trigger, item.timestamp, item.query, time.monotonic())
                     self._written, self._point = self._turn_ids(item), None
                 return replace(self._plan_written(), kind="restored")
-            # The awaited reply leaves the queue only once it is awaited: push_reply (another thread) must
-            # always find one of the two, or it would refuse the reply and leave the frames held for good.
+            # The awaited reply leaves the queue only once it is awaited, and takes what push_reply (another
+            # thread) kept for it meanwhile: a reply refused here would leave the frames held for good.
             self._await_reply(item.trigger, item.timestamp, item.query)
             with self._lock:
                 self._restore.popleft()
