@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_logs()
     commands = {"run": cmd_run, "bench": cmd_bench, "tiny": cmd_tiny, "data": cmd_data, "train": cmd_train,
                 "eval": cmd_eval, "serve": lambda a: cli_serve.cmd_serve(a, load), "client": cli_serve.cmd_client,
-                "transcript": cli_serve.cmd_transcript,
+                "transcript": cli_serve.cmd_transcript, "models": cli_serve.cmd_models,
                 "demo": lambda a: cli_serve.cmd_demo(a, load), "loadtest": cli_loadtest.cmd_loadtest}
     try:
         return commands[args.command](args)

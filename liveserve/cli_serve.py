@@ -59,6 +59,9 @@ def add_parsers(sub, add_model_options, positive_float) -> None:
                                                  "(default: the bundled sample)")
     client.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default: {DEFAULT_ADDRESS})")
     _add_stream_options(client, positive_float)
+    client.add_argument("--model", dest="served_model", default="", metavar="NAME",
+                        help="the served model the session runs (`liveserve models` lists them; default: the "
+                             "deployment's default)")
     add_reconnect_options(client)
     add_connection_options(client)
 
@@ -72,6 +75,12 @@ def add_parsers(sub, add_model_options, positive_float) -> None:
                             help="WebVTT: a cue lasts until the next one of its speaker, at most S seconds "
                                  "(default: 5)")
     add_connection_options(transcript)
+
+    models = sub.add_parser("models", help="list the models a deployment serves (ListModels); Open.model and "
+                                           "`client --model` pick one")
+    models.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default: {DEFAULT_ADDRESS})")
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_connection_options(models)
 
     demo = sub.add_parser("demo", help="serve the application on a local Ray, stream the bundled sample through it, "
                                        "shut down")
@@ -138,7 +147,7 @@ def _stream(args, address: str) -> int:
     connection = {}  # `client` has connection flags; `demo` talks plaintext to the server it started itself
     if hasattr(args, "api_key"):
         connection = {"credentials": channel_credentials(args), "api_key": args.api_key,
-                      "reconnect": reconnect_policy(args)}
+                      "reconnect": reconnect_policy(args), "model": args.served_model}
     result = stream_video(address, video, fps=args.fps, realtime=not args.fast, queries=_queries(args),
                           threshold=args.threshold, max_frames=args.max_frames, **connection)
     print(f"liveserve: session {result.session_id}: {result.decisions} frames decided, {result.fired} fired, "
@@ -151,6 +160,27 @@ def _stream(args, address: str) -> int:
 
 def cmd_client(args) -> int:
     return _stream(args, args.address)
+
+
+def cmd_models(args) -> int:
+    import json
+
+    from google.protobuf.json_format import MessageToDict
+
+    from liveserve.services.client import list_models
+
+    models = list_models(args.address, credentials=channel_credentials(args), api_key=args.api_key)
+    if args.json:
+        print(json.dumps([MessageToDict(model, always_print_fields_with_no_presence=True,
+                                        preserving_proto_field_name=True) for model in models], indent=2))
+        return 0
+    rows = [("NAME", "DEFAULT", "FAMILY", "THRESHOLD", "MAX_NEW_TOKENS", "CACHE")]
+    rows += [(m.name, "yes" if m.is_default else "", m.family, f"{m.threshold:.3g}", str(m.max_new_tokens),
+              f"{m.cache_policy} {m.window_frames} frames") for m in models]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
 
 
 def cmd_transcript(args) -> int:

@@ -72,15 +72,16 @@ def stream_video(address: str, video: str, *, fps: float = 2.0, size: int = 384,
                  queries: list[tuple[float, str]] = (), threshold: float | None = None,
                  max_frames: int | None = None, printer: Printer | None = None,
                  timeout_s: float = 3600.0, credentials: grpc.ChannelCredentials | None = None,
-                 api_key: str = "", reconnect: ReconnectPolicy = ReconnectPolicy()) -> ClientResult:
+                 api_key: str = "", reconnect: ReconnectPolicy = ReconnectPolicy(), model: str = "") -> ClientResult:
     """`credentials`: TLS (tls.channel_credentials), else plaintext; `api_key` goes in Open.credentials.
+    `model`: the served model (ListModels) the session runs; "": the deployment's default.
     `video`: a file, or a live source (URL or device; `realtime` does not apply, it sends at its own pace)."""
     # Fail on a bad file or an unreachable source before connecting. The printer is bound before the source
     # reports anything: events only come once frames are read.
     source = open_frame_source(video, fps=fps, size=size, realtime=realtime, max_frames=max_frames,
                                reconnect=reconnect, on_event=lambda event: printer.source_event(event))
     printer = printer or Printer(source.total)
-    open_message = pb.Open(fps=fps, credentials={"api_key": api_key} if api_key else {})
+    open_message = pb.Open(model=model, fps=fps, credentials={"api_key": api_key} if api_key else {})
     if threshold is not None:
         open_message.threshold = threshold
     result, stats, started = ClientResult(), RunStats(), time.perf_counter()
@@ -115,6 +116,17 @@ def stream_video(address: str, video: str, *, fps: float = 2.0, size: int = 384,
     result.live = source.live
     result.source_dropped, result.source_reconnects = source.counters.dropped, source.counters.reconnects
     return result
+
+
+def list_models(address: str, *, credentials: grpc.ChannelCredentials | None = None, api_key: str = "",
+                timeout_s: float = 30.0) -> list[pb.ModelInfo]:
+    """The models the deployment serves, the default first (ListModels); ClientError when refused."""
+    request = pb.ListModelsRequest(credentials={"api_key": api_key} if api_key else {})
+    with open_channel(address, credentials) as channel:
+        try:
+            return list(pb_grpc.LiveStreamStub(channel).ListModels(request, timeout=timeout_s).models)
+        except grpc.RpcError as exc:
+            raise ClientError(f"{exc.code().name}: {exc.details()}") from None
 
 
 def fetch_transcript(address: str, session_id: str, *, credentials: grpc.ChannelCredentials | None = None,

@@ -18,6 +18,7 @@ from liveserve.internal.v2 import session_pb2 as spb
 from liveserve.services import codec
 from liveserve.services.decision import DecisionService
 from liveserve.services.gateway import Gateway
+from liveserve.services.model_pools import PoolSeams
 from liveserve.services.perception import FrameEncoder, load_perception_model
 from liveserve.services.reaction import ReactionService
 from liveserve.services.redis_server import connect
@@ -55,8 +56,10 @@ def _registry_reader(settings: ServiceSettings) -> SessionRegistry | None:
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0})
 @serve.ingress()  # the browser front on Serve's HTTP proxy: __serve_build_asgi_app__
 class GatewayDeployment:
-    def __init__(self, perception, decision, reaction, settings: dict | None = None) -> None:
+    def __init__(self, pools: dict, settings: dict | None = None) -> None:
+        """`pools`: {model name: {"perception", "decision", "reaction": its deployments' handles}} (app.py)."""
         settings = _settings(settings)
+        served = settings.served_models()
         self.grace_s = settings.drain_timeout_s
         # The same files on every gateway host (e.g. a mounted Secret); a bad one fails the replica at once.
         credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
@@ -64,8 +67,14 @@ class GatewayDeployment:
         registry = _registry_reader(settings)
 
         def build() -> Gateway:
-            return Gateway(RayPerception(perception), ray_decision(decision), ray_reaction(reaction), settings,
-                           gateway_id=replica_id(), registry=registry)
+            perception = {}  # one seam per Perception pool: models that share the pool share its batches
+            models = []
+            for model in served:
+                handles = pools[model.name]
+                seam = perception.setdefault(model.perception_pool, RayPerception(handles["perception"]))
+                models.append(PoolSeams(model, seam, ray_decision(handles["decision"]),
+                                        ray_reaction(handles["reaction"])))
+            return Gateway(models, settings, gateway_id=replica_id(), registry=registry)
 
         self.server = GatewayServer(build, settings.address, max_frame_bytes=settings.max_frame_bytes,
                                     check_every_s=settings.heartbeat_s, credentials=credentials).start()

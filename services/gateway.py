@@ -24,6 +24,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -39,6 +40,7 @@ from liveserve.services.auth import FailedAuthLimit, peer_host, tenant_keys_from
 from liveserve.services.errors import internal
 from liveserve.services.links import FrameBatcher, ReplicaLink
 from liveserve.services.messages import session_config
+from liveserve.services.model_pools import ModelPools, PoolSeams
 from liveserve.services.registry import SessionRegistry
 from liveserve.services.resume import Parked, ResumeTokens
 from liveserve.services.resume import digest as resume_digest
@@ -92,17 +94,18 @@ class CallFailed(Exception):
 
 
 class Gateway(pb_grpc.LiveStreamServicer):
-    def __init__(self, perception, decision, reaction, settings: ServiceSettings, gateway_id: str = "",
+    def __init__(self, models: Sequence[PoolSeams], settings: ServiceSettings, gateway_id: str = "",
                  registry: SessionRegistry | None = None) -> None:
-        """`perception`, `decision`, `reaction`: the services through one transport (seams.py); `registry`:
-        where Decision records sessions, read by GetTranscript, and where tenants' sessions are counted over
-        every gateway (None: no transcripts, and tenants counted by this gateway alone)."""
-        self.perception, self.decision, self.reaction = perception, decision, reaction
+        """`models`: each served model with its pools through one transport (seams.py), the default first;
+        `registry`: where Decision records sessions, read by GetTranscript, and where tenants' sessions are
+        counted over every gateway (None: no transcripts, and tenants counted by this gateway alone)."""
+        if not models:
+            raise ValueError("a gateway serves at least one model")
         self.registry = registry
         self.settings, self.id = settings, gateway_id or f"gateway-{uuid.uuid4().hex[:12]}"
-        self.defaults = settings.session_defaults()
-        # One checkpoint decides and replies: Reaction's token ids are valid in Decision's cache as they are.
-        self.shared_tokenizer = settings.reaction_model in ("", settings.model)
+        self.models = {seams.model.name: ModelPools(seams, make_link=self._make_link, batcher=self._batcher_for)
+                       for seams in models}
+        self.default_model = next(iter(self.models.values()))
         self.api_keys = tenant_keys_from_env(settings.api_keys_env)  # key -> tenant
         if settings.api_keys_env and not self.api_keys:
             raise ValueError(f"api_keys_env names {settings.api_keys_env}, which holds no keys")
@@ -113,22 +116,24 @@ class Gateway(pb_grpc.LiveStreamServicer):
         self._counting: asyncio.Task | None = None  # keeps this gateway's sessions counted in Redis
         self.metrics, self.tracer = GatewayMetrics(), tracer("gateway")
         self.sessions: dict[str, StreamSession] = {}
-        self._decision_links: dict[str, ReplicaLink] = {}
-        self._reaction_links: dict[str, ReplicaLink] = {}
-        self._batcher: FrameBatcher | None = None
+        self._batchers: dict[str, FrameBatcher] = {}  # by Perception pool: models that share one share its
         self._watchdog: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak references)
         self.unready = ""  # why new sessions are refused (a pool does not answer; the server drains); "": ready
 
-    @property
-    def batcher(self) -> FrameBatcher:
-        if self._batcher is None:  # made on the serving loop, by the first frame
+    def _batcher_for(self, pools: ModelPools) -> FrameBatcher:
+        """The frame batcher of `pools`' Perception pool, made on the serving loop by its first frame."""
+        name = pools.served.perception_pool
+        batcher = self._batchers.get(name)
+        if batcher is None:
             settings = self.settings
-            self._batcher = FrameBatcher(self.perception, tick_s=settings.tick_ms / 1000,
-                                         max_frames=settings.max_batch_size, timeout_s=settings.call_timeout_s,
-                                         done=self._encoded, senders=lambda: len(self.sessions),
-                                         max_calls=settings.perception_calls, on_batch=self.metrics.tick_frames.observe)
-        return self._batcher
+            sharing = [model.name for model in self.models.values() if model.served.perception_pool == name]
+            batcher = self._batchers[name] = FrameBatcher(
+                pools.perception, tick_s=settings.tick_ms / 1000, max_frames=pools.settings.max_batch_size,
+                timeout_s=settings.call_timeout_s, done=self._encoded,
+                senders=lambda: sum(session.pools.name in sharing for session in self.sessions.values()),
+                max_calls=settings.perception_calls, on_batch=self.metrics.tick_frames.observe)
+        return batcher
 
     # ---- the public call ------------------------------------------------------------------------------------
 
@@ -182,6 +187,22 @@ class Gateway(pb_grpc.LiveStreamServicer):
             self.metrics.errors.inc(tags={"code": "INTERNAL"})
             await context.abort(grpc.StatusCode.INTERNAL, internal(log, "reading the transcript failed", exc))
 
+    async def ListModels(self, request: pb.ListModelsRequest | Unparsable,
+                         context: grpc.aio.ServicerContext) -> pb.ModelList:
+        try:
+            self._check_host(peer_host(context.peer() or ""))
+            if isinstance(request, Unparsable):
+                raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
+            self._tenant(request.credentials, peer_host(context.peer() or ""), "credentials")
+        except CallFailed as failed:
+            self.metrics.errors.inc(tags={"code": failed.code.name})
+            await context.abort(failed.code, failed.details)
+        return pb.ModelList(models=[
+            pb.ModelInfo(name=model.name, is_default=model is self.default_model, family=model.served.family,
+                         threshold=model.defaults.threshold, max_new_tokens=model.defaults.max_new_tokens,
+                         cache_policy=model.defaults.cache.policy, window_frames=model.defaults.cache.window_frames)
+            for model in self.models.values()])
+
     async def _transcript(self, request: pb.GetTranscriptRequest | Unparsable, host: str) -> pb.Transcript:
         self._check_host(host)
         if isinstance(request, Unparsable):
@@ -212,17 +233,17 @@ class Gateway(pb_grpc.LiveStreamServicer):
                              f"the first message is {len(first.data)} bytes; an open may be at most "
                              f"{self.settings.max_open_bytes} bytes (max_open_bytes)")
         tenant = self._authenticate(first, host)
-        self._check_open(first.open)
-        try:
-            config = session_config(first.open, self.defaults)
-        except ValueError as exc:
-            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"bad open: {exc}") from None
+        pools = self._check_open(first.open)
+        config = self._session_config(first.open, pools)
         if self.unready:  # fail fast and retryably rather than hang on a pool that is not there
             raise CallFailed(grpc.StatusCode.UNAVAILABLE, self.unready)
         parked = await self._resumable(first.open, tenant) if first.open.resume_session_id else None
-        request = c.OpenSession(parked.session_id if parked else uuid.uuid4().hex, self.id, config,
-                                c.Restore(parked.frames) if parked else None)
         try:
+            if parked is not None and parked.model != pools.name:
+                pools = self._resumed_model(first.open, parked)
+                config = self._session_config(first.open, pools)
+            request = c.OpenSession(parked.session_id if parked else uuid.uuid4().hex, self.id, config,
+                                    c.Restore(parked.frames) if parked else None)
             try:
                 usage = await self.tenancy.admit(tenant, request.session_id)
             except QuotaExceeded as exc:
@@ -231,7 +252,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
                 raise CallFailed(grpc.StatusCode.UNAVAILABLE, internal(log, "counting the tenant's sessions failed",
                                                                        exc)) from None
             try:
-                placed, reaction = await self._place_session(request)
+                placed, reaction = await self._place_session(pools, request)
             except BaseException:
                 self._release_quota(usage, request.session_id)
                 raise
@@ -239,7 +260,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
             if parked is not None:  # not resumed after all: the token stays good for a retry
                 await asyncio.to_thread(self.resumes.park, parked, resume_digest(first.open.resume_token))
             raise
-        session = StreamSession(self, request.session_id, config, placed, reaction, trace_parent,
+        session = StreamSession(self, pools, request.session_id, config, placed, reaction, trace_parent,
                                 fps=first.open.fps or DEFAULT_FPS, tenant=usage, resumed=parked)
         if parked is not None:
             self.metrics.recoveries.inc()
@@ -253,6 +274,26 @@ class Gateway(pb_grpc.LiveStreamServicer):
         self.metrics.sessions_active.set(len(self.sessions))
         self._ensure_watchdog()
         return session
+
+    @staticmethod
+    def _session_config(open_: pb.Open, pools: ModelPools):
+        try:
+            return session_config(open_, pools.defaults)
+        except ValueError as exc:
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"bad open: {exc}") from None
+
+    def _resumed_model(self, open_: pb.Open, parked: Parked) -> ModelPools:
+        """The model a resumed session ran (its cache holds that model's features and turns)."""
+        if open_.model:
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"bad open: session {parked.session_id!r} runs model {parked.model!r}, not "
+                             f"{open_.model!r}; resume it with that model (or leave model empty)")
+        pools = self.models.get(parked.model) if parked.model else self.default_model
+        if pools is None:
+            raise CallFailed(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"session {parked.session_id!r} ran model {parked.model!r}, which this deployment no "
+                             f"longer serves; open a new session")
+        return pools
 
     async def _resumable(self, open_: pb.Open, tenant: str) -> Parked:
         """The parked session the Open resumes (its token is used up), or CallFailed."""
@@ -278,6 +319,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
     def _park(self, session: StreamSession) -> None:
         """Keep what resuming the session needs for `session_ttl_s` (in Redis, off the loop)."""
         parked = Parked(session.session_id, session.tenant.tenant if session.tenant is not None else "",
+                        session.pools.name,
                         session.next_frame_id, max(0.0, session.last_timestamp), tuple(session.kept_frames))
 
         async def park() -> None:
@@ -314,16 +356,17 @@ class Gateway(pb_grpc.LiveStreamServicer):
                              f"the first message of a stream must be open, got {kind or 'an empty message'}")
         return self._tenant(first.open.credentials, host, "open.credentials")
 
-    async def _place_session(self, request: c.OpenSession) -> tuple[c.SessionPlaced, c.SessionPlaced | None]:
+    async def _place_session(self, pools: ModelPools,
+                             request: c.OpenSession) -> tuple[c.SessionPlaced, c.SessionPlaced | None]:
         # Decision first, then Reaction: two sessions opening at once then never hold one pool each while
         # each waits for the other's (both would be refused with room for one of them).
-        placed = await self.place(self.decision, request)
+        placed = await self.place(pools.decision, request)
         reaction = None
         if request.config.replies != "none":
             try:
-                reaction = await self.place(self.reaction, dataclasses.replace(request, restore=None))
+                reaction = await self.place(pools.reaction, dataclasses.replace(request, restore=None))
             except CallFailed:
-                self.decision_link(placed.replica).send(c.CloseSession(request.session_id, placed.epoch, False))
+                pools.decision_link(placed.replica).send(c.CloseSession(request.session_id, placed.epoch, False))
                 raise
         return placed, reaction
 
@@ -346,16 +389,20 @@ class Gateway(pb_grpc.LiveStreamServicer):
             except Exception:
                 log.warning("refreshing the tenants' session counts failed", exc_info=True)
 
-    def _check_open(self, open_: pb.Open) -> None:
-        """What the gateway checks itself; the settings are checked by SessionConfig, and the sizes against
-        the model's context by Decision."""
-        if open_.model and open_.model != self.settings.model:
-            raise CallFailed(grpc.StatusCode.NOT_FOUND, f"unknown model {open_.model!r}; this deployment serves "
-                                                        f"{self.settings.model!r} (leave model empty for it)")
+    def _check_open(self, open_: pb.Open) -> ModelPools:
+        """What the gateway checks itself, and the model the Open asks for; the settings are checked by
+        SessionConfig, and the sizes against the model's context by Decision."""
+        pools = self.models.get(open_.model) if open_.model else self.default_model
+        if pools is None:
+            raise CallFailed(grpc.StatusCode.NOT_FOUND,
+                             f"unknown model {open_.model[:140]!r}; this deployment serves "
+                             f"{', '.join(map(repr, self.models))} (leave model empty for "
+                             f"{self.default_model.name!r}; ListModels lists them)")
         if open_.fps and not (math.isfinite(open_.fps) and 0 < open_.fps <= MAX_FPS):
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT,
                              f"bad open: fps must be in (0, {MAX_FPS:g}] (0: the default {DEFAULT_FPS:g}), "
                              f"got {open_.fps}")
+        return pools
 
     async def place(self, pool, request: c.OpenSession, avoid: str = "") -> c.SessionPlaced:
         """Open a session on a replica of `pool` (Decision or Reaction) with room. While the pool replaces a
@@ -428,23 +475,16 @@ class Gateway(pb_grpc.LiveStreamServicer):
             else:
                 session.encoded(frame.frame_id, result.features[row], result.errors[row])
 
-    def decision_link(self, replica: str) -> ReplicaLink:
-        return self._link(self._decision_links, self.decision, replica, c.DecisionPush, "decision")
-
-    def reaction_link(self, replica: str) -> ReplicaLink:
-        return self._link(self._reaction_links, self.reaction, replica, c.ReactionPush, "reaction")
-
-    def _link(self, links: dict[str, ReplicaLink], service, replica: str, make_push, name: str) -> ReplicaLink:
-        """This gateway's link to `replica` of `service`, made on first use."""
-        link = links.get(replica)
-        if link is None:
-            handler = f"on_{name}_event"
-            link = links[replica] = ReplicaLink(
-                service, replica, self.id, make_push=make_push, timeout_s=self.settings.call_timeout_s,
-                interval_s=self.settings.hop_ms / 1000, heartbeat_s=self.settings.heartbeat_s,
-                dispatch=lambda event: self._dispatch(event, handler),
-                failed=self._link_failed, on_push=self.metrics.push_commands.observe, name=name)
-        return link
+    def _make_link(self, pools: ModelPools, name: str, replica: str) -> ReplicaLink:
+        """A link to `replica` of `pools`' `name` pool ("decision" or "reaction")."""
+        handler = f"on_{name}_event"
+        service, make_push = (pools.decision, c.DecisionPush) if name == "decision" else (pools.reaction,
+                                                                                           c.ReactionPush)
+        return ReplicaLink(service, replica, self.id, make_push=make_push, timeout_s=self.settings.call_timeout_s,
+                           interval_s=self.settings.hop_ms / 1000, heartbeat_s=self.settings.heartbeat_s,
+                           dispatch=lambda event: self._dispatch(event, handler),
+                           failed=lambda link, message: self._link_failed(pools, link, message),
+                           on_push=self.metrics.push_commands.observe, name=name)
 
     def keep(self, task: asyncio.Task) -> None:
         self._tasks.add(task)
@@ -455,16 +495,14 @@ class Gateway(pb_grpc.LiveStreamServicer):
         if session is not None and not session.finished:
             getattr(session, handler)(event)
 
-    def _link_failed(self, link: ReplicaLink, message: str) -> None:
+    def _link_failed(self, pools: ModelPools, link: ReplicaLink, message: str) -> None:
         """A replica is unreachable (it died, or drains): its sessions move to another replica of its pool
         (StreamSession.recover, recover_reaction)."""
         decision = link.name == "decision"
-        links = self._decision_links if decision else self._reaction_links
-        if links.get(link.replica) is link:
-            del links[link.replica]
+        pools.forget(link)
         for session in list(self.sessions.values()):
             held = session.placed if decision else session.reaction
-            if held is None or held.replica != link.replica or session.recovering:
+            if session.pools is not pools or held is None or held.replica != link.replica or session.recovering:
                 continue
             if decision:
                 session.recover(message)
@@ -494,7 +532,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
         While something does not answer, new sessions are refused at once with UNAVAILABLE."""
         if self.unready.startswith("the server is shutting down"):
             return self.unready
-        pools = {"Perception": self.perception, "Decision": self.decision, "Reaction": self.reaction}
+        pools = {name: pool for model in self.models.values() for name, pool in model.pools().items()}
         answers = await asyncio.gather(*(asyncio.wait_for(pool.ping(), timeout_s) for pool in pools.values()),
                                        return_exceptions=True)
         down = [f"{name} ({'no answer' if isinstance(a, asyncio.TimeoutError) else type(a).__name__})"
@@ -521,10 +559,10 @@ class Gateway(pb_grpc.LiveStreamServicer):
         """Stop the hops (on the serving loop); open sessions end UNAVAILABLE."""
         for session in list(self.sessions.values()):
             session.finish(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        for link in [*self._decision_links.values(), *self._reaction_links.values()]:
-            link.close()
-        if self._batcher is not None:
-            self._batcher.close()
+        for model in self.models.values():
+            model.close()
+        for batcher in self._batchers.values():
+            batcher.close()
         for task in (self._watchdog, self._counting):
             if task is not None:
                 task.cancel()

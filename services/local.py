@@ -16,6 +16,7 @@ import threading
 from liveserve.model.live import LiveModel
 from liveserve.services.decision import DecisionService
 from liveserve.services.gateway import Gateway
+from liveserve.services.model_pools import PoolSeams
 from liveserve.services.perception import FrameEncoder
 from liveserve.services.reaction import ReactionService
 from liveserve.services.redis_server import connect
@@ -33,6 +34,9 @@ class LocalServer:
 
     def __init__(self, model: LiveModel, address: str, settings: ServiceSettings,
                  reaction_model: LiveModel | None = None, registry: SessionRegistry | None = None) -> None:
+        if settings.models is not None:
+            raise ValueError("`models` (several models in one deployment) needs `liveserve serve` on Ray; one "
+                             "process serves one model")
         self.settings, self.registry = settings, registry
         credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
         self.encoder = FrameEncoder(model, settings.max_batch_size, settings.max_frame_pixels)
@@ -42,8 +46,10 @@ class LocalServer:
                                     check_every_s=settings.heartbeat_s, name="grpc-server", credentials=credentials)
 
     def _gateway(self) -> Gateway:
-        return Gateway(LocalPerception(self.encoder), LocalSessions(self.decision), LocalSessions(self.reaction),
-                       self.settings, gateway_id="local", registry=self.registry)
+        (model,) = self.settings.served_models()
+        return Gateway([PoolSeams(model, LocalPerception(self.encoder), LocalSessions(self.decision),
+                                  LocalSessions(self.reaction))], self.settings, gateway_id="local",
+                       registry=self.registry)
 
     @property
     def address(self) -> str:

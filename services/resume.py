@@ -39,6 +39,7 @@ return raw
 class Parked:
     session_id: str
     tenant: str
+    model: str  # the served model it ran (ServedModel.name)
     next_frame: int  # the index the client's next frame gets
     last_timestamp: float  # the client's next frame may not be earlier
     frames: tuple[FrameFeatures, ...]  # decided frames this gateway kept; () when another gateway parked it
@@ -75,7 +76,7 @@ class ResumeTokens:
         """Blocking (Redis): call off the event loop."""
         if self.client is None:
             return
-        entry = {"digest": token_digest, "tenant": parked.tenant, "next_frame": parked.next_frame,
+        entry = {"digest": token_digest, "tenant": parked.tenant, "model": parked.model, "next_frame": parked.next_frame,
                  "last_timestamp": parked.last_timestamp}
         self.client.set(self._key(parked.session_id), json.dumps(entry), px=int(self.ttl_s * 1000))
         self._frames[parked.session_id] = (time.monotonic() + self.ttl_s, parked.frames)
@@ -93,5 +94,6 @@ class ResumeTokens:
             return None
         entry = json.loads(raw)
         expires, frames = self._frames.pop(session_id, (0.0, ()))
-        return Parked(session_id, tenant, int(entry["next_frame"]), float(entry["last_timestamp"]),
+        return Parked(session_id, tenant, str(entry.get("model", "")), int(entry["next_frame"]),
+                      float(entry["last_timestamp"]),
                       frames if expires > time.monotonic() else ())

@@ -126,6 +126,9 @@ def _add_live_stream(gateway: Gateway, server: grpc.aio.Server) -> None:
         "GetTranscript": grpc.unary_unary_rpc_method_handler(
             gateway.GetTranscript, request_deserializer=partial(parse_message, pb.GetTranscriptRequest),
             response_serializer=pb.Transcript.SerializeToString),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            gateway.ListModels, request_deserializer=partial(parse_message, pb.ListModelsRequest),
+            response_serializer=pb.ModelList.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -7,15 +7,30 @@ so a value means the same thing everywhere. Unknown keys are refused by name.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
+
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+MODEL_FAMILIES = ("live",)  # VideoLLM-online's layout (a vision tower, a connector, a Llama/Qwen2 LM)
+# What one model of `models` may set for itself; the rest of the settings are the deployment's.
+MODEL_OVERRIDES = ("threshold", "max_new_tokens", "cache_policy", "window_frames", "pool_mb", "max_lag_s",
+                   "max_sessions_per_replica", "capacity_streams", "max_batch_size", "threads")
+MODEL_KEYS = frozenset({"path", "reaction_path", "family", "perception", *MODEL_OVERRIDES})
 
 
 @dataclass(frozen=True, slots=True)
 class ServiceSettings:
     model: str = "default"  # "default" (bundled), "tiny", or a checkpoint directory
     reaction_model: str = ""  # "" = the same checkpoint as Decision
+    # Several models in one deployment: {name: {path, reaction_path, family, perception, and overrides of
+    # MODEL_OVERRIDES}}; each gets its own Decision and Reaction pools (and a Perception pool, unless
+    # `perception` names the model whose pool it shares). `Open.model` picks one by name; None: one model,
+    # `model`, known by that name.
+    models: dict | None = None
+    default_model: str = ""  # the model of an Open that names none; "": the first of `models`
     threads: int = 1  # torch CPU threads per replica
     # Decision
     pool_mb: int | None = None  # KV pool per Decision replica; None: 90% of GPU memory left after weights, 1 GiB CPU
@@ -99,6 +114,8 @@ class ServiceSettings:
 
             quotas_from_setting(self.tenant_quotas)
         self.session_defaults()  # validates threshold, cache policy and lengths
+        if self.models is not None or self.default_model:
+            self.served_models()  # validates every model's entry
 
     @classmethod
     def from_dict(cls, values: dict | None) -> ServiceSettings:
@@ -111,6 +128,52 @@ class ServiceSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def served_models(self) -> list[ServedModel]:
+        """The models this deployment serves, the default first, each with its own settings (these, with its
+        path and overrides)."""
+        if self.models is None:
+            if self.default_model and self.default_model != self.model:
+                raise ValueError(f"default_model {self.default_model!r} is not served; this deployment serves "
+                                 f"{self.model!r} (set `models` to serve several)")
+            return [ServedModel(self.model, self, MODEL_FAMILIES[0], self.model,
+                                *_pools(self.model, self.model, True, True))]
+        if not isinstance(self.models, dict) or not self.models:
+            raise ValueError("models must map model names to their settings ({name: {path: ...}})")
+        if self.model != "default" or self.reaction_model:
+            raise ValueError("set either model (and reaction_model) for one model, or models for several, not both; "
+                             "with models, each entry names its path and reaction_path")
+        default = self.default_model or next(iter(self.models))
+        if default not in self.models:
+            raise ValueError(f"default_model {default!r} is not one of models: {', '.join(self.models)}")
+        served = []
+        for name, entry in self.models.items():
+            if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+                raise ValueError(f"model name {name!r}: 1-63 letters, digits, '.', '_' or '-', starting with a "
+                                 f"letter or digit")
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+                raise ValueError(f"models.{name} needs a path (a checkpoint directory, 'default' or 'tiny')")
+            unknown = sorted(set(entry) - MODEL_KEYS)
+            if unknown:
+                raise ValueError(f"models.{name}: unknown key(s) {', '.join(unknown)}; known: "
+                                 f"{', '.join(sorted(MODEL_KEYS))}")
+            family = entry.get("family", MODEL_FAMILIES[0])
+            if family not in MODEL_FAMILIES:
+                raise ValueError(f"models.{name}: family {family!r} is not served; known: {', '.join(MODEL_FAMILIES)}")
+            shares = entry.get("perception", name)
+            if shares not in self.models or self.models[shares].get("perception", shares) != shares:
+                raise ValueError(f"models.{name}: perception must name a model of `models` that has its own "
+                                 f"Perception pool, got {shares!r}")
+            overrides = {key: entry[key] for key in MODEL_OVERRIDES if key in entry}
+            try:
+                own = dataclasses.replace(self, model=entry["path"], reaction_model=entry.get("reaction_path", ""),
+                                          models=None, default_model="", **overrides)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"models.{name}: {exc}") from None
+            served.append(ServedModel(name, own, family, shares,
+                                      *_pools(name, shares, name == default, shares == default)))
+        served.sort(key=lambda model: model.name != default)  # stable: the default first, then as listed
+        return served
 
     def session_defaults(self) -> SessionConfig:
         cache = CacheConfig(policy=self.cache_policy, window_frames=self.window_frames,
@@ -129,3 +192,29 @@ class ServiceSettings:
     def engine_config(self) -> EngineConfig:
         """The Decision engine: its KV pool, and frames dropped once they lag `max_lag_s` behind."""
         return EngineConfig(pool=self.pool(), scheduler=SchedulerConfig(max_lag_s=self.max_lag_s))
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """One model of a deployment: the name clients pick it by (Open.model), its own settings (`model` its
+    checkpoint), its family, the model whose Perception pool it uses (itself, or another with the same
+    vision tower), and the Serve deployments of its pools: "Perception", "Decision", "Reaction" for the
+    default model (a one-model deployment's names), "<pool>-<name>" for the others."""
+
+    name: str
+    settings: ServiceSettings
+    family: str
+    perception_of: str
+    perception_pool: str
+    decision_pool: str
+    reaction_pool: str
+
+    @property
+    def is_default(self) -> bool:
+        return self.decision_pool == "Decision"
+
+
+def _pools(name: str, perception_of: str, default: bool, perception_default: bool) -> tuple[str, str, str]:
+    suffix = "" if default else f"-{name}"
+    return ("Perception" if perception_default else f"Perception-{perception_of}", f"Decision{suffix}",
+            f"Reaction{suffix}")

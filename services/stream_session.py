@@ -95,12 +95,12 @@ class IngressLimit:
 
 
 class StreamSession:
-    def __init__(self, gateway, session_id: str, config: SessionConfig, placed: c.SessionPlaced,
+    def __init__(self, gateway, pools, session_id: str, config: SessionConfig, placed: c.SessionPlaced,
                  reaction: c.SessionPlaced | None, trace_parent: otel_context.Context, fps: float,
                  tenant=None, resumed: Parked | None = None) -> None:
-        """`tenant`: the TenantUsage (tenants.py) its frames and replies count against. `resumed`: the
-        parked session this call resumes (services/resume.py)."""
-        self.gateway, self.session_id, self.config, self.fps = gateway, session_id, config, fps
+        """`pools`: its model's (model_pools.py). `tenant`: the TenantUsage (tenants.py) its frames and replies
+        count against. `resumed`: the parked session this call resumes (services/resume.py)."""
+        self.gateway, self.pools, self.session_id, self.config, self.fps = gateway, pools, session_id, config, fps
         self.tenant = tenant
         self.placed, self.reaction = placed, reaction  # reaction: None for a decisions-only session
         self.trace_parent = trace_parent
@@ -168,7 +168,7 @@ class StreamSession:
         item = _Frame(frame_id, frame.timestamp, time.monotonic(), span)
         self._pending.append(item)
         self._encoding[frame_id] = item
-        gateway.batcher.add(c.FrameImage(self.session_id, frame_id, frame.timestamp, frame.image, carried(span)), self)
+        self.pools.batcher.add(c.FrameImage(self.session_id, frame_id, frame.timestamp, frame.image, carried(span)), self)
         self._update_room()
 
     def _report_over_rate(self) -> None:
@@ -247,7 +247,7 @@ class StreamSession:
         """Send Decision every input at the head of the queue that is ready, in the client's order."""
         if self.recovering or self.finished:
             return  # inputs wait for the session's new replica (or the call is over)
-        decision = self.gateway.decision_link(self.placed.replica)
+        decision = self.pools.decision_link(self.placed.replica)
         epoch = self.placed.epoch
         while self._pending:
             head = self._pending[0]
@@ -364,7 +364,7 @@ class StreamSession:
         if self.reaction_moving:  # not written; Decision goes on as if the trigger had been silent
             self.warn(pb.WARNING_CODE_UNSPECIFIED, f"no reply at {event.timestamp:.3f}s: the session's reply "
                                                    f"writer is moving to another replica")
-            self.gateway.decision_link(self.placed.replica).send(c.ReplyText(self.session_id, self.placed.epoch, "", ()))
+            self.pools.decision_link(self.placed.replica).send(c.ReplyText(self.session_id, self.placed.epoch, "", ()))
             return
         if event.trigger == c.Trigger.QUERY:
             self._asked = [q for q in self._asked if q.timestamp != event.timestamp]
@@ -373,7 +373,7 @@ class StreamSession:
             self.warn(pb.WARNING_CODE_UNSPECIFIED,
                       f"no reply at {event.timestamp:.3f}s to {what}: tenant {self.tenant.tenant!r} is at its "
                       f"quota of {self.tenant.quota.replies_per_min} replies a minute (replies_per_min)")
-            self.gateway.decision_link(self.placed.replica).send(
+            self.pools.decision_link(self.placed.replica).send(
                 c.ReplyText(self.session_id, self.placed.epoch, "", ()))
             return
         parent = extract(event.trace or self._last_decided_trace)
@@ -382,14 +382,14 @@ class StreamSession:
                                                           "liveserve.trigger": str(event.trigger)})
         self.reply = _Reply(event.trigger, event.timestamp, event.query, time.monotonic(), span)
         self._sync_reaction()
-        self.gateway.reaction_link(self.reaction.replica).send(
+        self.pools.reaction_link(self.reaction.replica).send(
             c.Respond(self.session_id, event.trigger, event.timestamp, event.query, carried(span)))
 
     def _sync_reaction(self) -> None:
         if not self._unsynced or self.reaction_moving:
             return
         frames, self._unsynced = tuple(self._unsynced), []
-        self.gateway.reaction_link(self.reaction.replica).send(c.SyncFrames(self.session_id, self._synced, frames))
+        self.pools.reaction_link(self.reaction.replica).send(c.SyncFrames(self.session_id, self._synced, frames))
         self._synced += len(frames)
 
     def on_reaction_event(self, event: c.ReactionEvent) -> None:
@@ -414,7 +414,7 @@ class StreamSession:
                 num_tokens=event.num_tokens, finish_reason=FINISH[event.finish_reason], ttft_s=first - reply.wanted,
                 duration_s=now - reply.wanted)))
             reply.span.set_attributes({"liveserve.tokens": event.num_tokens})
-            self._reply_over(event.text, event.token_ids if self.gateway.shared_tokenizer else ())
+            self._reply_over(event.text, event.token_ids if self.pools.shared_tokenizer else ())
         elif isinstance(event, c.ReplyFailed):
             self.reply_failed(event.message)
 
@@ -434,7 +434,7 @@ class StreamSession:
         if self.recovering:  # the new replica takes it once the session is there
             self._late_reply = (text, token_ids)
         else:
-            self.gateway.decision_link(self.placed.replica).send(
+            self.pools.decision_link(self.placed.replica).send(
                 c.ReplyText(self.session_id, self.placed.epoch, text, token_ids))
         if len(self._unsynced) >= self.gateway.settings.reaction_sync_frames:
             self._sync_reaction()
@@ -443,7 +443,7 @@ class StreamSession:
         """Free the session's reply cache; the future resolves once Reaction applied it."""
         if self.reaction is None or self.reaction_moving:  # moving: `_recover_reaction` closes what it placed
             return None
-        closing = self.gateway.reaction_link(self.reaction.replica).send_acknowledged(
+        closing = self.pools.reaction_link(self.reaction.replica).send_acknowledged(
             c.CloseSession(self.session_id, self.reaction.epoch, False))
         self.reaction = None
         return closing
@@ -471,13 +471,13 @@ class StreamSession:
         frames = tuple(self._ring)
         request = c.OpenSession(self.session_id, self.gateway.id, self.config, c.Restore(frames, awaited))
         try:
-            placed = await self.gateway.place(self.gateway.decision, request, avoid=self.placed.replica)
+            placed = await self.gateway.place(self.pools.decision, request, avoid=self.placed.replica)
         except Exception as exc:
             details = getattr(exc, "details", type(exc).__name__)
             self.ended = True  # nothing is left anywhere to close
             self.finish(grpc.StatusCode.UNAVAILABLE, f"{reason}; the session could not be moved: {details}")
             return
-        link = self.gateway.decision_link(placed.replica)
+        link = self.pools.decision_link(placed.replica)
         if self.finished:  # the client went away meanwhile
             link.send(c.CloseSession(self.session_id, placed.epoch, False))
             return
@@ -519,7 +519,7 @@ class StreamSession:
     async def _recover_reaction(self, reason: str) -> None:
         started = time.monotonic()
         try:
-            placed = await self.gateway.place(self.gateway.reaction,
+            placed = await self.gateway.place(self.pools.reaction,
                                               c.OpenSession(self.session_id, self.gateway.id, self.config),
                                               avoid=self.reaction.replica)
         except Exception as exc:
@@ -528,7 +528,7 @@ class StreamSession:
                         f"{reason}; the session's reply writer could not be moved: {getattr(exc, 'details', exc)}")
             return
         if self.finished:  # the client went away meanwhile
-            self.gateway.reaction_link(placed.replica).send(c.CloseSession(self.session_id, placed.epoch, False))
+            self.pools.reaction_link(placed.replica).send(c.CloseSession(self.session_id, placed.epoch, False))
             return
         self.reaction, self.reaction_moving = placed, False
         self._synced, self._unsynced = 0, list(self._ring)  # the new writer starts from the frames kept here
@@ -549,7 +549,7 @@ class StreamSession:
             return
         if not self.ended:
             self.ended = True
-            self.gateway.decision_link(self.placed.replica).send(
+            self.pools.decision_link(self.placed.replica).send(
                 c.CloseSession(self.session_id, self.placed.epoch, False))
         self._close_reaction()
         self.finish(grpc.StatusCode.CANCELLED, "the client went away")

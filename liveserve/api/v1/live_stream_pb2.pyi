@@ -315,3 +315,40 @@ class Transcript(_message.Message):
     window_frames: int
     turns: _containers.RepeatedCompositeFieldContainer[Turn]
     def __init__(self, session_id: _Optional[str] = ..., state: _Optional[str] = ..., created: _Optional[float] = ..., last_timestamp: _Optional[float] = ..., threshold: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., cache_policy: _Optional[str] = ..., window_frames: _Optional[int] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ("credentials",)
+    class CredentialsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    credentials: _containers.ScalarMap[str, str]
+    def __init__(self, credentials: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "is_default", "family", "threshold", "max_new_tokens", "cache_policy", "window_frames")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    is_default: bool
+    family: str
+    threshold: float
+    max_new_tokens: int
+    cache_policy: str
+    window_frames: int
+    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ..., family: _Optional[str] = ..., threshold: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., cache_policy: _Optional[str] = ..., window_frames: _Optional[int] = ...) -> None: ...
+
+class ModelList(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...

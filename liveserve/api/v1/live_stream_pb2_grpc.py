@@ -44,6 +44,11 @@ class LiveStreamStub:
                 request_serializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.GetTranscriptRequest.SerializeToString,
                 response_deserializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.Transcript.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/liveserve.api.v1.LiveStream/ListModels',
+                request_serializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.ModelList.FromString,
+                _registered_method=True)
 
 
 class LiveStreamServicer:
@@ -64,6 +69,14 @@ class LiveStreamServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The models this deployment serves (Open.model picks one), the default first. UNAUTHENTICATED as for
+        Open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LiveStreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +89,11 @@ def add_LiveStreamServicer_to_server(servicer, server):
                     servicer.GetTranscript,
                     request_deserializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.GetTranscriptRequest.FromString,
                     response_serializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.Transcript.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.ListModelsRequest.FromString,
+                    response_serializer=liveserve_dot_api_dot_v1_dot_live__stream__pb2.ModelList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +150,33 @@ class LiveStream:
             '/liveserve.api.v1.LiveStream/GetTranscript',
             liveserve_dot_api_dot_v1_dot_live__stream__pb2.GetTranscriptRequest.SerializeToString,
             liveserve_dot_api_dot_v1_dot_live__stream__pb2.Transcript.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liveserve.api.v1.LiveStream/ListModels',
+            liveserve_dot_api_dot_v1_dot_live__stream__pb2.ListModelsRequest.SerializeToString,
+            liveserve_dot_api_dot_v1_dot_live__stream__pb2.ModelList.FromString,
             options,
             channel_credentials,
             insecure,

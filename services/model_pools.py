@@ -1,0 +1,75 @@
+"""One served model as a gateway reaches it: its settings and session defaults, its three pools (through
+one transport, seams.py), and this gateway's links to the replicas of its Decision and Reaction pools.
+
+A deployment may serve several models (ServiceSettings.served_models); each session belongs to one, and
+every hop of the session goes to that model's pools. Models with the same vision tower share a Perception
+pool, and then the gateway's frame batcher for it (one call encodes both models' frames).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from liveserve.services.links import FrameBatcher, ReplicaLink
+from liveserve.services.settings import ServedModel
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSeams:
+    """A served model and its pools through one transport (seams.py): what a Gateway is built from."""
+
+    model: ServedModel
+    perception: object
+    decision: object
+    reaction: object
+
+
+class ModelPools:
+    def __init__(self, seams: PoolSeams, *,
+                 make_link: Callable[[ModelPools, str, str], ReplicaLink],
+                 batcher: Callable[[ModelPools], FrameBatcher]) -> None:
+        """`make_link(pools, pool, replica)`: a new link to `replica` of `pool` ("decision" or "reaction");
+        `batcher(pools)`: the gateway's frame batcher for this model's Perception pool."""
+        served = seams.model
+        self.served, self.name, self.settings = served, served.name, served.settings
+        self.perception, self.decision, self.reaction = seams.perception, seams.decision, seams.reaction
+        self.defaults = served.settings.session_defaults()
+        # One checkpoint decides and replies: Reaction's token ids are valid in Decision's cache as they are.
+        self.shared_tokenizer = served.settings.reaction_model in ("", served.settings.model)
+        self.links: dict[str, dict[str, ReplicaLink]] = {"decision": {}, "reaction": {}}
+        self._make_link, self._batcher = make_link, batcher
+
+    @property
+    def batcher(self) -> FrameBatcher:
+        return self._batcher(self)
+
+    def decision_link(self, replica: str) -> ReplicaLink:
+        return self._link("decision", replica)
+
+    def reaction_link(self, replica: str) -> ReplicaLink:
+        return self._link("reaction", replica)
+
+    def _link(self, pool: str, replica: str) -> ReplicaLink:
+        """This gateway's link to `replica` of this model's `pool`, made on first use."""
+        links = self.links[pool]
+        link = links.get(replica)
+        if link is None:
+            link = links[replica] = self._make_link(self, pool, replica)
+        return link
+
+    def forget(self, link: ReplicaLink) -> None:
+        """`link` failed: the next use of its replica makes a new one."""
+        links = self.links[link.name]
+        if links.get(link.replica) is link:
+            del links[link.replica]
+
+    def pools(self) -> dict[str, object]:
+        """Its pools by deployment name (what readiness checks report)."""
+        return {self.served.perception_pool: self.perception, self.served.decision_pool: self.decision,
+                self.served.reaction_pool: self.reaction}
+
+    def close(self) -> None:
+        for links in self.links.values():
+            for link in links.values():
+                link.close()

@@ -1,0 +1,141 @@
+"""Several models in one deployment: the `models` setting, its checks, and on real Ray Serve (the test
+session's application serves "quiet", the default, and "terse", with its own Decision and Reaction pools
+and settings, sharing quiet's Perception pool): ListModels, `liveserve models`, Open.model choosing the
+pools a session lives on, an unknown name refused with the list, and the load tester mixing models."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+import redis
+
+from liveserve.api.v1 import live_stream_pb2 as pb
+from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
+from liveserve.services.registry import SessionRegistry
+from liveserve.services.settings import ServiceSettings
+from stream_helpers import LiveCall, jpeg, kinds, stream
+
+
+def test_one_model_keeps_its_name_and_the_plain_deployment_names():
+    (model,) = ServiceSettings(model="tiny").served_models()
+    assert (model.name, model.family, model.is_default) == ("tiny", "live", True)
+    assert (model.perception_pool, model.decision_pool, model.reaction_pool) == ("Perception", "Decision", "Reaction")
+
+
+def test_each_model_gets_its_settings_and_pools_the_default_first():
+    settings = ServiceSettings(max_new_tokens=32, default_model="big", models={
+        "small": {"path": "tiny", "threshold": 0.6},
+        "big": {"path": "default", "reaction_path": "tiny", "window_frames": 16},
+        "twin": {"path": "tiny", "perception": "small", "max_new_tokens": 8}})
+    small, big, twin = sorted(settings.served_models(), key=lambda m: ["small", "big", "twin"].index(m.name))
+    assert [m.name for m in settings.served_models()] == ["big", "small", "twin"]
+    assert (big.decision_pool, big.reaction_pool, big.perception_pool) == ("Decision", "Reaction", "Perception")
+    assert (small.decision_pool, small.perception_pool) == ("Decision-small", "Perception-small")
+    assert (twin.decision_pool, twin.perception_pool) == ("Decision-twin", "Perception-small")  # shared
+    assert (big.settings.model, big.settings.reaction_model, big.settings.window_frames) == ("default", "tiny", 16)
+    assert small.settings.threshold == 0.6 and small.settings.max_new_tokens == 32  # the deployment's, unless set
+    assert twin.settings.max_new_tokens == 8 and twin.settings.models is None
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"models": {}}, "models must map model names"),
+    ({"models": {"a b": {"path": "tiny"}}}, "model name 'a b'"),
+    ({"models": {"a": {}}}, "models.a needs a path"),
+    ({"models": {"a": {"path": "tiny", "address": "x:1"}}}, "models.a: unknown key(s) address"),
+    ({"models": {"a": {"path": "tiny", "family": "qwen2_5_vl"}}}, "family 'qwen2_5_vl' is not served; known: live"),
+    ({"models": {"a": {"path": "tiny", "perception": "b"}}}, "perception must name a model of `models`"),
+    ({"models": {"a": {"path": "tiny"}, "b": {"path": "tiny", "perception": "a"},
+                 "c": {"path": "tiny", "perception": "b"}}}, "models.c: perception must name"),
+    ({"models": {"a": {"path": "tiny", "window_frames": 1}}}, "models.a: threads, max_batch_size"),
+    ({"models": {"a": {"path": "tiny"}}, "default_model": "b"}, "default_model 'b' is not one of models: a"),
+    ({"models": {"a": {"path": "tiny"}}, "model": "tiny"}, "set either model"),
+    ({"default_model": "other"}, "default_model 'other' is not served"),
+])
+def test_bad_models_settings_are_refused_by_name(settings, message):
+    with pytest.raises(ValueError) as err:
+        ServiceSettings.from_dict(settings)
+    assert message in str(err.value)
+
+
+def test_several_models_need_ray_not_one_process(tiny_model):
+    from liveserve.services.local import start_local
+
+    with pytest.raises(ValueError, match="needs `liveserve serve` on Ray"):
+        start_local(tiny_model, settings=ServiceSettings(models={"a": {"path": "tiny"}}))
+
+
+# ---- on Ray ------------------------------------------------------------------------------------------------
+
+
+def list_models(address: str) -> list[pb.ModelInfo]:
+    with grpc.insecure_channel(address) as channel:
+        return list(pb_grpc.LiveStreamStub(channel).ListModels(pb.ListModelsRequest(), timeout=10).models)
+
+
+def sessions_of(deployment: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(deployment, app_name="liveserve").Sessions.remote().result(timeout_s=30)
+
+
+def test_list_models_names_every_model_the_default_first(ray_app):
+    models = list_models(ray_app.address)
+    assert [(m.name, m.is_default, m.family) for m in models] == [("quiet", True, "live"), ("terse", False, "live")]
+    assert models[0].max_new_tokens == 8 and models[1].max_new_tokens == 4
+    assert models[1].threshold == pytest.approx(0.5) and models[1].window_frames == 8
+
+
+def test_liveserve_models_prints_them(ray_app, capsys):
+    from liveserve.cli import main
+
+    assert main(["models", "--address", ray_app.address]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["NAME", "DEFAULT", "FAMILY", "THRESHOLD", "MAX_NEW_TOKENS", "CACHE"]
+    assert table[1].split()[:3] == ["quiet", "yes", "live"] and table[2].split()[:3] == ["terse", "live", "0.5"]
+    assert main(["models", "--address", ray_app.address, "--json"]) == 0
+    assert [m["name"] for m in json.loads(capsys.readouterr().out)] == ["quiet", "terse"]
+
+
+def test_open_model_places_the_session_on_that_models_pools(ray_app):
+    registry = SessionRegistry(redis.Redis.from_url(ray_app.redis_url, decode_responses=True))
+    calls = {name: LiveCall(ray_app.address, pb.Open(model=name, fps=2.0, threshold=1.0)) for name in ("terse", "")}
+    try:
+        opened = {name: call.wait_for(lambda call=call: call.of_kind("opened"))[0] for name, call in calls.items()}
+        assert opened["terse"].limits.max_new_tokens == 4 and opened[""].limits.max_new_tokens == 8
+        for i in range(3):
+            for call in calls.values():
+                call.send(pb.ClientMessage(frame=pb.Frame(timestamp=i * 0.5, image=jpeg(i))))
+        for call in calls.values():
+            call.wait_for(lambda call=call: len(call.of_kind("decision")) == 3)
+        terse = sessions_of("Decision-terse")
+        assert opened["terse"].session_id in terse["sessions"] and opened[""].session_id not in terse["sessions"]
+        assert registry.get(opened["terse"].session_id).owner == terse["replica"]
+        assert registry.get(opened[""].session_id).owner != terse["replica"]
+        replies = [call.close() for call in calls.values()]
+    finally:
+        for call in calls.values():
+            if not call.done:
+                call.close()
+    for reply in replies:
+        assert reply[-1].WhichOneof("kind") == "closed" and reply[-1].closed.frames_decided == 3
+
+
+def test_an_unknown_model_is_not_found_with_the_names_served(ray_app):
+    with pytest.raises(grpc.RpcError) as err:
+        stream(ray_app.address, [pb.ClientMessage(open=pb.Open(model="gpt-17"))])
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "unknown model 'gpt-17'" in err.value.details() and "'quiet', 'terse'" in err.value.details()
+
+
+def test_the_load_tester_mixes_models_and_reports_each(ray_app):
+    from liveserve.loadtest.config import LoadConfig
+    from liveserve.loadtest.runner import run
+
+    report = run(LoadConfig(address=ray_app.address, sessions=4, duration_s=2.0, fps=2.0, frame_size=64,
+                            models=("quiet", "terse"), slo_ms=60_000))
+    (level,) = report.levels
+    assert set(level.by_model) == {"quiet", "terse"}
+    for figures in level.by_model.values():
+        assert figures["sessions"] == 2 and figures["sessions_sustained"] == 2 and figures["frames_decided"] > 0
