@@ -92,6 +92,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     session.add_argument("--max-new-tokens", type=int, default=_D.max_new_tokens, metavar="N",
                          help="reply length cap (default: 0, the server's)")
     session.add_argument("--cache", choices=("full", "sink_window"), help="KV cache policy (default: the server's)")
+    session.add_argument("--model", action="append", default=[], metavar="NAME",
+                         help="served model the sessions run (`liveserve models`); repeat to mix models, taken in "
+                              "turn by the sessions, and the report breaks the figures down by model (default: "
+                              "the deployment's default model)")
 
     slo = p.add_argument_group("SLO and timeouts")
     slo.add_argument("--slo-ms", type=float, default=_D.slo_ms, metavar="MS",
@@ -127,7 +131,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         address=args.address, sessions=args.sessions, duration_s=args.duration, fps=args.fps,
         ramp_up_s=args.ramp_up, queries_per_min=args.queries_per_min, seed=args.seed, video=args.video,
         frame_size=args.frame_size, image_format=args.image_format, threshold=args.threshold,
-        max_new_tokens=args.max_new_tokens, cache_policy=args.cache or "", credentials=tuple(credentials),
+        max_new_tokens=args.max_new_tokens, cache_policy=args.cache or "", models=tuple(args.model),
+        credentials=tuple(credentials),
         tls=args.tls, tls_ca=args.ca, tls_cert=args.cert, tls_key=args.key, slo_ms=args.slo_ms,
         slo_target=args.slo_target,
         sweep=parse_levels(args.sweep) if args.sweep else (), sweep_max=args.sweep_max,

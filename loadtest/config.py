@@ -46,6 +46,7 @@ class LoadConfig:
     threshold: float | None = None  # None: the server's default
     max_new_tokens: int = 0  # 0: the server's default
     cache_policy: str = ""
+    models: tuple[str, ...] = ()  # served models (Open.model), taken in turn by the sessions; (): the default
     credentials: tuple[tuple[str, str], ...] = ()
     tls: bool = False  # TLS with the system's roots; also implied by any of the files below
     tls_ca: str = ""  # PEM CA the server's certificate must chain to
@@ -80,6 +81,9 @@ class LoadConfig:
                               f"got {self.max_new_tokens}")
         if self.cache_policy not in CACHE_POLICIES:
             raise ConfigError(f"--cache must be full or sink_window, got {self.cache_policy!r}")
+        for model in self.models:
+            if not model or len(model) > 63:
+                raise ConfigError(f"--model takes a served model's name (`liveserve models`), got {model!r}")
         for key, _ in self.credentials:
             if not key:
                 raise ConfigError("--credential needs KEY=VALUE with a non-empty KEY")

@@ -174,6 +174,8 @@ class LevelReport:
     slo_attainment: float
     slo_met: bool
     timeline: list[TimelinePoint]
+    # With mixed models (--model repeated): per model, its sessions' figures ("" is the default model).
+    by_model: dict[str, dict] = field(default_factory=dict)
 
 
 def timeline(records: Sequence[SessionRecord], wall_s: float) -> list[TimelinePoint]:
@@ -228,7 +230,25 @@ def aggregate(records: Sequence[SessionRecord], *, sessions: int, wall_s: float,
         sessions_sustained=sum(r.sustained for r in records),
         errors=dict(sorted(errors.items())), error_messages=messages, warnings=dict(sorted(warnings.items())),
         slo_ms=slo_ms, slo_attainment=attainment, slo_met=meets_target(attainment, slo_target),
-        timeline=timeline(records, wall_s))
+        timeline=timeline(records, wall_s), by_model=per_model(records, slo_ms))
+
+
+def per_model(records: Sequence[SessionRecord], slo_ms: float) -> dict[str, dict]:
+    """Per model, when the sessions ran more than one: sessions, frames decided, latency and SLO, errors."""
+    models = sorted({r.model for r in records})
+    if len(models) < 2:
+        return {}
+    out = {}
+    for model in models:
+        mine = [r for r in records if r.model == model]
+        latencies = [v for r in mine for v in r.latency_s]
+        latency = Distribution.of(latencies)
+        out[model or "(default)"] = {
+            "sessions": len(mine), "sessions_sustained": sum(r.sustained for r in mine),
+            "frames_decided": len(latencies), "latency_p50_ms": latency.p50_ms, "latency_p99_ms": latency.p99_ms,
+            "slo_attainment": slo_attainment(latencies, slo_ms / 1e3, sum(r.frames_scheduled for r in mine)),
+            "errors": dict(sorted(Counter(r.status for r in mine if r.status != "OK").items()))}
+    return out
 
 
 @dataclass(slots=True)

@@ -74,6 +74,12 @@ def summary_text(report: RunReport) -> str:
             warnings = ", ".join(f"{k} x{v}" for k, v in level.warnings.items()) or "none"
             lines.append(f"{level.sessions} sessions: errors {errors}; warnings {warnings}")
             lines += [f"  {m}" for m in level.error_messages]
+    for level in report.levels:
+        for model, figures in level.by_model.items():
+            lines.append(f"{level.sessions} sessions, model {model}: {figures['sessions']} sessions "
+                         f"({figures['sessions_sustained']} sustained), {figures['frames_decided']} frames decided, "
+                         f"p50 {_f(figures['latency_p50_ms'])} ms, p99 {_f(figures['latency_p99_ms'])} ms, "
+                         f"SLO {figures['slo_attainment']:.2%}")
     if report.sweep:
         lines += ["", capacity_sentence(report)]
     lines += [f"note: {n}" for n in report.notes]

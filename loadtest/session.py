@@ -33,6 +33,7 @@ class SessionRecord:
 
     index: int
     frames_scheduled: int
+    model: str = ""  # Open.model: "" is the deployment's default
     started_s: float | None = None  # Open sent; None if the run stopped before this session's turn
     ended_s: float | None = None
     open_s: float | None = None  # Open -> SessionOpened
@@ -74,7 +75,8 @@ class SessionDriver:
         self.index, self.config, self.stub, self.bank, self.live = index, config, stub, bank, live
         self.origin, self.start_delay_s, self.stop, self.run_id = origin, start_delay_s, stop, run_id
         self.queries = query_schedule(config.seed, index, config.queries_per_min, config.duration_s)
-        self.record = SessionRecord(index, config.frames_per_session)
+        models = config.models
+        self.record = SessionRecord(index, config.frames_per_session, models[index % len(models)] if models else "")
         self._t0 = 0.0  # due time of frame 0
         self._sent_at: dict[int, float] = {}  # frame index -> send time, until decided or dropped
         self._query_sent_at: deque[float] = deque()  # send times of queries not answered yet, in order
@@ -123,7 +125,7 @@ class SessionDriver:
 
     def _open_message(self) -> pb.ClientMessage:
         c = self.config
-        open_ = pb.Open(fps=c.fps, max_new_tokens=c.max_new_tokens, cache=pb.CacheOptions(policy=c.cache_policy),
+        open_ = pb.Open(model=self.record.model, fps=c.fps, max_new_tokens=c.max_new_tokens, cache=pb.CacheOptions(policy=c.cache_policy),
                         credentials=dict(c.credentials), client_session_id=f"{self.run_id}-{self.index}")
         if c.threshold is not None:
             open_.threshold = c.threshold
