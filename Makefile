@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine; each installs what it needs into .venv first.
 #   make demo   serve the bundled model over gRPC on loopback and stream the bundled sample through it
 #   make test   run the test suite
-#   make default-model   retrain the bundled default model (~40 min on 2 CPU cores)
+#   make default-model   retrain the bundled default model (~35 min on 2 CPU cores)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
