@@ -377,3 +377,39 @@ def test_a_frame_that_fails_to_encode_fails_only_its_session(mixed_model, monkey
     with pytest.raises(SessionError, match="session failed: RuntimeError: tower down"):
         engine.push_frame("a", 1.0, torch.zeros(10, mixed_model.vision_hidden_size))
     engine.shutdown()
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__")
+
+
+def test_a_step_reads_its_results_back_from_the_device_once(mixed_model, bank, monkeypatch):
+    """Every `float(t)`, `int(t)`, `.item()` of a device tensor waits for the device: a step of many
+    sessions reads what they all need (decisions, greedy reply tokens) in one copy, not one per session.
+    On the CPU nothing waits, so the step's tensor-to-host conversions are counted instead."""
+    engine = BatchEngine(mixed_model, no_drops())
+    deciding = SessionConfig(replies="external", threshold=0.9)
+    for sid in ("a", "b", "c"):
+        engine.open(sid, deciding)
+    engine.open("writer", SessionConfig(replies="on_request", max_new_tokens=4))
+    for i in range(2):
+        for sid in ("a", "b", "c", "writer"):
+            engine.push_frame(sid, i * 0.5, bank[i])
+        engine.run_until_idle()
+    for sid in ("a", "b", "c"):
+        engine.push_frame(sid, 1.0, bank[2])
+    engine.push_respond("writer", 0.5)  # its reply's prompt and first token share the step
+    reads = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    events = engine.step()
+    monkeypatch.undo()
+    assert len(engine.last_batch) == 4
+    assert sum(isinstance(event, FrameDecision) for _, event in events) == 3
+    assert reads == ["cpu", "tolist"]  # one copy of the step's summary, then host lists
+    engine.shutdown()

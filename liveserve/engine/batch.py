@@ -29,6 +29,7 @@ from liveserve.engine.kv_cache import CacheFullError
 from liveserve.engine.kv_pool import KVPool
 from liveserve.engine.packed import PackedStep, resolve_kernel
 from liveserve.engine.perception import BatchedFrameEncoder
+from liveserve.engine.readout import read_out
 from liveserve.engine.scheduler import Scheduler
 from liveserve.engine.session import Session, StepInput, cache_limit
 from liveserve.model.live import LiveModel
@@ -176,7 +177,7 @@ class BatchEngine:
             except Exception as exc:  # e.g. device OOM: the sessions of this batch fail, the engine goes on
                 log.exception("batched forward failed for %d sessions", len(planned))
                 return events + [self._fail(s, "internal", f"batched forward failed: {exc}") for s, _ in planned]
-            for (session, _), row in zip(planned, logits):
+            for (session, _), row in zip(planned, read_out(logits, self.model.template.interval_id)):
                 try:
                     events.extend((session.session_id, event) for event in session.complete(row))
                 except Exception as exc:  # a bug in one session's bookkeeping must not stall the others

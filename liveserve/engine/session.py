@@ -45,6 +45,7 @@ from liveserve.engine.inputs import (AwaitedReply, QueuedFrame, QueuedQuery, Res
                                      SessionError, SubmitFrame, as_frame, check_frame_id, check_time)
 from liveserve.engine.kv_cache import CacheFullError, KVCache
 from liveserve.engine.ledger import Ledger
+from liveserve.engine.readout import Readout, read_out
 from liveserve.model.live import LiveModel
 
 __all__ = ["Session", "SessionError", "StepInput", "ForwardTrace", "cache_limit"]
@@ -327,7 +328,7 @@ class Session:
         with torch.inference_mode():
             logits = self.model.forward_step(embeds, step.positions, StepContext([(self.cache, n)]),
                                              torch.tensor([n - 1], device=self.model.device))[0]
-        return self.complete(logits)
+        return self.complete(read_out(logits[None], self.template.interval_id)[0])
 
     # ---- processing: one step ----------------------------------------------------------------------
 
@@ -405,8 +406,8 @@ class Session:
         notices, self._notices = self._notices, []
         return notices
 
-    def complete(self, logits: torch.Tensor) -> list[Event]:
-        """Apply the planned step's result: fp32 logits [vocab] at its last token."""
+    def complete(self, readout: Readout) -> list[Event]:
+        """Apply the planned step's result: what its fp32 logits at the last token say (readout.py)."""
         planned, self._planned = self._planned, None
         if planned is None:
             raise RuntimeError(f"session {self.session_id!r}: no planned step to complete")
@@ -414,10 +415,10 @@ class Session:
         self.cache.commit(step.positions)
         self._next_position = step.start + step.num_tokens
         if self.trace is not None:
-            self._record(step, logits)
+            self._record(step, readout.logits)
         events, self._notices = self._notices, []
         if planned.kind == "frame":
-            return events + self._complete_frame(planned, logits)
+            return events + self._complete_frame(planned, readout)
         if planned.kind in ("replay", "restore"):
             return events + self._complete_replay(planned)
         if planned.kind in ("written", "restored"):
@@ -431,7 +432,7 @@ class Session:
             events.append(ResponseStarted(self._reply.timestamp, self._reply.trigger, self._reply.query))
         else:
             self.ledger.extend_last(1)
-        return events + self._next_token(logits)
+        return events + self._next_token(readout)
 
     # ---- frames ----------------------------------------------------------------------------------------
 
@@ -450,7 +451,7 @@ class Session:
         self.ledger.add("frame", self.model.layout.num_tokens)
         self._state, self._pending = STREAMING, []
 
-    def _complete_frame(self, planned: _Planned, logits: torch.Tensor) -> list[Event]:
+    def _complete_frame(self, planned: _Planned, readout: Readout) -> list[Event]:
         frame = planned.frame
         self._append_frame(planned.step.ids)
         with self._lock:
@@ -460,11 +461,9 @@ class Session:
             query = None
             if not tentative and self._queries and self._queries[0].timestamp <= frame.timestamp:
                 query = self._queries.popleft()
-        probs = logits.softmax(-1)
-        p_silent = float(probs[self.template.interval_id])
-        if p_silent < self.config.threshold:
-            probs[self.template.interval_id] = 0.0
-        token = int(probs.argmax())
+        p_silent = readout.p_silent
+        # Below the threshold the frame may not stay silent: the most likely other token decides.
+        token = readout.argmax_speaking if p_silent < self.config.threshold else readout.argmax
         speaks = token != self.template.interval_id
         # One reply at a time; a Reaction session speaks only when asked.
         fired = query is None and speaks and not tentative and self.config.replies != "on_request"
@@ -632,9 +631,9 @@ class Session:
     def _plan_token(self) -> _Planned:
         return _Planned("token", self._reserve([self._reply.tokens[-1]], None))
 
-    def _next_token(self, logits: torch.Tensor) -> list[Event]:
+    def _next_token(self, readout: Readout) -> list[Event]:
         reply = self._reply
-        token = self._pick(logits)
+        token = self._pick(readout)
         reply.tokens.append(token)
         if len(reply.tokens) == 1:
             reply.ttft = time.monotonic() - reply.started
@@ -657,10 +656,10 @@ class Session:
         return ResponseDone(reply.timestamp, reply.trigger, reply.query, self.template.decode(reply.tokens),
                             len(reply.tokens), finish, reply.ttft, time.monotonic() - reply.started, text_ids)
 
-    def _pick(self, logits: torch.Tensor) -> int:
+    def _pick(self, readout: Readout) -> int:
         if self.config.temperature == 0.0:
-            return int(logits.argmax())
-        probs = (logits / self.config.temperature).softmax(-1)
+            return readout.greedy
+        probs = (readout.logits / self.config.temperature).softmax(-1)
         if self.config.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             outside = sorted_probs.cumsum(-1) - sorted_probs > self.config.top_p
