@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from liveserve import cli_loadtest, cli_serve
 from liveserve.cli_source import add_reconnect_options, reconnect_policy
-from liveserve.config import CACHE_POLICIES, DEFAULT_THRESHOLD, CacheConfig, SessionConfig
+from liveserve.config import ATTENTION_KERNELS, CACHE_POLICIES, DEFAULT_THRESHOLD, CacheConfig, SessionConfig
 
 if TYPE_CHECKING:  # torch/transformers take seconds to import; the CLI imports them only when needed
     from liveserve.model.live import LiveModel
@@ -191,6 +191,9 @@ def _add_capacity_parser(bench_sub) -> None:
                           help="frames of the single-stream engine/reference comparison (default: %(default)s)")
     capacity.add_argument("--memory-fraction", type=float,
                           help="CUDA: share of the memory left after the weights the KV pool takes (default: 0.9)")
+    capacity.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
+                          help="the engine's attention kernel: auto (flash-attn where it runs, else sdpa), sdpa, "
+                               "flash or flex (default: auto)")
     capacity.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
     capacity.add_argument("--json", dest="json_out", required=True, help="where to write the results")
 
@@ -348,7 +351,8 @@ def cmd_bench_capacity(args) -> int:
 
         model, preset = build_preset_model(args.preset, device=args.device or default_device()), args.preset
     run_capacity_bench(model, levels=levels, settings=settings, out=args.json_out, preset=preset,
-                       sweep=not args.sessions, refine=args.refine, memory_fraction=args.memory_fraction)
+                       sweep=not args.sessions, refine=args.refine, memory_fraction=args.memory_fraction,
+                       attention=args.attention)
     return 0
 
 

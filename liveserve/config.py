@@ -85,7 +85,7 @@ class SessionConfig:
             raise ValueError(f"max_query_tokens must be >= 1, got {self.max_query_tokens}")
 
 
-ATTENTION_KERNELS = ("auto", "sdpa", "flash")
+ATTENTION_KERNELS = ("auto", "sdpa", "flash", "flex")
 
 
 @dataclass(frozen=True, slots=True)

@@ -413,3 +413,40 @@ def test_a_step_reads_its_results_back_from_the_device_once(mixed_model, bank, m
     assert sum(isinstance(event, FrameDecision) for _, event in events) == 3
     assert reads == ["cpu", "tolist"]  # one copy of the step's summary, then host lists
     engine.shutdown()
+
+
+def _traced_run(model, bank, attention: str, block_size: int):
+    """Four sessions of different lengths (ragged steps, evictions in the window, replies written inline)
+    through one engine: each session's logits at every step, and its events."""
+    engine = BatchEngine(model, EngineConfig(pool=PoolConfig(budget_tokens=12_288, block_size=block_size),
+                                             attention=attention,
+                                             scheduler=SchedulerConfig(max_lag_s=None, max_queued_frames=10_000)))
+    config = SessionConfig(threshold=0.5, max_new_tokens=3,
+                           cache=CacheConfig(policy="sink_window", window_frames=4, evict_frames=2))
+    for k in range(4):
+        engine.open(f"s{k}", config).trace = []
+        for i in range(14 - 3 * k):
+            engine.push_frame(f"s{k}", i * 0.5, bank[(i + k) % len(bank)])
+    events = engine.run_until_idle()
+    logits = {s.session_id: torch.stack([t.logits for t in s.trace]) for s in engine.sessions}
+    engine.shutdown()
+    return logits, [(sid, comparable(event)) for sid, event in events]
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_flex_attention_over_the_pool_in_place_matches_sdpa(mixed_model, bank, block_size):
+    """FlexAttention reads the pool where it lies (no gather), with GQA, ragged sessions mid-eviction and
+    replies in the same steps: the same logits as the SDPA reference, and so the same events."""
+    assert mixed_model.lm.config.num_key_value_heads < mixed_model.lm.config.num_attention_heads  # GQA
+    reference, reference_events = _traced_run(mixed_model, bank, "sdpa", block_size)
+    flex, flex_events = _traced_run(mixed_model, bank, "flex", block_size)
+    assert [sid for sid, _ in flex_events] == [sid for sid, _ in reference_events]
+    assert_same_events([event for _, event in flex_events], [event for _, event in reference_events])
+    assert any(event["type"] == "ResponseDone" for _, event in flex_events)  # replies shared the steps
+    for sid, logits in reference.items():
+        torch.testing.assert_close(flex[sid], logits, atol=1e-4, rtol=1e-4)
+
+
+def test_flex_attention_needs_blocks_of_sixteen(mixed_model):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        BatchEngine(mixed_model, EngineConfig(pool=PoolConfig(budget_tokens=4096, block_size=8), attention="flex"))

@@ -63,3 +63,9 @@ def test_flash_attention_kernel_matches_sdpa(tiny_dir):
     # bf16 noise could flip a near-threshold decision and change what follows: keep every frame silent.
     model = steered(load_model(tiny_dir, device="cuda", dtype=torch.bfloat16), interval_bias=100.0)
     torch.testing.assert_close(_batched_logits(model, "flash"), _batched_logits(model, "sdpa"), atol=5e-2, rtol=5e-2)
+
+
+def test_flex_attention_kernel_matches_sdpa_on_cuda(tiny_dir):
+    """FlexAttention compiled for CUDA, reading the pool in place, against the gathering SDPA path."""
+    model = steered(load_model(tiny_dir, device="cuda", dtype=torch.bfloat16), interval_bias=100.0)
+    torch.testing.assert_close(_batched_logits(model, "flex"), _batched_logits(model, "sdpa"), atol=5e-2, rtol=5e-2)

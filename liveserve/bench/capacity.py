@@ -416,8 +416,8 @@ def pool_config(model: LiveModel, settings: CapacitySettings, largest: int,
 
 def run_capacity_bench(model: LiveModel, *, levels: list[int], settings: CapacitySettings, out: str,
                        preset: str | None = None, sweep: bool = False, refine: int = 1,
-                       memory_fraction: float | None = None) -> dict:
-    """`levels`: session counts, ascending. With `sweep`, stop at the first level that misses the SLO and
+                       memory_fraction: float | None = None, attention: str = "auto") -> dict:
+    """`levels`: session counts, ascending. `attention`: the engine's kernel (EngineConfig.attention). With `sweep`, stop at the first level that misses the SLO and
     then bisect up to `refine` more levels between the last pass and that miss."""
     if settings.input_kind == "pixels" and model.vision is None:
         raise ValueError("this model has no vision tower; use --input features")
@@ -434,7 +434,9 @@ def run_capacity_bench(model: LiveModel, *, levels: list[int], settings: Capacit
         print(f"  single stream: engine {single['engine_frames_per_s']:.1f} frames/s, reference loop "
               f"{single['reference_frames_per_s']:.1f} frames/s ({speedup:.2f}x); decisions match: "
               f"{single['decisions_match']}", file=sys.stderr, flush=True)
-        engine = BatchEngine(model, EngineConfig(pool=pool_config(model, settings, max(levels), memory_fraction)))
+        engine = BatchEngine(model, EngineConfig(pool=pool_config(model, settings, max(levels), memory_fraction),
+                                                 attention=attention))
+        print(f"  attention kernel: {engine.kernel}", file=sys.stderr, flush=True)
         session_tokens = cache_limit(model, SessionConfig(cache=CacheConfig(
             policy="sink_window", window_frames=settings.window_frames)))
         pool = {"capacity_tokens": engine.pool.capacity_tokens, "bytes": engine.pool.nbytes,
@@ -474,7 +476,7 @@ def run_capacity_bench(model: LiveModel, *, levels: list[int], settings: Capacit
               "decision_bias": {"interval_logit_bias": bias.bias, "target_reply_rate": settings.reply_rate,
                                 "threshold": settings.threshold, "reply_tokens": len(reply_ids),
                                 "reply_delay_s": settings.reply_delay_s},
-              "pool": pool, "levels": sorted(results, key=lambda level: level["sessions"]),
+              "attention": engine.kernel, "pool": pool, "levels": sorted(results, key=lambda level: level["sessions"]),
               "capacity": max(passing, default=0),
               # every level run passed: the capacity is at least this, the sweep just did not go higher
               "capacity_is_lower_bound": bool(results) and all(level["meets_slo"] for level in results),

@@ -55,6 +55,8 @@ class BatchEngine:
         self.model, self.config = model, config or EngineConfig()
         self.pool = KVPool.for_model(model, self.config.pool)
         self.kernel = resolve_kernel(self.config.attention, self.pool)
+        if self.kernel == "flex":
+            self.pool.zero()
         self.encoder = BatchedFrameEncoder(model, self.config.perception) if model.vision is not None else None
         self._wakeup = threading.Event()  # set by pushes: there may be work
         self.scheduler = Scheduler(self.config.scheduler)

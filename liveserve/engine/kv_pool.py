@@ -48,8 +48,8 @@ class KVPool:
         self.num_blocks = budget_tokens // block_size
         self.device, self.dtype = torch.device(device), dtype
         slots = self.num_blocks * block_size
-        # Unwritten slots are never read (attention gathers only a session's committed and new tokens),
-        # so the storage needs no zeroing.
+        # The gathering kernels never read a slot no token was written to, so the storage is not zeroed
+        # (untouched memory costs nothing); `zero` for the kernels that read whole blocks in place.
         self.keys = torch.empty(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=self.device)
         self.values = torch.empty_like(self.keys)
         self._free = list(range(self.num_blocks - 1, -1, -1))  # a stack: low block ids are handed out first
@@ -106,6 +106,13 @@ class KVPool:
         return self.num_blocks // self.blocks_for(max_tokens)
 
     # ---- sessions --------------------------------------------------------------------------------
+
+    def zero(self) -> None:
+        """Make every slot finite: a kernel reading whole blocks in place (flex) meets slots no token was
+        written to yet (a block's tail; on the CPU, the whole pool), and garbage there (NaN, inf) would
+        leak through a zero attention weight."""
+        self.keys.zero_()
+        self.values.zero_()
 
     def open_cache(self, max_tokens: int) -> PagedCache:
         """Reserve room for a cache of up to `max_tokens` tokens or raise PoolFullError."""

@@ -10,7 +10,11 @@ Two kernels:
          padded [sessions, kv_heads, longest, dim] batch and runs torch SDPA with a per-session mask.
   flash  flash-attn's varlen kernel (CUDA, fp16/bf16, when the optional `flash-attn` is installed):
          K/V gathered back to back without padding, causal alignment bottom-right per session.
-All index tensors are built once per step and shared by every layer.
+  flex   PyTorch FlexAttention over the pool itself: nothing is gathered. The keys and values are the
+         pool's own tensors; a block mask lists, per block of packed queries, the pool blocks of the
+         sessions those queries belong to, and a mask function keeps each query to its own session's
+         tokens up to itself. Compiled on CUDA; on the CPU it runs eagerly (dense, for testing).
+All index tensors (and flex's block mask) are built once per step and shared by every layer.
 """
 
 from __future__ import annotations
@@ -28,10 +32,24 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def flex_attention_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+FLEX_Q_BLOCK = 128  # packed queries per block of flex's block mask (its kernels' query tile)
+
+
 def resolve_kernel(requested: str, pool: KVPool) -> str:
-    """auto -> flash when it can run here, else sdpa; an explicit "flash" that cannot run is an error."""
+    """auto -> flash when it can run here, else sdpa; an explicit "flash" or "flex" that cannot run is an
+    error. flex is taken only when asked for: it has not been measured against the others on a GPU."""
     if requested not in ATTENTION_KERNELS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {requested!r}")
+    if requested == "flex":
+        if not flex_attention_available():
+            raise ValueError("attention 'flex' needs torch.nn.attention.flex_attention (PyTorch >= 2.5)")
+        if pool.block_size % 16:
+            raise ValueError(f"attention 'flex' needs a pool block_size that is a multiple of 16, got {pool.block_size}")
+        return "flex"
     usable = pool.device.type == "cuda" and pool.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
     if requested == "flash" and not usable:
         raise ValueError("attention 'flash' needs CUDA, fp16/bf16 weights and the flash-attn package")
@@ -62,6 +80,9 @@ class PackedStep:
         offsets = counts.cumsum(0) - counts
         rank = torch.arange(owner.numel(), device=device) - offsets[owner]
         self.write_slots = self.gather[owner, before[owner] + rank]
+        if kernel == "flex":
+            self.block_mask = _flex_block_mask(pool, parts, owner, before[owner] + rank)
+            return
         if kernel == "flash":
             self.kv_slots = kv_slots[valid]  # back to back, session by session
             self.cu_q = _cumulative(counts)
@@ -81,6 +102,11 @@ class PackedStep:
         keys, values = self.pool.keys[layer], self.pool.values[layer]  # [slots, kv_heads, dim] views
         keys.index_copy_(0, self.write_slots, key[0].transpose(0, 1))
         values.index_copy_(0, self.write_slots, value[0].transpose(0, 1))
+        if self.kernel == "flex":
+            out = _flex_attention(keys.device)(query, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                                               block_mask=self.block_mask, scale=scaling,
+                                               enable_gqa=keys.shape[1] != query.shape[1])
+            return out.transpose(1, 2)  # [1, T, heads, dim]
         q = query[0].transpose(0, 1)  # [T, heads, dim]
         if self.kernel == "flash":
             from flash_attn import flash_attn_varlen_func
@@ -99,3 +125,56 @@ class PackedStep:
 
 def _cumulative(counts: torch.Tensor) -> torch.Tensor:
     return F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def _flex_block_mask(pool: KVPool, parts: list[tuple[PagedCache, int]], owner: torch.Tensor,
+                     limit: torch.Tensor):
+    """Packed query t (of session owner[t]) may see pool slot s iff s holds a token of the same session
+    at a position <= limit[t] (its cache and its own new tokens up to itself). The block lists come
+    from the block tables on the host: per block of queries, every pool block of the sessions in it."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    device, size = pool.device, pool.block_size
+    block_owner = [-1] * pool.num_blocks
+    block_start = [0] * pool.num_blocks
+    for index, (cache, _) in enumerate(parts):
+        for position, block in enumerate(cache.blocks):
+            block_owner[block], block_start[block] = index, position * size
+    block_owner_t = torch.tensor(block_owner, device=device)
+    block_start_t = torch.tensor(block_start, device=device)
+
+    def same_session_up_to_itself(b, h, q, kv):
+        block = kv // size
+        return (block_owner_t[block] == owner[q]) & (block_start_t[block] + kv % size <= limit[q])
+
+    counts = [n for _, n in parts]
+    total = sum(counts)
+    q_blocks = (total + FLEX_Q_BLOCK - 1) // FLEX_Q_BLOCK
+    lists: list[list[int]] = [[] for _ in range(q_blocks)]
+    start = 0
+    for (cache, _), n in zip(parts, counts):  # a session's queries are contiguous: the q blocks they touch
+        for q_block in range(start // FLEX_Q_BLOCK, (start + n - 1) // FLEX_Q_BLOCK + 1):
+            lists[q_block].extend(cache.blocks)
+        start += n
+    width = pool.num_blocks  # flex's layout: every kv block's column, the first kv_num_blocks of them listed
+    kv_indices = torch.tensor([blocks + [0] * (width - len(blocks)) for blocks in lists], dtype=torch.int32,
+                              device=device)[None, None]
+    kv_num_blocks = torch.tensor([len(blocks) for blocks in lists], dtype=torch.int32, device=device)[None, None]
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=(FLEX_Q_BLOCK, size),
+                                    mask_mod=same_session_up_to_itself,
+                                    seq_lengths=(total, pool.num_blocks * size))
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention(device: torch.device):
+    """flex_attention compiled for CUDA (once per process, dynamic shapes); eager elsewhere."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+    return _COMPILED_FLEX
