@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The checks that only mean something on a GPU, in one run sized for about 8 minutes on one H100/H200:
+#   1. the tests marked `gpu` (CUDA against the CPU reference, the flash-attn and FlexAttention kernels
+#      against SDPA, the KV pool's share of the memory left after the weights);
+#   2. `liveserve bench capacity` at VideoLLM-online-8B's sizes (the llama3-8b-siglip preset: random
+#      weights, bf16, frames as pixels so the vision tower is timed too), once per attention kernel:
+#      auto (flash-attn where installed, else SDPA) and flex.
+# What it writes, in OUT (default out/gpu-check): gpu.txt (the device), tests.log, capacity-<kernel>.json
+# and .log. Run from anywhere; it needs a CUDA build of torch, transformers, safetensors, pytest and
+# hypothesis, and nothing of the serving stack (Ray, Redis): liveserve is installed into a private
+# directory without its dependencies.
+#   OUT=dir        where the results go
+#   WHEELS=dir     install these wheels first (pip, no index): for a machine without a package index
+#   PYTHON=...     the interpreter (default: python3)
+#   PRESET=name    the capacity preset (default: llama3-8b-siglip)
+#   SWEEP_MAX=N    the largest stream count of the capacity sweep (default: 512)
+#   ALLOW_CPU=1    run on the CPU when there is no CUDA device (a check of this script: the GPU tests skip,
+#                  and the bench uses the CPU with PRESET, e.g. tiny)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+python="${PYTHON:-python3}"
+out="$(mkdir -p "${OUT:-$root/out/gpu-check}" && cd "${OUT:-$root/out/gpu-check}" && pwd)"
+preset="${PRESET:-llama3-8b-siglip}"
+sweep_max="${SWEEP_MAX:-512}"
+site="$(mktemp -d)"
+trap 'rm -rf "$site"' EXIT
+
+say() { echo "gpu_check: $*" >&2; }
+
+if [ -n "${WHEELS:-}" ]; then
+  say "installing the wheels in $WHEELS"
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$WHEELS"/*.whl
+fi
+say "installing liveserve (no dependencies) into a private directory"
+"$python" -m pip install -q --no-deps --no-build-isolation --no-compile --no-cache-dir --target "$site" "$root" \
+  >"$out/install.log" 2>&1 || { cat "$out/install.log" >&2; exit 1; }
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+cd "$site"  # not the repository: `liveserve` must be the installed package, with its serving folders mapped
+
+device=cuda
+if ! "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  [ "${ALLOW_CPU:-}" = 1 ] || { say "no CUDA device (ALLOW_CPU=1 checks this script on the CPU)"; exit 2; }
+  device=cpu
+fi
+if [ "$device" = cuda ] && command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/gpu.txt"
+else
+  "$python" -c "import platform, torch; print(platform.processor() or platform.machine(), 'torch', torch.__version__)" \
+    >"$out/gpu.txt"
+fi
+say "device: $(head -1 "$out/gpu.txt")"
+
+status=0
+say "the GPU tests"
+"$python" -m pytest -q -p no:cacheprovider --rootdir "$root" -m gpu "$root/tests/test_gpu.py" \
+  "$root/tests/test_capacity.py" >"$out/tests.log" 2>&1 || status=1
+tail -3 "$out/tests.log" >&2
+
+for kernel in auto flex; do
+  say "bench capacity: $preset, attention $kernel"
+  "$python" -m liveserve.cli bench capacity --preset "$preset" --device "$device" --input pixels \
+    --attention "$kernel" --sweep-max "$sweep_max" --refine 1 --duration 4 --warmup 1 --prefill-frames 16 \
+    --json "$out/capacity-$kernel.json" >"$out/capacity-$kernel.log" 2>&1 || status=1
+  tail -4 "$out/capacity-$kernel.log" >&2
+done
+say "results in $out"
+exit "$status"
