@@ -127,11 +127,16 @@ class Gateway(pb_grpc.LiveStreamServicer):
         batcher = self._batchers.get(name)
         if batcher is None:
             settings = self.settings
-            sharing = [model.name for model in self.models.values() if model.served.perception_pool == name]
+            sharing = {model.name for model in self.models.values() if model.served.perception_pool == name}
+            if len(sharing) == len(self.models):  # every session may send it frames (one model, typically)
+                def senders() -> int:
+                    return len(self.sessions)
+            else:
+                def senders() -> int:
+                    return sum(session.pools.name in sharing for session in self.sessions.values())
             batcher = self._batchers[name] = FrameBatcher(
                 pools.perception, tick_s=settings.tick_ms / 1000, max_frames=pools.settings.max_batch_size,
-                timeout_s=settings.call_timeout_s, done=self._encoded,
-                senders=lambda: sum(session.pools.name in sharing for session in self.sessions.values()),
+                timeout_s=settings.call_timeout_s, done=self._encoded, senders=senders,
                 max_calls=settings.perception_calls, on_batch=self.metrics.tick_frames.observe)
         return batcher
 

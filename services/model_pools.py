@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from liveserve.services.links import FrameBatcher, ReplicaLink
+from liveserve.services.seams import Decision, Perception, Reaction
 from liveserve.services.settings import ServedModel
 
 
@@ -20,9 +21,9 @@ class PoolSeams:
     """A served model and its pools through one transport (seams.py): what a Gateway is built from."""
 
     model: ServedModel
-    perception: object
-    decision: object
-    reaction: object
+    perception: Perception
+    decision: Decision
+    reaction: Reaction
 
 
 class ModelPools:
