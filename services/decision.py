@@ -61,6 +61,7 @@ class DecisionService:
     def __init__(self, model: LiveModel, settings: ServiceSettings, replica: str,
                  registry: SessionRegistry | None = None) -> None:
         self.model, self.settings, self.replica, self.registry = model, settings, replica, registry
+        self._warned_features = False  # features of another tower's shape were logged
         self.engine = BatchEngine(model, settings.engine_config())
         log.info("decision replica %s: %s", replica, self.engine.describe_capacity(settings.session_defaults()))
         self.metrics, self.gpu, self.tracer = DecisionMetrics(), GpuMetrics(), tracer("decision")
@@ -184,6 +185,7 @@ class DecisionService:
     def _apply(self, worker: EngineWorker, held: _Held, command: c.DecisionCommand) -> None:
         sid, session = held.session_id, held.session
         if isinstance(command, c.FrameFeatures):
+            self._check_features(command.features)
             session.push_frame(command.timestamp, command.features, frame_id=command.frame_id)
             held.last_timestamp = command.timestamp
             if command.trace:
@@ -201,6 +203,21 @@ class DecisionService:
                 self._record_turn(held, held.reply_at, "assistant", command.text)
         else:
             worker.close_when_drained(sid, self.settings.drain_timeout_s if command.drain else 0.0)
+
+    def _check_features(self, features) -> None:
+        """Features come from a Perception pool: of the wrong shape, that pool runs another vision tower (a
+        model of `models` whose `perception` names a model with a different tower). Said to the client per
+        frame and to the operator once."""
+        expected = (self.model.layout.num_tokens, self.model.vision_hidden_size)
+        if tuple(features.shape) == expected:
+            return
+        message = (f"frame features from Perception are {tuple(features.shape)}, this model takes {expected}: the "
+                   f"Perception pool encoding this model's frames runs another vision tower (with several models, "
+                   f"`perception` may only name a model with the same tower)")
+        if not self._warned_features:
+            self._warned_features = True
+            log.error("decision replica %s: %s", self.replica, message)
+        raise SessionError(message)
 
     # ---- engine events -> the gateways' outboxes (on the serving loop) ------------------------------------
 

@@ -139,3 +139,37 @@ def test_the_load_tester_mixes_models_and_reports_each(ray_app):
     assert set(level.by_model) == {"quiet", "terse"}
     for figures in level.by_model.values():
         assert figures["sessions"] == 2 and figures["sessions_sustained"] == 2 and figures["frames_decided"] > 0
+
+
+def test_features_from_another_vision_tower_are_refused_with_the_reason(tiny_model):
+    """A model whose `perception` names a model with another tower gets features of the wrong shape: each
+    frame is refused saying so (the gateway turns it into a BAD_FRAME warning), the session goes on."""
+    import asyncio
+
+    import torch
+
+    from liveserve.services import contracts as c
+    from liveserve.services.decision import DecisionService
+
+    settings = ServiceSettings(model="tiny", pool_mb=8)
+    service = DecisionService(tiny_model, settings, "replica-1")
+
+    async def push_and_read() -> list:
+        placed = await service.open(c.OpenSession("s1", "g1", settings.session_defaults()))
+        wrong = torch.zeros(tiny_model.layout.num_tokens, tiny_model.vision_hidden_size + 8)
+        right = torch.zeros(tiny_model.layout.num_tokens, tiny_model.vision_hidden_size)
+        await service.push(c.DecisionPush("g1", (c.FrameFeatures("s1", placed.epoch, 0, 0.0, wrong),
+                                                 c.FrameFeatures("s1", placed.epoch, 1, 0.5, right))))
+        events = []
+        async for batch in service.events("g1"):
+            events += batch.events
+            if any(isinstance(event, c.Decided) for event in events):
+                return events
+
+    try:
+        events = asyncio.run(asyncio.wait_for(push_and_read(), 30))
+    finally:
+        service.stop()
+    refused = [event for event in events if isinstance(event, c.Refused)]
+    assert len(refused) == 1 and refused[0].frame_id == 0 and "runs another vision tower" in refused[0].message
+    assert [event.frame_id for event in events if isinstance(event, c.Decided)] == [1]
