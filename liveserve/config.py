@@ -150,6 +150,9 @@ class PerceptionConfig:
 
     max_batch_size: int = 32
     max_wait_ms: float = 0.0
+    # Encode on a thread of its own (on CUDA, its own stream), overlapping the LM step, instead of at the
+    # start of each step. None: on CUDA only; on the CPU the two threads would fight over the same cores.
+    overlap: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

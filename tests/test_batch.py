@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
@@ -154,19 +156,33 @@ def test_batched_sessions_equal_sessions_run_alone(mixed_model, bank, first, scr
     engine.shutdown()
 
 
-def test_pixels_are_encoded_in_batches_and_match_encoding_alone(mixed_model):
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-the-step", "own-thread"])
+def test_pixels_are_encoded_in_batches_and_match_encoding_alone(mixed_model, overlap, monkeypatch):
+    """Inline (the CPU default) or on a thread of its own overlapping the LM steps (the CUDA default, forced
+    here): batches of every session's frames, and the same events as a session alone."""
     frames = [torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
               for i in range(6)]
     config = SessionConfig(threshold=0.5, max_new_tokens=3)
     engine = BatchEngine(mixed_model, EngineConfig(pool=PoolConfig(budget_tokens=20_000, max_session_tokens=2000),
                                                    scheduler=SchedulerConfig(max_lag_s=None),
-                                                   perception=PerceptionConfig(max_batch_size=8, max_wait_ms=50)))
+                                                   perception=PerceptionConfig(max_batch_size=8, max_wait_ms=50,
+                                                                               overlap=overlap)))
+    encoded_on = set()
+    encode = mixed_model.encode_frames
+
+    def encode_frames(pixels):
+        encoded_on.add(threading.current_thread().name)
+        return encode(pixels)
+
+    monkeypatch.setattr(mixed_model, "encode_frames", encode_frames)
     for k in range(4):
         engine.open(f"s{k}", config)
     for i, frame in enumerate(frames):
         for k in range(4):
             engine.push_frame(f"s{k}", i * 0.5, frame)
     events = engine.run_until_idle()
+    monkeypatch.undo()
+    assert encoded_on == ({"perception"} if overlap else {threading.current_thread().name})
     stats = engine.stats()
     assert stats.perception_frames == 24 and stats.perception_batches < 24  # frames of all sessions together
     alone = Session(mixed_model, config)

@@ -69,3 +69,27 @@ def test_flex_attention_kernel_matches_sdpa_on_cuda(tiny_dir):
     """FlexAttention compiled for CUDA, reading the pool in place, against the gathering SDPA path."""
     model = steered(load_model(tiny_dir, device="cuda", dtype=torch.bfloat16), interval_bias=100.0)
     torch.testing.assert_close(_batched_logits(model, "flex"), _batched_logits(model, "sdpa"), atol=5e-2, rtol=5e-2)
+
+
+def test_overlapping_perception_on_its_own_stream_matches_the_cpu(tiny_dir):
+    """On CUDA frames are encoded on a thread and stream of their own while the LM steps: the decisions
+    are the CPU reference's."""
+    from liveserve.config import EngineConfig, PerceptionConfig, PoolConfig, SchedulerConfig
+    from liveserve.engine.batch import BatchEngine
+
+    frames = [torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+              for i in range(8)]
+    decisions = []
+    for device in ("cpu", "cuda"):
+        model = steered(load_model(tiny_dir, device=device, dtype=torch.float32), interval_bias=8.0, eos_bias=7.8)
+        engine = BatchEngine(model, EngineConfig(pool=PoolConfig(budget_tokens=20_000), perception=PerceptionConfig(),
+                                                 scheduler=SchedulerConfig(max_lag_s=None)))
+        assert engine.encoder.overlap == (device == "cuda")
+        for k in range(3):
+            engine.open(f"s{k}", SessionConfig(threshold=0.5, max_new_tokens=3))
+            for i, frame in enumerate(frames):
+                engine.push_frame(f"s{k}", i * 0.5, frame)
+        events = engine.run_until_idle()
+        decisions.append(sorted((sid, e.frame_index, e.fired) for sid, e in events if isinstance(e, FrameDecision)))
+        engine.shutdown()
+    assert decisions[0] == decisions[1]

@@ -58,7 +58,9 @@ class BatchEngine:
         if self.kernel == "flex":
             self.pool.zero()
         self.encoder = BatchedFrameEncoder(model, self.config.perception) if model.vision is not None else None
-        self._wakeup = threading.Event()  # set by pushes: there may be work
+        self._wakeup = threading.Event()  # set by pushes (and an overlapping encoder's batches): there may be work
+        if self.encoder is not None:
+            self.encoder.start(self._wakeup.set)
         self.scheduler = Scheduler(self.config.scheduler)
         self.steps = 0
         self.last_batch: tuple[str, ...] = ()  # the sessions the latest step ran (introspection, metrics)
@@ -152,7 +154,7 @@ class BatchEngine:
 
     def step(self) -> list[tuple[str, Event]]:
         with self._step_lock:
-            if self.encoder is not None:
+            if self.encoder is not None and not self.encoder.overlap:
                 self.encoder.encode_waiting()  # perception for every frame that arrived since the last step
             schedule = self.scheduler.schedule([s for s in self._sessions.values() if not s.closed])
             events: list[tuple[str, Event]] = list(schedule.dropped)
@@ -217,7 +219,8 @@ class BatchEngine:
             self._wakeup.clear()  # clear first: a push landing between the check and the wait still wakes us
             if any(s.ready() for s in self._sessions.values()):
                 return True
-            pending = self.encoder is not None and self.encoder.queue_depth > 0
+            # Frames waiting for an inline encoder are this step's work; an overlapping one wakes us when done.
+            pending = self.encoder is not None and not self.encoder.overlap and self.encoder.queue_depth > 0
             wait = self.encoder.worth_waiting() if pending else deadline - time.monotonic()
             if pending and wait <= 0:
                 return True
