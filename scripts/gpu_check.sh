@@ -31,9 +31,10 @@ if [ -n "${WHEELS:-}" ]; then
   say "installing the wheels in $WHEELS"
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$WHEELS"/*.whl
 fi
-say "installing liveserve (no dependencies) into a private directory"
-"$python" -m pip install -q --no-deps --no-build-isolation --no-compile --no-cache-dir --target "$site" "$root" \
-  >"$out/install.log" 2>&1 || { cat "$out/install.log" >&2; exit 1; }
+say "laying liveserve out in a private directory (no dependencies, no build tools needed)"
+# As setup.py installs it: the serving stack's top-level folders become liveserve's subpackages.
+cp -r "$root/liveserve" "$site/liveserve"
+for part in services loadtest orchestration; do rm -rf "$site/liveserve/$part"; cp -r "$root/$part" "$site/liveserve/$part"; done
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 cd "$site"  # not the repository: `liveserve` must be the installed package, with its serving folders mapped
 
