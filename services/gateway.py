@@ -176,7 +176,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
             session.abandon()  # a no-op once the session ended; else the client is gone: free it now
             self.sessions.pop(session.session_id, None)
             self._release_quota(session.tenant, session.session_id)
-            self.metrics.sessions_active.set(len(self.sessions))
+            self._count_sessions(session.pools)
         if end.code != grpc.StatusCode.OK:
             self.metrics.errors.inc(tags={"code": end.code.name})
             await context.abort(end.code, end.details)
@@ -275,10 +275,14 @@ class Gateway(pb_grpc.LiveStreamServicer):
                          f"{placed.restored_turns} turn(s) of conversation; frames sent after the connection "
                          f"broke never arrived; the next frame gets index {parked.next_frame}")
         self.sessions[session.session_id] = session
-        self.metrics.sessions_opened.inc()
-        self.metrics.sessions_active.set(len(self.sessions))
+        self.metrics.sessions_opened.inc(tags={"model": pools.name})
+        self._count_sessions(pools)
         self._ensure_watchdog()
         return session
+
+    def _count_sessions(self, pools: ModelPools) -> None:
+        held = sum(session.pools is pools for session in self.sessions.values())
+        self.metrics.sessions_active.set(held, tags={"model": pools.name})
 
     @staticmethod
     def _session_config(open_: pb.Open, pools: ModelPools):

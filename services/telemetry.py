@@ -111,8 +111,9 @@ def serve_metrics(address: str) -> int:
 
 class GatewayMetrics:
     def __init__(self) -> None:
-        self.sessions_active = _gauge("liveserve_sessions_active", "Sessions with an open LiveStream call.")
-        self.sessions_opened = _counter("liveserve_sessions_opened_total", "Sessions opened.")
+        self.sessions_active = _gauge("liveserve_sessions_active", "Sessions with an open LiveStream call, by model.",
+                                      ("model",))
+        self.sessions_opened = _counter("liveserve_sessions_opened_total", "Sessions opened, by model.", ("model",))
         self.frames_received = _counter("liveserve_frames_received_total", "Frames received from clients.")
         self.errors = _counter("liveserve_errors_total", "Calls ended with an error status, by gRPC code.", ("code",))
         self.warnings = _counter("liveserve_warnings_total", "Warnings sent to clients, by code.", ("code",))

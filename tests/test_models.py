@@ -6,6 +6,9 @@ pools a session lives on, an unknown name refused with the list, and the load te
 from __future__ import annotations
 
 import json
+import re
+import time
+import urllib.request
 
 import grpc
 import pytest
@@ -120,6 +123,17 @@ def test_open_model_places_the_session_on_that_models_pools(ray_app):
                 call.close()
     for reply in replies:
         assert reply[-1].WhichOneof("kind") == "closed" and reply[-1].closed.frames_decided == 3
+    # The gateway counts sessions by model (Ray exports metrics every few seconds).
+    opened = re.compile(r'ray_liveserve_sessions_opened_total\{[^}]*model="terse"')
+    deadline = time.monotonic() + 60
+    while not opened.search(scrape(ray_app.metrics_url)):
+        assert time.monotonic() < deadline, "no sessions_opened_total series for model terse"
+        time.sleep(0.5)
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
 
 
 def test_an_unknown_model_is_not_found_with_the_names_served(ray_app):
