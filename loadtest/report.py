@@ -249,6 +249,13 @@ def render_html(report: RunReport, images: list[Path]) -> str:
         counts += [[f"warning {k}", str(v)] for k, v in level.warnings.items()]
         counts += [["error detail", m] for m in level.error_messages]
         parts.append(_html_table(["count", "value"], counts, 2))
+        if level.by_model:
+            rows = [[model, str(f["sessions"]), str(f["sessions_sustained"]), str(f["frames_decided"]),
+                     _f(f["latency_p50_ms"]), _f(f["latency_p99_ms"]), f"{f['slo_attainment']:.3%}",
+                     ", ".join(f"{k} x{v}" for k, v in f["errors"].items()) or "none"]
+                    for model, f in level.by_model.items()]
+            parts.append(_html_table(["model", "sessions", "sustained", "decided", "p50 ms", "p99 ms", "SLO",
+                                      "errors"], rows, 1))
     config_rows = [[k, json.dumps(v)] for k, v in report.config.items()]
     env_rows = [[k, str(v)] for k, v in report.environment.items()]
     parts += ["<h2>Settings</h2>", _html_table(["setting", "value"], config_rows, 2),

@@ -153,6 +153,12 @@ def test_the_load_tester_mixes_models_and_reports_each(ray_app):
     assert set(level.by_model) == {"quiet", "terse"}
     for figures in level.by_model.values():
         assert figures["sessions"] == 2 and figures["sessions_sustained"] == 2 and figures["frames_decided"] > 0
+    from liveserve.loadtest.report import render_html, summary_text
+
+    text = summary_text(report)
+    assert "4 sessions, model quiet: 2 sessions (2 sustained)" in text and "model terse" in text
+    page = render_html(report, [])
+    assert page.index("<th class=l>model</th>") < page.index("<td class=l>terse</td>")
 
 
 def test_features_from_another_vision_tower_are_refused_with_the_reason(tiny_model):
