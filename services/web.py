@@ -9,7 +9,9 @@ ClientMessage / ServerMessage protobufs, in either encoding, chosen by the clien
 - a binary frame is a serialized ClientMessage; replies are then serialized ServerMessages.
 When the call ends with a status other than OK, a last ServerMessage {"error": {"code", "message"}} carries
 it, and the WebSocket closes with code 4000 + the gRPC status code (4016 UNAUTHENTICATED, 4003
-INVALID_ARGUMENT, ...); a call that ends well closes with 1000. A message that is not a ClientMessage ends
+INVALID_ARGUMENT, ...); a call that ends well closes with 1000. `GET /v1/models` answers ListModels as
+JSON ({"models": [...]}; the API key, where the deployment has keys, in an `X-Api-Key` header), or a
+refusal as {"error": {"code", "message"}} with an HTTP status to match. A message that is not a ClientMessage ends
 the session with 4003. A client that closes its WebSocket cancels the call.
 
 Served by `liveserve serve --local --http-port` (local_http.py) and on Ray by each Gateway replica as
@@ -37,6 +39,11 @@ from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
 
 STREAM_PATH = "/v1/stream"
+MODELS_PATH = "/v1/models"
+# gRPC status -> HTTP status, for the models list's refusals
+HTTP_STATUS = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+               grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 412,
+               grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504}
 CLOSE_OK = 1000
 CLOSE_STATUS_BASE = 4000  # + the gRPC status code: WebSocket close codes 4000-4999 are the application's
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -210,6 +217,11 @@ async def refuse(websocket: WebSocket, reason: str) -> None:
     await websocket.close(CLOSE_STATUS_BASE + code.value[0])
 
 
+def _error_response(code: grpc.StatusCode, message: str) -> Response:
+    body = json.dumps({"error": {"code": code.value[0], "status": code.name, "message": message}})
+    return Response(body, status_code=HTTP_STATUS.get(code, 500), media_type="application/json")
+
+
 def page_response(path: str) -> Response:
     name, media_type = PAGE_FILES[path]
     body = (resources.files("liveserve") / "web" / name).read_bytes()
@@ -230,5 +242,19 @@ def web_app(grpc_address: str, refusal: str = "") -> Starlette:
         else:
             await bridge(websocket, channel)
 
-    routes = [Route(path, page) for path in PAGE_FILES] + [WebSocketRoute(STREAM_PATH, stream)]
+    async def models(request: Request) -> Response:
+        if refusal:
+            return _error_response(grpc.StatusCode.FAILED_PRECONDITION, refusal)
+        api_key = request.headers.get("x-api-key", "")
+        listing = pb.ListModelsRequest(credentials={"api_key": api_key} if api_key else {})
+        try:
+            answer = await asyncio.to_thread(channel.stub().ListModels, listing, timeout=10)
+        except grpc.RpcError as exc:
+            return _error_response(exc.code(), exc.details() or "")
+        return Response(json_format.MessageToJson(answer, always_print_fields_with_no_presence=True,
+                                                  preserving_proto_field_name=True),
+                        media_type="application/json", headers={"Cache-Control": "no-cache"})
+
+    routes = [Route(path, page) for path in PAGE_FILES] + [Route(MODELS_PATH, models),
+                                                           WebSocketRoute(STREAM_PATH, stream)]
     return Starlette(routes=routes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -147,6 +148,30 @@ def test_a_front_that_cannot_relay_refuses_every_stream_with_its_reason(web):
     assert code == 4009 and received == [{"error": {"code": 9, "message": "no plaintext gRPC here"}}]
 
 
+def _get_json(url: str, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_the_models_list_is_list_models_under_the_same_keys(web):
+    status, body = _get_json(f"{web.url.rstrip('/')}/v1/models", {"X-Api-Key": API_KEY})
+    assert status == 200 and [(m["name"], m["is_default"], m["family"]) for m in body["models"]] == \
+        [("default", True, "live")]
+    assert body["models"][0]["max_new_tokens"] == 6 and body["models"][0]["window_frames"] == 16
+    status, body = _get_json(f"{web.url.rstrip('/')}/v1/models")  # no key: refused as on gRPC
+    assert status == 401 and body["error"]["status"] == "UNAUTHENTICATED"
+    front = WebServer(web.local.address, "127.0.0.1", 0, 1 << 20, refusal="no plaintext gRPC here").start()
+    try:
+        status, body = _get_json(f"http://127.0.0.1:{front.port}/v1/models", {"X-Api-Key": API_KEY})
+    finally:
+        front.stop()
+    assert status == 412 and body["error"]["message"] == "no plaintext gRPC here"
+
+
 def test_the_page_is_self_contained(web):
     for path in ("/", "/app.js", "/style.css"):
         with urllib.request.urlopen(f"{web.url.rstrip('/')}{path}", timeout=10) as answer:
@@ -182,6 +207,9 @@ def test_the_page_in_headless_chromium_shows_decisions_and_a_reply(web, tmp_path
     browser = Chromium(binary, tmp_path / "profile", url, camera_clip=clip).connect()
     try:
         _page_session(browser, 10)
+        # The model picker lists what the deployment serves (GET /v1/models), the default chosen.
+        assert browser.evaluate("[...document.getElementById('model').options].map(o => o.textContent)") == \
+            ["default (default)"]
         browser.screenshot(tmp_path / "browser.png")
     finally:
         browser.close()

@@ -1,6 +1,6 @@
 // liveserve's browser front: streams the webcam or a local video file to /v1/stream (the LiveStream
 // session protocol as protobuf JSON) and shows what comes back. No dependencies.
-// URL parameters preset the form: source=camera|file, fps, threshold, key, query; auto=1 starts at once
+// URL parameters preset the form: source=camera|file, model, fps, threshold, key, query; auto=1 starts at once
 // (camera) and max_frames=N sends a Close after N frames (used by the browser test).
 "use strict";
 
@@ -21,6 +21,29 @@ function setState(state, text) {
 function newSession() {
   return { sent: 0, firstIndex: 0, decisions: [], sentAt: new Map(), startedAt: 0, replies: new Map(),
            threshold: null, closing: false, maxFrames: Number(params.get("max_frames")) || 0 };
+}
+
+// The models the deployment serves (GET /v1/models, ListModels): the picker lists them, the default first.
+async function loadModels() {
+  const picker = $("model");
+  const wanted = picker.value || params.get("model") || "";
+  const headers = $("api-key").value ? { "X-Api-Key": $("api-key").value } : {};
+  try {
+    const response = await fetch("/v1/models", { headers, cache: "no-store" });
+    const body = await response.json();
+    if (!response.ok) throw new Error(body.error ? body.error.message : response.statusText);
+    picker.replaceChildren(...body.models.map((model) => {
+      const option = document.createElement("option");
+      option.value = model.is_default ? "" : model.name;  // "" opens the default, whatever its name
+      option.textContent = model.is_default ? `${model.name} (default)` : model.name;
+      option.dataset.name = model.name;
+      return option;
+    }));
+    const match = [...picker.options].find((option) => option.dataset.name === wanted || option.value === wanted);
+    if (match) picker.value = match.value;
+  } catch (err) {
+    picker.title = `models: ${err.message || err}`;  // the default model is still there to use
+  }
 }
 
 async function openSource() {
@@ -87,6 +110,7 @@ async function start() {
   const threshold = $("threshold").value === "" ? null : Number($("threshold").value);
   session.threshold = threshold ?? DEFAULT_THRESHOLD;
   const open = { fps, credentials: {} };
+  if ($("model").value) open.model = $("model").value;
   if (threshold !== null) open.threshold = threshold;
   if ($("api-key").value) open.credentials.api_key = $("api-key").value;
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
@@ -230,4 +254,5 @@ for (const [name, id] of [["source", "source"], ["fps", "fps"], ["threshold", "t
 }
 $("file").hidden = $("source").value !== "file";
 drawTimeline();
-if (params.get("auto") === "1") start();
+$("api-key").addEventListener("change", () => loadModels());
+loadModels().then(() => { if (params.get("auto") === "1") start(); });
