@@ -9,10 +9,12 @@ ClientMessage / ServerMessage protobufs, in either encoding, chosen by the clien
 - a binary frame is a serialized ClientMessage; replies are then serialized ServerMessages.
 When the call ends with a status other than OK, a last ServerMessage {"error": {"code", "message"}} carries
 it, and the WebSocket closes with code 4000 + the gRPC status code (4016 UNAUTHENTICATED, 4003
-INVALID_ARGUMENT, ...); a call that ends well closes with 1000. `GET /v1/models` answers ListModels as
-JSON ({"models": [...]}; the API key, where the deployment has keys, in an `X-Api-Key` header), or a
-refusal as {"error": {"code", "message"}} with an HTTP status to match. A message that is not a ClientMessage ends
+INVALID_ARGUMENT, ...); a call that ends well closes with 1000. A message that is not a ClientMessage ends
 the session with 4003. A client that closes its WebSocket cancels the call.
+
+`GET /v1/models` answers ListModels as JSON ({"models": [...]}; the API key, where the deployment has
+keys, in an `X-Api-Key` header), or a refusal as {"error": {"code", "status", "message"}} with an HTTP
+status to match (401, 429, 412, 503...).
 
 Served by `liveserve serve --local --http-port` (local_http.py) and on Ray by each Gateway replica as
 its Serve HTTP ingress (deployments.py), both with the page at `/`.
