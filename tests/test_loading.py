@@ -351,3 +351,33 @@ def test_perception_encodes_frames_with_the_vision_only_model(tiny_dir, tiny_mod
     assert result.errors == ("", "")
     assert [tuple(f.shape) for f in result.features] == [(tiny_model.layout.num_tokens,
                                                           tiny_model.vision_hidden_size)] * 2
+
+
+def test_a_tiny_qwen2_5_vl_checkpoint_runs_in_transformers_and_is_refused_by_name(tmp_path, capsys):
+    """`liveserve tiny --family qwen2_5_vl` writes StreamingVLM's release layout (Hugging Face loads it and
+    runs an image through it); liveserve does not serve that family yet and says what the directory is."""
+    import numpy as np
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    from liveserve.cli import main
+
+    out = tmp_path / "streamingvlm"
+    assert main(["tiny", str(out), "--family", "qwen2_5_vl"]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
+            "generation_config.json"} <= {p.name for p in out.iterdir()}
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out).eval()
+    tokenizer, images = AutoTokenizer.from_pretrained(out), Qwen2VLImageProcessor.from_pretrained(out)
+    assert tokenizer.bos_token is None and model.config.model_type == "qwen2_5_vl"
+    frame = np.random.default_rng(0).integers(0, 256, (84, 112, 3), dtype=np.uint8)
+    pixels = images(images=[frame], return_tensors="pt")
+    merged = int(pixels["image_grid_thw"].prod()) // images.merge_size ** 2  # tokens the frame becomes
+    text = "<|vision_start|>" + "<|image_pad|>" * merged + "<|vision_end|>Time=0-1s"
+    ids = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"]).logits
+    assert logits.shape[:2] == ids["input_ids"].shape and torch.isfinite(logits).all()
+
+    with pytest.raises(CheckpointError, match="is a Qwen2.5-VL checkpoint .* not served yet"):
+        load_model(out)
+    assert main(["tiny", str(tmp_path / "x"), "--family", "qwen2_5_vl", "--llm", "qwen2"]) == 2
+    assert "--llm applies to --family live only" in capsys.readouterr().err

@@ -66,8 +66,7 @@ def load_model(path: str | Path, *, base_model: str | Path | None = None, vision
     elif (path / ADAPTER_CONFIG).is_file():
         model = _load_videollm_online(path, base_model, vision_model, device, dtype, merge_lora, load_vision)
     else:
-        raise CheckpointError(f"{path} has neither {LIVE_CONFIG} (liveserve layout) nor {ADAPTER_CONFIG} "
-                              "(VideoLLM-online layout)")
+        raise _unknown_layout(path)
     return model.eval().requires_grad_(False)
 
 
@@ -82,11 +81,32 @@ def load_vision_model(path: str | Path, *, vision_model: str | Path | None = Non
         extra = _release_config(path)
         vision_dir, layout = _release_vision_dir(path, vision_model, extra), _release_layout(extra)
     else:
-        raise CheckpointError(f"{path} has neither {LIVE_CONFIG} (liveserve layout) nor {ADAPTER_CONFIG} "
-                              "(VideoLLM-online layout)")
+        raise _unknown_layout(path)
     vision = _load_vision(vision_dir, layout, device, dtype)
     model = VisionModel(vision, frame_size=_vision_config(vision_dir).image_size, name=str(path))
     return model.eval().requires_grad_(False)
+
+
+# Vision-language families that are not served (yet), by config.json's model_type: what they are.
+UNSERVED_FAMILIES = {"qwen2_5_vl": "a Qwen2.5-VL checkpoint (the layout StreamingVLM releases)",
+                     "qwen2_vl": "a Qwen2-VL checkpoint (the layout LiveCC releases)"}
+
+
+def _unknown_layout(path: Path) -> CheckpointError:
+    """Why `path` is not a LIVE checkpoint, naming what it is when it is a known other family."""
+    config = path / "config.json"
+    model_type = ""
+    if config.is_file():
+        try:
+            model_type = str(json.loads(config.read_text()).get("model_type", ""))
+        except (ValueError, AttributeError):
+            pass
+    if model_type in UNSERVED_FAMILIES:
+        return CheckpointError(f"{path} is {UNSERVED_FAMILIES[model_type]} (model_type {model_type!r}): that family "
+                               f"is not served yet; liveserve serves LIVE models (VideoLLM-online's layout: a vision "
+                               f"tower, a connector and a Llama or Qwen2 LM; {LIVE_CONFIG} or {ADAPTER_CONFIG})")
+    return CheckpointError(f"{path} has neither {LIVE_CONFIG} (liveserve layout) nor {ADAPTER_CONFIG} "
+                           "(VideoLLM-online layout)")
 
 
 def _target(path, device, dtype) -> tuple[Path, torch.device, torch.dtype]:

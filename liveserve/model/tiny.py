@@ -153,6 +153,39 @@ def write_tiny_checkpoint(out_dir: str | Path, *, layout: str = "liveserve", llm
     return _write_adapter(out, lm, connector, vision_hidden, lora_rank)
 
 
+def write_tiny_qwen2_5_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A random-weight Qwen2.5-VL checkpoint in the layout StreamingVLM releases (a plain Hugging Face
+    directory: config.json with model_type qwen2_5_vl, safetensors weights, a Qwen2 tokenizer with its
+    vision markers and chat template, the image processor's preprocessor_config.json), a few hundred KB.
+    liveserve does not serve this family yet (`load_model` says so); Hugging Face loads and runs it."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer("qwen2")
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("start", "<|vision_start|>"),
+        ("end", "<|vision_end|>"))}
+    special = dict(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2_5_VLConfig(
+        # M-RoPE: head_dim 16 -> 8 rotary pairs, split over the temporal, height and width rows.
+        text_config=dict(vocab_size=((len(tokenizer) + 63) // 64) * 64, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=32768, tie_word_embeddings=False,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **special),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1]),
+        image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["start"],
+        vision_end_token_id=ids["end"], tie_word_embeddings=False, **special)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # StreamingVLM's frames: up to 360x640 (about 300 patches of 14 px merged 2x2); small here.
+    Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(out)
+    return out
+
+
 def _write_adapter(out: Path, lm, connector, vision_hidden: int, rank: int) -> Path:
     from peft import LoraConfig, get_peft_model
 
