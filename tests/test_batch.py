@@ -400,8 +400,9 @@ HOST_READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool_
 
 def test_a_step_reads_its_results_back_from_the_device_once(mixed_model, bank, monkeypatch):
     """Every `float(t)`, `int(t)`, `.item()` of a device tensor waits for the device: a step of many
-    sessions reads what they all need (decisions, greedy reply tokens) in one copy, not one per session.
-    On the CPU nothing waits, so the step's tensor-to-host conversions are counted instead."""
+    sessions reads what they all need (decisions, greedy reply tokens) in one copy, not one per session,
+    and sends its attention indices in one copy too. On the CPU nothing waits, so the step's
+    tensor-to-host conversions and its uploads are counted instead."""
     engine = BatchEngine(mixed_model, no_drops())
     deciding = SessionConfig(replies="external", threshold=0.9)
     for sid in ("a", "b", "c"):
@@ -423,11 +424,17 @@ def test_a_step_reads_its_results_back_from_the_device_once(mixed_model, bank, m
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
+    from liveserve.engine import packed
+
+    uploads = []
+    upload = packed.upload
+    monkeypatch.setattr(packed, "upload", lambda values, device: uploads.append(len(values)) or upload(values, device))
     events = engine.step()
     monkeypatch.undo()
     assert len(engine.last_batch) == 4
     assert sum(isinstance(event, FrameDecision) for _, event in events) == 3
     assert reads == ["cpu", "tolist"]  # one copy of the step's summary, then host lists
+    assert len(uploads) == 1  # the step's attention indices went over in one copy
     engine.shutdown()
 
 

@@ -192,12 +192,11 @@ class BatchEngine:
 
     def _execute(self, planned: list[tuple[Session, StepInput]]) -> torch.Tensor:
         steps = [step for _, step in planned]
-        counts = torch.tensor([step.num_tokens for step in steps])
         embeds = self.model.embed_step(steps)
         positions = torch.cat([step.positions for step in steps])
         packed = PackedStep(self.pool, [(s.cache, step.num_tokens) for s, step in planned], self.kernel)
         with torch.inference_mode():
-            return self.model.forward_step(embeds, positions, packed, (counts.cumsum(0) - 1).to(self.model.device))
+            return self.model.forward_step(embeds, positions, packed, packed.last_index)
 
     def _fail(self, session: Session, code: str, message: str) -> tuple[str, SessionFailed]:
         session.fail(message)

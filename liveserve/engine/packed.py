@@ -63,13 +63,16 @@ class PackedStep:
         sizes = [n for _, n in parts]
         lengths = [cache.length for cache, _ in parts]
         widest, longest = max(sizes), max(b + n for b, n in zip(lengths, sizes))  # host ints: no device sync
-        counts = torch.tensor(sizes, device=device)
-        before = torch.tensor(lengths, device=device)
-        totals = before + counts
         # Every session's block table, padded with its own first block: [sessions, most blocks]
         tables = [cache.blocks for cache, _ in parts]
         width = max(len(t) for t in tables)
-        table = torch.tensor([t + t[:1] * (width - len(t)) for t in tables], device=device)
+        # What the step needs from the host goes over in one copy (pinned and asynchronous on CUDA); the
+        # rest of the indices are derived from it on the device.
+        planned = [*sizes, *lengths, *(block for t in tables for block in t + t[:1] * (width - len(t)))]
+        counts, before, table = upload(planned, device).split([len(parts), len(parts), len(parts) * width])
+        table = table.view(len(parts), width)
+        self.last_index = counts.cumsum(0) - 1  # each session's last packed token: where its logits are read
+        totals = before + counts
         column = torch.arange(longest, device=device)
         kv_slots = table[:, column // size] * size + column % size  # [sessions, longest]
         valid = column[None] < totals[:, None]
@@ -121,6 +124,15 @@ class PackedStep:
         out = F.scaled_dot_product_attention(padded_q, padded_k, padded_v, attn_mask=self.mask, scale=scaling,
                                              enable_gqa=padded_k.shape[1] != heads)
         return out.transpose(1, 2).reshape(-1, heads, dim)[self.unpack][None]
+
+
+def upload(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host ints as one int64 tensor on `device`: on CUDA from pinned memory without waiting for the copy
+    (a pageable copy would block the host until it is done)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _cumulative(counts: torch.Tensor) -> torch.Tensor:
