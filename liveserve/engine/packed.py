@@ -69,7 +69,8 @@ class PackedStep:
         # What the step needs from the host goes over in one copy (pinned and asynchronous on CUDA); the
         # rest of the indices are derived from it on the device.
         planned = [*sizes, *lengths, *(block for t in tables for block in t + t[:1] * (width - len(t)))]
-        counts, before, table = upload(planned, device).split([len(parts), len(parts), len(parts) * width])
+        counts, before, table = upload(torch.tensor(planned), device).split([len(parts), len(parts),
+                                                                              len(parts) * width])
         table = table.view(len(parts), width)
         self.last_index = counts.cumsum(0) - 1  # each session's last packed token: where its logits are read
         totals = before + counts
@@ -85,6 +86,7 @@ class PackedStep:
         self.write_slots = self.gather[owner, before[owner] + rank]
         if kernel == "flex":
             self.block_mask = _flex_block_mask(pool, parts, owner, before[owner] + rank)
+            self.flex = _flex_attention(device)
             return
         if kernel == "flash":
             self.kv_slots = kv_slots[valid]  # back to back, session by session
@@ -106,7 +108,7 @@ class PackedStep:
         keys.index_copy_(0, self.write_slots, key[0].transpose(0, 1))
         values.index_copy_(0, self.write_slots, value[0].transpose(0, 1))
         if self.kernel == "flex":
-            out = _flex_attention(keys.device)(query, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+            out = self.flex(query, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
                                                block_mask=self.block_mask, scale=scaling,
                                                enable_gqa=keys.shape[1] != query.shape[1])
             return out.transpose(1, 2)  # [1, T, heads, dim]
@@ -126,10 +128,9 @@ class PackedStep:
         return out.transpose(1, 2).reshape(-1, heads, dim)[self.unpack][None]
 
 
-def upload(values: list[int], device: torch.device) -> torch.Tensor:
-    """Host ints as one int64 tensor on `device`: on CUDA from pinned memory without waiting for the copy
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor planned on the host, on `device`: on CUDA from pinned memory without waiting for the copy
     (a pageable copy would block the host until it is done)."""
-    host = torch.tensor(values, dtype=torch.long)
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
@@ -147,13 +148,15 @@ def _flex_block_mask(pool: KVPool, parts: list[tuple[PagedCache, int]], owner: t
     from torch.nn.attention.flex_attention import BlockMask
 
     device, size = pool.device, pool.block_size
-    block_owner = [-1] * pool.num_blocks
-    block_start = [0] * pool.num_blocks
-    for index, (cache, _) in enumerate(parts):
-        for position, block in enumerate(cache.blocks):
-            block_owner[block], block_start[block] = index, position * size
-    block_owner_t = torch.tensor(block_owner, device=device)
-    block_start_t = torch.tensor(block_start, device=device)
+    # Per pool block: the session it belongs to (-1: none of this step's) and its first token's position.
+    blocks = torch.tensor([block for cache, _ in parts for block in cache.blocks], dtype=torch.long)
+    held = torch.tensor([len(cache.blocks) for cache, _ in parts])
+    first = torch.cumsum(held, 0) - held
+    rank = torch.arange(blocks.numel()) - torch.repeat_interleave(first, held)
+    by_block = torch.full((2, pool.num_blocks), -1, dtype=torch.long)
+    by_block[0, blocks] = torch.repeat_interleave(torch.arange(len(parts)), held)
+    by_block[1, blocks] = rank * size
+    block_owner_t, block_start_t = upload(by_block, device)
 
     def same_session_up_to_itself(b, h, q, kv):
         block = kv // size
@@ -168,10 +171,12 @@ def _flex_block_mask(pool: KVPool, parts: list[tuple[PagedCache, int]], owner: t
         for q_block in range(start // FLEX_Q_BLOCK, (start + n - 1) // FLEX_Q_BLOCK + 1):
             lists[q_block].extend(cache.blocks)
         start += n
-    width = pool.num_blocks  # flex's layout: every kv block's column, the first kv_num_blocks of them listed
-    kv_indices = torch.tensor([blocks + [0] * (width - len(blocks)) for blocks in lists], dtype=torch.int32,
-                              device=device)[None, None]
-    kv_num_blocks = torch.tensor([len(blocks) for blocks in lists], dtype=torch.int32, device=device)[None, None]
+    # flex's layout: a column per kv block of the pool, the first kv_num_blocks of each row listed.
+    kv_indices = torch.zeros(q_blocks, pool.num_blocks, dtype=torch.int32)
+    for row, listed in enumerate(lists):
+        kv_indices[row, :len(listed)] = torch.tensor(listed, dtype=torch.int32)
+    kv_indices = upload(kv_indices, device)[None, None]
+    kv_num_blocks = upload(torch.tensor([len(listed) for listed in lists], dtype=torch.int32), device)[None, None]
     return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=(FLEX_Q_BLOCK, size),
                                     mask_mod=same_session_up_to_itself,
                                     seq_lengths=(total, pool.num_blocks * size))

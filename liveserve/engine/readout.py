@@ -26,7 +26,8 @@ class Readout:
 def read_out(logits: torch.Tensor, interval_id: int) -> list[Readout]:
     """`logits`: [rows, vocab] fp32, one row per session of the step."""
     probs = logits.softmax(-1)
-    speaking = probs.index_fill(1, torch.tensor([interval_id], device=probs.device), 0.0)
+    speaking = probs.clone()
+    speaking[:, interval_id] = 0.0  # a Python index: nothing to upload
     # Token ids are exact in fp32 below 2**24 (vocabularies are far smaller): one tensor, one copy.
     summary = torch.stack([probs[:, interval_id], probs.argmax(-1).to(probs.dtype),
                            speaking.argmax(-1).to(probs.dtype), logits.argmax(-1).to(probs.dtype)], 1)
