@@ -127,13 +127,11 @@ class Gateway(pb_grpc.LiveStreamServicer):
         batcher = self._batchers.get(name)
         if batcher is None:
             settings = self.settings
-            sharing = {model.name for model in self.models.values() if model.served.perception_pool == name}
-            if len(sharing) == len(self.models):  # every session may send it frames (one model, typically)
-                def senders() -> int:
-                    return len(self.sessions)
-            else:
-                def senders() -> int:
-                    return sum(session.pools.name in sharing for session in self.sessions.values())
+            sharing = [model for model in self.models.values() if model.served.perception_pool == name]
+
+            def senders() -> int:  # sessions that may send this pool frames: asked for every frame
+                return sum(model.open_sessions for model in sharing)
+
             batcher = self._batchers[name] = FrameBatcher(
                 pools.perception, tick_s=settings.tick_ms / 1000, max_frames=pools.settings.max_batch_size,
                 timeout_s=settings.call_timeout_s, done=self._encoded, senders=senders,
@@ -174,7 +172,8 @@ class Gateway(pb_grpc.LiveStreamServicer):
             if end.code == grpc.StatusCode.CANCELLED and not session.ended and self.resumes.enabled:
                 self._park(session)  # the client went away: it may resume the session with its token
             session.abandon()  # a no-op once the session ended; else the client is gone: free it now
-            self.sessions.pop(session.session_id, None)
+            if self.sessions.pop(session.session_id, None) is not None:
+                session.pools.open_sessions -= 1
             self._release_quota(session.tenant, session.session_id)
             self._count_sessions(session.pools)
         if end.code != grpc.StatusCode.OK:
@@ -275,14 +274,14 @@ class Gateway(pb_grpc.LiveStreamServicer):
                          f"{placed.restored_turns} turn(s) of conversation; frames sent after the connection "
                          f"broke never arrived; the next frame gets index {parked.next_frame}")
         self.sessions[session.session_id] = session
+        pools.open_sessions += 1
         self.metrics.sessions_opened.inc(tags={"model": pools.name})
         self._count_sessions(pools)
         self._ensure_watchdog()
         return session
 
     def _count_sessions(self, pools: ModelPools) -> None:
-        held = sum(session.pools is pools for session in self.sessions.values())
-        self.metrics.sessions_active.set(held, tags={"model": pools.name})
+        self.metrics.sessions_active.set(pools.open_sessions, tags={"model": pools.name})
 
     @staticmethod
     def _session_config(open_: pb.Open, pools: ModelPools):

@@ -39,6 +39,7 @@ class ModelPools:
         # One checkpoint decides and replies: Reaction's token ids are valid in Decision's cache as they are.
         self.shared_tokenizer = served.settings.reaction_model in ("", served.settings.model)
         self.links: dict[str, dict[str, ReplicaLink]] = {"decision": {}, "reaction": {}}
+        self.open_sessions = 0  # this gateway's open calls of this model
         self._make_link, self._batcher = make_link, batcher
 
     @property
