@@ -23,7 +23,7 @@ from opentelemetry.trace import Span
 
 from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import Event, FrameDecision, FramesDropped, ReplyRequested, SessionFailed
-from liveserve.engine.inputs import RestoredTurn, SessionError
+from liveserve.engine.inputs import FeatureShapeError, RestoredTurn, SessionError
 from liveserve.engine.kv_pool import PoolFullError
 from liveserve.engine.session import Session
 from liveserve.model.live import LiveModel
@@ -185,8 +185,10 @@ class DecisionService:
     def _apply(self, worker: EngineWorker, held: _Held, command: c.DecisionCommand) -> None:
         sid, session = held.session_id, held.session
         if isinstance(command, c.FrameFeatures):
-            self._check_features(command.features)
-            session.push_frame(command.timestamp, command.features, frame_id=command.frame_id)
+            try:
+                session.push_frame(command.timestamp, command.features, frame_id=command.frame_id)
+            except FeatureShapeError as exc:
+                raise self._other_tower(exc) from None
             held.last_timestamp = command.timestamp
             if command.trace:
                 held.decide_spans[command.frame_id] = self.tracer.start_span(
@@ -204,20 +206,17 @@ class DecisionService:
         else:
             worker.close_when_drained(sid, self.settings.drain_timeout_s if command.drain else 0.0)
 
-    def _check_features(self, features) -> None:
+    def _other_tower(self, exc: FeatureShapeError) -> SessionError:
         """Features come from a Perception pool: of the wrong shape, that pool runs another vision tower (a
         model of `models` whose `perception` names a model with a different tower). Said to the client per
         frame and to the operator once."""
-        expected = (self.model.layout.num_tokens, self.model.vision_hidden_size)
-        if tuple(features.shape) == expected:
-            return
-        message = (f"frame features from Perception are {tuple(features.shape)}, this model takes {expected}: the "
+        message = (f"frame features from Perception are {exc.got}, this model takes {exc.expected}: the "
                    f"Perception pool encoding this model's frames runs another vision tower (with several models, "
                    f"`perception` may only name a model with the same tower)")
         if not self._warned_features:
             self._warned_features = True
             log.error("decision replica %s: %s", self.replica, message)
-        raise SessionError(message)
+        return SessionError(message)
 
     # ---- engine events -> the gateways' outboxes (on the serving loop) ------------------------------------
 

@@ -23,6 +23,14 @@ class SessionError(ValueError):
     """Bad input for a session (the session itself is unaffected)."""
 
 
+class FeatureShapeError(SessionError):
+    """Frame features of another shape than the model's (another vision tower's, say)."""
+
+    def __init__(self, got: tuple[int, ...], expected: tuple[int, ...]) -> None:
+        super().__init__(f"frame features must have shape {expected}, got {got}")
+        self.got, self.expected = got, expected
+
+
 @dataclass(frozen=True, slots=True)
 class QueuedFrame:
     timestamp: float
@@ -121,7 +129,7 @@ def as_frame(model, timestamp: float, frame, encoder: SubmitFrame | None) -> Que
     expected = (model.layout.num_tokens, model.vision_hidden_size)
     if isinstance(frame, torch.Tensor) and frame.is_floating_point():
         if tuple(frame.shape) != expected:
-            raise SessionError(f"frame features must have shape {expected}, got {tuple(frame.shape)}")
+            raise FeatureShapeError(tuple(frame.shape), expected)
         if not bool(torch.isfinite(frame).all()):
             raise SessionError("frame features contain NaN or infinite values")
         return QueuedFrame(timestamp, arrival, features=frame)
