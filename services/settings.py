@@ -208,13 +208,11 @@ class ServedModel:
     perception_pool: str
     decision_pool: str
     reaction_pool: str
-
-    @property
-    def is_default(self) -> bool:
-        return self.decision_pool == "Decision"
+    is_default: bool
 
 
-def _pools(name: str, perception_of: str, default: bool, perception_default: bool) -> tuple[str, str, str]:
+def _pools(name: str, perception_of: str, default: bool, perception_default: bool) -> tuple[str, str, str, bool]:
+    """Its pools' deployment names, and whether it is the default model."""
     suffix = "" if default else f"-{name}"
     return ("Perception" if perception_default else f"Perception-{perception_of}", f"Decision{suffix}",
-            f"Reaction{suffix}")
+            f"Reaction{suffix}", default)
