@@ -193,3 +193,41 @@ def test_features_from_another_vision_tower_are_refused_with_the_reason(tiny_mod
     refused = [event for event in events if isinstance(event, c.Refused)]
     assert len(refused) == 1 and refused[0].frame_id == 0 and "runs another vision tower" in refused[0].message
     assert [event.frame_id for event in events if isinstance(event, c.Decided)] == [1]
+
+
+def test_a_resumed_session_keeps_its_model(ray_app):
+    """A broken connection's session resumes on its own model's pools; naming another model is refused,
+    and the token stays good for the right Open."""
+    import queue
+
+    channel = grpc.insecure_channel(ray_app.address)
+    outbox: queue.Queue = queue.Queue()
+    call = pb_grpc.LiveStreamStub(channel).Stream(iter(outbox.get, None), timeout=60)
+    outbox.put(pb.ClientMessage(open=pb.Open(model="terse", fps=2.0, threshold=0.0)))
+    replies = iter(call)
+    opened = next(replies).opened
+    outbox.put(pb.ClientMessage(frame=pb.Frame(timestamp=0.0, image=jpeg(0))))
+    assert next(reply for reply in replies if reply.WhichOneof("kind") == "decision").decision.frame_index == 0
+    call.cancel()  # the connection breaks: the session is parked for resuming
+    outbox.put(None)
+    channel.close()
+
+    resume = dict(resume_session_id=opened.session_id, resume_token=opened.resume_token, fps=2.0, threshold=0.0)
+    deadline = time.monotonic() + 20
+    while True:  # parking happens just after the cut: NOT_FOUND until it is done
+        with pytest.raises(grpc.RpcError) as err:
+            stream(ray_app.address, [pb.ClientMessage(open=pb.Open(model="quiet", **resume))])
+        if err.value.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "runs model 'terse'" in err.value.details()
+
+    again = LiveCall(ray_app.address, pb.Open(**resume))  # no model named: the session's own
+    try:
+        reopened = again.wait_for(lambda: again.of_kind("opened"))[0]
+        assert reopened.session_id == opened.session_id and reopened.limits.max_new_tokens == 4
+        assert opened.session_id in sessions_of("Decision-terse")["sessions"]
+        again.send(pb.ClientMessage(frame=pb.Frame(timestamp=0.5, image=jpeg(1))))
+        again.wait_for(lambda: again.of_kind("decision"))
+    finally:
+        again.close()
