@@ -7,8 +7,8 @@
 #      auto (flash-attn where installed, else SDPA) and flex.
 # What it writes, in OUT (default out/gpu-check): gpu.txt (the device), tests.log, capacity-<kernel>.json
 # and .log. Run from anywhere; it needs a CUDA build of torch, transformers, safetensors, pytest and
-# hypothesis, and nothing of the serving stack (Ray, Redis): liveserve is installed into a private
-# directory without its dependencies.
+# hypothesis, and nothing of the serving stack (Ray, Redis): liveserve is copied into a private
+# directory, laid out as setup.py installs it, without its dependencies.
 #   OUT=dir        where the results go
 #   WHEELS=dir     install these wheels first (pip, no index): for a machine without a package index
 #   PYTHON=...     the interpreter (default: python3)
