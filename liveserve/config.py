@@ -49,6 +49,52 @@ class CacheConfig:
 
 
 REPLY_MODES = ("inline", "external", "on_request", "none")
+SESSION_MODES = ("live", "commentary")
+
+
+@dataclass(frozen=True, slots=True)
+class CommentaryConfig:
+    """StreamingVLM's commentary mode (Qwen2.5-VL family): one turn per `chunk_s` seconds of video.
+
+    Each chunk (`chunk_s * fps` frames, a multiple of the tower's temporal patch: 2 frames at the defaults)
+    becomes a user turn `Time=t-(t+1)s` + the chunk (+ `query` on the first turn, and any query pushed
+    since), and the model then writes up to `max_tokens_per_chunk` tokens; a reply of only the no-comment
+    marker " ..." is silence. The cache stays bounded as StreamingVLM's does: the last
+    `vision_window_chunks` chunks' frames, the last `text_rounds` replies in place, and older replies moved
+    (without recomputation) into a "previous text" block after the system prompt, trimmed to its first
+    `text_sink_tokens` and last `text_window_tokens` tokens. `positions`: contiguous re-numbers the kept
+    tokens after every eviction (M-RoPE stays in the trained range on endless streams); original keeps
+    each token's first position (exact against a streaming-mask oracle, positions grow without bound).
+    """
+
+    chunk_s: float = 1.0
+    fps: float = 2.0
+    max_tokens_per_chunk: int = 20
+    vision_window_chunks: int = 16
+    text_rounds: int = 16
+    text_sink_tokens: int = 512
+    text_window_tokens: int = 512
+    positions: str = "contiguous"
+    query: str = "Commentate on this video."
+    previous_text: str = ""
+    max_query_tokens: int = 256
+
+    @property
+    def frames_per_chunk(self) -> int:
+        return round(self.chunk_s * self.fps)
+
+    def __post_init__(self) -> None:
+        if not self.chunk_s > 0 or not self.fps > 0:
+            raise ValueError(f"chunk_s and fps must be > 0, got {self.chunk_s} and {self.fps}")
+        if self.frames_per_chunk < 1 or abs(self.frames_per_chunk - self.chunk_s * self.fps) > 1e-6:
+            raise ValueError(f"chunk_s * fps must be a whole number of frames, got {self.chunk_s} * {self.fps}")
+        for name in ("max_tokens_per_chunk", "vision_window_chunks", "text_rounds", "max_query_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_sink_tokens < 0 or self.text_window_tokens < 0:
+            raise ValueError("text_sink_tokens and text_window_tokens must be >= 0")
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {self.positions!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +115,14 @@ class SessionConfig:
     # fires by itself and answers push_respond / push_query triggers. "none": decisions only (event
     # detection): fired decisions are reported, no reply is written, and queries are refused.
     replies: str = "inline"
+    # "live": frame-by-frame streaming-EOS decisions (LIVE models). "commentary": a turn per chunk of
+    # video, the model writing or staying silent each time (StreamingVLM; Qwen2.5-VL models).
+    mode: str = "live"
+    commentary: CommentaryConfig = field(default_factory=CommentaryConfig)
 
     def __post_init__(self) -> None:
+        if self.mode not in SESSION_MODES:
+            raise ValueError(f"mode must be one of {', '.join(SESSION_MODES)}, got {self.mode!r}")
         if self.replies not in REPLY_MODES:
             raise ValueError(f"replies must be one of {', '.join(REPLY_MODES)}, got {self.replies!r}")
         if not 0.0 <= self.threshold <= 1.0:

@@ -31,7 +31,8 @@ from liveserve.engine.packed import PackedStep, resolve_kernel
 from liveserve.engine.perception import BatchedFrameEncoder
 from liveserve.engine.readout import read_out
 from liveserve.engine.scheduler import Scheduler
-from liveserve.engine.session import Session, StepInput, cache_limit
+from liveserve.engine.session import Session, StepInput
+from liveserve.engine.sessions import default_mode, new_session, session_tokens
 from liveserve.model.live import LiveModel
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ class BatchEngine:
         self.kernel = resolve_kernel(self.config.attention, self.pool)
         if self.kernel == "flex":
             self.pool.zero()
-        self.encoder = BatchedFrameEncoder(model, self.config.perception) if model.vision is not None else None
+        # LIVE towers encode frame by frame, batched across sessions; a Qwen2.5-VL session encodes its chunk.
+        encodes_frames = model.family == "live" and model.vision is not None
+        self.encoder = BatchedFrameEncoder(model, self.config.perception) if encodes_frames else None
         self._wakeup = threading.Event()  # set by pushes (and an overlapping encoder's batches): there may be work
         if self.encoder is not None:
             self.encoder.start(self._wakeup.set)
@@ -73,21 +76,21 @@ class BatchEngine:
 
     def open(self, session_id: str, config: SessionConfig | None = None) -> Session:
         """Admit a session or raise PoolFullError (why, and how much is free) / SessionError (id in use)."""
-        config = config or SessionConfig()
+        config = config or SessionConfig(mode=default_mode(self.model))
         limit = self.session_tokens(config)
         with self._step_lock:
             if session_id in self._sessions:
                 raise SessionError(f"session {session_id!r} is already open")
             cache = self.pool.open_cache(limit)
             encoder = self.encoder.submit if self.encoder is not None else None
-            session = Session(self.model, config, session_id, cache=cache, encoder=encoder)
+            session = new_session(self.model, config, session_id, cache=cache, encoder=encoder)
             self._sessions[session_id] = session
         return session
 
     def session_tokens(self, config: SessionConfig) -> int:
         """The KV tokens a session of `config` reserves in the pool."""
-        limit = cache_limit(self.model, config)
-        if config.cache.policy == "full" and self.config.pool.max_session_tokens is not None:
+        limit = session_tokens(self.model, config)
+        if config.mode == "live" and config.cache.policy == "full" and self.config.pool.max_session_tokens is not None:
             limit = min(limit, self.config.pool.max_session_tokens)
         return limit
 
@@ -193,7 +196,7 @@ class BatchEngine:
     def _execute(self, planned: list[tuple[Session, StepInput]]) -> torch.Tensor:
         steps = [step for _, step in planned]
         embeds = self.model.embed_step(steps)
-        positions = torch.cat([step.positions for step in steps])
+        positions = torch.cat([step.positions for step in steps], dim=-1)  # [T], or M-RoPE's [3, T]
         packed = PackedStep(self.pool, [(s.cache, step.num_tokens) for s, step in planned], self.kernel)
         with torch.inference_mode():
             return self.model.forward_step(embeds, positions, packed, packed.last_index)

@@ -69,6 +69,22 @@ class ResponseDone:
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkDone:
+    """Commentary mode: one chunk of video was watched and answered. `text` is what the model said about
+    it, without the no-comment marker ("" when it stayed silent); the text was streamed as ResponseDeltas
+    between a ResponseStarted and a ResponseDone."""
+
+    start_s: float
+    end_s: float
+    frame_ids: tuple[int, ...]
+    text: str
+    silent: bool
+    num_tokens: int
+    lag_s: float  # the chunk's last token generated, minus its last frame's arrival (wall clock)
+    cache_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class FramesDropped:
     """The session fell behind its stream: these queued frames were skipped to catch up (newest kept)."""
 
@@ -86,4 +102,5 @@ class SessionFailed:
     message: str
 
 
-Event = FrameDecision | ResponseStarted | ReplyRequested | ResponseDelta | ResponseDone | FramesDropped | SessionFailed
+Event = (FrameDecision | ResponseStarted | ReplyRequested | ResponseDelta | ResponseDone | ChunkDone | FramesDropped
+         | SessionFailed)

@@ -87,16 +87,17 @@ class KVCache:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
         self.length = n
 
-    def keep(self, index: torch.Tensor, inv_freq: torch.Tensor | None) -> None:
-        """Keep only the tokens at `index` (ascending), moved to the front. With `inv_freq`, positions
-        become contiguous 0..k-1 and the keys are re-rotated to match; without, positions are kept."""
+    def keep(self, index: torch.Tensor, inv_freq: torch.Tensor | None, positions: torch.Tensor | None = None) -> None:
+        """Keep only the tokens at `index`, moved to the front in that order. With `inv_freq`, the kept tokens
+        take new `positions` (default 0..k-1, contiguous) and their keys are re-rotated to match; without,
+        positions are kept."""
         index = index.to(self.device)
         k = index.numel()
-        self.keys[:, :, :k] = self.keys[:, :, index]
+        self.keys[:, :, :k] = self.keys[:, :, index]  # advanced indexing copies first: any order is safe
         self.values[:, :, :k] = self.values[:, :, index]
         old_positions = self.positions[index]
         if inv_freq is not None:
-            new_positions = torch.arange(k, device=self.device)
+            new_positions = torch.arange(k, device=self.device) if positions is None else positions.to(self.device)
             shift = old_positions - new_positions
             moved = shift != 0
             if bool(moved.any()):

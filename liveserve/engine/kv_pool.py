@@ -195,9 +195,10 @@ class PagedCache:
     def kept_positions(self) -> torch.Tensor:
         return self.positions[: self.length]
 
-    def keep(self, index: torch.Tensor, inv_freq: torch.Tensor | None) -> None:
-        """Keep only the tokens at `index` (ascending), moved to the front, and return the blocks past
-        them to the pool. With `inv_freq`, positions become contiguous 0..k-1 and keys are re-rotated."""
+    def keep(self, index: torch.Tensor, inv_freq: torch.Tensor | None, positions: torch.Tensor | None = None) -> None:
+        """Keep only the tokens at `index`, moved to the front in that order, and return the blocks past
+        them to the pool. With `inv_freq`, the kept tokens take new `positions` (default 0..k-1) and their
+        keys are re-rotated; without, positions are kept."""
         pool = self.pool
         index = index.to(pool.device)
         k = index.numel()
@@ -206,7 +207,7 @@ class PagedCache:
         old_positions = self.positions[index]
         new_positions = old_positions
         if inv_freq is not None:
-            new_positions = torch.arange(k, device=pool.device)
+            new_positions = torch.arange(k, device=pool.device) if positions is None else positions.to(pool.device)
             shift = old_positions - new_positions
             moved = shift != 0
             if bool(moved.any()):

@@ -21,6 +21,8 @@ def build_connector(vision_hidden: int, hidden: int) -> nn.Sequential:
 
 
 class LiveModel(nn.Module):
+    family = "live"
+
     def __init__(self, lm: nn.Module, connector: nn.Module, template: StreamTemplate, layout: FrameLayout,
                  vision: VisionEncoder | None, *, vision_hidden_size: int, frame_size: int, system_prompt: str,
                  name: str = "") -> None:

@@ -61,6 +61,10 @@ def load_model(path: str | Path, *, base_model: str | Path | None = None, vision
                merge_lora: bool = True, load_vision: bool = True) -> LiveModel:
     """Load a LIVE model from `path` in either layout (see module docs)."""
     path, device, dtype = _target(path, device, dtype)
+    if _model_type(path) == QWEN_FAMILY:
+        from liveserve.model.qwen_vl import load_qwen_vl
+
+        return load_qwen_vl(path, device, dtype)
     if (path / LIVE_CONFIG).is_file():
         model = _load_liveserve(path, device, dtype, load_vision)
     elif (path / ADAPTER_CONFIG).is_file():
@@ -87,24 +91,30 @@ def load_vision_model(path: str | Path, *, vision_model: str | Path | None = Non
     return model.eval().requires_grad_(False)
 
 
+QWEN_FAMILY = "qwen2_5_vl"  # served in commentary mode (liveserve.model.qwen_vl)
 # Vision-language families that are not served (yet), by config.json's model_type: what they are.
-UNSERVED_FAMILIES = {"qwen2_5_vl": "a Qwen2.5-VL checkpoint (the layout StreamingVLM releases)",
-                     "qwen2_vl": "a Qwen2-VL checkpoint (the layout LiveCC releases)"}
+UNSERVED_FAMILIES = {"qwen2_vl": "a Qwen2-VL checkpoint (the layout LiveCC releases)"}
+
+
+def _model_type(path: Path) -> str:
+    """config.json's model_type, "" when there is none to read."""
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            return str(json.loads(config.read_text()).get("model_type", ""))
+        except (ValueError, AttributeError):
+            pass
+    return ""
 
 
 def _unknown_layout(path: Path) -> CheckpointError:
     """Why `path` is not a LIVE checkpoint, naming what it is when it is a known other family."""
-    config = path / "config.json"
-    model_type = ""
-    if config.is_file():
-        try:
-            model_type = str(json.loads(config.read_text()).get("model_type", ""))
-        except (ValueError, AttributeError):
-            pass
+    model_type = _model_type(path)
     if model_type in UNSERVED_FAMILIES:
         return CheckpointError(f"{path} is {UNSERVED_FAMILIES[model_type]} (model_type {model_type!r}): that family "
                                f"is not served yet; liveserve serves LIVE models (VideoLLM-online's layout: a vision "
-                               f"tower, a connector and a Llama or Qwen2 LM; {LIVE_CONFIG} or {ADAPTER_CONFIG})")
+                               f"tower, a connector and a Llama or Qwen2 LM; {LIVE_CONFIG} or {ADAPTER_CONFIG}) and "
+                               f"Qwen2.5-VL models (model_type {QWEN_FAMILY!r}, StreamingVLM's layout)")
     return CheckpointError(f"{path} has neither {LIVE_CONFIG} (liveserve layout) nor {ADAPTER_CONFIG} "
                            "(VideoLLM-online layout)")
 

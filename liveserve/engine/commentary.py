@@ -1,0 +1,565 @@
+"""A commentary session (StreamingVLM's mode, Qwen2.5-VL family): a turn per chunk of video, said or silent.
+
+The conversation is ChatML, one user turn per chunk and the model's reply after it:
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>previous text\\n{older replies}<|im_end|>\\n
+    <|im_start|>user\\nTime=0.0-1.0s<|vision_start|>{chunk}<|vision_end|>{query}<|im_end|>\\n<|im_start|>assistant\\n
+    {reply} ...<|im_end|>\\n<|im_start|>user\\nTime=1.0-2.0s<|vision_start|>...
+
+Each chunk is one prompt step (the turn, its vision tokens in place of the <|video_pad|>s) and then one step
+per reply token, up to `max_tokens_per_chunk`; the reply's last token and its <|im_end|> are fed with the
+next turn (the engine never feeds a token it has not read yet). A reply of only the no-comment marker
+" ..." is silence.
+
+The cache is a list of pieces in cache order (`Piece`); before each chunk's turn, the pieces older than
+the windows go (StreamingVLM's policy): a turn's vision tokens once `vision_window_chunks` newer chunks
+exist, its reply once `text_rounds` newer ones do, the reply's words (without framing or marker) moved
+into the previous-text block rather than dropped, and that block trimmed to its first `text_sink_tokens`
+and last `text_window_tokens`. Moving and dropping is one `keep` of the cache: kept tokens in their new
+order, with contiguous positions recomputed as transformers' `get_rope_index` would over the kept tokens
+(text one per token, a chunk max(rows, columns)), the keys re-rotated by their shift.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from liveserve.config import SessionConfig
+from liveserve.engine.attention import StepContext
+from liveserve.engine.events import (ChunkDone, Event, FramesDropped, ResponseDelta, ResponseDone,
+                                     ResponseStarted)
+from liveserve.engine.inputs import QueuedFrame, SessionError, check_frame_id, check_time
+from liveserve.engine.kv_cache import CacheFullError, KVCache
+from liveserve.engine.readout import Readout, read_out
+from liveserve.model.qwen_vl import NO_COMMENT, QwenVLModel, VisionGrid
+
+__all__ = ["CommentarySession", "CommentaryStep", "Piece", "commentary_cache_limit"]
+
+
+@dataclass(frozen=True, slots=True)
+class CommentaryStep:
+    """One session's share of a forward: token ids (a chunk's vision tokens as <|video_pad|>s, filled in
+    from `features`), at M-RoPE `positions` [3, tokens]."""
+
+    ids: tuple[int, ...]
+    features: torch.Tensor | None  # [vision tokens, hidden]: LM embeddings from the tower's merger
+    positions: torch.Tensor
+    start: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(slots=True)
+class Piece:
+    """A run of cached tokens with one role. kinds: "system" (system turn and the previous-text opening:
+    the sink), "previous" (older replies' words), "previous_end", and per chunk "turn" (its user turn up
+    to the vision), "vision", "turn_end" (to the assistant's opening) and "reply" (the reply's tokens;
+    its first `content` are its words; "reply_end": a reply's last tokens fed after the reply itself left)."""
+
+    kind: str
+    ids: list[int]
+    chunk: int = -1
+    grid: VisionGrid | None = None
+    content: int = 0
+
+    def row0(self, start: int, interval: float) -> list[int]:
+        """The temporal M-RoPE row of the piece's tokens when it starts at `start` (the row the cache keeps:
+        every row shifts alike when the cache is compacted)."""
+        if self.grid is None:
+            return list(range(start, start + len(self.ids)))
+        per_t = self.grid.h * self.grid.w
+        return [start + int(t * interval) for t in range(self.grid.t) for _ in range(per_t)]
+
+    @property
+    def span(self) -> int:
+        return len(self.ids) if self.grid is None else self.grid.span
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    index: int  # floor(start / chunk_s)
+    frames: tuple[QueuedFrame, ...]
+    queries: tuple[str, ...]
+
+    @property
+    def start_s(self) -> float:
+        return self.frames[0].timestamp
+
+
+@dataclass(slots=True)
+class _Reply:
+    chunk: _Chunk
+    start_s: float
+    end_s: float
+    tokens: list[int] = field(default_factory=list)
+    shown: str = ""  # text streamed so far
+    started: bool = False  # ResponseStarted sent
+
+
+class CommentarySession:
+    def __init__(self, model: QwenVLModel, config: SessionConfig | None = None, session_id: str = "", *,
+                 cache=None, encoder=None) -> None:
+        """`cache`: a PagedCache from a KVPool (batched serving); by default the session owns a KVCache.
+        `encoder` is accepted for the engine's sake and not used: a chunk is encoded when it is stepped."""
+        self.model, self.config, self.session_id = model, config or SessionConfig(mode="commentary"), session_id
+        self.commentary = self.config.commentary
+        self.template = model.template
+        tp = model.temporal_patch_size
+        if self.commentary.frames_per_chunk % tp:
+            raise SessionError(f"a chunk of {self.commentary.chunk_s}s at {self.commentary.fps} FPS is "
+                               f"{self.commentary.frames_per_chunk} frames; this model's tower takes frames in "
+                               f"groups of {tp}")
+        self.system_prompt = self.config.system_prompt or model.system_prompt
+        self.cache = cache if cache is not None else KVCache(
+            num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+            max_tokens=commentary_cache_limit(model, self.config), dtype=model.dtype, device=model.device)
+        self.pieces: list[Piece] = []
+        self.trace: list | None = None
+        self._contiguous = self.commentary.positions == "contiguous"
+        self._interval = model.tokens_per_second * tp / self.commentary.fps  # seconds per grid x tokens per second
+        self._grid = model.grid(self.commentary.frames_per_chunk)
+        self._lock = threading.Lock()
+        self._filling: list[QueuedFrame] = []  # the chunk being filled
+        self._filling_index = -1
+        self._chunks: deque[_Chunk] = deque()  # full chunks, waiting for their turn
+        self._queries: list[str] = []  # pushed since the last chunk closed: asked in the next one's turn
+        self._turns = 0  # chunks fed so far
+        self._pending: list[int] = []  # the last reply's tokens not fed yet (its end)
+        self._pending_chunk = -1  # ... and its chunk
+        self._turn_pieces: list[Piece] = []  # the planned turn's pieces, added once it is in the cache
+        self._next_position = 0
+        self._reply: _Reply | None = None
+        self._planned: tuple[str, CommentaryStep] | None = None
+        self._last_frame_time = -float("inf")
+        self._frames_pushed = 0
+        self._rng = torch.Generator().manual_seed(self.config.seed)
+        self.frames_decided = self.frames_dropped = self.responses = 0
+        self.closed = False
+        self.failure: str | None = None
+
+    # ---- input -------------------------------------------------------------------------------------
+
+    def push_frame(self, timestamp: float, frame, frame_id: int | None = None) -> None:
+        """Queue a frame (encoded image bytes, an image tensor/array/PIL image; resized and padded to the
+        tower's square input). Frames are grouped into chunks by time; a chunk is complete with its
+        `chunk_s * fps` frames or when a frame of a later chunk arrives (a short chunk repeats its last
+        frame). Frames beyond a chunk's count are not shown to the model (the session samples `fps`)."""
+        timestamp = check_time(timestamp, "frame")
+        frame_id = check_frame_id(frame_id)
+        if isinstance(frame, torch.Tensor) and frame.is_floating_point():
+            raise SessionError("commentary sessions take images: the tower encodes a chunk of frames together")
+        with self._lock:
+            self._check_open()
+            self._check_order(timestamp)
+        pixels = _pixels(frame, self.model.frame_size)
+        with self._lock:
+            self._check_open()
+            self._check_order(timestamp)
+            self._last_frame_time = timestamp
+            item = QueuedFrame(timestamp, time.monotonic(), pixels=pixels,
+                               frame_id=self._frames_pushed if frame_id is None else frame_id)
+            self._frames_pushed += 1
+            index = int(timestamp // self.commentary.chunk_s)
+            if self._filling and index != self._filling_index:
+                self._close_chunk()
+            if not self._filling:
+                self._filling_index = index
+            if len(self._filling) < self.commentary.frames_per_chunk:
+                self._filling.append(item)
+            else:
+                self.frames_dropped += 1  # a faster source: this chunk has its frames
+            if len(self._filling) == self.commentary.frames_per_chunk:
+                self._close_chunk()
+
+    def push_query(self, timestamp: float, text: str) -> None:
+        """A user question: asked in the turn of the next chunk to close, after its frames."""
+        check_time(timestamp, "query")
+        if not isinstance(text, str) or not text.strip():
+            raise SessionError("query text is empty")
+        n = len(self.template.encode(text))
+        if n > self.commentary.max_query_tokens:
+            raise SessionError(f"query is {n} tokens; the limit is {self.commentary.max_query_tokens}")
+        with self._lock:
+            self._check_open()
+            self._queries.append(text.strip())
+
+    def flush(self) -> None:
+        """The stream ended: a partly filled chunk is closed now (its last frame repeated)."""
+        with self._lock:
+            if self._filling:
+                self._close_chunk()
+
+    def push_respond(self, timestamp: float) -> None:
+        raise SessionError("commentary sessions speak (or stay silent) every chunk; there is nothing to trigger")
+
+    def push_reply(self, text: str, token_ids=()) -> None:
+        raise SessionError("commentary sessions write their own replies")
+
+    def restore(self, items) -> None:
+        raise SessionError("commentary sessions cannot be restored yet")
+
+    def _close_chunk(self) -> None:
+        frames, n = self._filling, self.commentary.frames_per_chunk
+        frames = frames + [frames[-1]] * (n - len(frames))
+        self._chunks.append(_Chunk(self._filling_index, tuple(frames), tuple(self._queries)))
+        self._filling, self._queries = [], []
+
+    # ---- state the engine reads ---------------------------------------------------------------------
+
+    @property
+    def awaiting_reply(self) -> bool:
+        return False
+
+    @property
+    def holding_frames(self) -> bool:
+        return False
+
+    @property
+    def backlog(self) -> int:
+        return sum(len(c.frames) for c in self._chunks) + len(self._filling)
+
+    def ready(self) -> bool:
+        return not self.closed and (self._reply is not None or bool(self._chunks))
+
+    def next_step_tokens(self) -> int:
+        if self._reply is not None:
+            return 1
+        with self._lock:
+            chunk = self._chunks[0] if self._chunks else None
+        return 0 if chunk is None else len(self._turn_ids(chunk)[0])
+
+    def drop_stale_frames(self, max_lag_s: float | None, max_queued: int) -> list[QueuedFrame]:
+        """Keep the session real-time: drop the oldest waiting chunks while they span more than `max_lag_s`
+        of stream time or hold more than `max_queued` frames (the newest chunk always stays)."""
+        dropped: list[QueuedFrame] = []
+        with self._lock:
+            chunks = self._chunks
+            while len(chunks) > 1 and (sum(len(c.frames) for c in chunks) > max_queued or (
+                    max_lag_s is not None and chunks[-1].start_s - chunks[0].start_s > max_lag_s)):
+                dropped.extend(dict.fromkeys(chunks.popleft().frames))  # a repeated last frame once
+        self.frames_dropped += len(dropped)
+        return dropped
+
+    def fail(self, message: str) -> None:
+        self.failure = message
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            self._chunks.clear()
+            self._filling = []
+        self.cache.close()
+
+    def take_notices(self) -> list[Event]:
+        return []
+
+    # ---- alone ---------------------------------------------------------------------------------------
+
+    def process(self) -> Iterator[Event]:
+        """Run everything queued, one forward at a time, yielding events as they happen."""
+        while (events := self.step_alone()) is not None:
+            yield from events
+
+    def step_alone(self) -> list[Event] | None:
+        step = self.plan()
+        if step is None:
+            return None
+        embeds = self.model.embed_step([step])
+        n = step.num_tokens
+        with torch.inference_mode():
+            logits = self.model.forward_step(embeds, step.positions.to(self.model.device),
+                                             StepContext([(self.cache, n)]),
+                                             torch.tensor([n - 1], device=self.model.device))
+        return self.complete(read_out(logits, self.template.interval_id)[0])
+
+    # ---- one step: plan -> (a forward) -> complete ---------------------------------------------------
+
+    def plan(self) -> CommentaryStep | None:
+        """The next step (a chunk's turn or a reply token) with room made for it; None when idle. Raises
+        CacheFullError (nothing written) when it cannot fit."""
+        if self._planned is not None:
+            raise RuntimeError(f"session {self.session_id!r}: complete the planned step before planning another")
+        if self.closed:
+            return None
+        if self._reply is not None:
+            step = self._reserve([self._reply.tokens[-1]], None)
+            self._planned = ("token", step)
+            return step
+        with self._lock:
+            if not self._chunks:
+                return None
+            chunk = self._chunks.popleft()
+        self._make_room()
+        features = self.model.encode_chunk(torch.stack([f.pixels for f in chunk.frames]))
+        ids, pieces = self._turn_ids(chunk)
+        step = self._reserve(ids, features)
+        self._planned = ("turn", step)
+        self._reply = _Reply(chunk, chunk.index * self.commentary.chunk_s, (chunk.index + 1) * self.commentary.chunk_s)
+        self._turn_pieces = pieces
+        return step
+
+    def complete(self, readout: Readout) -> list[Event]:
+        (kind, step), self._planned = self._planned, None
+        if kind == "turn":
+            self._commit_turn(step)
+        else:
+            self._commit_ids(step, self.pieces[-1])
+        if self.trace is not None:
+            self.trace.append((step, readout.logits.detach().clone()))
+        return self._next_token(readout)
+
+    # ---- turns ---------------------------------------------------------------------------------------
+
+    def _turn_ids(self, chunk: _Chunk) -> tuple[list[int], list[Piece]]:
+        """The ids a chunk's turn feeds (the last reply's unfed end first) and the pieces they make."""
+        t = self.template
+        pieces: list[Piece] = []
+        if self._turns == 0:
+            pieces += [Piece("system", [*t.turn_open("system"), *t.encode(self.system_prompt), *t.turn_close(),
+                                        *t.turn_open("previous text")]),
+                       Piece("previous", t.encode(self.commentary.previous_text)),
+                       Piece("previous_end", t.turn_close())]
+            opening = []
+        else:
+            opening = [t.newline]  # the newline after the last reply's <|im_end|>
+        c = chunk.index
+        start, end = c * self.commentary.chunk_s, (c + 1) * self.commentary.chunk_s
+        pieces.append(Piece("turn", [*opening, *t.turn_open("user"), *t.encode(f"Time={start:.1f}-{end:.1f}s"),
+                                     t.vision_start], chunk=c))
+        pieces.append(Piece("vision", [t.video_pad] * self._grid.num_tokens, chunk=c, grid=self._grid))
+        queries = ([self.commentary.query] if self._turns == 0 and self.commentary.query else []) + list(chunk.queries)
+        pieces.append(Piece("turn_end", [t.vision_end, *t.encode(" ".join(queries)), *t.turn_close(),
+                                         *t.turn_open("assistant")], chunk=c))
+        ids = list(self._pending) + [i for piece in pieces for i in piece.ids]
+        return ids, pieces
+
+    def _commit_turn(self, step: CommentaryStep) -> None:
+        if self._pending:  # the last reply's end, fed now: with its reply, unless that has left the cache
+            last = self.pieces[-1]
+            if last.kind == "reply" and last.chunk == self._pending_chunk:
+                last.ids.extend(self._pending)
+            else:
+                self.pieces.append(Piece("reply_end", list(self._pending), chunk=self._pending_chunk))
+            self._pending = []
+        self.pieces.extend(self._turn_pieces)
+        self.pieces.append(Piece("reply", [], chunk=self._reply.chunk.index))
+        self._turns += 1
+        self._turn_pieces = []
+        self.cache.commit(step.positions[0])
+        self._next_position = step.start + self._span(step)
+
+    def _commit_ids(self, step: CommentaryStep, piece: Piece) -> None:
+        piece.ids.extend(step.ids)
+        self.cache.commit(step.positions[0])
+        self._next_position = step.start + step.num_tokens
+
+    def _span(self, step: CommentaryStep) -> int:
+        vision = 0 if step.features is None else self._grid.num_tokens
+        return step.num_tokens - vision + (0 if step.features is None else self._grid.span)
+
+    # ---- replies -------------------------------------------------------------------------------------
+
+    def _next_token(self, readout: Readout) -> list[Event]:
+        reply = self._reply
+        token = self._pick(readout)
+        reply.tokens.append(token)
+        eos = self.template.eos_id
+        if token == eos or len(reply.tokens) == self.commentary.max_tokens_per_chunk:
+            return self._finish(reply)
+        return self._stream(reply, final=False)
+
+    def _visible(self, tokens: list[int], final: bool) -> str:
+        text = self.template.decode([i for i in tokens if i != self.template.eos_id])
+        if final:
+            return text[: -len(NO_COMMENT)].rstrip() if text.endswith(NO_COMMENT) else text.rstrip()
+        # Hold back what may still become the marker, and a split UTF-8 character.
+        for n in range(min(len(NO_COMMENT), len(text)), 0, -1):
+            if NO_COMMENT.startswith(text[-n:]):
+                return text[:-n]
+        return text[:-1] if text.endswith("\ufffd") else text
+
+    def _stream(self, reply: _Reply, final: bool) -> list[Event]:
+        text = self._visible(reply.tokens, final)
+        events: list[Event] = []
+        if len(text) > len(reply.shown) and text.startswith(reply.shown):
+            if not reply.started:
+                reply.started = True
+                events.append(ResponseStarted(reply.start_s, "commentary", None))
+            events.append(ResponseDelta(reply.start_s, text[len(reply.shown):], (reply.tokens[-1],)))
+            reply.shown = text
+        return events
+
+    def _finish(self, reply: _Reply) -> list[Event]:
+        events = self._stream(reply, final=True)
+        eos = self.template.eos_id
+        tokens = reply.tokens
+        # The reply's words: without its <|im_end|> and, when it ends so, the no-comment marker.
+        words = tokens[:-1] if tokens[-1] == eos else list(tokens)
+        marker = list(self.template.no_comment)
+        if marker and words[-len(marker):] == marker:
+            words = words[: -len(marker)]
+        self.pieces[-1].content = len(words)
+        # The last token is not in the cache yet; a reply cut at the limit is closed with <|im_end|>.
+        self._pending = [tokens[-1]] if tokens[-1] == eos else [tokens[-1], eos]
+        self._pending_chunk = reply.chunk.index
+        self._reply = None
+        self.frames_decided += len(reply.chunk.frames)
+        silent = not reply.shown
+        if reply.started:
+            self.responses += 1
+            finish = "eos" if tokens[-1] == eos else "length"
+            events.append(ResponseDone(reply.start_s, "commentary", None, reply.shown, len(tokens), finish, 0.0,
+                                       time.monotonic() - reply.chunk.frames[-1].arrival,
+                                       tuple(tokens[:-1] if tokens[-1] == eos else tokens)))
+        frame_ids = tuple(dict.fromkeys(f.frame_id for f in reply.chunk.frames))
+        events.append(ChunkDone(reply.start_s, reply.end_s, frame_ids, reply.shown, silent, len(tokens),
+                                time.monotonic() - reply.chunk.frames[-1].arrival, self.cache.length))
+        return events
+
+    def _pick(self, readout: Readout) -> int:
+        if self.config.temperature == 0.0:
+            return readout.greedy
+        probs = (readout.logits / self.config.temperature).softmax(-1)
+        if self.config.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > self.config.top_p
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+        return int(torch.multinomial(probs.cpu(), 1, generator=self._rng))
+
+    # ---- the cache -----------------------------------------------------------------------------------
+
+    def _make_room(self) -> None:
+        """Before the next chunk's turn: apply the windows (see the module docs) in one `keep`."""
+        cfg = self.commentary
+        starts, offset = [], 0
+        for piece in self.pieces:
+            starts.append(offset)
+            offset += len(piece.ids)
+        turn_of = {piece.chunk for piece in self.pieces if piece.chunk >= 0}
+        order = sorted(turn_of)  # chunk indices of the turns in the cache, oldest first
+        rank = {chunk: len(order) - i for i, chunk in enumerate(order)}  # 1: the newest turn
+        reply_gone = {chunk for chunk in order if rank[chunk] >= cfg.text_rounds}
+        vision_gone = {chunk for chunk in order if rank[chunk] >= cfg.vision_window_chunks}
+        moved: list[int] = []  # cache indices of reply words going to the previous text
+        kept: list[tuple[Piece, list[int]]] = []
+        changed = False
+        for piece, start in zip(self.pieces, starts):
+            index = list(range(start, start + len(piece.ids)))
+            if piece.kind in ("reply", "reply_end") and piece.chunk in reply_gone:
+                moved += index[: piece.content]
+                changed = True
+                continue
+            if piece.kind == "vision" and piece.chunk in vision_gone:
+                changed = True
+                continue
+            if piece.kind in ("turn", "turn_end") and piece.chunk in reply_gone and piece.chunk in vision_gone:
+                changed = True
+                continue
+            kept.append((piece, index))
+        new_pieces: list[Piece] = []
+        new_index: list[int] = []
+        ids_of = self._ids_by_index()
+        for piece, index in kept:
+            if piece.kind == "previous":
+                index = index + moved
+                sink, window = cfg.text_sink_tokens, cfg.text_window_tokens
+                if len(index) > sink + window:
+                    index = index[:sink] + (index[len(index) - window:] if window else [])
+                    changed = True
+                piece = Piece("previous", [ids_of[i] for i in index])
+            new_pieces.append(piece)
+            new_index += index
+        if not changed:
+            return
+        self.pieces = new_pieces
+        index = torch.tensor(new_index, dtype=torch.long)
+        if self._contiguous:
+            rows, position = [], 0
+            for piece in new_pieces:
+                rows += piece.row0(position, self._interval)
+                position += piece.span
+            self.cache.keep(index, self.model.inv_freq, torch.tensor(rows, dtype=torch.long))
+            self._next_position = position
+        else:
+            self.cache.keep(index, None)
+
+    def _ids_by_index(self) -> list[int]:
+        return [i for piece in self.pieces for i in piece.ids]
+
+    def kept_ids(self) -> list[int]:
+        """Every cached token's id in cache order (vision tokens as <|video_pad|>): what a full forward
+        over the kept conversation would read."""
+        return self._ids_by_index()
+
+    def _reserve(self, ids: list[int], features: torch.Tensor | None) -> CommentaryStep:
+        n, start = len(ids), self._next_position
+        if features is not None:
+            positions = self._turn_positions(ids, start)
+        else:
+            positions = torch.arange(start, start + n).expand(3, n)
+        if int(positions.max()) >= self.model.max_positions:
+            raise CacheFullError(f"session is at position {start}; this step would pass the model's limit of "
+                                 f"{self.model.max_positions} (use contiguous positions)")
+        if self.cache.length + n > self.cache.max_tokens:
+            raise CacheFullError(f"cache holds {self.cache.length} tokens; {n} more would pass its limit "
+                                 f"of {self.cache.max_tokens}")
+        self.cache.reserve(n)
+        return CommentaryStep(tuple(ids), features, positions.to(self.model.device), start)
+
+    def _turn_positions(self, ids: list[int], start: int) -> torch.Tensor:
+        """M-RoPE rows [3, n] of a turn's ids starting at `start`: text one per token, the chunk's pads by
+        their grid."""
+        pad = self.template.video_pad
+        first = ids.index(pad)
+        n_vision = self._grid.num_tokens
+        before = torch.arange(start, start + first).expand(3, first)
+        vision = self.model.vision_positions(start + first, self._grid, self._interval / self.model.tokens_per_second)
+        after_start = start + first + self._grid.span
+        rest = len(ids) - first - n_vision
+        after = torch.arange(after_start, after_start + rest).expand(3, rest)
+        return torch.cat([before, vision, after], dim=1)
+
+    # ---- checks --------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.failure is not None:
+            raise SessionError(f"session failed: {self.failure}")
+        if self.closed:
+            raise SessionError("session is closed")
+
+    def _check_order(self, timestamp: float) -> None:
+        if timestamp < self._last_frame_time:
+            raise SessionError(f"frame timestamp {timestamp:.3f}s is before the previous frame's "
+                               f"{self._last_frame_time:.3f}s; timestamps must not go backwards")
+
+
+def _pixels(frame, size: int) -> torch.Tensor:
+    from liveserve.video import VideoError, decode_image_bytes, resize_and_pad
+
+    try:
+        if isinstance(frame, (bytes, bytearray, memoryview)):
+            return decode_image_bytes(bytes(frame), size)
+        return resize_and_pad(frame, size)
+    except (ValueError, VideoError, TypeError) as exc:
+        raise SessionError(f"bad frame image: {exc}") from exc
+
+
+def commentary_cache_limit(model: QwenVLModel, config: SessionConfig) -> int:
+    """The most tokens a commentary session's cache holds under its windows: what a KV pool reserves."""
+    cfg, t = config.commentary, model.template
+    system = len(t.encode(config.system_prompt or model.system_prompt)) + 16
+    framing = 32 + cfg.max_query_tokens  # a turn's ChatML and time text, and a query
+    turn = framing + model.grid(cfg.frames_per_chunk).num_tokens + cfg.max_tokens_per_chunk + 2
+    previous = max(len(t.encode(cfg.previous_text)), cfg.text_sink_tokens + cfg.text_window_tokens)
+    # Moved words wait one turn before the trim: up to one reply more than the window.
+    bound = system + previous + cfg.max_tokens_per_chunk + (max(cfg.vision_window_chunks, cfg.text_rounds) + 1) * turn
+    return min(bound, model.max_positions)

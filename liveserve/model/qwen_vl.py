@@ -1,0 +1,249 @@
+"""The Qwen2.5-VL family (StreamingVLM's base): its own vision tower and patch merger, M-RoPE, ChatML turns.
+
+What differs from a LIVE model, and how the engine meets it:
+  frames -> tokens  frames are encoded a chunk at a time: `temporal_patch_size` frames (2) make one
+                    temporal grid, and the merger turns each 2x2 block of 14-px patches into one LM token, so
+                    a chunk of square S-px frames is (S / 28)^2 tokens, already in the LM's embedding space.
+  positions         M-RoPE: three rows (temporal, height, width). Text advances all three by one per token;
+                    a chunk's vision tokens sit at (p + t * interval, p + row, p + column) and the text after
+                    them starts at p + max(rows, columns), the rule of transformers' `get_rope_index`.
+  re-rotation       compacting the cache shifts every later token by the same amount in all three rows, so a
+                    cached key is re-rotated by one angle per frequency, as for 1-D RoPE (engine/rope.py).
+  template          ChatML (`<|im_start|>role\\n...<|im_end|>`), built from the tokenizer's own marker tokens.
+
+Frames reach the tower as square S x S images (resized and padded like a LIVE model's), S the largest
+multiple of 28 whose square fits the image processor's `max_pixels`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from liveserve.engine.attention import ATTN_IMPLEMENTATION, StepContext
+
+FAMILY = "qwen2_5_vl"
+NO_COMMENT = " ..."  # StreamingVLM ends every reply with it; a reply of only this is silence
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # what the Qwen2.5-VL chat template puts first
+
+
+class QwenTemplateError(ValueError):
+    """The tokenizer lacks a token the ChatML/vision template needs."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTemplate:
+    """ChatML pieces as token ids. Text is tokenized between special tokens only, as a whole-prompt
+    tokenization would split it (special tokens are never merged with their neighbours)."""
+
+    tokenizer: object
+    im_start: int
+    im_end: int
+    newline: int
+    vision_start: int
+    vision_end: int
+    video_pad: int
+    no_comment: tuple[int, ...]
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> ChatTemplate:
+        vocab = tokenizer.get_vocab()
+        ids = {}
+        for name, token in (("im_start", "<|im_start|>"), ("im_end", "<|im_end|>"), ("vision_start", "<|vision_start|>"),
+                            ("vision_end", "<|vision_end|>"), ("video_pad", "<|video_pad|>")):
+            if token not in vocab:
+                raise QwenTemplateError(f"the tokenizer has no {token} token: not a Qwen2-VL/Qwen2.5-VL tokenizer")
+            ids[name] = vocab[token]
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        if len(newline) != 1:
+            raise QwenTemplateError(f"'\\n' must be one token, the tokenizer splits it into {newline}")
+        no_comment = tuple(tokenizer(NO_COMMENT, add_special_tokens=False)["input_ids"])
+        return cls(tokenizer=tokenizer, newline=newline[0], no_comment=no_comment, **ids)
+
+    @property
+    def eos_id(self) -> int:
+        return self.im_end
+
+    @property
+    def interval_id(self) -> int:
+        # The engine's readout reads one token's probability per row; for commentary it is the turn's end.
+        return self.im_end
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def turn_open(self, role: str) -> list[int]:
+        """`<|im_start|>role\\n`"""
+        return [self.im_start, *self.encode(f"{role}\n")]
+
+    def turn_close(self) -> list[int]:
+        """`<|im_end|>\\n`"""
+        return [self.im_end, self.newline]
+
+
+@dataclass(frozen=True, slots=True)
+class VisionGrid:
+    """One chunk's grid in LM tokens: `t` temporal groups of `h` x `w` merged patches."""
+
+    t: int
+    h: int
+    w: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.t * self.h * self.w
+
+    @property
+    def span(self) -> int:
+        """How far the chunk moves the text positions after it (transformers' get_rope_index)."""
+        return max(self.h, self.w)
+
+
+class QwenVLModel(nn.Module):
+    family = FAMILY
+
+    def __init__(self, hf: nn.Module, tokenizer, *, image_mean, image_std, frame_size: int, name: str = "") -> None:
+        super().__init__()
+        self.hf, self.name = hf, name
+        self.template = ChatTemplate.from_tokenizer(tokenizer)
+        self.system_prompt = DEFAULT_SYSTEM_PROMPT
+        text, vision = hf.config.text_config, hf.config.vision_config
+        self.num_layers = text.num_hidden_layers
+        self.num_kv_heads = text.num_key_value_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.max_positions = text.max_position_embeddings
+        self.hidden_size, self.vocab_size = text.hidden_size, text.vocab_size
+        self.patch_size, self.merge = vision.patch_size, vision.spatial_merge_size
+        self.temporal_patch_size = vision.temporal_patch_size
+        self.tokens_per_second = getattr(vision, "tokens_per_second", 1)
+        self.frame_size = frame_size
+        self.vision = hf.model.visual
+        self.register_buffer("_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self._unread = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.lm_head.weight.dtype
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.hf.model.language_model.rotary_emb.inv_freq
+
+    def grid(self, num_frames: int) -> VisionGrid:
+        side = self.frame_size // (self.patch_size * self.merge)
+        return VisionGrid(num_frames // self.temporal_patch_size, side, side)
+
+    # ---- vision ----------------------------------------------------------------------------------------
+
+    def patchify(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames [F, 3, S, S] (F a multiple of temporal_patch_size) -> the tower's input rows
+        [F / tp * (S / p)^2, 3 * tp * p * p], normalized, in the order of Qwen's image processor (merge
+        blocks together, so the merger's 2x2 groups are adjacent rows)."""
+        f, c, s, _ = frames.shape
+        tp, p, m = self.temporal_patch_size, self.patch_size, self.merge
+        if f % tp or s != self.frame_size:
+            raise ValueError(f"a chunk is a multiple of {tp} frames of {self.frame_size}x{self.frame_size} px, "
+                             f"got {f} of {s}x{s}")
+        x = (frames.to(self._mean.device, torch.float32) / 255.0 - self._mean) / self._std
+        g = s // p
+        x = x.reshape(f // tp, tp, c, g // m, m, p, g // m, m, p)
+        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, row block, col block, row in block, col in block, c, tp, p, p
+        return x.reshape(f // tp * g * g, c * tp * p * p)
+
+    @torch.inference_mode()
+    def encode_chunk(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames [F, 3, S, S] -> LM embeddings of the chunk's vision tokens [tokens, hidden]."""
+        grid = self.grid(frames.shape[0])
+        patches = self.patchify(frames).to(self.device, self.dtype)
+        thw = torch.tensor([[grid.t, grid.h * self.merge, grid.w * self.merge]], device=self.device)
+        out = self.vision(patches, grid_thw=thw)
+        return getattr(out, "pooler_output", out)  # the merger's output: one row per LM token
+
+    def vision_positions(self, start: int, grid: VisionGrid, seconds_per_grid: float) -> torch.Tensor:
+        """M-RoPE rows [3, tokens] of a chunk whose first position is `start` (host tensor)."""
+        interval = self.tokens_per_second * seconds_per_grid
+        t = (torch.arange(grid.t) * interval).long()
+        rows, cols = torch.arange(grid.h), torch.arange(grid.w)
+        tt, hh, ww = torch.meshgrid(t, rows, cols, indexing="ij")
+        return torch.stack([tt, hh, ww]).reshape(3, -1) + start
+
+    # ---- the LM ---------------------------------------------------------------------------------------
+
+    def embed_step(self, steps) -> torch.Tensor:
+        """Every step's ids (with `<|video_pad|>` where its chunk's tokens go) as one [T, hidden] sequence:
+        one embedding lookup, the vision embeddings written over the pads."""
+        ids = torch.tensor([i for step in steps for i in step.ids], dtype=torch.long, device=self.device)
+        embeds = self.hf.get_input_embeddings()(ids)
+        features = [step.features for step in steps if step.features is not None]
+        if features:
+            vision = torch.cat(features).to(self.device, embeds.dtype)
+            embeds = embeds.masked_scatter((ids == self.template.video_pad)[:, None], vision)
+        return embeds
+
+    def _unread_mask(self) -> torch.Tensor:
+        if self._unread is None or self._unread.device != self.device:
+            self._unread = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        return self._unread
+
+    def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, step: StepContext,
+                     logits_at: torch.Tensor) -> torch.Tensor:
+        """One forward over packed new tokens [T, hidden] at M-RoPE `positions` [3, T]; fp32 logits at the
+        packed indices `logits_at`."""
+        out = self.hf.model.language_model(inputs_embeds=embeds[None], position_ids=positions[:, None],
+                                           use_cache=False, kv_step=step, attention_mask=self._unread_mask())
+        return self.hf.lm_head(out.last_hidden_state[0, logits_at]).float()
+
+
+def frame_size_for(max_pixels: int, unit: int) -> int:
+    """The largest multiple of `unit` whose square fits `max_pixels` (at least one unit)."""
+    return max(unit, int(math.isqrt(int(max_pixels)) // unit * unit))
+
+
+def load_qwen_vl(path: Path, device: torch.device, dtype: torch.dtype, *, frame_size: int | None = None) -> QwenVLModel:
+    """A Qwen2.5-VL checkpoint in the plain Hugging Face layout (config.json, safetensors, tokenizer,
+    preprocessor_config.json): StreamingVLM's release, or Qwen2.5-VL-*-Instruct."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from liveserve.model.loading import CheckpointError, check_supported
+
+    config = json.loads((path / "config.json").read_text())
+    check_supported(config.get("text_config", config), path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # transformers raises several types for missing/corrupt tokenizer files
+        raise CheckpointError(f"cannot load the tokenizer from {path}: {exc}") from exc
+    processor = path / "preprocessor_config.json"
+    if not processor.is_file():
+        raise CheckpointError(f"{path} has no preprocessor_config.json (the image processor's mean, std and pixels)")
+    image = json.loads(processor.read_text())
+    try:
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True,
+            attn_implementation={"text_config": ATTN_IMPLEMENTATION, "vision_config": "sdpa", "": "sdpa"})
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load the Qwen2.5-VL model from {path}: {exc}") from exc
+    vision = hf.config.vision_config
+    unit = vision.patch_size * vision.spatial_merge_size
+    max_pixels = image.get("max_pixels") or (image.get("size") or {}).get("longest_edge") or 360 * 640
+    try:
+        model = QwenVLModel(hf.to(device), tokenizer, image_mean=image["image_mean"], image_std=image["image_std"],
+                            frame_size=frame_size or frame_size_for(max_pixels, unit), name=str(path))
+    except (QwenTemplateError, KeyError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    if model.frame_size % unit:
+        raise CheckpointError(f"frame_size must be a multiple of {unit} (patch {vision.patch_size} x merge "
+                              f"{vision.spatial_merge_size}), got {model.frame_size}")
+    return model.eval().requires_grad_(False)
