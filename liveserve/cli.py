@@ -6,17 +6,20 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from liveserve import cli_loadtest, cli_serve
 from liveserve.cli_source import add_reconnect_options, reconnect_policy
-from liveserve.config import ATTENTION_KERNELS, CACHE_POLICIES, DEFAULT_THRESHOLD, CacheConfig, SessionConfig
+from liveserve.config import (ATTENTION_KERNELS, CACHE_POLICIES, DEFAULT_THRESHOLD, SESSION_MODES, CacheConfig,
+                              CommentaryConfig, SessionConfig)
 
 if TYPE_CHECKING:  # torch/transformers take seconds to import; the CLI imports them only when needed
     from liveserve.model.live import LiveModel
 
 _CACHE_DEFAULTS = CacheConfig()
+_COMMENTARY_DEFAULTS = CommentaryConfig()
 
 
 def _positive_float(text: str) -> float:
@@ -81,7 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_reconnect_options(run)
     run.add_argument("--query", action="append", default=[], metavar="T:TEXT",
                      help="user query at stream time T seconds (repeatable; default: "
-                          "'0:Please narrate the video in real time.')")
+                          "'0:Please narrate the video in real time.', or in commentary mode the first turn's "
+                          "'Commentate on this video.')")
+    run.add_argument("--mode", choices=SESSION_MODES,
+                     help="live: a decision per frame (LIVE models); commentary: a turn per chunk, StreamingVLM's "
+                          "mode (Qwen2.5-VL models) (default: the model's own)")
+    run.add_argument("--chunk-s", type=_positive_float, default=_COMMENTARY_DEFAULTS.chunk_s,
+                     help="commentary: seconds of video per turn (default: %(default)s)")
+    run.add_argument("--max-tokens-per-chunk", type=_positive_int, default=_COMMENTARY_DEFAULTS.max_tokens_per_chunk,
+                     help="commentary: most tokens said per chunk (default: %(default)s)")
 
     bench = sub.add_parser("bench", help="benchmarks (JSON out)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -252,13 +263,15 @@ def cmd_run(args) -> int:
     from liveserve.video import SAMPLE_VIDEO, probe_video
 
     video = args.video or str(SAMPLE_VIDEO)
-    queries = [parse_query(q) for q in args.query] or [DEFAULT_QUERY]
+    queries = [parse_query(q) for q in args.query]
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
+    commentary = CommentaryConfig(chunk_s=args.chunk_s, fps=args.fps, max_tokens_per_chunk=args.max_tokens_per_chunk)
     config = SessionConfig(threshold=args.threshold, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            cache=CacheConfig(policy=args.cache, window_frames=args.window_frames,
                                              text_window_tokens=args.text_window,
-                                             evict_frames=min(_CACHE_DEFAULTS.evict_frames, max(args.window_frames, 1))))
+                                             evict_frames=min(_CACHE_DEFAULTS.evict_frames, max(args.window_frames, 1))),
+                           mode=args.mode or "live", commentary=commentary)
     # Fail on a bad file, scheme or device before spending seconds on the model. A live source is opened after
     # the model is loaded: opened before, it would start with a backlog it can never catch up on.
     live = is_live_source(video)
@@ -270,8 +283,17 @@ def cmd_run(args) -> int:
         described = f"{info.width}x{info.height} {info.duration_s:.1f}s"
     reconnect = reconnect_policy(args)
     model = load(args)
+    from liveserve.engine.sessions import check_mode, default_mode
+
+    config = replace(config, mode=args.mode or default_mode(model))
+    check_mode(model, config)
+    if config.mode == "live":
+        queries = queries or [DEFAULT_QUERY]
+        policy = f"cache {args.cache}"
+    else:
+        policy = f"commentary every {args.chunk_s:g}s"
     print(f"liveserve: model {model.name} on {model.device} ({model.dtype}); video {video} "
-          f"{described} at {args.fps:g} fps, cache {args.cache}", file=sys.stderr)
+          f"{described} at {args.fps:g} fps, {policy}", file=sys.stderr)
     started = time.perf_counter()
     stats = run_video(model, video, fps=args.fps, config=config, queries=queries, realtime=args.realtime,
                       max_frames=args.max_frames, reconnect=reconnect)

@@ -294,7 +294,9 @@ def _tls_note(args) -> str:
 
 def _model_ref(model: str) -> str:
     """Replicas run in other processes (and directories): a checkpoint path must be absolute."""
-    return model if model in ("default", "tiny") else str(Path(model).expanduser().resolve())
+    from liveserve.model.registry import MODEL_NAMES
+
+    return model if model in MODEL_NAMES else str(Path(model).expanduser().resolve())
 
 
 def _port(address: str) -> int:

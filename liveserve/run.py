@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from liveserve.config import SessionConfig
-from liveserve.engine.events import FrameDecision, ResponseDelta, ResponseDone, ResponseStarted
+from liveserve.engine.commentary import CommentarySession
+from liveserve.engine.events import ChunkDone, FrameDecision, ResponseDelta, ResponseDone, ResponseStarted
 from liveserve.engine.session import Session
+from liveserve.engine.sessions import new_session
 from liveserve.model.live import LiveModel
 from liveserve.live_source import ReconnectPolicy, SourceEvent, open_frame_source
 from liveserve.video import VideoFrame, paced
@@ -117,7 +119,7 @@ def run_video(model: LiveModel, video: str, *, fps: float, config: SessionConfig
     source = open_frame_source(video, fps=fps, size=model.frame_size, realtime=False, max_frames=max_frames,
                                reconnect=reconnect, on_event=lambda event: printer.source_event(event))
     printer = printer or Printer(source.total)
-    session = Session(model, config, session_id="run")
+    session = new_session(model, config, session_id="run")
     due = sorted(queries)  # each query enters the stream when the video reaches its time
     stats = RunStats()
     frames = source.frames
@@ -130,6 +132,12 @@ def run_video(model: LiveModel, video: str, *, fps: float, config: SessionConfig
             if isinstance(event, FrameDecision):
                 stats.frames += 1
                 stats.fired += event.fired
+                stats.max_lag_s = max(stats.max_lag_s, event.lag_s)
+                stats.peak_cache_bytes = max(stats.peak_cache_bytes, session.cache.nbytes)
+                printer.progress(stats, event.cache_tokens)
+            elif isinstance(event, ChunkDone):  # commentary: a chunk's frames were watched and answered
+                stats.frames += len(event.frame_ids)
+                stats.fired += not event.silent
                 stats.max_lag_s = max(stats.max_lag_s, event.lag_s)
                 stats.peak_cache_bytes = max(stats.peak_cache_bytes, session.cache.nbytes)
                 printer.progress(stats, event.cache_tokens)
@@ -149,19 +157,21 @@ def run_video(model: LiveModel, video: str, *, fps: float, config: SessionConfig
             handle_events()
     for timestamp, text in due:  # queries timed after the last frame
         session.push_query(timestamp, text)
+    if isinstance(session, CommentarySession):
+        session.flush()  # the last, partly filled chunk
     handle_events()
     printer.finish()
     stats.source_dropped, stats.source_reconnects = source.counters.dropped, source.counters.reconnects
     return stats
 
 
-def _push(session: Session, frame: VideoFrame, due: list[tuple[float, str]]) -> None:
+def _push(session: Session | CommentarySession, frame: VideoFrame, due: list[tuple[float, str]]) -> None:
     while due and due[0][0] <= frame.timestamp:
         session.push_query(*due.pop(0))
     session.push_frame(frame.timestamp, frame.pixels)
 
 
-def _run_realtime(session: Session, frames, due, handle_events, stop_on_interrupt: bool = False) -> bool:
+def _run_realtime(session: Session | CommentarySession, frames, due, handle_events, stop_on_interrupt: bool = False) -> bool:
     """Frames arrive at wall-clock pace from a reader thread; whatever queued up during a reply is
     processed afterwards, in order, and its lag shows in the decisions.
 

@@ -29,6 +29,19 @@ def tiny_model(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory) -> Path:
+    """A Qwen2.5-VL checkpoint in StreamingVLM's release layout (commentary mode)."""
+    from liveserve.model.tiny import write_tiny_qwen2_5_vl
+
+    return write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen(qwen_dir):
+    return load_model(qwen_dir, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
 def quiet_dir(tiny_dir, tmp_path_factory) -> Path:
     """The tiny checkpoint with its interval token's output row scaled up, so it stays silent on most frames
     and speaks on some (as a trained model does), with no hooks: servers in other processes load it."""

@@ -51,6 +51,25 @@ def test_run_realtime_with_a_sink_window_cache(tiny_dir, capsys):
     assert summary and summary.group(1) == "3", err
 
 
+def test_run_commentary_on_a_streamingvlm_layout_directory(qwen_dir, capsys):
+    """A Qwen2.5-VL directory runs in its own mode: a turn per second of video, each said or silent."""
+    code = main(["run", str(SAMPLE_VIDEO), "--model", str(qwen_dir), "--max-frames", "6",
+                 "--max-tokens-per-chunk", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "commentary every 1s" in err
+    said = [line for line in out.split("\n") if line]
+    assert all(re.fullmatch(r"\[ *\d\.00s\] Assistant:.*\(2 tokens, (eos|length), ttft \d+ ms\)", line)
+               for line in said), out
+    summary = SUMMARY.fullmatch(err.rstrip("\n").split("\n")[-1])
+    assert summary and summary.group(1) == "6", err  # three chunks of two frames
+
+
+def test_run_refuses_a_mode_the_model_does_not_have(tiny_dir, capsys):
+    assert main(["run", "--model", str(tiny_dir), "--mode", "commentary", "--max-frames", "1"]) == 2
+    assert "serves mode 'live', not 'commentary'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["{missing}"], "{missing}: no such file"),
     (["{text}"], "{text}: not a readable video"),

@@ -353,9 +353,9 @@ def test_perception_encodes_frames_with_the_vision_only_model(tiny_dir, tiny_mod
                                                           tiny_model.vision_hidden_size)] * 2
 
 
-def test_a_tiny_qwen2_5_vl_checkpoint_runs_in_transformers_and_is_refused_by_name(tmp_path, capsys):
-    """`liveserve tiny --family qwen2_5_vl` writes StreamingVLM's release layout (Hugging Face loads it and
-    runs an image through it); liveserve does not serve that family yet and says what the directory is."""
+def test_a_tiny_qwen2_5_vl_checkpoint_runs_in_transformers_and_in_liveserve(tmp_path, capsys):
+    """`liveserve tiny --family qwen2_5_vl` writes StreamingVLM's release layout: Hugging Face loads it and
+    runs an image through it, and so does liveserve (its commentary family); Qwen2-VL is refused by name."""
     import numpy as np
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
@@ -377,7 +377,12 @@ def test_a_tiny_qwen2_5_vl_checkpoint_runs_in_transformers_and_is_refused_by_nam
         logits = model(**ids, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"]).logits
     assert logits.shape[:2] == ids["input_ids"].shape and torch.isfinite(logits).all()
 
-    with pytest.raises(CheckpointError, match="is a Qwen2.5-VL checkpoint .* not served yet"):
-        load_model(out)
+    served = load_model(out, device="cpu")
+    assert served.family == "qwen2_5_vl" and served.frame_size == 112  # 112 x 112 = the processor's max_pixels
+    qwen2_vl = tmp_path / "livecc"
+    qwen2_vl.mkdir()
+    (qwen2_vl / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    with pytest.raises(CheckpointError, match="is a Qwen2-VL checkpoint .* not served yet"):
+        load_model(qwen2_vl)
     assert main(["tiny", str(tmp_path / "x"), "--family", "qwen2_5_vl", "--llm", "qwen2"]) == 2
     assert "--llm applies to --family live only" in capsys.readouterr().err

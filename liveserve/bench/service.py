@@ -38,6 +38,7 @@ from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerCon
 from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import FrameDecision
 from liveserve.model.live import LiveModel
+from liveserve.model.registry import MODEL_NAMES
 from liveserve.services.client import encode_jpeg
 
 _NO_DROPS = 600.0  # max_lag_s for the served paths: lockstep rounds never fall behind on purpose
@@ -182,7 +183,7 @@ async def _next(call, kind: str) -> pb.ServerMessage:
 def run_service_bench(model: LiveModel, *, model_ref: str, sessions: list[int], rounds: int, warmup: int, out: str,
                       ray: bool = False, repeats: int = 3) -> dict:
     """`model_ref`: the model's name or directory, for the served paths (their processes load it)."""
-    if model_ref not in ("default", "tiny"):
+    if model_ref not in MODEL_NAMES:
         model_ref = str(Path(model_ref).resolve())  # servers load it from other working directories
     frames = _frames(model)
     paths = PATHS if ray else PATHS[:2]

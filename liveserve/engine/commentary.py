@@ -101,6 +101,7 @@ class _Reply:
     end_s: float
     tokens: list[int] = field(default_factory=list)
     shown: str = ""  # text streamed so far
+    ttft: float = 0.0  # the chunk's last frame's arrival to its first reply token
     started: bool = False  # ResponseStarted sent
 
 
@@ -122,6 +123,7 @@ class CommentarySession:
             num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
             max_tokens=commentary_cache_limit(model, self.config), dtype=model.dtype, device=model.device)
         self.pieces: list[Piece] = []
+        self.last_keep: list[int] | None = None  # the cache indices the last eviction kept, in their new order
         self.trace: list | None = None
         self._contiguous = self.commentary.positions == "contiguous"
         self._interval = model.tokens_per_second * tp / self.commentary.fps  # seconds per grid x tokens per second
@@ -288,6 +290,7 @@ class CommentarySession:
         CacheFullError (nothing written) when it cannot fit."""
         if self._planned is not None:
             raise RuntimeError(f"session {self.session_id!r}: complete the planned step before planning another")
+        self.last_keep = None
         if self.closed:
             return None
         if self._reply is not None:
@@ -372,6 +375,8 @@ class CommentarySession:
         reply = self._reply
         token = self._pick(readout)
         reply.tokens.append(token)
+        if len(reply.tokens) == 1:
+            reply.ttft = time.monotonic() - reply.chunk.frames[-1].arrival
         eos = self.template.eos_id
         if token == eos or len(reply.tokens) == self.commentary.max_tokens_per_chunk:
             return self._finish(reply)
@@ -417,7 +422,7 @@ class CommentarySession:
         if reply.started:
             self.responses += 1
             finish = "eos" if tokens[-1] == eos else "length"
-            events.append(ResponseDone(reply.start_s, "commentary", None, reply.shown, len(tokens), finish, 0.0,
+            events.append(ResponseDone(reply.start_s, "commentary", None, reply.shown, len(tokens), finish, reply.ttft,
                                        time.monotonic() - reply.chunk.frames[-1].arrival,
                                        tuple(tokens[:-1] if tokens[-1] == eos else tokens)))
         frame_ids = tuple(dict.fromkeys(f.frame_id for f in reply.chunk.frames))
@@ -480,7 +485,7 @@ class CommentarySession:
             new_index += index
         if not changed:
             return
-        self.pieces = new_pieces
+        self.pieces, self.last_keep = new_pieces, new_index
         index = torch.tensor(new_index, dtype=torch.long)
         if self._contiguous:
             rows, position = [], 0

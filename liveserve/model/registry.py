@@ -1,4 +1,5 @@
-"""Named models: 'tiny' (random weights, written on first use) and 'default' (the bundled trained narrator).
+"""Named models: 'tiny' (random weights, written on first use), 'default' (the bundled trained narrator) and
+'tiny-commentary' (a random-weight Qwen2.5-VL in StreamingVLM's layout, for commentary mode).
 
 The default model is a small LIVE architecture trained on synthetic shape clips by
 scripts/build_default_model.sh; `default_sizes()` is its shape and `write_default_init` writes it untrained.
@@ -12,7 +13,7 @@ from pathlib import Path
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default-model"
 DEFAULT_IMAGE_SIZE = 128  # the synthetic clips' size: frames reach the tower unscaled
 DEFAULT_MAX_POSITIONS = 8192
-MODEL_NAMES = ("tiny", "default")
+MODEL_NAMES = ("tiny", "default", "tiny-commentary")
 _LIVE_CONFIG = "live_config.json"  # liveserve.model.loading.LIVE_CONFIG
 
 
@@ -28,11 +29,15 @@ def default_model_available() -> bool:
 
 
 def resolve_model(name: str | Path) -> Path:
-    """'tiny', 'default' or a model directory -> the directory `load_model` takes."""
+    """'tiny', 'default', 'tiny-commentary' or a model directory -> the directory `load_model` takes."""
     if str(name) == "tiny":
         from liveserve.model.tiny import tiny_checkpoint
 
         return tiny_checkpoint()
+    if str(name) == "tiny-commentary":
+        from liveserve.model.tiny import tiny_commentary_checkpoint
+
+        return tiny_commentary_checkpoint()
     if str(name) == "default":
         if not default_model_available():
             from liveserve.model.loading import CheckpointError

@@ -156,8 +156,8 @@ def write_tiny_checkpoint(out_dir: str | Path, *, layout: str = "liveserve", llm
 def write_tiny_qwen2_5_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     """A random-weight Qwen2.5-VL checkpoint in the layout StreamingVLM releases (a plain Hugging Face
     directory: config.json with model_type qwen2_5_vl, safetensors weights, a Qwen2 tokenizer with its
-    vision markers and chat template, the image processor's preprocessor_config.json), a few hundred KB.
-    liveserve does not serve this family yet (`load_model` says so); Hugging Face loads and runs it."""
+    vision markers and chat template, the image processor's preprocessor_config.json), about 1 MB:
+    liveserve serves it in commentary mode, and Hugging Face loads and runs it as it is."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
     out = Path(out_dir)
@@ -211,10 +211,19 @@ def _write_adapter(out: Path, lm, connector, vision_hidden: int, rank: int) -> P
 
 def tiny_checkpoint(root: str | Path | None = None) -> Path:
     """The default tiny checkpoint, written once into a cache directory and reused."""
+    return _cached("tiny-live", LIVE_CONFIG, write_tiny_checkpoint, root)
+
+
+def tiny_commentary_checkpoint(root: str | Path | None = None) -> Path:
+    """The tiny Qwen2.5-VL checkpoint (commentary mode), written once into a cache directory and reused."""
+    return _cached("tiny-qwen2_5_vl", "model.safetensors", write_tiny_qwen2_5_vl, root)
+
+
+def _cached(name: str, marker: str, write, root: str | Path | None) -> Path:
     base = Path(root or os.environ.get("LIVESERVE_CACHE", Path.home() / ".cache" / "liveserve"))
-    target = base / "tiny-live"
-    if not (target / LIVE_CONFIG).is_file():
-        tmp = base / f".tiny-live.{os.getpid()}"
-        write_tiny_checkpoint(tmp)
+    target = base / name
+    if not (target / marker).is_file():
+        tmp = base / f".{name}.{os.getpid()}"
+        write(tmp)
         tmp.replace(target) if not target.exists() else None
     return target
