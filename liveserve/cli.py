@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "1,2,4,8,16,32,64")
     batch.add_argument("--input", choices=("pixels", "features"), default="pixels",
                        help="pixels: include batched frame encoding; features: decision steps only (default: pixels)")
+    batch.add_argument("--max-tokens-per-chunk", type=_positive_int, default=_COMMENTARY_DEFAULTS.max_tokens_per_chunk,
+                       help="commentary models: most tokens said per chunk (default: %(default)s)")
     service = _add_sessions_bench(bench_sub, "service",
                                   "gRPC and Ray Serve service paths versus the in-process engine, same load", "1,8")
     service.add_argument("--ray", action="store_true",
@@ -257,6 +259,13 @@ def load(args) -> LiveModel:
                       device=args.device)
 
 
+def load_live(args, what: str) -> LiveModel:
+    """`load`, for the commands that take LIVE models only."""
+    from liveserve.model.loading import require_live
+
+    return require_live(load(args), what)
+
+
 def cmd_run(args) -> int:
     from liveserve.live_source import check_live_source, is_live_source
     from liveserve.run import DEFAULT_QUERY, parse_query, peak_memory_bytes, run_video
@@ -322,7 +331,7 @@ def cmd_bench(args) -> int:
             raise ValueError(f"unknown cache policy {policy!r}; choose from {', '.join(CACHE_POLICIES)}")
     if not lengths or lengths[0] < 1 or args.window < 1:
         raise ValueError("--lengths must be positive frame counts and --window >= 1")
-    run_engine_bench(load(args), lengths=lengths, policies=policies, window=args.window, out=args.json_out)
+    run_engine_bench(load_live(args, "bench engine"), lengths=lengths, policies=policies, window=args.window, out=args.json_out)
     return 0
 
 
@@ -338,13 +347,13 @@ def cmd_bench_sessions(args) -> int:
 
         if args.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-        run_service_bench(load(args), model_ref=args.model, sessions=sessions, rounds=args.rounds, warmup=args.warmup,
+        run_service_bench(load_live(args, "bench service"), model_ref=args.model, sessions=sessions, rounds=args.rounds, warmup=args.warmup,
                           out=args.json_out, ray=args.ray, repeats=args.repeats)
         return 0
     from liveserve.bench.batch import run_batch_bench
 
     run_batch_bench(load(args), sessions=sessions, rounds=args.rounds, warmup=args.warmup, input_kind=args.input,
-                    out=args.json_out)
+                    out=args.json_out, max_tokens_per_chunk=args.max_tokens_per_chunk)
     return 0
 
 
@@ -370,7 +379,7 @@ def cmd_bench_capacity(args) -> int:
 
         torch.set_num_threads(args.threads)
     if args.model:
-        model, preset = load(args), None
+        model, preset = load_live(args, "bench capacity"), None
     else:
         from liveserve.model.loading import default_device
         from liveserve.model.presets import build_preset_model
@@ -451,7 +460,7 @@ def cmd_eval(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model = load(args)
+    model = load_live(args, "eval")
 
     def log(msg: str) -> None:
         print(f"liveserve eval: {msg}", file=sys.stderr, flush=True)
@@ -480,9 +489,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_library_logs()
     commands = {"run": cmd_run, "bench": cmd_bench, "tiny": cmd_tiny, "data": cmd_data, "train": cmd_train,
-                "eval": cmd_eval, "serve": lambda a: cli_serve.cmd_serve(a, load), "client": cli_serve.cmd_client,
+                "eval": cmd_eval, "serve": lambda a: cli_serve.cmd_serve(a, lambda args: load_live(args, "serve")), "client": cli_serve.cmd_client,
                 "transcript": cli_serve.cmd_transcript, "models": cli_serve.cmd_models,
-                "demo": lambda a: cli_serve.cmd_demo(a, load), "loadtest": cli_loadtest.cmd_loadtest}
+                "demo": lambda a: cli_serve.cmd_demo(a, lambda args: load_live(args, "demo")), "loadtest": cli_loadtest.cmd_loadtest}
     try:
         return commands[args.command](args)
     except (CheckpointError, VideoError, ValueError, FileNotFoundError, ClientError, LaunchError,

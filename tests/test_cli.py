@@ -112,6 +112,27 @@ def test_bench_engine_writes_per_policy_json(tiny_dir, tmp_path, capsys):
     assert f"wrote {out}" in capsys.readouterr().err
 
 
+def test_bench_batch_takes_a_commentary_model(qwen_dir, tmp_path, capsys):
+    """A chunk per round (2 frames, a turn and its reply) for batched and sequential sessions alike."""
+    out = tmp_path / "b.json"
+    assert main(["bench", "batch", "--model", str(qwen_dir), "--sessions", "2", "--rounds", "2", "--warmup", "1",
+                 "--max-tokens-per-chunk", "3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["family"] == "qwen2_5_vl" and report["mode"] == "commentary"
+    (result,) = report["results"]
+    for contender in ("batched", "sequential"):
+        assert result[contender]["frames"] == 2 * 2 * 2  # sessions x measured rounds x frames per chunk
+    assert result["speedup"] > 0
+
+
+@pytest.mark.parametrize("command", [["bench", "engine", "--json", "x.json"], ["eval"],
+                                     ["bench", "capacity", "--json", "x.json"]])
+def test_live_only_commands_refuse_a_commentary_model_in_one_line(qwen_dir, capsys, command):
+    assert main(command[:2] + ["--model", str(qwen_dir)] + command[2:]) == 2
+    err = capsys.readouterr().err
+    assert "is a qwen2_5_vl model (commentary mode)" in err and err.count("\n") == 1, err
+
+
 def test_tiny_writes_a_loadable_videollm_online_checkpoint(tmp_path, capsys):
     assert main(["tiny", str(tmp_path / "ckpt"), "--layout", "videollm-online"]) == 0
     printed = capsys.readouterr().out

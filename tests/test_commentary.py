@@ -85,6 +85,13 @@ def test_frames_are_patchified_as_qwen_image_processor_does(qwen, qwen_dir):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_chunks_encoded_together_equal_each_encoded_alone(qwen):
+    chunks = [torch.stack(frames(qwen, 2, seed=k)) for k in range(3)]
+    together = qwen.encode_chunks(chunks)
+    for chunk, features in zip(chunks, together):
+        torch.testing.assert_close(features, qwen.encode_chunk(chunk), atol=1e-5, rtol=1e-5)
+
+
 def test_batched_sessions_equal_each_session_alone_through_evictions(qwen):
     """Sessions of different lengths in one engine, through windows that drop frames, move replies into the
     previous text and trim it: each session's logits equal its own run alone."""

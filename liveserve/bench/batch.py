@@ -7,6 +7,10 @@ frame arrives for each of the N streams, and the round ends when all N are decid
 Per-frame latency is frame arrival -> decision (so in the sequential case a frame also waits for the
 sessions stepped before it). Aggregate frames/s = frames decided / wall time of the measured rounds.
 Decisions are forced silent (see common.force_silence), as in the engine benchmark.
+
+A commentary model (Qwen2.5-VL family) gets a chunk per round (`chunk_s * fps` frames: a turn and its
+reply, `max_tokens_per_chunk` tokens when the model does not stop earlier, as a random one does not);
+latency is then the chunk's last frame -> its reply's last token, and frames/s counts the chunks' frames.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from typing import Callable
 import torch
 
 from liveserve.bench.common import environment, force_silence, percentile, sync, write_report
-from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
+from liveserve.config import CacheConfig, CommentaryConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
 from liveserve.engine.batch import BatchEngine
-from liveserve.engine.events import FrameDecision
-from liveserve.engine.session import Session, cache_limit
+from liveserve.engine.events import ChunkDone, FrameDecision
+from liveserve.engine.sessions import new_session, session_tokens
 from liveserve.model.live import LiveModel
 
 INPUTS = ("pixels", "features")
@@ -30,7 +34,7 @@ INPUTS = ("pixels", "features")
 
 def _frame_source(model: LiveModel, kind: str) -> Callable[[int], torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    if kind == "features":
+    if kind == "features" and model.family == "live":
         bank = [torch.randn(model.layout.num_tokens, model.vision_hidden_size, generator=generator) for _ in range(16)]
     else:
         size = model.frame_size
@@ -44,9 +48,24 @@ def _summary(latencies: list[float], frames: int, wall_s: float, bytes_per_sessi
             "mean_ms": statistics.fmean(latencies) * 1e3, "kv_bytes_per_session": bytes_per_session}
 
 
+def _round(config: SessionConfig, r: int) -> list[float]:
+    """The stream times of round r's frames: one frame at 2 FPS, or a commentary chunk's frames."""
+    if config.mode != "commentary":
+        return [r * 0.5]
+    chunk = config.commentary
+    return [r * chunk.chunk_s + j / chunk.fps for j in range(chunk.frames_per_chunk)]
+
+
+def _decided(event) -> int:
+    """Frames an event reports decided: a frame's decision, or a commentary chunk's."""
+    if isinstance(event, FrameDecision):
+        return 1
+    return len(event.frame_ids) if isinstance(event, ChunkDone) else 0
+
+
 def bench_batched(model: LiveModel, sessions: int, rounds: int, warmup: int, config: SessionConfig,
                   frame: Callable[[int], torch.Tensor]) -> dict:
-    budget = sessions * cache_limit(model, config) + 64 * sessions  # every session admitted, block rounding
+    budget = sessions * session_tokens(model, config) + 64 * sessions  # every session admitted, block rounding
     engine = BatchEngine(model, EngineConfig(pool=PoolConfig(budget_tokens=budget),
                                              scheduler=SchedulerConfig(max_lag_s=None, max_batch_sessions=sessions)))
     ids = [f"s{k}" for k in range(sessions)]
@@ -58,11 +77,12 @@ def bench_batched(model: LiveModel, sessions: int, rounds: int, warmup: int, con
             sync(model.device)
             started = time.perf_counter()
         for k, sid in enumerate(ids):
-            engine.push_frame(sid, r * 0.5, frame(r + k))
+            for j, timestamp in enumerate(_round(config, r)):
+                engine.push_frame(sid, timestamp, frame(r + k + j))
         for _, event in engine.run_until_idle():
-            if isinstance(event, FrameDecision) and r >= warmup:
+            if _decided(event) and r >= warmup:
                 latencies.append(event.lag_s)
-                decided += 1
+                decided += _decided(event)
     sync(model.device)
     wall = time.perf_counter() - started
     used = engine.pool.used_blocks * engine.pool.block_size * engine.pool.bytes_per_token
@@ -76,19 +96,20 @@ def bench_batched(model: LiveModel, sessions: int, rounds: int, warmup: int, con
 
 def bench_sequential(model: LiveModel, sessions: int, rounds: int, warmup: int, config: SessionConfig,
                      frame: Callable[[int], torch.Tensor]) -> dict:
-    streams = [Session(model, config, f"s{k}") for k in range(sessions)]
+    streams = [new_session(model, config, f"s{k}") for k in range(sessions)]
     latencies, started, decided = [], 0.0, 0
     for r in range(warmup + rounds):
         if r == warmup:
             sync(model.device)
             started = time.perf_counter()
         for k, session in enumerate(streams):  # all frames of the round arrive together
-            session.push_frame(r * 0.5, frame(r + k))
+            for j, timestamp in enumerate(_round(config, r)):
+                session.push_frame(timestamp, frame(r + k + j))
         for session in streams:
             for event in session.process():
-                if isinstance(event, FrameDecision) and r >= warmup:
+                if _decided(event) and r >= warmup:
                     latencies.append(event.lag_s)
-                    decided += 1
+                    decided += _decided(event)
     sync(model.device)
     wall = time.perf_counter() - started
     cache_bytes = statistics.fmean(s.cache.nbytes for s in streams)
@@ -98,16 +119,24 @@ def bench_sequential(model: LiveModel, sessions: int, rounds: int, warmup: int, 
 
 
 def run_batch_bench(model: LiveModel, *, sessions: list[int], rounds: int, warmup: int, input_kind: str,
-                    out: str, window_frames: int = 64) -> dict:
+                    out: str, window_frames: int = 64, max_tokens_per_chunk: int = 20) -> dict:
     if input_kind not in INPUTS:
         raise ValueError(f"input must be one of {', '.join(INPUTS)}, got {input_kind!r}")
     if input_kind == "pixels" and model.vision is None:
         raise ValueError("this model has no vision tower; use --input features")
-    config = SessionConfig(threshold=0.0, cache=CacheConfig(policy="sink_window", window_frames=window_frames,
-                                                           evict_frames=min(8, window_frames)))
+    commentary = model.family != "live"
+    if commentary and input_kind != "pixels":
+        raise ValueError("a commentary model encodes each chunk of frames itself: use --input pixels")
+    if commentary:
+        config = SessionConfig(mode="commentary", commentary=CommentaryConfig(max_tokens_per_chunk=max_tokens_per_chunk))
+        cache = {"policy": "streaming_vlm", "max_tokens_per_chunk": max_tokens_per_chunk}
+    else:
+        config = SessionConfig(threshold=0.0, cache=CacheConfig(policy="sink_window", window_frames=window_frames,
+                                                               evict_frames=min(8, window_frames)))
+        cache = {"policy": "sink_window", "window_frames": window_frames}
     frame = _frame_source(model, input_kind)
     results = []
-    handle = force_silence(model)
+    handle = None if commentary else force_silence(model)
     try:
         for n in sessions:
             print(f"liveserve bench batch: {n} sessions x {rounds} rounds ({input_kind})", file=sys.stderr, flush=True)
@@ -120,8 +149,9 @@ def run_batch_bench(model: LiveModel, *, sessions: list[int], rounds: int, warmu
                   f"(p50 {sequential['p50_ms']:.1f} ms, p99 {sequential['p99_ms']:.1f} ms); speedup {speedup:.2f}x",
                   file=sys.stderr, flush=True)
     finally:
-        handle.remove()
-    report = {"benchmark": "batch", **environment(model), "input": input_kind, "rounds": rounds, "warmup": warmup,
-              "cache": {"policy": "sink_window", "window_frames": window_frames}, "results": results}
+        if handle is not None:
+            handle.remove()
+    report = {"benchmark": "batch", **environment(model), "mode": config.mode, "input": input_kind, "rounds": rounds,
+              "warmup": warmup, "cache": cache, "results": results}
     write_report(report, out)
     return report

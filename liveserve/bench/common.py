@@ -32,7 +32,7 @@ def sync(device: torch.device) -> None:
 def environment(model: LiveModel) -> dict:
     device = model.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"model": model.name, "device": str(device), "device_name": name, "dtype": str(model.dtype),
+    return {"model": model.name, "family": model.family, "device": str(device), "device_name": name, "dtype": str(model.dtype),
             "torch_threads": torch.get_num_threads()}
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from liveserve.config import EngineConfig, SessionConfig
+from liveserve.engine.commentary import encode_chunks
 from liveserve.engine.events import Event, SessionFailed
 from liveserve.engine.inputs import SessionError
 from liveserve.engine.kv_cache import CacheFullError
@@ -160,6 +161,8 @@ class BatchEngine:
             if self.encoder is not None and not self.encoder.overlap:
                 self.encoder.encode_waiting()  # perception for every frame that arrived since the last step
             schedule = self.scheduler.schedule([s for s in self._sessions.values() if not s.closed])
+            if self.model.family != "live":
+                self._encode_chunks(schedule.sessions)
             events: list[tuple[str, Event]] = list(schedule.dropped)
             planned: list[tuple[Session, StepInput]] = []
             for session in schedule.sessions:
@@ -192,6 +195,14 @@ class BatchEngine:
                     events.append(self._fail(session, "internal", f"{type(exc).__name__}: {exc}"))
             self.steps += 1
             return events
+
+    def _encode_chunks(self, sessions) -> None:
+        """Commentary: the step's turns' chunks through the tower together. If that call fails, each session
+        encodes its own chunk while planning, so a bad chunk fails its session only."""
+        try:
+            encode_chunks(self.model, sessions)
+        except Exception:
+            log.exception("encoding %d sessions' chunks together failed; each encodes its own", len(sessions))
 
     def _execute(self, planned: list[tuple[Session, StepInput]]) -> torch.Tensor:
         steps = [step for _, step in planned]

@@ -25,21 +25,20 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
 
 from liveserve.config import SessionConfig
 from liveserve.engine.attention import StepContext
-from liveserve.engine.events import (ChunkDone, Event, FramesDropped, ResponseDelta, ResponseDone,
-                                     ResponseStarted)
+from liveserve.engine.events import ChunkDone, Event, ResponseDelta, ResponseDone, ResponseStarted
 from liveserve.engine.inputs import QueuedFrame, SessionError, check_frame_id, check_time
 from liveserve.engine.kv_cache import CacheFullError, KVCache
 from liveserve.engine.readout import Readout, read_out
 from liveserve.model.qwen_vl import NO_COMMENT, QwenVLModel, VisionGrid
 
-__all__ = ["CommentarySession", "CommentaryStep", "Piece", "commentary_cache_limit"]
+__all__ = ["CommentarySession", "CommentaryStep", "Piece", "commentary_cache_limit", "encode_chunks"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +87,14 @@ class _Chunk:
     index: int  # floor(start / chunk_s)
     frames: tuple[QueuedFrame, ...]
     queries: tuple[str, ...]
+    features: torch.Tensor | None = None  # its vision tokens, once encoded (see encode_chunks)
 
     @property
     def start_s(self) -> float:
         return self.frames[0].timestamp
+
+    def pixels(self) -> torch.Tensor:
+        return torch.stack([frame.pixels for frame in self.frames])
 
 
 @dataclass(slots=True)
@@ -208,6 +211,17 @@ class CommentarySession:
     def restore(self, items) -> None:
         raise SessionError("commentary sessions cannot be restored yet")
 
+    def chunk_to_encode(self) -> _Chunk | None:
+        """The chunk the next `plan` feeds, when it still needs its vision tokens."""
+        with self._lock:
+            chunk = self._chunks[0] if self._chunks and self._reply is None else None
+        return chunk if chunk is not None and chunk.features is None else None
+
+    def give_features(self, chunk: _Chunk, features: torch.Tensor) -> None:
+        with self._lock:
+            if self._chunks and self._chunks[0] is chunk:  # not dropped meanwhile
+                self._chunks[0] = replace(chunk, features=features)
+
     def _close_chunk(self) -> None:
         frames, n = self._filling, self.commentary.frames_per_chunk
         frames = frames + [frames[-1]] * (n - len(frames))
@@ -302,7 +316,7 @@ class CommentarySession:
                 return None
             chunk = self._chunks.popleft()
         self._make_room()
-        features = self.model.encode_chunk(torch.stack([f.pixels for f in chunk.frames]))
+        features = chunk.features if chunk.features is not None else self.model.encode_chunk(chunk.pixels())
         ids, pieces = self._turn_ids(chunk)
         step = self._reserve(ids, features)
         self._planned = ("turn", step)
@@ -545,6 +559,16 @@ class CommentarySession:
         if timestamp < self._last_frame_time:
             raise SessionError(f"frame timestamp {timestamp:.3f}s is before the previous frame's "
                                f"{self._last_frame_time:.3f}s; timestamps must not go backwards")
+
+
+def encode_chunks(model: QwenVLModel, sessions) -> None:
+    """Encode the chunk every one of `sessions` feeds next in one call of the tower (the engine's perception
+    for this family: a step's turns share the tower as its frames share the LM)."""
+    waiting = [(session, chunk) for session in sessions if (chunk := session.chunk_to_encode()) is not None]
+    if not waiting:
+        return
+    for (session, chunk), features in zip(waiting, model.encode_chunks([chunk.pixels() for _, chunk in waiting])):
+        session.give_features(chunk, features)
 
 
 def _pixels(frame, size: int) -> torch.Tensor:

@@ -78,6 +78,9 @@ def load_vision_model(path: str | Path, *, vision_model: str | Path | None = Non
                       device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> VisionModel:
     """The vision tower of the LIVE checkpoint at `path` (either layout), without its LM or connector."""
     path, device, dtype = _target(path, device, dtype)
+    if _model_type(path) == QWEN_FAMILY:
+        raise CheckpointError(f"{path} is a Qwen2.5-VL model (commentary mode): its tower encodes chunks of frames "
+                              "on the LM's replica; a separate Perception pool takes LIVE models only")
     if (path / LIVE_CONFIG).is_file():
         config = _live_config(path)
         vision_dir, layout = _subdir(path, config, "vision"), _live_layout(config)
@@ -94,6 +97,14 @@ def load_vision_model(path: str | Path, *, vision_model: str | Path | None = Non
 QWEN_FAMILY = "qwen2_5_vl"  # served in commentary mode (liveserve.model.qwen_vl)
 # Vision-language families that are not served (yet), by config.json's model_type: what they are.
 UNSERVED_FAMILIES = {"qwen2_vl": "a Qwen2-VL checkpoint (the layout LiveCC releases)"}
+
+
+def require_live(model, what: str):
+    """`model` if it is a LIVE model; else why `what` cannot take it (its family runs in commentary mode)."""
+    if model.family != "live":
+        raise CheckpointError(f"{model.name} is a {model.family} model (commentary mode): {what} takes LIVE models "
+                              "only so far; `liveserve run --model DIR` and `liveserve bench batch` run it")
+    return model
 
 
 def _model_type(path: Path) -> str:

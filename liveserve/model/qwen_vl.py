@@ -166,11 +166,18 @@ class QwenVLModel(nn.Module):
     @torch.inference_mode()
     def encode_chunk(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 frames [F, 3, S, S] -> LM embeddings of the chunk's vision tokens [tokens, hidden]."""
-        grid = self.grid(frames.shape[0])
-        patches = self.patchify(frames).to(self.device, self.dtype)
-        thw = torch.tensor([[grid.t, grid.h * self.merge, grid.w * self.merge]], device=self.device)
+        return self.encode_chunks([frames])[0]
+
+    @torch.inference_mode()
+    def encode_chunks(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Several chunks (of several sessions) in one call of the tower: each attends within itself only
+        (the tower's own per-grid attention), so each result equals encoding it alone."""
+        grids = [self.grid(frames.shape[0]) for frames in chunks]
+        patches = torch.cat([self.patchify(frames) for frames in chunks]).to(self.device, self.dtype)
+        thw = torch.tensor([[g.t, g.h * self.merge, g.w * self.merge] for g in grids], device=self.device)
         out = self.vision(patches, grid_thw=thw)
-        return getattr(out, "pooler_output", out)  # the merger's output: one row per LM token
+        merged = getattr(out, "pooler_output", out)  # the merger's output: one row per LM token
+        return list(merged.split([g.num_tokens for g in grids]))
 
     def vision_positions(self, start: int, grid: VisionGrid, seconds_per_grid: float) -> torch.Tensor:
         """M-RoPE rows [3, tokens] of a chunk whose first position is `start` (host tensor)."""
