@@ -489,9 +489,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_library_logs()
     commands = {"run": cmd_run, "bench": cmd_bench, "tiny": cmd_tiny, "data": cmd_data, "train": cmd_train,
-                "eval": cmd_eval, "serve": lambda a: cli_serve.cmd_serve(a, lambda args: load_live(args, "serve")), "client": cli_serve.cmd_client,
+                "eval": cmd_eval, "serve": lambda a: cli_serve.cmd_serve(a, load), "client": cli_serve.cmd_client,
                 "transcript": cli_serve.cmd_transcript, "models": cli_serve.cmd_models,
-                "demo": lambda a: cli_serve.cmd_demo(a, lambda args: load_live(args, "demo")), "loadtest": cli_loadtest.cmd_loadtest}
+                "demo": lambda a: cli_serve.cmd_demo(a, load), "loadtest": cli_loadtest.cmd_loadtest}
     try:
         return commands[args.command](args)
     except (CheckpointError, VideoError, ValueError, FileNotFoundError, ClientError, LaunchError,

@@ -174,9 +174,9 @@ def cmd_models(args) -> int:
         print(json.dumps([MessageToDict(model, always_print_fields_with_no_presence=True,
                                         preserving_proto_field_name=True) for model in models], indent=2))
         return 0
-    rows = [("NAME", "DEFAULT", "FAMILY", "THRESHOLD", "MAX_NEW_TOKENS", "CACHE")]
-    rows += [(m.name, "yes" if m.is_default else "", m.family, f"{m.threshold:.3g}", str(m.max_new_tokens),
-              f"{m.cache_policy} {m.window_frames} frames") for m in models]
+    rows = [("NAME", "DEFAULT", "FAMILY", "MODE", "THRESHOLD", "MAX_NEW_TOKENS", "CACHE")]
+    rows += [(m.name, "yes" if m.is_default else "", m.family, m.mode or "live", f"{m.threshold:.3g}",
+              str(m.max_new_tokens), f"{m.cache_policy} {m.window_frames} frames") for m in models]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -7,7 +7,7 @@ features of one message are packed into one tensor in the model's dtype (tensors
 from __future__ import annotations
 
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.config import CacheConfig, SessionConfig
+from liveserve.config import CacheConfig, CommentaryConfig, SessionConfig
 from liveserve.engine.inputs import AwaitedReply
 from liveserve.internal.v2 import decision_pb2 as dpb
 from liveserve.internal.v2 import perception_pb2 as ppb
@@ -18,7 +18,8 @@ from liveserve.services import tensors
 
 ACTIONS = {c.Action.SILENT: pb.ACTION_SILENT, c.Action.RESPOND: pb.ACTION_RESPOND, c.Action.QUERY: pb.ACTION_QUERY,
            c.Action.SUPPRESSED: pb.ACTION_SUPPRESSED}
-TRIGGERS = {c.Trigger.PROACTIVE: pb.TRIGGER_PROACTIVE, c.Trigger.QUERY: pb.TRIGGER_QUERY}
+TRIGGERS = {c.Trigger.PROACTIVE: pb.TRIGGER_PROACTIVE, c.Trigger.QUERY: pb.TRIGGER_QUERY,
+            c.Trigger.COMMENTARY: pb.TRIGGER_COMMENTARY}
 FINISH = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH}
 _ACTION_OF = {v: k for k, v in ACTIONS.items()}
 _TRIGGER_OF = {v: k for k, v in TRIGGERS.items()}
@@ -38,17 +39,22 @@ def settings_to_proto(config: SessionConfig) -> spb.SessionSettings:
         top_p=config.top_p, seed=config.seed, system_prompt=config.system_prompt or "",
         max_query_tokens=config.max_query_tokens, cache_policy=cache.policy, positions=cache.positions,
         window_frames=cache.window_frames, text_window_tokens=cache.text_window_tokens,
-        evict_frames=cache.evict_frames, decisions_only=config.replies == "none")
+        evict_frames=cache.evict_frames, decisions_only=config.replies == "none", mode=config.mode,
+        chunk_s=config.commentary.chunk_s, fps=config.commentary.fps,
+        max_tokens_per_chunk=config.commentary.max_tokens_per_chunk, commentary_query=config.commentary.query)
 
 
 def settings_from_proto(message: spb.SessionSettings) -> SessionConfig:
     """Validated again here (SessionConfig checks every field): a replica trusts no caller blindly."""
     cache = CacheConfig(policy=message.cache_policy, positions=message.positions, window_frames=message.window_frames,
                         text_window_tokens=message.text_window_tokens, evict_frames=message.evict_frames)
+    commentary = CommentaryConfig(chunk_s=message.chunk_s, fps=message.fps,
+                                  max_tokens_per_chunk=message.max_tokens_per_chunk, query=message.commentary_query)
     return SessionConfig(threshold=message.threshold, max_new_tokens=message.max_new_tokens,
                          temperature=message.temperature, top_p=message.top_p, seed=message.seed,
                          system_prompt=message.system_prompt or None, max_query_tokens=message.max_query_tokens,
-                         cache=cache, replies="none" if message.decisions_only else "inline")
+                         cache=cache, replies="none" if message.decisions_only else "inline", mode=message.mode,
+                         commentary=commentary)
 
 
 def open_to_proto(request: c.OpenSession) -> spb.OpenRequest:
@@ -203,6 +209,12 @@ def decision_events_to_proto(batch: c.EventBatch) -> dpb.DecisionEvents:
         elif isinstance(event, c.Refused):
             entry.refused.CopyFrom(dpb.Refused(session_id=event.session_id, input=event.input,
                                                frame_id=event.frame_id, message=event.message))
+        elif isinstance(event, c.ReplyStarted):
+            entry.said_started.CopyFrom(_started_to_proto(event))
+        elif isinstance(event, c.ReplyDelta):
+            entry.said_delta.CopyFrom(_delta_to_proto(event))
+        elif isinstance(event, c.ReplyDone):
+            entry.said_done.CopyFrom(_done_to_proto(event))
         else:
             entry.ended.CopyFrom(dpb.SessionEnded(
                 session_id=event.session_id, frames_decided=event.frames_decided, frames_dropped=event.frames_dropped,
@@ -233,6 +245,12 @@ def decision_events_from_proto(message: dpb.DecisionEvents) -> c.EventBatch:
             e = entry.ended
             events.append(c.SessionEnded(e.session_id, e.frames_decided, e.frames_dropped, e.responses,
                                          e.frames_replayed, e.code, e.message))
+        elif kind == "said_started":
+            events.append(_started_from_proto(entry.said_started))
+        elif kind == "said_delta":
+            events.append(_delta_from_proto(entry.said_delta))
+        elif kind == "said_done":
+            events.append(_done_from_proto(entry.said_done))
     return c.EventBatch(tuple(events))
 
 
@@ -286,15 +304,11 @@ def reaction_events_to_proto(batch: c.EventBatch) -> rpb.ReactionEvents:
     for event in batch.events:
         entry = message.events.add()
         if isinstance(event, c.ReplyStarted):
-            entry.started.CopyFrom(rpb.ReplyStarted(session_id=event.session_id, timestamp=event.timestamp,
-                                                    trigger=TRIGGERS[event.trigger], query=event.query))
+            entry.started.CopyFrom(_started_to_proto(event))
         elif isinstance(event, c.ReplyDelta):
-            entry.delta.CopyFrom(rpb.ReplyDelta(session_id=event.session_id, text=event.text,
-                                                num_tokens=event.num_tokens))
+            entry.delta.CopyFrom(_delta_to_proto(event))
         elif isinstance(event, c.ReplyDone):
-            entry.done.CopyFrom(rpb.ReplyDone(session_id=event.session_id, text=event.text, num_tokens=event.num_tokens,
-                                              finish_reason=FINISH[event.finish_reason], ttft_s=event.ttft_s,
-                                              duration_s=event.duration_s, token_ids=event.token_ids))
+            entry.done.CopyFrom(_done_to_proto(event))
         else:
             entry.failed.CopyFrom(rpb.ReplyFailed(session_id=event.session_id, message=event.message))
     return message
@@ -305,14 +319,41 @@ def reaction_events_from_proto(message: rpb.ReactionEvents) -> c.EventBatch:
     for entry in message.events:
         kind = entry.WhichOneof("kind")
         if kind == "started":
-            s = entry.started
-            events.append(c.ReplyStarted(s.session_id, s.timestamp, _TRIGGER_OF[s.trigger], s.query))
+            events.append(_started_from_proto(entry.started))
         elif kind == "delta":
-            events.append(c.ReplyDelta(entry.delta.session_id, entry.delta.text, entry.delta.num_tokens))
+            events.append(_delta_from_proto(entry.delta))
         elif kind == "done":
-            d = entry.done
-            events.append(c.ReplyDone(d.session_id, d.text, d.num_tokens, _FINISH_OF[d.finish_reason], d.ttft_s,
-                                      d.duration_s, tuple(d.token_ids)))
+            events.append(_done_from_proto(entry.done))
         elif kind == "failed":
             events.append(c.ReplyFailed(entry.failed.session_id, entry.failed.message))
     return c.EventBatch(tuple(events))
+
+
+# ---- replies (from Reaction, or from a commentary session's Decision) -----------------------------------------
+
+def _started_to_proto(event: c.ReplyStarted) -> rpb.ReplyStarted:
+    return rpb.ReplyStarted(session_id=event.session_id, timestamp=event.timestamp, trigger=TRIGGERS[event.trigger],
+                            query=event.query)
+
+
+def _started_from_proto(s: rpb.ReplyStarted) -> c.ReplyStarted:
+    return c.ReplyStarted(s.session_id, s.timestamp, _TRIGGER_OF[s.trigger], s.query)
+
+
+def _delta_to_proto(event: c.ReplyDelta) -> rpb.ReplyDelta:
+    return rpb.ReplyDelta(session_id=event.session_id, text=event.text, num_tokens=event.num_tokens)
+
+
+def _delta_from_proto(d: rpb.ReplyDelta) -> c.ReplyDelta:
+    return c.ReplyDelta(d.session_id, d.text, d.num_tokens)
+
+
+def _done_to_proto(event: c.ReplyDone) -> rpb.ReplyDone:
+    return rpb.ReplyDone(session_id=event.session_id, text=event.text, num_tokens=event.num_tokens,
+                         finish_reason=FINISH[event.finish_reason], ttft_s=event.ttft_s, duration_s=event.duration_s,
+                         token_ids=event.token_ids)
+
+
+def _done_from_proto(d: rpb.ReplyDone) -> c.ReplyDone:
+    return c.ReplyDone(d.session_id, d.text, d.num_tokens, _FINISH_OF[d.finish_reason], d.ttft_s, d.duration_s,
+                       tuple(d.token_ids))

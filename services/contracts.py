@@ -31,6 +31,7 @@ class Action(StrEnum):
 class Trigger(StrEnum):
     PROACTIVE = "proactive"
     QUERY = "query"
+    COMMENTARY = "commentary"  # a chunk's turn in commentary mode (written by Decision itself)
 
 
 # ---- opening a session (Decision and Reaction) ---------------------------------------------------------
@@ -192,7 +193,6 @@ class SessionEnded:
     message: str = ""
 
 
-DecisionEvent = Decided | Dropped | ReplyWanted | Refused | SessionEnded
 
 
 # ---- Reaction --------------------------------------------------------------------------------------------
@@ -257,6 +257,8 @@ class ReplyFailed:
 
 
 ReactionEvent = ReplyStarted | ReplyDelta | ReplyDone | ReplyFailed
+# A commentary session's Decision writes its replies itself: they reach the gateway as Reaction's would.
+DecisionEvent = Decided | Dropped | ReplyWanted | Refused | SessionEnded | ReplyStarted | ReplyDelta | ReplyDone
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,10 +22,12 @@ import grpc
 from opentelemetry.trace import Span
 
 from liveserve.engine.batch import BatchEngine
-from liveserve.engine.events import Event, FrameDecision, FramesDropped, ReplyRequested, SessionFailed
+from liveserve.engine.events import (ChunkDone, Event, FrameDecision, FramesDropped, ReplyRequested, ResponseDelta,
+                                     ResponseDone, ResponseStarted, SessionFailed)
 from liveserve.engine.inputs import FeatureShapeError, RestoredTurn, SessionError
 from liveserve.engine.kv_pool import PoolFullError
 from liveserve.engine.session import Session
+from liveserve.engine.sessions import default_mode, tokens_per_frame
 from liveserve.model.live import LiveModel
 from liveserve.services import contracts as c
 from liveserve.services.engine_worker import EngineWorker
@@ -63,7 +65,8 @@ class DecisionService:
         self.model, self.settings, self.replica, self.registry = model, settings, replica, registry
         self._warned_features = False  # features of another tower's shape were logged
         self.engine = BatchEngine(model, settings.engine_config())
-        log.info("decision replica %s: %s", replica, self.engine.describe_capacity(settings.session_defaults()))
+        defaults = dataclasses.replace(settings.session_defaults(), mode=default_mode(model))
+        log.info("decision replica %s: %s", replica, self.engine.describe_capacity(defaults))
         self.metrics, self.gpu, self.tracer = DecisionMetrics(), GpuMetrics(), tracer("decision")
         self.sessions: dict[str, _Held] = {}
         self.outboxes = Outboxes(self._gateway_gone, interval_s=settings.hop_ms / 1000)
@@ -120,7 +123,7 @@ class DecisionService:
         epoch, history = 1, ()
         record = {"threshold": config.threshold, "max_new_tokens": config.max_new_tokens,
                   "cache_policy": config.cache.policy, "window_frames": config.cache.window_frames,
-                  "gateway": request.gateway_id}
+                  "gateway": request.gateway_id, "mode": config.mode}
         try:
             if self.registry is not None and request.restore is not None:
                 epoch, history = await asyncio.to_thread(self._take_over, sid, record)
@@ -138,7 +141,7 @@ class DecisionService:
         self.sessions[sid] = _Held(sid, request.gateway_id, epoch, session, record=record)
         limits = c.Limits(max_query_tokens=config.max_query_tokens, max_new_tokens=config.max_new_tokens,
                           max_lag_s=self.engine.config.scheduler.max_lag_s or 0.0,
-                          tokens_per_frame=self.model.layout.num_tokens + 1)
+                          tokens_per_frame=tokens_per_frame(self.model, config))
         return c.SessionPlaced(sid, self.replica, epoch, limits, restored_turns)
 
     async def _gone(self, session_id: str, timeout_s: float = 5.0) -> None:
@@ -223,8 +226,44 @@ class DecisionService:
     def _deliver(self, events: list[tuple[str, Event]]) -> None:
         for sid, event in events:
             held = self.sessions.get(sid)
-            if held is not None and (translated := self._translate(held, event)) is not None:
-                self.outboxes.put(held.gateway_id, translated)
+            if held is None:
+                continue
+            if isinstance(event, (ChunkDone, ResponseStarted, ResponseDelta, ResponseDone)):
+                translated = self._commentary(held, event)
+            else:
+                translated = self._translate(held, event)
+                translated = [] if translated is None else [translated]
+            for message in translated:
+                self.outboxes.put(held.gateway_id, message)
+
+    def _commentary(self, held: _Held, event: ChunkDone | ResponseStarted | ResponseDelta | ResponseDone
+                    ) -> list[c.DecisionEvent]:
+        """A commentary session's events: a chunk's frames decided (fired: something was said about it),
+        and what it says, streamed as a reply is."""
+        sid = held.session_id
+        if isinstance(event, ChunkDone):
+            self.metrics.frames_decided.inc(len(event.frame_ids))
+            self.metrics.decision_latency.observe(event.lag_s)
+            action = c.Action.SILENT if event.silent else c.Action.RESPOND
+            decided = []
+            for frame_id, timestamp in zip(event.frame_ids, event.timestamps):
+                span = held.decide_spans.pop(frame_id, None)
+                trace_context = c.NO_TRACE
+                if span is not None:
+                    span.set_attributes({"liveserve.fired": not event.silent, "liveserve.action": str(action)})
+                    trace_context = carried(span)
+                    span.end()
+                decided.append(c.Decided(sid, frame_id, timestamp, float(event.silent), not event.silent, action,
+                                         trace_context))
+            return decided
+        if isinstance(event, ResponseStarted):
+            self.metrics.responses.inc(tags={"trigger": event.trigger})
+            return [c.ReplyStarted(sid, event.timestamp, c.Trigger.COMMENTARY, "")]
+        if isinstance(event, ResponseDelta):
+            return [c.ReplyDelta(sid, event.text, len(event.token_ids))]
+        self._record_turn(held, event.timestamp, "assistant", event.text)
+        return [c.ReplyDone(sid, event.text, event.num_tokens, event.finish_reason, event.ttft_s, event.duration_s,
+                            event.token_ids)]
 
     def _translate(self, held: _Held, event: Event) -> c.DecisionEvent | None:
         sid = held.session_id

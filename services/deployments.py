@@ -23,6 +23,7 @@ from liveserve.services.perception import FrameEncoder, load_perception_model
 from liveserve.services.reaction import ReactionService
 from liveserve.services.redis_server import connect
 from liveserve.services.registry import SessionRegistry
+from liveserve.model.loading import require_live
 from liveserve.services.replica import load_replica_model, replica_id
 from liveserve.services.routing import SESSION_ROUTER
 from liveserve.services.seams import RayPerception, ray_decision, ray_reaction
@@ -72,8 +73,9 @@ class GatewayDeployment:
             for model in served:
                 handles = pools[model.name]
                 seam = perception.setdefault(model.perception_pool, RayPerception(handles["perception"]))
+                reaction = handles["reaction"]  # None: a commentary model, which writes its replies in Decision
                 models.append(PoolSeams(model, seam, ray_decision(handles["decision"]),
-                                        ray_reaction(handles["reaction"])))
+                                        ray_reaction(reaction) if reaction is not None else None))
             return Gateway(models, settings, gateway_id=replica_id(), registry=registry)
 
         self.server = GatewayServer(build, settings.address, max_frame_bytes=settings.max_frame_bytes,
@@ -184,4 +186,4 @@ class ReactionDeployment(_SessionPool):
     def __init__(self, settings: dict | None = None) -> None:
         settings = _settings(settings)
         model = load_replica_model(settings.reaction_model or settings.model, vision=False, threads=settings.threads)
-        self.service = ReactionService(model, settings, replica_id())
+        self.service = ReactionService(require_live(model, "a Reaction pool"), settings, replica_id())

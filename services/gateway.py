@@ -204,7 +204,8 @@ class Gateway(pb_grpc.LiveStreamServicer):
         return pb.ModelList(models=[
             pb.ModelInfo(name=model.name, is_default=model is self.default_model, family=model.served.family,
                          threshold=model.defaults.threshold, max_new_tokens=model.defaults.max_new_tokens,
-                         cache_policy=model.defaults.cache.policy, window_frames=model.defaults.cache.window_frames)
+                         cache_policy=model.defaults.cache.policy, window_frames=model.defaults.cache.window_frames,
+                         mode=model.defaults.mode)
             for model in self.models.values()])
 
     async def _transcript(self, request: pb.GetTranscriptRequest | Unparsable, host: str) -> pb.Transcript:
@@ -286,7 +287,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
     @staticmethod
     def _session_config(open_: pb.Open, pools: ModelPools):
         try:
-            return session_config(open_, pools.defaults)
+            return session_config(open_, pools.defaults, pools.modes)
         except ValueError as exc:
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"bad open: {exc}") from None
 
@@ -370,7 +371,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
         # each waits for the other's (both would be refused with room for one of them).
         placed = await self.place(pools.decision, request)
         reaction = None
-        if request.config.replies != "none":
+        if request.config.replies != "none" and request.config.mode == "live":  # commentary: Decision writes
             try:
                 reaction = await self.place(pools.reaction, dataclasses.replace(request, restore=None))
             except CallFailed:

@@ -9,11 +9,13 @@ the Reaction engine each on their own thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
 
 from liveserve.model.live import LiveModel
+from liveserve.model.qwen_vl import FramePixels
 from liveserve.services.decision import DecisionService
 from liveserve.services.gateway import Gateway
 from liveserve.services.model_pools import PoolSeams
@@ -39,16 +41,26 @@ class LocalServer:
                              "process serves one model")
         self.settings, self.registry = settings, registry
         credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
-        self.encoder = FrameEncoder(model, settings.max_batch_size, settings.max_frame_pixels)
+        # A commentary model (Qwen2.5-VL) encodes its chunks in Decision and writes what it says there too:
+        # Perception only decodes and resizes its frames, and it has no Reaction.
+        self.family = model.family
+        commentary = model.family != "live"
+        if commentary and reaction_model is not None:
+            raise ValueError(f"{model.name} is a commentary model: it writes what it says itself, so a reaction "
+                             "model does not apply")
+        frames = FramePixels(model.frame_size, model.name) if commentary else model
+        self.encoder = FrameEncoder(frames, settings.max_batch_size, settings.max_frame_pixels)
         self.decision = DecisionService(model, settings, replica="local", registry=registry)
-        self.reaction = ReactionService(reaction_model or model, settings, replica="local")
+        self.reaction = None if commentary else ReactionService(reaction_model or model, settings, replica="local")
         self.server = GatewayServer(self._gateway, address, max_frame_bytes=settings.max_frame_bytes,
                                     check_every_s=settings.heartbeat_s, name="grpc-server", credentials=credentials)
 
     def _gateway(self) -> Gateway:
         (model,) = self.settings.served_models()
-        return Gateway([PoolSeams(model, LocalPerception(self.encoder), LocalSessions(self.decision),
-                                  LocalSessions(self.reaction))], self.settings, gateway_id="local",
+        model = dataclasses.replace(model, family=self.family)  # the model loaded here, whatever its name says
+        reaction = LocalSessions(self.reaction) if self.reaction is not None else None
+        return Gateway([PoolSeams(model, LocalPerception(self.encoder), LocalSessions(self.decision), reaction)],
+                       self.settings, gateway_id="local",
                        registry=self.registry)
 
     @property
@@ -74,7 +86,8 @@ class LocalServer:
 
     def _stop_services(self) -> None:
         self.decision.stop()
-        self.reaction.stop()
+        if self.reaction is not None:
+            self.reaction.stop()
         self.encoder.close()
 
 

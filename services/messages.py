@@ -4,18 +4,28 @@ server messages back into engine events for clients that reuse the engine's prin
 from __future__ import annotations
 
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.config import CacheConfig, SessionConfig
+from liveserve.config import CacheConfig, CommentaryConfig, SessionConfig
 from liveserve.engine.events import Event, FrameDecision, ResponseDelta, ResponseDone, ResponseStarted
 
 _ACTION_NAMES = {pb.ACTION_SILENT: "silent", pb.ACTION_RESPOND: "respond", pb.ACTION_QUERY: "query",
                  pb.ACTION_SUPPRESSED: "suppressed"}
-_TRIGGER_NAMES = {pb.TRIGGER_PROACTIVE: "proactive", pb.TRIGGER_QUERY: "query"}
+_TRIGGER_NAMES = {pb.TRIGGER_PROACTIVE: "proactive", pb.TRIGGER_QUERY: "query", pb.TRIGGER_COMMENTARY: "commentary"}
 _FINISH_NAMES = {pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_LENGTH: "length"}
 
 
-def session_config(open_: pb.Open, defaults: SessionConfig) -> SessionConfig:
-    """The session's settings: the client's choices over the server's defaults. Raises ValueError with a
-    specific message for out-of-range values (SessionConfig validates every field)."""
+def session_config(open_: pb.Open, defaults: SessionConfig, modes: tuple[str, ...] = ("live",)) -> SessionConfig:
+    """The session's settings: the client's choices over the server's defaults (`defaults.mode` is the
+    model's own; `modes` those its family has). Raises ValueError with a specific message for out-of-range
+    values (SessionConfig validates every field) or a mode the model does not have."""
+    mode = open_.mode or defaults.mode
+    if mode not in modes:
+        raise ValueError(f"mode {mode!r}: this model runs {' or '.join(map(repr, modes))}")
+    if mode == "commentary" and open_.decisions_only:
+        raise ValueError("decisions_only is for live mode; a commentary session says something or nothing each chunk")
+    chunk = defaults.commentary
+    commentary = CommentaryConfig(chunk_s=open_.commentary.chunk_s or chunk.chunk_s, fps=open_.fps or chunk.fps,
+                                  max_tokens_per_chunk=open_.commentary.max_tokens_per_chunk or chunk.max_tokens_per_chunk,
+                                  query=open_.commentary.query or chunk.query)
     cache = defaults.cache
     options = open_.cache
     cache = CacheConfig(policy=options.policy or cache.policy, positions=cache.positions,
@@ -28,7 +38,7 @@ def session_config(open_: pb.Open, defaults: SessionConfig) -> SessionConfig:
         temperature=defaults.temperature, top_p=defaults.top_p, seed=defaults.seed,
         system_prompt=open_.system_prompt or defaults.system_prompt,
         max_query_tokens=defaults.max_query_tokens, cache=cache,
-        replies="none" if open_.decisions_only else defaults.replies)
+        replies="none" if open_.decisions_only else defaults.replies, mode=mode, commentary=commentary)
 
 
 def from_message(message: pb.ServerMessage) -> Event | None:

@@ -8,9 +8,10 @@ pool, and then the gateway's frame batcher for it (one call encodes both models'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
+from liveserve.engine.sessions import MODES_BY_FAMILY
 from liveserve.services.links import FrameBatcher, ReplicaLink
 from liveserve.services.seams import Decision, Perception, Reaction
 from liveserve.services.settings import ServedModel
@@ -23,7 +24,7 @@ class PoolSeams:
     model: ServedModel
     perception: Perception
     decision: Decision
-    reaction: Reaction
+    reaction: Reaction | None  # None: a commentary model (Decision writes what it says)
 
 
 class ModelPools:
@@ -35,7 +36,8 @@ class ModelPools:
         served = seams.model
         self.served, self.name, self.settings = served, served.name, served.settings
         self.perception, self.decision, self.reaction = seams.perception, seams.decision, seams.reaction
-        self.defaults = served.settings.session_defaults()
+        self.defaults = replace(served.settings.session_defaults(), mode=MODES_BY_FAMILY[served.family][0])
+        self.modes = MODES_BY_FAMILY[served.family]  # the session modes its family has
         # One checkpoint decides and replies: Reaction's token ids are valid in Decision's cache as they are.
         self.shared_tokenizer = served.settings.reaction_model in ("", served.settings.model)
         self.links: dict[str, dict[str, ReplicaLink]] = {"decision": {}, "reaction": {}}
@@ -68,8 +70,9 @@ class ModelPools:
 
     def pools(self) -> dict[str, object]:
         """Its pools by deployment name (what readiness checks report)."""
-        return {self.served.perception_pool: self.perception, self.served.decision_pool: self.decision,
-                self.served.reaction_pool: self.reaction}
+        pools = {self.served.perception_pool: self.perception, self.served.decision_pool: self.decision,
+                 self.served.reaction_pool: self.reaction}
+        return {name: pool for name, pool in pools.items() if pool is not None}
 
     def close(self) -> None:
         for links in self.links.values():

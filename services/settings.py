@@ -11,10 +11,13 @@ import re
 from dataclasses import dataclass
 
 from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
+from liveserve.model.registry import model_family
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-MODEL_FAMILIES = ("live",)  # VideoLLM-online's layout (a vision tower, a connector, a Llama/Qwen2 LM)
+# live: VideoLLM-online's layout (a vision tower, a connector, a Llama/Qwen2 LM), in live mode;
+# qwen2_5_vl: Qwen2.5-VL (StreamingVLM's layout), in commentary mode: Decision writes what it says itself.
+MODEL_FAMILIES = ("live", "qwen2_5_vl")
 # What one model of `models` may set for itself; the rest of the settings are the deployment's.
 MODEL_OVERRIDES = ("threshold", "max_new_tokens", "cache_policy", "window_frames", "pool_mb", "max_lag_s",
                    "max_sessions_per_replica", "capacity_streams", "max_batch_size", "threads")
@@ -136,7 +139,7 @@ class ServiceSettings:
             if self.default_model and self.default_model != self.model:
                 raise ValueError(f"default_model {self.default_model!r} is not served; this deployment serves "
                                  f"{self.model!r} (set `models` to serve several)")
-            return [ServedModel(self.model, self, MODEL_FAMILIES[0], self.model,
+            return [ServedModel(self.model, self, model_family(self.model), self.model,
                                 *_pools(self.model, self.model, True, True))]
         if not isinstance(self.models, dict) or not self.models:
             raise ValueError("models must map model names to their settings ({name: {path: ...}})")
@@ -157,13 +160,20 @@ class ServiceSettings:
             if unknown:
                 raise ValueError(f"models.{name}: unknown key(s) {', '.join(unknown)}; known: "
                                  f"{', '.join(sorted(MODEL_KEYS))}")
-            family = entry.get("family", MODEL_FAMILIES[0])
+            found = model_family(entry["path"], unknown=None)
+            family = entry.get("family") or found or MODEL_FAMILIES[0]
             if family not in MODEL_FAMILIES:
                 raise ValueError(f"models.{name}: family {family!r} is not served; known: {', '.join(MODEL_FAMILIES)}")
+            if found is not None and family != found:
+                raise ValueError(f"models.{name}: family {family!r}, but {entry['path']} holds a {found!r} model")
             shares = entry.get("perception", name)
             if shares not in self.models or self.models[shares].get("perception", shares) != shares:
                 raise ValueError(f"models.{name}: perception must name a model of `models` that has its own "
                                  f"Perception pool, got {shares!r}")
+            if shares != name and (self.models[shares].get("family") or model_family(self.models[shares]["path"])) \
+                    != family:  # the entry named is checked in its own turn
+                raise ValueError(f"models.{name}: perception names {shares!r}, a model of another family; a "
+                                 f"Perception pool serves one family's frames")
             overrides = {key: entry[key] for key in MODEL_OVERRIDES if key in entry}
             try:
                 own = dataclasses.replace(self, model=entry["path"], reaction_model=entry.get("reaction_path", ""),

@@ -133,6 +133,7 @@ class StreamSession:
             self._ring.extend(resumed.frames)
             self._unsynced = list(resumed.frames)  # the reply writer is new: it gets them before its first reply
         self.reply: _Reply | None = None
+        self._said_at = 0.0  # commentary: stream time of the chunk being said
         self.room = asyncio.Event()
         self.room.set()
         rate = gateway.settings.ingress_factor * fps
@@ -200,7 +201,7 @@ class StreamSession:
     def receive_query(self, query: pb.Query) -> None:
         if self.closing:
             return
-        if self.reaction is None:
+        if self.reaction is None and self.config.mode == "live":
             self.warn(pb.WARNING_CODE_BAD_QUERY, "this session reports decisions only; queries are not answered")
             return
         if not query.text.strip():
@@ -304,6 +305,24 @@ class StreamSession:
             self.warn(code, event.message, [(event.frame_id, frame.timestamp)] if frame is not None else ())
         elif isinstance(event, c.SessionEnded):
             self._ended(event)
+        elif isinstance(event, (c.ReplyStarted, c.ReplyDelta, c.ReplyDone)):
+            self._said(event)
+
+    def _said(self, event: c.ReplyStarted | c.ReplyDelta | c.ReplyDone) -> None:
+        """A commentary session's turn, written by Decision itself: streamed on to the client."""
+        if isinstance(event, c.ReplyStarted):
+            self._said_at = event.timestamp
+            self.out.put_nowait(pb.ServerMessage(response_started=pb.ResponseStarted(
+                timestamp=event.timestamp, trigger=TRIGGERS[event.trigger], query=event.query)))
+        elif isinstance(event, c.ReplyDelta):
+            self.out.put_nowait(pb.ServerMessage(response_delta=pb.ResponseDelta(
+                timestamp=self._said_at, text=event.text, token_times=[time.time()] * event.num_tokens)))
+        else:
+            self._counted[2] += 1
+            self.gateway.metrics.ttft.observe(event.ttft_s)
+            self.out.put_nowait(pb.ServerMessage(response_done=pb.ResponseDone(
+                timestamp=self._said_at, trigger=pb.TRIGGER_COMMENTARY, text=event.text, num_tokens=event.num_tokens,
+                finish_reason=FINISH[event.finish_reason], ttft_s=event.ttft_s, duration_s=event.duration_s)))
 
     def _decided(self, event: c.Decided) -> None:
         gateway = self.gateway

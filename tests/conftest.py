@@ -93,18 +93,20 @@ def otlp_collector():
 
 
 @pytest.fixture(scope="session")
-def ray_app(quiet_dir, redis_url, otlp_collector):
+def ray_app(quiet_dir, qwen_dir, redis_url, otlp_collector):
     """The Serve application on one local Ray cluster for the whole test session: two Gateway and two
-    Decision replicas, the quiet tiny model (and a second model, "terse"), short record TTLs so expiry is
-    observable, traces exported to the test collector, and a Perception pool that autoscales within
-    seconds."""
+    Decision replicas, the quiet tiny model (and a second model, "terse", and a tiny Qwen2.5-VL,
+    "narrator", in commentary mode), short record TTLs so expiry is observable, traces exported to the
+    test collector, and a Perception pool that autoscales within seconds."""
     pytest.importorskip("ray.serve")
     from liveserve.orchestration.launch import free_port, load_config, start
 
-    # Two models: "quiet" (the default, the deployments' plain names) and "terse", the same checkpoint with
-    # its own Decision and Reaction pools and settings, sharing quiet's Perception pool.
+    # Three models: "quiet" (the default, the deployments' plain names); "terse", the same checkpoint with
+    # its own Decision and Reaction pools and settings, sharing quiet's Perception pool; "narrator", a
+    # commentary model with its own Perception and Decision pools and no Reaction.
     models = {"quiet": {"path": str(quiet_dir)},
-              "terse": {"path": str(quiet_dir), "perception": "quiet", "max_new_tokens": 4, "threshold": 0.5}}
+              "terse": {"path": str(quiet_dir), "perception": "quiet", "max_new_tokens": 4, "threshold": 0.5},
+              "narrator": {"path": str(qwen_dir)}}
     args = {"models": models, "max_new_tokens": 8, "window_frames": 8, "max_lag_s": 30.0, "pool_mb": 64,
             "max_frame_bytes": 64 << 10, "heartbeat_s": 0.5, "session_ttl_s": 10.0, "closed_ttl_s": 3.0,
             "reaction_sync_frames": 4}

@@ -1,7 +1,8 @@
 """Several models in one deployment: the `models` setting, its checks, and on real Ray Serve (the test
-session's application serves "quiet", the default, and "terse", with its own Decision and Reaction pools
-and settings, sharing quiet's Perception pool): ListModels, `liveserve models`, Open.model choosing the
-pools a session lives on, an unknown name refused with the list, and the load tester mixing models."""
+session's application serves "quiet", the default, "terse", with its own Decision and Reaction pools
+and settings, sharing quiet's Perception pool, and "narrator", a commentary model): ListModels,
+`liveserve models`, Open.model choosing the pools a session lives on, an unknown name refused with the
+list, a commentary session, and the load tester mixing models."""
 
 from __future__ import annotations
 
@@ -47,7 +48,10 @@ def test_each_model_gets_its_settings_and_pools_the_default_first():
     ({"models": {"a b": {"path": "tiny"}}}, "model name 'a b'"),
     ({"models": {"a": {}}}, "models.a needs a path"),
     ({"models": {"a": {"path": "tiny", "address": "x:1"}}}, "models.a: unknown key(s) address"),
-    ({"models": {"a": {"path": "tiny", "family": "qwen2_5_vl"}}}, "family 'qwen2_5_vl' is not served; known: live"),
+    ({"models": {"a": {"path": "tiny", "family": "gemma2"}}}, "family 'gemma2' is not served; known: live, qwen2_5_vl"),
+    ({"models": {"a": {"path": "tiny", "family": "qwen2_5_vl"}}}, "family 'qwen2_5_vl', but tiny holds a 'live' model"),
+    ({"models": {"a": {"path": "tiny"}, "b": {"path": "tiny-commentary", "perception": "a"}}},
+     "models.b: perception names 'a', a model of another family"),
     ({"models": {"a": {"path": "tiny", "perception": "b"}}}, "perception must name a model of `models`"),
     ({"models": {"a": {"path": "tiny"}, "b": {"path": "tiny", "perception": "a"},
                  "c": {"path": "tiny", "perception": "b"}}}, "models.c: perception must name"),
@@ -85,7 +89,9 @@ def sessions_of(deployment: str) -> dict:
 
 def test_list_models_names_every_model_the_default_first(ray_app):
     models = list_models(ray_app.address)
-    assert [(m.name, m.is_default, m.family) for m in models] == [("quiet", True, "live"), ("terse", False, "live")]
+    assert [(m.name, m.is_default, m.family, m.mode) for m in models] == [
+        ("quiet", True, "live", "live"), ("terse", False, "live", "live"),
+        ("narrator", False, "qwen2_5_vl", "commentary")]
     assert models[0].max_new_tokens == 8 and models[1].max_new_tokens == 4
     assert models[1].threshold == pytest.approx(0.5) and models[1].window_frames == 8
 
@@ -95,10 +101,12 @@ def test_liveserve_models_prints_them(ray_app, capsys):
 
     assert main(["models", "--address", ray_app.address]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["NAME", "DEFAULT", "FAMILY", "THRESHOLD", "MAX_NEW_TOKENS", "CACHE"]
-    assert table[1].split()[:3] == ["quiet", "yes", "live"] and table[2].split()[:3] == ["terse", "live", "0.5"]
+    assert table[0].split() == ["NAME", "DEFAULT", "FAMILY", "MODE", "THRESHOLD", "MAX_NEW_TOKENS", "CACHE"]
+    assert table[1].split()[:4] == ["quiet", "yes", "live", "live"]
+    assert table[2].split()[:4] == ["terse", "live", "live", "0.5"]
+    assert table[3].split()[:3] == ["narrator", "qwen2_5_vl", "commentary"]
     assert main(["models", "--address", ray_app.address, "--json"]) == 0
-    assert [m["name"] for m in json.loads(capsys.readouterr().out)] == ["quiet", "terse"]
+    assert [m["name"] for m in json.loads(capsys.readouterr().out)] == ["quiet", "terse", "narrator"]
 
 
 def test_open_model_places_the_session_on_that_models_pools(ray_app):
@@ -140,7 +148,36 @@ def test_an_unknown_model_is_not_found_with_the_names_served(ray_app):
     with pytest.raises(grpc.RpcError) as err:
         stream(ray_app.address, [pb.ClientMessage(open=pb.Open(model="gpt-17"))])
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "unknown model 'gpt-17'" in err.value.details() and "'quiet', 'terse'" in err.value.details()
+    assert "unknown model 'gpt-17'" in err.value.details() and "'quiet', 'terse', 'narrator'" in err.value.details()
+
+
+def test_a_commentary_model_narrates_a_session_on_ray(ray_app):
+    """The commentary model's frames go through its own Perception pool as pixels, its Decision replica
+    encodes each chunk and writes what it says (no Reaction pool): the said text streams back over the
+    Ray transport's codec, and the transcript records it."""
+    replies = stream(ray_app.address, [pb.ClientMessage(open=pb.Open(
+        model="narrator", fps=2.0, commentary=pb.CommentaryOptions(max_tokens_per_chunk=3)))]
+        + [pb.ClientMessage(frame=pb.Frame(timestamp=i * 0.5, image=jpeg(i))) for i in range(4)]
+        + [pb.ClientMessage(close=pb.Close())])
+    assert kinds(replies)[0] == "opened" and kinds(replies)[-1] == "closed", kinds(replies)
+    decisions = [r.decision for r in replies if r.WhichOneof("kind") == "decision"]
+    assert [d.frame_index for d in decisions] == [0, 1, 2, 3]
+    done = [r.response_done for r in replies if r.WhichOneof("kind") == "response_done"]
+    # The tiny random model says something (never the no-comment marker) about both chunks.
+    assert len(done) == 2 == replies[-1].closed.responses and all(d.fired for d in decisions)
+    assert all(d.trigger == pb.TRIGGER_COMMENTARY and 0 < d.num_tokens <= 3 for d in done)
+    said = "".join(r.response_delta.text for r in replies if r.WhichOneof("kind") == "response_delta")
+    assert said == "".join(d.text for d in done)
+    deadline = time.monotonic() + 30
+    with grpc.insecure_channel(ray_app.address) as channel:
+        while True:  # Decision records each turn in the registry as it is said
+            transcript = pb_grpc.LiveStreamStub(channel).GetTranscript(
+                pb.GetTranscriptRequest(session_id=replies[0].opened.session_id), timeout=10)
+            turns = [t.text for t in transcript.turns if t.role == pb.ROLE_ASSISTANT]
+            if len(turns) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert turns == [d.text for d in done]
 
 
 def test_the_load_tester_mixes_models_and_reports_each(ray_app):

@@ -105,8 +105,10 @@ def test_the_series_dashboards_and_alerts_rely_on_are_scraped_as_they_expect(ray
     for name, labels in wanted.items():
         assert all(labels <= set(sample) for sample in series_labels(body, name)), (name, series_labels(body, name))
     healthy = {s["deployment"] for s in series_labels(body, "ray_serve_deployment_replica_healthy")}
-    # The second model ("terse") has its own Decision and Reaction pools and shares quiet's Perception.
-    assert healthy == {"Gateway", "Perception", "Decision", "Reaction", "Decision-terse", "Reaction-terse"}
+    # The second model ("terse") has its own Decision and Reaction pools and shares quiet's Perception; the
+    # commentary model ("narrator") has its own Perception and Decision pools and no Reaction.
+    assert healthy == {"Gateway", "Perception", "Decision", "Reaction", "Decision-terse", "Reaction-terse",
+                       "Perception-narrator", "Decision-narrator"}
     assert {"Perception"} <= {s["deployment"] for s in series_labels(body, "ray_serve_autoscaling_desired_replicas")}
     assert any(s["result"] == "ok" and s["deployment"] == "Decision"
                for s in series_labels(body, "ray_liveserve_redis_pings_total"))

@@ -98,8 +98,9 @@ class BatchEngine:
     def describe_capacity(self, config: SessionConfig) -> str:
         """One line for the logs: the pool's size and how many sessions of `config` it admits."""
         pool, tokens = self.pool, self.session_tokens(config)
+        policy = "commentary (StreamingVLM's windows)" if config.mode == "commentary" else config.cache.policy
         return (f"KV pool: {pool.capacity_tokens} tokens ({pool.nbytes / 2**30:.2f} GiB on {pool.device}) admits "
-                f"{pool.sessions_admitted(tokens)} sessions of cache policy {config.cache.policy} "
+                f"{pool.sessions_admitted(tokens)} sessions of cache policy {policy} "
                 f"({tokens} tokens, {tokens * pool.bytes_per_token / 2**20:.1f} MiB each)")
 
     def session(self, session_id: str) -> Session:

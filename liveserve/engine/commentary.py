@@ -96,6 +96,10 @@ class _Chunk:
     def pixels(self) -> torch.Tensor:
         return torch.stack([frame.pixels for frame in self.frames])
 
+    def distinct_frames(self) -> list[QueuedFrame]:
+        """Its frames, a short chunk's repeated last frame once (by identity: frames hold tensors)."""
+        return list({id(frame): frame for frame in self.frames}.values())
+
 
 @dataclass(slots=True)
 class _Reply:
@@ -147,6 +151,7 @@ class CommentarySession:
         self._frames_pushed = 0
         self._rng = torch.Generator().manual_seed(self.config.seed)
         self.frames_decided = self.frames_dropped = self.responses = 0
+        self.frames_replayed = 0  # (live sessions' counter: a commentary session replays nothing)
         self.closed = False
         self.failure: str | None = None
 
@@ -260,7 +265,7 @@ class CommentarySession:
             chunks = self._chunks
             while len(chunks) > 1 and (sum(len(c.frames) for c in chunks) > max_queued or (
                     max_lag_s is not None and chunks[-1].start_s - chunks[0].start_s > max_lag_s)):
-                dropped.extend(dict.fromkeys(chunks.popleft().frames))  # a repeated last frame once
+                dropped.extend(chunks.popleft().distinct_frames())
         self.frames_dropped += len(dropped)
         return dropped
 
@@ -439,8 +444,9 @@ class CommentarySession:
             events.append(ResponseDone(reply.start_s, "commentary", None, reply.shown, len(tokens), finish, reply.ttft,
                                        time.monotonic() - reply.chunk.frames[-1].arrival,
                                        tuple(tokens[:-1] if tokens[-1] == eos else tokens)))
-        frame_ids = tuple(dict.fromkeys(f.frame_id for f in reply.chunk.frames))
-        events.append(ChunkDone(reply.start_s, reply.end_s, frame_ids, reply.shown, silent, len(tokens),
+        frames = reply.chunk.distinct_frames()
+        events.append(ChunkDone(reply.start_s, reply.end_s, tuple(f.frame_id for f in frames),
+                                tuple(f.timestamp for f in frames), reply.shown, silent, len(tokens),
                                 time.monotonic() - reply.chunk.frames[-1].arrival, self.cache.length))
         return events
 

@@ -77,6 +77,7 @@ class ChunkDone:
     start_s: float
     end_s: float
     frame_ids: tuple[int, ...]
+    timestamps: tuple[float, ...]  # parallel to frame_ids
     text: str
     silent: bool
     num_tokens: int

@@ -45,3 +45,12 @@ def new_session(model, config: SessionConfig, session_id: str = "", *, cache=Non
     from liveserve.engine.session import Session
 
     return Session(model, config, session_id, cache=cache, encoder=encoder)
+
+
+def tokens_per_frame(model, config: SessionConfig) -> int:
+    """KV tokens a frame costs (what clients size their sessions by): a LIVE frame's slots and its interval
+    token; in commentary mode a chunk's vision tokens per frame, rounded up."""
+    if config.mode == "commentary":
+        frames = config.commentary.frames_per_chunk
+        return -(-model.grid(frames).num_tokens // frames)
+    return model.layout.num_tokens + 1

@@ -76,11 +76,13 @@ def load_model(path: str | Path, *, base_model: str | Path | None = None, vision
 
 def load_vision_model(path: str | Path, *, vision_model: str | Path | None = None,
                       device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> VisionModel:
-    """The vision tower of the LIVE checkpoint at `path` (either layout), without its LM or connector."""
+    """The vision tower of the LIVE checkpoint at `path` (either layout), without its LM or connector; for a
+    Qwen2.5-VL checkpoint, what its Perception does (decode and resize frames: qwen_vl.FramePixels)."""
     path, device, dtype = _target(path, device, dtype)
-    if _model_type(path) == QWEN_FAMILY:
-        raise CheckpointError(f"{path} is a Qwen2.5-VL model (commentary mode): its tower encodes chunks of frames "
-                              "on the LM's replica; a separate Perception pool takes LIVE models only")
+    if _model_type(path) == QWEN_FAMILY:  # its tower runs on the LM's replica: Perception sends pixels
+        from liveserve.model.qwen_vl import load_frame_pixels
+
+        return load_frame_pixels(path)
     if (path / LIVE_CONFIG).is_file():
         config = _live_config(path)
         vision_dir, layout = _subdir(path, config, "vision"), _live_layout(config)

@@ -214,9 +214,46 @@ class QwenVLModel(nn.Module):
         return self.hf.lm_head(out.last_hidden_state[0, logits_at]).float()
 
 
+class FramePixels:
+    """What a Perception replica does for a Qwen2.5-VL model: decode frames and resize them to the tower's
+    square input. The tower itself runs a chunk of frames at a time, on the Decision replica with the LM
+    (its frames are encoded together), so Perception sends pixels (uint8 [3, S, S]) and loads no weights."""
+
+    family = FAMILY
+    device = torch.device("cpu")
+    dtype = torch.uint8
+    vision = "a chunk at a time, on the Decision replica"  # not None: frames are taken (as pixels)
+
+    def __init__(self, frame_size: int, name: str = "") -> None:
+        self.frame_size, self.name = frame_size, name
+
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels
+
+
 def frame_size_for(max_pixels: int, unit: int) -> int:
     """The largest multiple of `unit` whose square fits `max_pixels` (at least one unit)."""
     return max(unit, int(math.isqrt(int(max_pixels)) // unit * unit))
+
+
+def _frame_size(path: Path, config: dict) -> tuple[int, dict]:
+    """The square frame size of the checkpoint at `path` (from its image processor's max_pixels) and that
+    processor's settings."""
+    from liveserve.model.loading import CheckpointError
+
+    processor = path / "preprocessor_config.json"
+    if not processor.is_file():
+        raise CheckpointError(f"{path} has no preprocessor_config.json (the image processor's mean, std and pixels)")
+    image = json.loads(processor.read_text())
+    vision = config.get("vision_config") or {}
+    unit = vision.get("patch_size", 14) * vision.get("spatial_merge_size", 2)
+    max_pixels = image.get("max_pixels") or (image.get("size") or {}).get("longest_edge") or 360 * 640
+    return frame_size_for(max_pixels, unit), image
+
+
+def load_frame_pixels(path: Path) -> FramePixels:
+    """A Perception replica's model for the Qwen2.5-VL checkpoint at `path`: its frame size, no weights."""
+    return FramePixels(_frame_size(path, json.loads((path / "config.json").read_text()))[0], name=str(path))
 
 
 def load_qwen_vl(path: Path, device: torch.device, dtype: torch.dtype, *, frame_size: int | None = None) -> QwenVLModel:
@@ -232,10 +269,7 @@ def load_qwen_vl(path: Path, device: torch.device, dtype: torch.dtype, *, frame_
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises several types for missing/corrupt tokenizer files
         raise CheckpointError(f"cannot load the tokenizer from {path}: {exc}") from exc
-    processor = path / "preprocessor_config.json"
-    if not processor.is_file():
-        raise CheckpointError(f"{path} has no preprocessor_config.json (the image processor's mean, std and pixels)")
-    image = json.loads(processor.read_text())
+    size, image = _frame_size(path, config)
     try:
         hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             str(path), dtype=dtype, local_files_only=True,
@@ -244,10 +278,9 @@ def load_qwen_vl(path: Path, device: torch.device, dtype: torch.dtype, *, frame_
         raise CheckpointError(f"cannot load the Qwen2.5-VL model from {path}: {exc}") from exc
     vision = hf.config.vision_config
     unit = vision.patch_size * vision.spatial_merge_size
-    max_pixels = image.get("max_pixels") or (image.get("size") or {}).get("longest_edge") or 360 * 640
     try:
         model = QwenVLModel(hf.to(device), tokenizer, image_mean=image["image_mean"], image_std=image["image_std"],
-                            frame_size=frame_size or frame_size_for(max_pixels, unit), name=str(path))
+                            frame_size=frame_size or size, name=str(path))
     except (QwenTemplateError, KeyError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     if model.frame_size % unit:

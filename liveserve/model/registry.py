@@ -7,6 +7,7 @@ scripts/build_default_model.sh; `default_sizes()` is its shape and `write_defaul
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # Plain constants up here: the command line asks `default_model_available` before importing torch.
@@ -54,3 +55,19 @@ def write_default_init(out: str | Path, seed: int = 0) -> Path:
 
     return write_tiny_checkpoint(out, seed=seed, image_size=DEFAULT_IMAGE_SIZE, max_positions=DEFAULT_MAX_POSITIONS,
                                  sizes=default_sizes())
+
+
+def model_family(model: str | Path, unknown: str | None = "live") -> str | None:
+    """The family of a model as `resolve_model` takes it, from its config.json without loading it (no torch
+    import): "qwen2_5_vl" for a Qwen2.5-VL directory or 'tiny-commentary' (commentary mode), else "live";
+    `unknown` where there is no config.json to read (a LIVE layout has none at the top, or the directory is
+    not on this host)."""
+    if str(model) == "tiny-commentary":
+        return "qwen2_5_vl"
+    if str(model) in MODEL_NAMES:
+        return "live"
+    try:
+        config = json.loads((Path(model).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return unknown
+    return "qwen2_5_vl" if isinstance(config, dict) and config.get("model_type") == "qwen2_5_vl" else "live"

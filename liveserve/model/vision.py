@@ -72,6 +72,8 @@ class VisionModel(nn.Module):
     own connector, so neither the LM nor the connector is loaded here. Same `encode_frames` as LiveModel.
     """
 
+    family = "live"
+
     def __init__(self, vision: VisionEncoder, *, frame_size: int, name: str = "") -> None:
         super().__init__()
         self.vision, self.layout, self.frame_size, self.name = vision, vision.layout, frame_size, name

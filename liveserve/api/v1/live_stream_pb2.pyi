@@ -20,6 +20,7 @@ class Trigger(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRIGGER_UNSPECIFIED: _ClassVar[Trigger]
     TRIGGER_PROACTIVE: _ClassVar[Trigger]
     TRIGGER_QUERY: _ClassVar[Trigger]
+    TRIGGER_COMMENTARY: _ClassVar[Trigger]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -49,6 +50,7 @@ ACTION_SUPPRESSED: Action
 TRIGGER_UNSPECIFIED: Trigger
 TRIGGER_PROACTIVE: Trigger
 TRIGGER_QUERY: Trigger
+TRIGGER_COMMENTARY: Trigger
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -75,7 +77,7 @@ class ClientMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., query: _Optional[_Union[Query, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("model", "threshold", "fps", "cache", "max_new_tokens", "system_prompt", "credentials", "client_session_id", "decisions_only", "resume_session_id", "resume_token")
+    __slots__ = ("model", "threshold", "fps", "cache", "max_new_tokens", "system_prompt", "credentials", "client_session_id", "decisions_only", "resume_session_id", "resume_token", "mode", "commentary")
     class CredentialsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +96,8 @@ class Open(_message.Message):
     DECISIONS_ONLY_FIELD_NUMBER: _ClassVar[int]
     RESUME_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    COMMENTARY_FIELD_NUMBER: _ClassVar[int]
     model: str
     threshold: float
     fps: float
@@ -105,7 +109,19 @@ class Open(_message.Message):
     decisions_only: bool
     resume_session_id: str
     resume_token: str
-    def __init__(self, model: _Optional[str] = ..., threshold: _Optional[float] = ..., fps: _Optional[float] = ..., cache: _Optional[_Union[CacheOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., system_prompt: _Optional[str] = ..., credentials: _Optional[_Mapping[str, str]] = ..., client_session_id: _Optional[str] = ..., decisions_only: _Optional[bool] = ..., resume_session_id: _Optional[str] = ..., resume_token: _Optional[str] = ...) -> None: ...
+    mode: str
+    commentary: CommentaryOptions
+    def __init__(self, model: _Optional[str] = ..., threshold: _Optional[float] = ..., fps: _Optional[float] = ..., cache: _Optional[_Union[CacheOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., system_prompt: _Optional[str] = ..., credentials: _Optional[_Mapping[str, str]] = ..., client_session_id: _Optional[str] = ..., decisions_only: _Optional[bool] = ..., resume_session_id: _Optional[str] = ..., resume_token: _Optional[str] = ..., mode: _Optional[str] = ..., commentary: _Optional[_Union[CommentaryOptions, _Mapping]] = ...) -> None: ...
+
+class CommentaryOptions(_message.Message):
+    __slots__ = ("chunk_s", "max_tokens_per_chunk", "query")
+    CHUNK_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    chunk_s: float
+    max_tokens_per_chunk: int
+    query: str
+    def __init__(self, chunk_s: _Optional[float] = ..., max_tokens_per_chunk: _Optional[int] = ..., query: _Optional[str] = ...) -> None: ...
 
 class CacheOptions(_message.Message):
     __slots__ = ("policy", "window_frames", "text_window_tokens")
@@ -330,7 +346,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self, credentials: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "is_default", "family", "threshold", "max_new_tokens", "cache_policy", "window_frames")
+    __slots__ = ("name", "is_default", "family", "threshold", "max_new_tokens", "cache_policy", "window_frames", "mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +354,7 @@ class ModelInfo(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     is_default: bool
     family: str
@@ -345,7 +362,8 @@ class ModelInfo(_message.Message):
     max_new_tokens: int
     cache_policy: str
     window_frames: int
-    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ..., family: _Optional[str] = ..., threshold: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., cache_policy: _Optional[str] = ..., window_frames: _Optional[int] = ...) -> None: ...
+    mode: str
+    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ..., family: _Optional[str] = ..., threshold: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., cache_policy: _Optional[str] = ..., window_frames: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class ModelList(_message.Message):
     __slots__ = ("models",)

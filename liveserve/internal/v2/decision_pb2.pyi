@@ -1,4 +1,5 @@
 from liveserve.api.v1 import live_stream_pb2 as _live_stream_pb2
+from liveserve.internal.v2 import reaction_pb2 as _reaction_pb2
 from liveserve.internal.v2 import session_pb2 as _session_pb2
 from liveserve.internal.v2 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
@@ -176,18 +177,24 @@ class SessionEnded(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., frames_decided: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., responses: _Optional[int] = ..., frames_replayed: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class DecisionEvent(_message.Message):
-    __slots__ = ("decided", "dropped", "reply_wanted", "refused", "ended")
+    __slots__ = ("decided", "dropped", "reply_wanted", "refused", "ended", "said_started", "said_delta", "said_done")
     DECIDED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     REPLY_WANTED_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
+    SAID_STARTED_FIELD_NUMBER: _ClassVar[int]
+    SAID_DELTA_FIELD_NUMBER: _ClassVar[int]
+    SAID_DONE_FIELD_NUMBER: _ClassVar[int]
     decided: Decided
     dropped: Dropped
     reply_wanted: ReplyWanted
     refused: Refused
     ended: SessionEnded
-    def __init__(self, decided: _Optional[_Union[Decided, _Mapping]] = ..., dropped: _Optional[_Union[Dropped, _Mapping]] = ..., reply_wanted: _Optional[_Union[ReplyWanted, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., ended: _Optional[_Union[SessionEnded, _Mapping]] = ...) -> None: ...
+    said_started: _reaction_pb2.ReplyStarted
+    said_delta: _reaction_pb2.ReplyDelta
+    said_done: _reaction_pb2.ReplyDone
+    def __init__(self, decided: _Optional[_Union[Decided, _Mapping]] = ..., dropped: _Optional[_Union[Dropped, _Mapping]] = ..., reply_wanted: _Optional[_Union[ReplyWanted, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., ended: _Optional[_Union[SessionEnded, _Mapping]] = ..., said_started: _Optional[_Union[_reaction_pb2.ReplyStarted, _Mapping]] = ..., said_delta: _Optional[_Union[_reaction_pb2.ReplyDelta, _Mapping]] = ..., said_done: _Optional[_Union[_reaction_pb2.ReplyDone, _Mapping]] = ...) -> None: ...
 
 class DecisionEvents(_message.Message):
     __slots__ = ("events",)

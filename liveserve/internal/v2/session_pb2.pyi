@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SessionSettings(_message.Message):
-    __slots__ = ("threshold", "max_new_tokens", "temperature", "top_p", "seed", "system_prompt", "max_query_tokens", "cache_policy", "positions", "window_frames", "text_window_tokens", "evict_frames", "decisions_only")
+    __slots__ = ("threshold", "max_new_tokens", "temperature", "top_p", "seed", "system_prompt", "max_query_tokens", "cache_policy", "positions", "window_frames", "text_window_tokens", "evict_frames", "decisions_only", "mode", "chunk_s", "fps", "max_tokens_per_chunk", "commentary_query")
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,11 @@ class SessionSettings(_message.Message):
     TEXT_WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EVICT_FRAMES_FIELD_NUMBER: _ClassVar[int]
     DECISIONS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_S_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    COMMENTARY_QUERY_FIELD_NUMBER: _ClassVar[int]
     threshold: float
     max_new_tokens: int
     temperature: float
@@ -36,7 +41,12 @@ class SessionSettings(_message.Message):
     text_window_tokens: int
     evict_frames: int
     decisions_only: bool
-    def __init__(self, threshold: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., system_prompt: _Optional[str] = ..., max_query_tokens: _Optional[int] = ..., cache_policy: _Optional[str] = ..., positions: _Optional[str] = ..., window_frames: _Optional[int] = ..., text_window_tokens: _Optional[int] = ..., evict_frames: _Optional[int] = ..., decisions_only: _Optional[bool] = ...) -> None: ...
+    mode: str
+    chunk_s: float
+    fps: float
+    max_tokens_per_chunk: int
+    commentary_query: str
+    def __init__(self, threshold: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., system_prompt: _Optional[str] = ..., max_query_tokens: _Optional[int] = ..., cache_policy: _Optional[str] = ..., positions: _Optional[str] = ..., window_frames: _Optional[int] = ..., text_window_tokens: _Optional[int] = ..., evict_frames: _Optional[int] = ..., decisions_only: _Optional[bool] = ..., mode: _Optional[str] = ..., chunk_s: _Optional[float] = ..., fps: _Optional[float] = ..., max_tokens_per_chunk: _Optional[int] = ..., commentary_query: _Optional[str] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
     __slots__ = ("session_id", "gateway_id", "settings", "restore")

@@ -1,0 +1,64 @@
+"""Commentary over the public LiveStream API, served from one process (`serve --local`) over real gRPC on
+127.0.0.1: a Qwen2.5-VL model's Decision writes what it says, chunk by chunk, with no Reaction pool."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from stream_helpers import jpeg, kinds, stream
+from liveserve.api.v1 import live_stream_pb2 as pb
+from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
+from liveserve.services.local import start_local
+from liveserve.services.settings import ServiceSettings
+
+
+@pytest.fixture(scope="module")
+def server(qwen):
+    settings = ServiceSettings(max_frame_bytes=64 << 10, pool_mb=64, max_lag_s=600.0, max_frame_pixels=1_000_000)
+    local = start_local(qwen, "127.0.0.1:0", settings)
+    yield local
+    local.stop(grace_s=1)
+
+
+def messages(frames: int, open_: pb.Open | None = None, query: tuple[int, str] | None = None):
+    yield pb.ClientMessage(open=open_ or pb.Open(fps=2.0, commentary=pb.CommentaryOptions(max_tokens_per_chunk=3)))
+    for i in range(frames):
+        if query is not None and query[0] == i:
+            yield pb.ClientMessage(query=pb.Query(timestamp=i * 0.5, text=query[1]))
+        yield pb.ClientMessage(frame=pb.Frame(timestamp=i * 0.5, image=jpeg(i)))
+    yield pb.ClientMessage(close=pb.Close())
+
+
+def test_a_commentary_session_end_to_end(server):
+    replies = stream(server.address, messages(6, query=(2, "Who is winning?")))
+    assert kinds(replies)[0] == "opened" and kinds(replies)[-1] == "closed"
+    decisions = [r.decision for r in replies if r.WhichOneof("kind") == "decision"]
+    assert [d.frame_index for d in decisions] == list(range(6))  # every frame, when its chunk was answered
+    assert [d.timestamp for d in decisions] == [i * 0.5 for i in range(6)]
+    done = [r.response_done for r in replies if r.WhichOneof("kind") == "response_done"]
+    started = [r.response_started for r in replies if r.WhichOneof("kind") == "response_started"]
+    assert len(started) == len(done) == sum(d.fired for d in decisions) // 2  # two frames a chunk
+    assert all(s.trigger == pb.TRIGGER_COMMENTARY for s in started)
+    assert all(d.trigger == pb.TRIGGER_COMMENTARY and d.num_tokens <= 3 for d in done)
+    deltas = "".join(r.response_delta.text for r in replies if r.WhichOneof("kind") == "response_delta")
+    assert deltas == "".join(d.text for d in done)
+    assert replies[-1].closed.frames_decided == 6 and replies[-1].closed.responses == len(done)
+    assert not server.engine.sessions
+
+
+def test_list_models_names_the_family_and_its_mode(server):
+    with grpc.insecure_channel(server.address) as channel:
+        (model,) = pb_grpc.LiveStreamStub(channel).ListModels(pb.ListModelsRequest(), timeout=30).models
+    assert model.family == "qwen2_5_vl" and model.mode == "commentary"
+
+
+@pytest.mark.parametrize("open_, message", [
+    (pb.Open(mode="live"), "mode 'live': this model runs 'commentary'"),
+    (pb.Open(decisions_only=True), "decisions_only is for live mode"),
+    (pb.Open(fps=3.0), "groups of 2"),
+])
+def test_an_open_the_model_cannot_run_is_refused(server, open_, message):
+    with pytest.raises(grpc.RpcError) as err:
+        stream(server.address, messages(1, open_))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
