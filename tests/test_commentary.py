@@ -225,6 +225,22 @@ def test_a_reply_of_only_the_marker_is_silence(qwen):
     assert session.pieces[-1].content == 0  # nothing to move into the previous text later
 
 
+def test_chunks_follow_the_stream_through_jitter_and_gaps(qwen):
+    """Two frames a chunk in arrival order, labelled by the chunk after the last or, after a gap, by the
+    time: jittery timestamps never repeat a label, a skipped second closes its chunk early (padded)."""
+    session = CommentarySession(qwen, commentary(max_tokens_per_chunk=1))
+    image = frames(qwen, 1)[0]
+    for timestamp in (0.0, 0.49, 0.98, 1.47, 1.96, 5.0, 5.5):
+        session.push_frame(timestamp, image)
+    session.flush()
+    done = [e for e in session.process() if isinstance(e, ChunkDone)]
+    assert [(d.start_s, d.end_s) for d in done] == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (5.0, 6.0)]
+    assert [d.frame_ids for d in done] == [(0, 1), (2, 3), (4,), (5, 6)]  # chunk 2 was cut by the gap
+    assert [d.timestamps for d in done][2] == (1.96,)
+    turns = qwen.template.decode(session.kept_ids())
+    assert all(f"Time={t:.1f}-{t + 1:.1f}s" in turns for t in (0.0, 1.0, 2.0, 5.0))
+
+
 def test_commentary_input_is_checked(qwen):
     with pytest.raises(SessionError, match="serves mode 'commentary', not 'live'"):
         BatchEngine(qwen, EngineConfig(pool=PoolConfig(budget_tokens=4096))).open("x", SessionConfig())

@@ -138,6 +138,7 @@ class CommentarySession:
         self._lock = threading.Lock()
         self._filling: list[QueuedFrame] = []  # the chunk being filled
         self._filling_index = -1
+        self._last_index = -1  # the last closed chunk's
         self._chunks: deque[_Chunk] = deque()  # full chunks, waiting for their turn
         self._queries: list[str] = []  # pushed since the last chunk closed: asked in the next one's turn
         self._turns = 0  # chunks fed so far
@@ -159,9 +160,10 @@ class CommentarySession:
 
     def push_frame(self, timestamp: float, frame, frame_id: int | None = None) -> None:
         """Queue a frame (encoded image bytes, an image tensor/array/PIL image; resized and padded to the
-        tower's square input). Frames are grouped into chunks by time; a chunk is complete with its
-        `chunk_s * fps` frames or when a frame of a later chunk arrives (a short chunk repeats its last
-        frame). Frames beyond a chunk's count are not shown to the model (the session samples `fps`)."""
+        tower's square input). Frames are grouped into chunks in arrival order: a chunk is complete with its
+        `chunk_s * fps` frames, or early when a frame of a later chunk's time arrives (a short chunk repeats
+        its last frame). Chunk k is labelled `Time=k*chunk_s-(k+1)*chunk_s`: the chunk after the last one,
+        or the chunk of its first frame's time after a gap, so jittery timestamps never repeat a label."""
         timestamp = check_time(timestamp, "frame")
         frame_id = check_frame_id(frame_id)
         if isinstance(frame, torch.Tensor) and frame.is_floating_point():
@@ -177,15 +179,12 @@ class CommentarySession:
             item = QueuedFrame(timestamp, time.monotonic(), pixels=pixels,
                                frame_id=self._frames_pushed if frame_id is None else frame_id)
             self._frames_pushed += 1
-            index = int(timestamp // self.commentary.chunk_s)
-            if self._filling and index != self._filling_index:
+            second = int(timestamp // self.commentary.chunk_s)
+            if self._filling and second > self._filling_index:  # the source skipped the rest of the chunk
                 self._close_chunk()
-            if not self._filling:
-                self._filling_index = index
-            if len(self._filling) < self.commentary.frames_per_chunk:
-                self._filling.append(item)
-            else:
-                self.frames_dropped += 1  # a faster source: this chunk has its frames
+            if not self._filling:  # a new chunk: the next one, or the one of this time after a gap
+                self._filling_index = max(self._last_index + 1, second)
+            self._filling.append(item)
             if len(self._filling) == self.commentary.frames_per_chunk:
                 self._close_chunk()
 
@@ -231,6 +230,7 @@ class CommentarySession:
         frames, n = self._filling, self.commentary.frames_per_chunk
         frames = frames + [frames[-1]] * (n - len(frames))
         self._chunks.append(_Chunk(self._filling_index, tuple(frames), tuple(self._queries)))
+        self._last_index = self._filling_index
         self._filling, self._queries = [], []
 
     # ---- state the engine reads ---------------------------------------------------------------------
