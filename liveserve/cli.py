@@ -211,6 +211,8 @@ def _add_capacity_parser(bench_sub) -> None:
     capacity.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
                           help="the engine's attention kernel: auto (flash-attn where it runs, else sdpa), sdpa, "
                                "flash or flex (default: auto)")
+    capacity.add_argument("--max-tokens-per-chunk", type=_positive_int, default=d.max_tokens_per_chunk,
+                          help="commentary models: most tokens a turn says (default: %(default)s)")
     capacity.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
     capacity.add_argument("--json", dest="json_out", required=True, help="where to write the results")
 
@@ -373,13 +375,14 @@ def cmd_bench_capacity(args) -> int:
         raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
     settings = CapacitySettings(fps=args.fps, duration_s=args.duration, warmup_s=args.warmup, slo_ms=args.slo_ms,
                                 input_kind=args.input, reply_rate=args.reply_rate, prefill_frames=args.prefill_frames,
-                                window_frames=args.window_frames, single_stream_frames=args.single_frames)
+                                window_frames=args.window_frames, single_stream_frames=args.single_frames,
+                                max_tokens_per_chunk=args.max_tokens_per_chunk)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     if args.model:
-        model, preset = load_live(args, "bench capacity"), None
+        model, preset = load(args), None
     else:
         from liveserve.model.loading import default_device
         from liveserve.model.presets import build_preset_model

@@ -185,3 +185,26 @@ def test_a_decision_replica_logs_how_many_sessions_its_pool_admits(tiny_model, c
     assert expected > 0
     assert any(f"admits {expected} sessions of cache policy sink_window" in r.getMessage() for r in caplog.records)
     service.engine.shutdown()
+
+
+def test_bench_capacity_takes_a_commentary_model(qwen_dir, tmp_path):
+    """A Qwen2.5-VL model in its own mode: chunks of pixels, a chunk's latency from its last frame, no
+    calibrated bias and no single-stream reference loop (null speedup)."""
+    out = tmp_path / "commentary.json"
+    assert main(["bench", "capacity", "--model", str(qwen_dir), "--device", "cpu", "--input", "pixels",
+                 "--sessions", "1,2", "--duration", "2", "--warmup", "0.5", "--prefill-frames", "4",
+                 "--max-tokens-per-chunk", "3", "--slo-ms", "60000", "--threads", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["family"] == "qwen2_5_vl" and report["mode"] == "commentary"
+    assert report["single_stream_speedup"] is None and report["decision_bias"] is None
+    assert [level["sessions"] for level in report["levels"]] == [1, 2]
+    for level in report["levels"]:
+        assert level["frames_decided"] == level["frames_due"] > 0 and level["undecided"] == 0, level
+        assert level["meets_slo"] and level["replies"] > 0
+    assert report["capacity"] == 2
+
+
+def test_bench_capacity_refuses_features_for_a_commentary_model(qwen_dir, tmp_path, capsys):
+    assert main(["bench", "capacity", "--model", str(qwen_dir), "--device", "cpu", "--input", "features",
+                 "--sessions", "1", "--json", str(tmp_path / "x.json")]) == 2
+    assert "encodes each chunk of frames itself: use --input pixels" in capsys.readouterr().err

@@ -125,8 +125,7 @@ def test_bench_batch_takes_a_commentary_model(qwen_dir, tmp_path, capsys):
     assert result["speedup"] > 0
 
 
-@pytest.mark.parametrize("command", [["bench", "engine", "--json", "x.json"], ["eval"],
-                                     ["bench", "capacity", "--json", "x.json"]])
+@pytest.mark.parametrize("command", [["bench", "engine", "--json", "x.json"], ["eval"]])
 def test_live_only_commands_refuse_a_commentary_model_in_one_line(qwen_dir, capsys, command):
     assert main(command[:2] + ["--model", str(qwen_dir)] + command[2:]) == 2
     err = capsys.readouterr().err

@@ -47,6 +47,14 @@ def test_a_commentary_session_end_to_end(server):
     assert not server.engine.sessions
 
 
+def test_close_answers_the_last_partly_filled_chunk(server):
+    """Three frames at 2 a chunk: Close drains, so the third frame's chunk (padded) is answered too."""
+    replies = stream(server.address, messages(3))
+    decisions = [r.decision for r in replies if r.WhichOneof("kind") == "decision"]
+    assert [d.frame_index for d in decisions] == [0, 1, 2]
+    assert replies[-1].closed.frames_decided == 3
+
+
 def test_list_models_names_the_family_and_its_mode(server):
     with grpc.insecure_channel(server.address) as channel:
         (model,) = pb_grpc.LiveStreamStub(channel).ListModels(pb.ListModelsRequest(), timeout=30).models

@@ -93,3 +93,34 @@ def test_overlapping_perception_on_its_own_stream_matches_the_cpu(tiny_dir):
         decisions.append(sorted((sid, e.frame_index, e.fired) for sid, e in events if isinstance(e, FrameDecision)))
         engine.shutdown()
     assert decisions[0] == decisions[1]
+
+
+def _commentary_logits(model, sessions: int = 3, frames: int = 12) -> torch.Tensor:
+    from liveserve.config import CommentaryConfig, EngineConfig, PoolConfig, SchedulerConfig
+    from liveserve.engine.batch import BatchEngine
+
+    engine = BatchEngine(model, EngineConfig(pool=PoolConfig(budget_tokens=50_000),
+                                             scheduler=SchedulerConfig(max_lag_s=None)))
+    config = SessionConfig(mode="commentary", commentary=CommentaryConfig(
+        max_tokens_per_chunk=4, vision_window_chunks=3, text_rounds=2, text_sink_tokens=4, text_window_tokens=6))
+    g = torch.Generator().manual_seed(0)
+    size = model.frame_size
+    images = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g) for _ in range(frames)]
+    for k in range(sessions):
+        engine.open(f"s{k}", config).trace = []
+        for i in range(frames):
+            engine.push_frame(f"s{k}", i * 0.5, images[(i + k) % frames])
+    engine.run_until_idle()
+    logits = torch.cat([torch.stack([logits.float().cpu() for _, logits in s.trace]) for s in engine.sessions])
+    engine.shutdown()
+    return logits
+
+
+def test_cuda_commentary_matches_cpu(qwen_dir):
+    """Qwen2.5-VL commentary, batched with evictions and M-RoPE, on CUDA as on the CPU (fp32); in bf16 (the
+    serving dtype) it runs to the end with finite logits."""
+    cpu = _commentary_logits(load_model(qwen_dir, device="cpu", dtype=torch.float32))
+    torch.testing.assert_close(_commentary_logits(load_model(qwen_dir, device="cuda", dtype=torch.float32)), cpu,
+                               atol=1e-3, rtol=1e-3)
+    bf16 = _commentary_logits(load_model(qwen_dir, device="cuda", dtype=torch.bfloat16))
+    assert torch.isfinite(bf16).all()

@@ -22,6 +22,13 @@ frame by frame) goes through the engine and through a reference-style loop the b
 Hugging Face DynamicCache, one forward per frame, greedy replies, as VideoLLM-online's inference loop
 does. Both make the same decisions on the same weights (reported: `decisions_match`), and
 `single_stream_speedup` is the ratio of their frames/s.
+
+A commentary model (Qwen2.5-VL family) runs its own mode: each stream's frames make chunks (`chunk_s * fps`
+frames), a chunk's latency is its last frame's due time -> its turn's last token (its frames count as
+decided then), and its turns say `max_tokens_per_chunk` tokens where the random model does not stop
+earlier (no bias is calibrated: the model's own choices, a worst case for a narrator that is often
+silent). Frames are pixels. There is no single-stream reference loop for this family here:
+`single_stream_speedup` is null.
 """
 
 from __future__ import annotations
@@ -39,12 +46,13 @@ from typing import Callable
 import torch
 
 from liveserve.bench.common import environment, percentile, sync, write_report
-from liveserve.config import (DEFAULT_THRESHOLD, CacheConfig, EngineConfig, PoolConfig, SchedulerConfig,
-                              SessionConfig)
+from liveserve.config import (DEFAULT_THRESHOLD, CacheConfig, CommentaryConfig, EngineConfig, PoolConfig,
+                              SchedulerConfig, SessionConfig)
 from liveserve.engine.batch import BatchEngine
-from liveserve.engine.events import FrameDecision, FramesDropped, ReplyRequested, ResponseDone, SessionFailed
+from liveserve.engine.events import (ChunkDone, FrameDecision, FramesDropped, ReplyRequested, ResponseDone,
+                                     SessionFailed)
 from liveserve.engine.kv_pool import PoolFullError
-from liveserve.engine.session import cache_limit
+from liveserve.engine.sessions import session_tokens
 from liveserve.model.live import LiveModel
 
 INPUTS = ("pixels", "features")
@@ -67,6 +75,7 @@ class CapacitySettings:
     max_new_tokens: int = 8  # single-stream inline replies
     threshold: float = DEFAULT_THRESHOLD
     drain_s: float = 5.0  # after the last frame is due, how long undecided frames may still finish
+    max_tokens_per_chunk: int = 20  # commentary models: most tokens a turn says
 
     def __post_init__(self) -> None:
         if self.input_kind not in INPUTS:
@@ -195,12 +204,20 @@ def _prefill(engine: BatchEngine, ids: list[str], frames: int, features: Callabl
     return None
 
 
+def level_config(model: LiveModel, settings: CapacitySettings) -> SessionConfig:
+    """A level's sessions: Decision sessions with a sink_window cache, or a commentary model's own mode."""
+    if model.family != "live":
+        return SessionConfig(mode="commentary", commentary=CommentaryConfig(
+            fps=settings.fps, max_tokens_per_chunk=settings.max_tokens_per_chunk))
+    return SessionConfig(threshold=settings.threshold, replies="external",
+                         cache=CacheConfig(policy="sink_window", window_frames=settings.window_frames,
+                                           evict_frames=min(8, settings.window_frames)))
+
+
 def run_level(engine: BatchEngine, n: int, settings: CapacitySettings, frame: Callable[[int], torch.Tensor],
               features: Callable[[int], torch.Tensor], reply_ids: tuple[int, ...], reply_text: str) -> dict:
     model = engine.model
-    config = SessionConfig(threshold=settings.threshold, replies="external",
-                           cache=CacheConfig(policy="sink_window", window_frames=settings.window_frames,
-                                             evict_frames=min(8, settings.window_frames)))
+    config = level_config(model, settings)
     ids = [f"n{n}-s{k}" for k in range(n)]
     opened: list[str] = []
     result: dict = {"sessions": n}
@@ -273,6 +290,13 @@ def _open_loop(engine: BatchEngine, ids: list[str], settings: CapacitySettings, 
                         counts["fired"] += event.fired
                     if event.fired:
                         heapq.heappush(replies, (done + settings.reply_delay_s, sid))
+                elif isinstance(event, ChunkDone):  # commentary: the chunk's frames, from its last one's due time
+                    times = [at for i in event.frame_ids if (at := due.pop((sid, i), None)) is not None]
+                    measured = [at for at in times if at >= measured_from]
+                    if measured:
+                        latencies.append(done - max(times))
+                        counts["decided"] += len(measured)
+                        counts["fired"] += not event.silent
                 elif isinstance(event, FramesDropped):
                     counts["dropped"] += sum(due.pop((sid, i), 0.0) >= measured_from for i in event.frame_ids)
                 elif isinstance(event, SessionFailed):
@@ -410,8 +434,7 @@ def pool_config(model: LiveModel, settings: CapacitySettings, largest: int,
         gc.collect()
         torch.cuda.empty_cache()  # memory the allocator caches from the warm-up engines counts as free
         return PoolConfig(memory_fraction=memory_fraction or PoolConfig().memory_fraction)
-    config = SessionConfig(cache=CacheConfig(policy="sink_window", window_frames=settings.window_frames))
-    return PoolConfig(budget_tokens=largest * (cache_limit(model, config) + 16) + 16)
+    return PoolConfig(budget_tokens=largest * (session_tokens(model, level_config(model, settings)) + 16) + 16)
 
 
 def run_capacity_bench(model: LiveModel, *, levels: list[int], settings: CapacitySettings, out: str,
@@ -419,30 +442,38 @@ def run_capacity_bench(model: LiveModel, *, levels: list[int], settings: Capacit
                        memory_fraction: float | None = None, attention: str = "auto") -> dict:
     """`levels`: session counts, ascending. `attention`: the engine's kernel (EngineConfig.attention). With `sweep`, stop at the first level that misses the SLO and
     then bisect up to `refine` more levels between the last pass and that miss."""
+    commentary = model.family != "live"
     if settings.input_kind == "pixels" and model.vision is None:
         raise ValueError("this model has no vision tower; use --input features")
-    features = frame_source(model, "features")
-    frame = features if settings.input_kind == "features" else frame_source(model, "pixels")
-    bias = DecisionBias(model)
+    if commentary and settings.input_kind != "pixels":
+        raise ValueError("a commentary model encodes each chunk of frames itself: use --input pixels")
+    frame = frame_source(model, "pixels") if settings.input_kind == "pixels" else None
+    features = frame if commentary else frame_source(model, "features")
+    frame = frame or features
+    bias = None if commentary else DecisionBias(model)
     try:
-        calibration = max(16, min(64, round(2 / max(settings.reply_rate, 1e-3))))
-        bias.calibrate([frame(i) for i in range(calibration)], settings.reply_rate, settings.threshold)
-        print(f"liveserve bench capacity: {model.name} on {model.device}; interval logit bias {bias.bias:+.2f} "
-              f"for ~{settings.reply_rate:.0%} replies", file=sys.stderr, flush=True)
-        single = single_stream(model, settings, frame)
-        speedup = single["engine_frames_per_s"] / single["reference_frames_per_s"]
-        print(f"  single stream: engine {single['engine_frames_per_s']:.1f} frames/s, reference loop "
-              f"{single['reference_frames_per_s']:.1f} frames/s ({speedup:.2f}x); decisions match: "
-              f"{single['decisions_match']}", file=sys.stderr, flush=True)
+        single, speedup = None, None
+        if bias is None:
+            print(f"liveserve bench capacity: {model.name} on {model.device}; commentary, up to "
+                  f"{settings.max_tokens_per_chunk} tokens a chunk", file=sys.stderr, flush=True)
+        else:
+            calibration = max(16, min(64, round(2 / max(settings.reply_rate, 1e-3))))
+            bias.calibrate([frame(i) for i in range(calibration)], settings.reply_rate, settings.threshold)
+            print(f"liveserve bench capacity: {model.name} on {model.device}; interval logit bias {bias.bias:+.2f} "
+                  f"for ~{settings.reply_rate:.0%} replies", file=sys.stderr, flush=True)
+            single = single_stream(model, settings, frame)
+            speedup = single["engine_frames_per_s"] / single["reference_frames_per_s"]
+            print(f"  single stream: engine {single['engine_frames_per_s']:.1f} frames/s, reference loop "
+                  f"{single['reference_frames_per_s']:.1f} frames/s ({speedup:.2f}x); decisions match: "
+                  f"{single['decisions_match']}", file=sys.stderr, flush=True)
         engine = BatchEngine(model, EngineConfig(pool=pool_config(model, settings, max(levels), memory_fraction),
                                                  attention=attention))
         print(f"  attention kernel: {engine.kernel}", file=sys.stderr, flush=True)
-        session_tokens = cache_limit(model, SessionConfig(cache=CacheConfig(
-            policy="sink_window", window_frames=settings.window_frames)))
+        per_session = session_tokens(model, level_config(model, settings))
         pool = {"capacity_tokens": engine.pool.capacity_tokens, "bytes": engine.pool.nbytes,
-                "bytes_per_token": engine.pool.bytes_per_token, "session_tokens": session_tokens,
-                "sessions_admitted": engine.pool.sessions_admitted(session_tokens)}
-        reply_ids = tuple(model.template.encode(" A red square appears.")[: settings.reply_tokens])
+                "bytes_per_token": engine.pool.bytes_per_token, "session_tokens": per_session,
+                "sessions_admitted": engine.pool.sessions_admitted(per_session)}
+        reply_ids = () if commentary else tuple(model.template.encode(" A red square appears.")[: settings.reply_tokens])
         reply_text = model.template.decode(reply_ids)
         results: list[dict] = []
         try:
@@ -466,22 +497,27 @@ def run_capacity_bench(model: LiveModel, *, levels: list[int], settings: Capacit
         finally:
             engine.shutdown()
     finally:
-        bias.remove()
+        if bias is not None:
+            bias.remove()
     passing = [level["sessions"] for level in results if level["meets_slo"]]
     report = {"benchmark": "capacity", **environment(model), "preset": preset,
               "parameters": sum(p.numel() for p in model.parameters()), "input": settings.input_kind,
               "fps": settings.fps, "duration_s": settings.duration_s, "warmup_s": settings.warmup_s,
               "slo_ms": settings.slo_ms, "prefill_frames": settings.prefill_frames,
-              "cache": {"policy": "sink_window", "window_frames": settings.window_frames},
-              "decision_bias": {"interval_logit_bias": bias.bias, "target_reply_rate": settings.reply_rate,
-                                "threshold": settings.threshold, "reply_tokens": len(reply_ids),
-                                "reply_delay_s": settings.reply_delay_s},
+              "mode": "commentary" if commentary else "live",
+              "cache": ({"policy": "commentary", "max_tokens_per_chunk": settings.max_tokens_per_chunk} if commentary
+                        else {"policy": "sink_window", "window_frames": settings.window_frames}),
+              "decision_bias": None if bias is None else {
+                  "interval_logit_bias": bias.bias, "target_reply_rate": settings.reply_rate,
+                  "threshold": settings.threshold, "reply_tokens": len(reply_ids),
+                  "reply_delay_s": settings.reply_delay_s},
               "attention": engine.kernel, "pool": pool, "levels": sorted(results, key=lambda level: level["sessions"]),
               "capacity": max(passing, default=0),
               # every level run passed: the capacity is at least this, the sweep just did not go higher
               "capacity_is_lower_bound": bool(results) and all(level["meets_slo"] for level in results),
               "single_stream": single, "single_stream_speedup": speedup}
     write_report(report, out)
+    speed = "none (no reference loop for this family)" if speedup is None else f"{speedup:.2f}x"
     print(f"capacity: {report['capacity']} streams (p99 <= {settings.slo_ms:g} ms, no drops); single_stream_speedup "
-          f"{speedup:.2f}x", file=sys.stderr)
+          f"{speed}", file=sys.stderr)
     return report

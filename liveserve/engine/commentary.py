@@ -71,7 +71,7 @@ class Piece:
 
     def row0(self, start: int, interval: float) -> list[int]:
         """The temporal M-RoPE row of the piece's tokens when it starts at `start` (the row the cache keeps:
-        every row shifts alike when the cache is compacted)."""
+        every row shifts alike when the cache is compacted); `interval`: positions per temporal group."""
         if self.grid is None:
             return list(range(start, start + len(self.ids)))
         per_t = self.grid.h * self.grid.w
@@ -133,7 +133,7 @@ class CommentarySession:
         self.last_keep: list[int] | None = None  # the cache indices the last eviction kept, in their new order
         self.trace: list | None = None
         self._contiguous = self.commentary.positions == "contiguous"
-        self._interval = model.tokens_per_second * tp / self.commentary.fps  # seconds per grid x tokens per second
+        self._seconds_per_grid = tp / self.commentary.fps  # the video time one temporal group of frames spans
         self._grid = model.grid(self.commentary.frames_per_chunk)
         self._lock = threading.Lock()
         self._filling: list[QueuedFrame] = []  # the chunk being filled
@@ -245,7 +245,8 @@ class CommentarySession:
 
     @property
     def backlog(self) -> int:
-        return sum(len(c.frames) for c in self._chunks) + len(self._filling)
+        """Frames of complete chunks waiting for their turn (a chunk still filling is no work yet)."""
+        return sum(len(c.frames) for c in self._chunks)
 
     def ready(self) -> bool:
         return not self.closed and (self._reply is not None or bool(self._chunks))
@@ -436,7 +437,7 @@ class CommentarySession:
         self._pending = [tokens[-1]] if tokens[-1] == eos else [tokens[-1], eos]
         self._pending_chunk = reply.chunk.index
         self._reply = None
-        self.frames_decided += len(reply.chunk.frames)
+        self.frames_decided += len(reply.chunk.distinct_frames())
         silent = not reply.shown
         if reply.started:
             self.responses += 1
@@ -510,7 +511,7 @@ class CommentarySession:
         if self._contiguous:
             rows, position = [], 0
             for piece in new_pieces:
-                rows += piece.row0(position, self._interval)
+                rows += piece.row0(position, self.model.tokens_per_second * self._seconds_per_grid)
                 position += piece.span
             self.cache.keep(index, self.model.inv_freq, torch.tensor(rows, dtype=torch.long))
             self._next_position = position
@@ -547,7 +548,7 @@ class CommentarySession:
         first = ids.index(pad)
         n_vision = self._grid.num_tokens
         before = torch.arange(start, start + first).expand(3, first)
-        vision = self.model.vision_positions(start + first, self._grid, self._interval / self.model.tokens_per_second)
+        vision = self.model.vision_positions(start + first, self._grid, self._seconds_per_grid)
         after_start = start + first + self._grid.span
         rest = len(ids) - first - n_vision
         after = torch.arange(after_start, after_start + rest).expand(3, rest)

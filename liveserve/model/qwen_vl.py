@@ -12,7 +12,8 @@ What differs from a LIVE model, and how the engine meets it:
   template          ChatML (`<|im_start|>role\\n...<|im_end|>`), built from the tokenizer's own marker tokens.
 
 Frames reach the tower as square S x S images (resized and padded like a LIVE model's), S the largest
-multiple of 28 whose square fits the image processor's `max_pixels`.
+multiple of 28 whose square fits StreamingVLM's frame size (360 x 640 pixels) and the image processor's
+`max_pixels`: 476 px, 17 x 17 = 289 LM tokens a chunk, for the released checkpoints.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from liveserve.engine.attention import ATTN_IMPLEMENTATION, StepContext
 
 FAMILY = "qwen2_5_vl"
 NO_COMMENT = " ..."  # StreamingVLM ends every reply with it; a reply of only this is silence
+# StreamingVLM's video frames are at most 360 x 640 pixels (about 300 LM tokens a chunk); the image
+# processor's own max_pixels is for single images (12.8 M) and would make every chunk thousands of tokens.
+STREAM_FRAME_PIXELS = 360 * 640
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # what the Qwen2.5-VL chat template puts first
 
 
@@ -53,7 +57,7 @@ class ChatTemplate:
     @classmethod
     def from_tokenizer(cls, tokenizer) -> ChatTemplate:
         vocab = tokenizer.get_vocab()
-        ids = {}
+        ids: dict[str, int] = {}
         for name, token in (("im_start", "<|im_start|>"), ("im_end", "<|im_end|>"), ("vision_start", "<|vision_start|>"),
                             ("vision_end", "<|vision_end|>"), ("video_pad", "<|video_pad|>")):
             if token not in vocab:
@@ -75,7 +79,9 @@ class ChatTemplate:
         return self.im_end
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        """Plain text (a query, a system prompt, a time label) as tokens: a marker written in it, such as
+        "<|video_pad|>" or "<|im_end|>", stays text; only the template places special tokens."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -247,8 +253,8 @@ def _frame_size(path: Path, config: dict) -> tuple[int, dict]:
     image = json.loads(processor.read_text())
     vision = config.get("vision_config") or {}
     unit = vision.get("patch_size", 14) * vision.get("spatial_merge_size", 2)
-    max_pixels = image.get("max_pixels") or (image.get("size") or {}).get("longest_edge") or 360 * 640
-    return frame_size_for(max_pixels, unit), image
+    max_pixels = image.get("max_pixels") or (image.get("size") or {}).get("longest_edge") or STREAM_FRAME_PIXELS
+    return frame_size_for(min(max_pixels, STREAM_FRAME_PIXELS), unit), image
 
 
 def load_frame_pixels(path: Path) -> FramePixels:
