@@ -14,7 +14,7 @@ _EXPORTS = {
     "SessionError": "liveserve.engine.session",
     "SessionConfig": "liveserve.config",
     "CacheConfig": "liveserve.config",
-    "CacheFullError": "liveserve.engine.kv_cache",
+    "CacheFullError": "liveserve.engine.kv_pool",
     "LiveModel": "liveserve.model.live",
     "load_model": "liveserve.model.loading",
     "CheckpointError": "liveserve.model.loading",

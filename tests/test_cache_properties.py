@@ -65,7 +65,7 @@ def test_sink_window_invariants_hold_after_every_step(mixed_model, bank, stream,
         segments, n = session.ledger.segments, session.cache.length
         assert n == session.ledger.num_tokens <= max_tokens and session.cache.max_tokens == max_tokens
         assert segments[0].kind == "prefix" and all(s.kind != "prefix" for s in segments[1:])
-        keys = session.cache.keys[:, :, :n]
+        keys = session.cache.kv()[0].transpose(1, 2)  # [layers, kv_heads, tokens, dim]
         if sink is not None:  # the sink is never evicted or re-rotated (it may grow: a first query's reply)
             assert segments[0].length >= sink.shape[2] and torch.equal(keys[:, :, : sink.shape[2]], sink)
         sink = keys[:, :, : segments[0].length].clone()

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from liveserve.config import CommentaryConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
-from liveserve.engine.attention import StepContext
 from liveserve.engine.batch import BatchEngine
 from liveserve.engine.commentary import CommentarySession
 from liveserve.engine.events import ChunkDone, ResponseDelta, ResponseDone, ResponseStarted
 from liveserve.engine.inputs import SessionError
+from liveserve.engine.packed import forward_alone
 from liveserve.engine.readout import read_out
 
 
@@ -178,9 +178,7 @@ def test_original_positions_match_a_streaming_mask_oracle(qwen):
             break
         kept_before = _follow(session, origins)
         seen.append((kept_before, fed, step.num_tokens))
-        embeds = qwen.embed_step([step])
-        logits = qwen.forward_step(embeds, step.positions, StepContext([(session.cache, step.num_tokens)]),
-                                   torch.tensor([step.num_tokens - 1]))
+        logits = forward_alone(qwen, session.cache, step)
         session.complete(read_out(logits, qwen.template.interval_id)[0])
         origins.extend(range(fed, fed + step.num_tokens))
         fed += step.num_tokens

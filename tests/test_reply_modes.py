@@ -16,7 +16,6 @@ from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerCon
 from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import (FrameDecision, FramesDropped, ReplyRequested, ResponseDelta, ResponseDone,
                                      ResponseStarted)
-from liveserve.engine.kv_cache import KVCache
 from liveserve.engine.session import Session, SessionError, cache_limit
 
 
@@ -231,7 +230,7 @@ def _fire_then_silence(model, config: SessionConfig, frames: list[torch.Tensor])
 
 
 class Lone:
-    """A session stepped alone, on its own KVCache."""
+    """A session stepped alone, on a pool of its own."""
 
     def __init__(self, model, config: SessionConfig) -> None:
         self.session = Session(model, config)
@@ -267,11 +266,8 @@ class Pooled(Lone):
 
 def cached(session: Session) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys and values [layers, tokens, kv_heads, head_dim] and positions of every cached token."""
-    cache, n = session.cache, session.cache.length
-    if isinstance(cache, KVCache):
-        return cache.keys[:, :, :n].transpose(1, 2), cache.values[:, :, :n].transpose(1, 2), cache.positions[:n]
-    slots = cache.slots(0, n)
-    return cache.pool.keys[:, slots], cache.pool.values[:, slots], cache.positions[:n]
+    keys, values = session.cache.kv()
+    return keys, values, session.cache.kept_positions()
 
 
 def assert_same_cache(got: Session, want: Session) -> None:

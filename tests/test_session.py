@@ -11,9 +11,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from engine_helpers import frame_bank, steered, streaming_mask_oracle
 from liveserve.config import CacheConfig, SessionConfig
-from liveserve.engine.attention import StepContext
 from liveserve.engine.events import FrameDecision, ResponseDelta, ResponseDone, ResponseStarted
-from liveserve.engine.kv_cache import CacheFullError, KVCache
+from liveserve.engine.kv_pool import CacheFullError, KVPool
+from liveserve.engine.packed import PackedStep, private_cache
 from liveserve.engine.session import Session, SessionError
 
 
@@ -129,17 +129,21 @@ def test_contiguous_eviction_rerotates_kept_keys_exactly(tiny_model):
         cos, sin = rotary(keys.float(), positions[None])
         return apply_rotary_pos_emb(keys, keys, cos.double(), sin.double())[1]
 
-    cache = KVCache(num_layers=1, num_kv_heads=heads, head_dim=dim, max_tokens=64, dtype=torch.float64,
-                    device=torch.device("cpu"))
+    pool = KVPool(num_layers=1, num_kv_heads=heads, head_dim=dim, dtype=torch.float64, device="cpu",
+                  budget_tokens=64, block_size=8)
+    cache = pool.open_cache(64)
     cache.reserve(n)
-    cache.write(0, rope(raw, torch.arange(1000, 1000 + n))[0], raw[0])  # rotated far from 0 on purpose
+    slots = cache.slots(0, n)  # the pool's layout: [layers, slots, kv_heads, dim]
+    pool.keys[0, slots] = rope(raw, torch.arange(1000, 1000 + n))[0].transpose(0, 1)  # rotated far from 0 on purpose
+    pool.values[0, slots] = raw[0].transpose(0, 1)
     cache.commit(torch.arange(1000, 1000 + n))
     keep = torch.tensor([0, 1, 2, 3, 17, 18, 30, 31, 32, 39])
     cache.keep(keep, tiny_model.inv_freq)
-    assert cache.positions[: cache.length].tolist() == list(range(len(keep)))
-    expected = rope(raw[:, :, keep], torch.arange(len(keep)))[0]
-    torch.testing.assert_close(cache.keys[0, :, : cache.length], expected, atol=1e-4, rtol=0)  # cos/sin are fp32
-    torch.testing.assert_close(cache.values[0, :, : cache.length], raw[0, :, keep])
+    assert cache.kept_positions().tolist() == list(range(len(keep)))
+    expected = rope(raw[:, :, keep], torch.arange(len(keep)))[0].transpose(0, 1)
+    kept = cache.slots(0, cache.length)
+    torch.testing.assert_close(pool.keys[0, kept], expected, atol=1e-4, rtol=0)  # cos/sin are fp32
+    torch.testing.assert_close(pool.values[0, kept], raw[0, :, keep].transpose(0, 1))
 
 
 def test_relative_positions_make_rebasing_exact_at_every_depth(mixed_model):
@@ -147,16 +151,14 @@ def test_relative_positions_make_rebasing_exact_at_every_depth(mixed_model):
     embeds = torch.cat([mixed_model.embed_frames(f[None]) for f in frame_bank(mixed_model, 5)])
 
     def run(offset):
-        cache = KVCache(num_layers=mixed_model.num_layers, num_kv_heads=mixed_model.num_kv_heads,
-                        head_dim=mixed_model.head_dim, max_tokens=256, dtype=torch.float32,
-                        device=torch.device("cpu"))
+        cache = private_cache(mixed_model, 256)
         outs = []
         for chunk in embeds.split(10):
             cache.reserve(len(chunk))
             positions = torch.arange(cache.length, cache.length + len(chunk)) + offset
+            packed = PackedStep(cache.pool, [(cache, len(chunk))])
             with torch.no_grad():
-                outs.append(mixed_model.forward_step(chunk, positions, StepContext([(cache, len(chunk))]),
-                                                     torch.tensor([len(chunk) - 1])))
+                outs.append(mixed_model.forward_step(chunk, positions, packed, packed.last_index))
             cache.commit(positions)
         return torch.cat(outs)
 

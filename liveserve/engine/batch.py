@@ -26,8 +26,7 @@ from liveserve.config import EngineConfig, SessionConfig
 from liveserve.engine.commentary import encode_chunks
 from liveserve.engine.events import Event, SessionFailed
 from liveserve.engine.inputs import SessionError
-from liveserve.engine.kv_cache import CacheFullError
-from liveserve.engine.kv_pool import KVPool
+from liveserve.engine.kv_pool import CacheFullError, KVPool
 from liveserve.engine.packed import PackedStep, resolve_kernel
 from liveserve.engine.perception import BatchedFrameEncoder
 from liveserve.engine.readout import read_out

@@ -31,10 +31,10 @@ from typing import Iterator
 import torch
 
 from liveserve.config import SessionConfig
-from liveserve.engine.attention import StepContext
 from liveserve.engine.events import ChunkDone, Event, ResponseDelta, ResponseDone, ResponseStarted
 from liveserve.engine.inputs import QueuedFrame, SessionError, check_frame_id, check_time
-from liveserve.engine.kv_cache import CacheFullError, KVCache
+from liveserve.engine.kv_pool import CacheFullError
+from liveserve.engine.packed import forward_alone, private_cache
 from liveserve.engine.readout import Readout, read_out
 from liveserve.model.qwen_vl import NO_COMMENT, QwenVLModel, VisionGrid
 
@@ -115,7 +115,7 @@ class _Reply:
 class CommentarySession:
     def __init__(self, model: QwenVLModel, config: SessionConfig | None = None, session_id: str = "", *,
                  cache=None, encoder=None) -> None:
-        """`cache`: a PagedCache from a KVPool (batched serving); by default the session owns a KVCache.
+        """`cache`: a PagedCache from the engine's KVPool (batched serving); by default a pool of its own.
         `encoder` is accepted for the engine's sake and not used: a chunk is encoded when it is stepped."""
         self.model, self.config, self.session_id = model, config or SessionConfig(mode="commentary"), session_id
         self.commentary = self.config.commentary
@@ -126,9 +126,7 @@ class CommentarySession:
                                f"{self.commentary.frames_per_chunk} frames; this model's tower takes frames in "
                                f"groups of {tp}")
         self.system_prompt = self.config.system_prompt or model.system_prompt
-        self.cache = cache if cache is not None else KVCache(
-            num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
-            max_tokens=commentary_cache_limit(model, self.config), dtype=model.dtype, device=model.device)
+        self.cache = cache if cache is not None else private_cache(model, commentary_cache_limit(model, self.config))
         self.pieces: list[Piece] = []
         self.last_keep: list[int] | None = None  # the cache indices the last eviction kept, in their new order
         self.trace: list | None = None
@@ -295,13 +293,7 @@ class CommentarySession:
         step = self.plan()
         if step is None:
             return None
-        embeds = self.model.embed_step([step])
-        n = step.num_tokens
-        with torch.inference_mode():
-            logits = self.model.forward_step(embeds, step.positions.to(self.model.device),
-                                             StepContext([(self.cache, n)]),
-                                             torch.tensor([n - 1], device=self.model.device))
-        return self.complete(read_out(logits, self.template.interval_id)[0])
+        return self.complete(read_out(forward_alone(self.model, self.cache, step), self.template.interval_id)[0])
 
     # ---- one step: plan -> (a forward) -> complete ---------------------------------------------------
 

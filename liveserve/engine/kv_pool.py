@@ -9,6 +9,11 @@ Admission reserves a session's worst case up front (its cache policy's token lim
 and refuses a session whose reservation does not fit; blocks are then taken lazily as the cache grows.
 Because reservations never exceed the pool, an admitted session can always grow to its limit: no
 neighbour can starve it, and nothing is ever evicted from one session to make room for another.
+
+A session stepped on its own (Session.step_alone, `liveserve run`) has a pool of its own
+(`KVPool.for_session`) whose storage starts small and doubles as its blocks are taken, up to the
+session's limit: the same cache and attention path as many sessions, without reserving the worst case
+up front.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from liveserve.config import PoolConfig
-from liveserve.engine.kv_cache import CacheFullError
 from liveserve.engine.rope import shift_keys
 
 
@@ -37,9 +41,16 @@ class PoolFullError(RuntimeError):
     """Admitting a session would over-commit the pool; nothing was allocated."""
 
 
+class CacheFullError(RuntimeError):
+    """A step would exceed the cache's token limit; nothing was written."""
+
+
 class KVPool:
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, budget_tokens: int, block_size: int = 16) -> None:
+                 device: torch.device | str, budget_tokens: int, block_size: int = 16,
+                 initial_tokens: int | None = None) -> None:
+        """`initial_tokens`: allocate storage for this many tokens and double it as blocks are taken, up to
+        the budget (None: the whole budget at once, as a serving replica does)."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if budget_tokens < block_size:
@@ -47,12 +58,15 @@ class KVPool:
         self.block_size = block_size
         self.num_blocks = budget_tokens // block_size
         self.device, self.dtype = torch.device(device), dtype
-        slots = self.num_blocks * block_size
+        allocated = self.num_blocks if initial_tokens is None else min(self.num_blocks, self.blocks_for(initial_tokens))
         # The gathering kernels never read a slot no token was written to, so the storage is not zeroed
         # (untouched memory costs nothing); `zero` for the kernels that read whole blocks in place.
-        self.keys = torch.empty(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+        self.keys = torch.empty(num_layers, allocated * block_size, num_kv_heads, head_dim, dtype=dtype,
+                                device=self.device)
         self.values = torch.empty_like(self.keys)
-        self._free = list(range(self.num_blocks - 1, -1, -1))  # a stack: low block ids are handed out first
+        self.allocated_blocks = allocated
+        self._free = list(range(allocated - 1, -1, -1))  # a stack: low block ids are handed out first
+        self._zeroed = False
         self.reserved_blocks = 0
         self.num_caches = 0
 
@@ -67,6 +81,14 @@ class KVPool:
         return cls(num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
                    dtype=model.dtype, device=model.device, budget_tokens=tokens, block_size=config.block_size)
 
+    @classmethod
+    def for_session(cls, model, max_tokens: int, block_size: int = 16) -> KVPool:
+        """A pool of one session's own, growing with its cache up to `max_tokens` (see module docs)."""
+        budget = -(-max_tokens // block_size) * block_size
+        return cls(num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+                   dtype=model.dtype, device=model.device, budget_tokens=budget, block_size=block_size,
+                   initial_tokens=min(budget, 256))
+
     # ---- accounting ----------------------------------------------------------------------------
 
     @property
@@ -80,7 +102,8 @@ class KVPool:
 
     @property
     def nbytes(self) -> int:
-        return self.capacity_tokens * self.bytes_per_token
+        """The storage allocated now (a growing pool's reaches `capacity_tokens` only if it has to)."""
+        return self.allocated_blocks * self.block_size * self.bytes_per_token
 
     @property
     def used_blocks(self) -> int:
@@ -113,6 +136,7 @@ class KVPool:
         leak through a zero attention weight."""
         self.keys.zero_()
         self.values.zero_()
+        self._zeroed = True
 
     def open_cache(self, max_tokens: int) -> PagedCache:
         """Reserve room for a cache of up to `max_tokens` tokens or raise PoolFullError."""
@@ -129,7 +153,22 @@ class KVPool:
         return PagedCache(self, max_tokens, need)
 
     def _take_block(self) -> int:
-        return self._free.pop()  # cannot be empty: every block taken is covered by a reservation
+        if not self._free:  # a growing pool: every block taken is covered by a reservation, so it may grow
+            self._grow()
+        return self._free.pop()
+
+    def _grow(self) -> None:
+        """Double the storage (up to the budget); blocks keep their ids, so block tables stay valid."""
+        old, new = self.allocated_blocks, min(self.num_blocks, 2 * self.allocated_blocks)
+        make = torch.zeros if self._zeroed else torch.empty
+        for name in ("keys", "values"):
+            current = getattr(self, name)
+            grown = make(current.shape[0], new * self.block_size, *current.shape[2:], dtype=self.dtype,
+                         device=self.device)
+            grown[:, : old * self.block_size] = current
+            setattr(self, name, grown)
+        self._free = list(range(new - 1, old - 1, -1)) + self._free
+        self.allocated_blocks = new
 
     def _give_back(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
@@ -141,8 +180,8 @@ class KVPool:
 
 
 class PagedCache:
-    """One session's cache inside a KVPool; the same interface as KVCache, minus the per-layer write
-    (a PackedStep writes all sessions of a step at once)."""
+    """One session's cache inside a KVPool: its block table and every cached token's position. A
+    PackedStep writes the keys and values of all sessions of a step at once."""
 
     def __init__(self, pool: KVPool, max_tokens: int, reserved_blocks: int) -> None:
         self.pool, self.max_tokens, self.reserved_blocks = pool, max_tokens, reserved_blocks
@@ -150,7 +189,7 @@ class PagedCache:
         self.length = 0
         self.closed = False
         self._table = torch.empty(0, dtype=torch.long, device=pool.device)
-        # RoPE position of every cached token (small: kept per session, grown by doubling like KVCache).
+        # RoPE position of every cached token (small: kept per session, grown by doubling).
         self.positions = torch.zeros(min(256, max_tokens), dtype=torch.long, device=pool.device)
 
     @property
@@ -194,6 +233,12 @@ class PagedCache:
 
     def kept_positions(self) -> torch.Tensor:
         return self.positions[: self.length]
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the cached keys and values, [layers, tokens, kv_heads, head_dim] in cache order
+        (tests and debugging)."""
+        slots = self.slots(0, self.length)
+        return self.pool.keys[:, slots], self.pool.values[:, slots]
 
     def keep(self, index: torch.Tensor, inv_freq: torch.Tensor | None, positions: torch.Tensor | None = None) -> None:
         """Keep only the tokens at `index`, moved to the front in that order, and return the blocks past

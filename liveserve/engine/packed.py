@@ -65,6 +65,10 @@ class PackedStep:
         widest, longest = max(sizes), max(b + n for b, n in zip(lengths, sizes))  # host ints: no device sync
         # Every session's block table, padded with its own first block: [sessions, most blocks]
         tables = [cache.blocks for cache, _ in parts]
+        self.span = None
+        if kernel == "sdpa" and len(parts) == 1 and tables[0] == list(range(len(tables[0]))):
+            self._one_in_order(lengths[0], sizes[0])
+            return
         width = max(len(t) for t in tables)
         # What the step needs from the host goes over in one copy (pinned and asynchronous on CUDA); the
         # rest of the indices are derived from it on the device.
@@ -101,10 +105,27 @@ class PackedStep:
         self.mask = (column[None, None, :] <= limit[:, :, None])[:, None]
         self.unpack = owner * widest + rank
 
+    def _one_in_order(self, before: int, n: int) -> None:
+        """One session whose blocks are the pool's first ones, in order (a session stepped alone, on a pool
+        of its own): its tokens sit in slots 0.. as they are, so the step needs no index at all. Keys and
+        values are written into a slice and attention reads a view of the pool; a single new token (a
+        reply's decoding) needs no mask either."""
+        device = self.pool.device
+        self.start, self.span = before, before + n
+        self.last_index = torch.tensor([n - 1], device=device)
+        self.mask = None if n == 1 else torch.ones(n, self.span, dtype=torch.bool, device=device).tril(before)
+
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
         # query [1, heads, T, dim]; key/value [1, kv_heads, T, dim] -> output [1, T, heads, dim]
         keys, values = self.pool.keys[layer], self.pool.values[layer]  # [slots, kv_heads, dim] views
+        if self.span is not None:  # one session in order (_one_in_order)
+            keys[self.start:self.span] = key[0].transpose(0, 1)
+            values[self.start:self.span] = value[0].transpose(0, 1)
+            out = F.scaled_dot_product_attention(query, keys[: self.span].transpose(0, 1)[None],
+                                                 values[: self.span].transpose(0, 1)[None], attn_mask=self.mask,
+                                                 scale=scaling, enable_gqa=keys.shape[1] != query.shape[1])
+            return out.transpose(1, 2)
         keys.index_copy_(0, self.write_slots, key[0].transpose(0, 1))
         values.index_copy_(0, self.write_slots, value[0].transpose(0, 1))
         if self.kernel == "flex":
@@ -126,6 +147,19 @@ class PackedStep:
         out = F.scaled_dot_product_attention(padded_q, padded_k, padded_v, attn_mask=self.mask, scale=scaling,
                                              enable_gqa=padded_k.shape[1] != heads)
         return out.transpose(1, 2).reshape(-1, heads, dim)[self.unpack][None]
+
+
+def forward_alone(model, cache: PagedCache, step) -> torch.Tensor:
+    """One session's step as a batch of one: the same cache and attention path as many sessions share.
+    Returns the fp32 logits at the step's last token, [1, vocab]."""
+    packed = PackedStep(cache.pool, [(cache, step.num_tokens)])
+    with torch.inference_mode():
+        return model.forward_step(model.embed_step([step]), step.positions, packed, packed.last_index)
+
+
+def private_cache(model, max_tokens: int) -> PagedCache:
+    """A cache for a session stepped on its own: a pool of its own that grows with it (kv_pool.py)."""
+    return KVPool.for_session(model, max_tokens).open_cache(max_tokens)
 
 
 def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -153,7 +187,7 @@ def _flex_block_mask(pool: KVPool, parts: list[tuple[PagedCache, int]], owner: t
     held = torch.tensor([len(cache.blocks) for cache, _ in parts])
     first = torch.cumsum(held, 0) - held
     rank = torch.arange(blocks.numel()) - torch.repeat_interleave(first, held)
-    by_block = torch.full((2, pool.num_blocks), -1, dtype=torch.long)
+    by_block = torch.full((2, pool.allocated_blocks), -1, dtype=torch.long)
     by_block[0, blocks] = torch.repeat_interleave(torch.arange(len(parts)), held)
     by_block[1, blocks] = rank * size
     block_owner_t, block_start_t = upload(by_block, device)
@@ -172,14 +206,14 @@ def _flex_block_mask(pool: KVPool, parts: list[tuple[PagedCache, int]], owner: t
             lists[q_block].extend(cache.blocks)
         start += n
     # flex's layout: a column per kv block of the pool, the first kv_num_blocks of each row listed.
-    kv_indices = torch.zeros(q_blocks, pool.num_blocks, dtype=torch.int32)
+    kv_indices = torch.zeros(q_blocks, pool.allocated_blocks, dtype=torch.int32)
     for row, listed in enumerate(lists):
         kv_indices[row, :len(listed)] = torch.tensor(listed, dtype=torch.int32)
     kv_indices = upload(kv_indices, device)[None, None]
     kv_num_blocks = upload(torch.tensor([len(listed) for listed in lists], dtype=torch.int32), device)[None, None]
     return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=(FLEX_Q_BLOCK, size),
                                     mask_mod=same_session_up_to_itself,
-                                    seq_lengths=(total, pool.num_blocks * size))
+                                    seq_lengths=(total, pool.allocated_blocks * size))
 
 
 _COMPILED_FLEX = None

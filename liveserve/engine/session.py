@@ -38,13 +38,13 @@ from typing import Iterator, Sequence
 import torch
 
 from liveserve.config import SessionConfig
-from liveserve.engine.attention import StepContext
 from liveserve.engine.events import (Event, FrameDecision, ReplyRequested, ResponseDelta, ResponseDone,
                                      ResponseStarted)
 from liveserve.engine.inputs import (AwaitedReply, QueuedFrame, QueuedQuery, Restored, RestoredFrame, RestoredTurn,
                                      SessionError, SubmitFrame, as_frame, check_frame_id, check_time)
-from liveserve.engine.kv_cache import CacheFullError, KVCache
+from liveserve.engine.kv_pool import CacheFullError
 from liveserve.engine.ledger import Ledger
+from liveserve.engine.packed import forward_alone, private_cache
 from liveserve.engine.readout import Readout, read_out
 from liveserve.model.live import LiveModel
 
@@ -119,16 +119,15 @@ class ForwardTrace:
 class Session:
     def __init__(self, model: LiveModel, config: SessionConfig | None = None, session_id: str = "", *,
                  cache=None, encoder: SubmitFrame | None = None) -> None:
-        """`cache`: a PagedCache from a KVPool (batched serving); by default the session owns a KVCache.
+        """`cache`: a PagedCache from the engine's KVPool (batched serving); by default the session has a
+        pool of its own, growing with its cache (stepped alone: the same cache and attention path).
         `encoder`: submits pushed images for batched encoding; by default frames are encoded when stepped."""
         self.model, self.config, self.session_id = model, config or SessionConfig(), session_id
         self.template = model.template
         self.system_prompt = self.config.system_prompt or model.system_prompt
         self._start_ids = self.template.start_ids(self.system_prompt)  # tokenized once, not per first frame
         self.ledger = Ledger()
-        self.cache = cache if cache is not None else KVCache(
-            num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
-            max_tokens=cache_limit(model, self.config), dtype=model.dtype, device=model.device)
+        self.cache = cache if cache is not None else private_cache(model, cache_limit(model, self.config))
         self.encoder = encoder
         self.trace: list[ForwardTrace] | None = None
         self._contiguous = self.config.cache.positions == "contiguous"
@@ -323,12 +322,8 @@ class Session:
         step = self.plan()
         if step is None:
             return self.take_notices() or None
-        embeds = self.model.embed_step([step])
-        n = step.num_tokens
-        with torch.inference_mode():
-            logits = self.model.forward_step(embeds, step.positions, StepContext([(self.cache, n)]),
-                                             torch.tensor([n - 1], device=self.model.device))[0]
-        return self.complete(read_out(logits[None], self.template.interval_id)[0])
+        logits = forward_alone(self.model, self.cache, step)
+        return self.complete(read_out(logits, self.template.interval_id)[0])
 
     # ---- processing: one step ----------------------------------------------------------------------
 

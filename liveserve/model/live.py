@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from liveserve.engine.attention import StepContext
+from liveserve.model.attention import KVStep
 from liveserve.model.template import StreamTemplate
 from liveserve.model.vision import FrameLayout, VisionEncoder
 
@@ -96,7 +96,7 @@ class LiveModel(nn.Module):
                 next_frame += frame_tokens
         return table[torch.tensor(order, device=self.device)]
 
-    def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, step: StepContext,
+    def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, step: KVStep,
                      logits_at: torch.Tensor) -> torch.Tensor:
         """One forward over packed new tokens [T, hidden] at `positions` [T]; returns fp32 logits at the
         packed indices `logits_at` (each sequence's last token, typically)."""

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, SiglipVisionModel
 
-from liveserve.engine.attention import ATTN_IMPLEMENTATION
+from liveserve.model.attention import ATTN_IMPLEMENTATION
 from liveserve.model.live import LiveModel, build_connector
 from liveserve.model.template import DEFAULT_SYSTEM_PROMPT, StreamTemplate
 from liveserve.model.vision import (CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, FrameLayout, VisionEncoder,

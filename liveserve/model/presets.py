@@ -77,7 +77,7 @@ def build_preset_model(name: str, *, device: str | torch.device = "cpu", dtype: 
     """A LiveModel of preset `name` with random weights (seeded), on `device` (bf16 on CUDA, fp32 on CPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-    from liveserve.engine.attention import ATTN_IMPLEMENTATION
+    from liveserve.model.attention import ATTN_IMPLEMENTATION
     from liveserve.model.live import LiveModel, build_connector
     from liveserve.model.loading import default_dtype
     from liveserve.model.template import DEFAULT_SYSTEM_PROMPT, StreamTemplate

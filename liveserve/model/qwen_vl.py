@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from liveserve.engine.attention import ATTN_IMPLEMENTATION, StepContext
+from liveserve.model.attention import ATTN_IMPLEMENTATION, KVStep
 
 FAMILY = "qwen2_5_vl"
 NO_COMMENT = " ..."  # StreamingVLM ends every reply with it; a reply of only this is silence
@@ -211,7 +211,7 @@ class QwenVLModel(nn.Module):
             self._unread = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         return self._unread
 
-    def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, step: StepContext,
+    def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, step: KVStep,
                      logits_at: torch.Tensor) -> torch.Tensor:
         """One forward over packed new tokens [T, hidden] at M-RoPE `positions` [3, T]; fp32 logits at the
         packed indices `logits_at`."""
