@@ -32,10 +32,11 @@ import torch
 
 from liveserve.config import SessionConfig
 from liveserve.engine.events import ChunkDone, Event, ResponseDelta, ResponseDone, ResponseStarted
-from liveserve.engine.inputs import QueuedFrame, SessionError, check_frame_id, check_time
+from liveserve.engine.inputs import (QueuedFrame, SessionError, check_frame_id, check_not_before, check_open,
+                                     check_time)
 from liveserve.engine.kv_pool import CacheFullError
 from liveserve.engine.packed import forward_alone, private_cache
-from liveserve.engine.readout import Readout, read_out
+from liveserve.engine.readout import Readout, read_out, sample
 from liveserve.model.qwen_vl import NO_COMMENT, QwenVLModel, VisionGrid
 
 __all__ = ["CommentarySession", "CommentaryStep", "Piece", "commentary_cache_limit", "encode_chunks"]
@@ -444,14 +445,7 @@ class CommentarySession:
         return events
 
     def _pick(self, readout: Readout) -> int:
-        if self.config.temperature == 0.0:
-            return readout.greedy
-        probs = (readout.logits / self.config.temperature).softmax(-1)
-        if self.config.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > self.config.top_p
-            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-        return int(torch.multinomial(probs.cpu(), 1, generator=self._rng))
+        return sample(readout, self.config.temperature, self.config.top_p, self._rng)
 
     # ---- the cache -----------------------------------------------------------------------------------
 
@@ -549,15 +543,10 @@ class CommentarySession:
     # ---- checks --------------------------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self.failure is not None:
-            raise SessionError(f"session failed: {self.failure}")
-        if self.closed:
-            raise SessionError("session is closed")
+        check_open(self.failure, self.closed)
 
     def _check_order(self, timestamp: float) -> None:
-        if timestamp < self._last_frame_time:
-            raise SessionError(f"frame timestamp {timestamp:.3f}s is before the previous frame's "
-                               f"{self._last_frame_time:.3f}s; timestamps must not go backwards")
+        check_not_before(timestamp, self._last_frame_time)
 
 
 def encode_chunks(model: QwenVLModel, sessions) -> None:

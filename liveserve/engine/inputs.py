@@ -103,6 +103,21 @@ class AwaitedReply:
 Restored = RestoredFrame | RestoredTurn | AwaitedReply
 
 
+def check_open(failure: str | None, closed: bool) -> None:
+    """A session takes input until it fails or is closed."""
+    if failure is not None:
+        raise SessionError(f"session failed: {failure}")
+    if closed:
+        raise SessionError("session is closed")
+
+
+def check_not_before(timestamp: float, last: float) -> None:
+    """Frames come in stream order."""
+    if timestamp < last:
+        raise SessionError(f"frame timestamp {timestamp:.3f}s is before the previous frame's {last:.3f}s; "
+                           "timestamps must not go backwards")
+
+
 def check_time(timestamp, what: str) -> float:
     try:
         value = float(timestamp)

@@ -23,6 +23,19 @@ class Readout:
     logits: torch.Tensor  # the row itself, on the device: for sampling and traces only
 
 
+def sample(readout: Readout, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """A reply's next token: the greedy one at temperature 0, else drawn (nucleus `top_p`) with the session's
+    own seeded generator."""
+    if temperature == 0.0:
+        return readout.greedy
+    probs = (readout.logits / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
 def read_out(logits: torch.Tensor, interval_id: int) -> list[Readout]:
     """`logits`: [rows, vocab] fp32, one row per session of the step."""
     probs = logits.softmax(-1)

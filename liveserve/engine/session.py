@@ -41,11 +41,12 @@ from liveserve.config import SessionConfig
 from liveserve.engine.events import (Event, FrameDecision, ReplyRequested, ResponseDelta, ResponseDone,
                                      ResponseStarted)
 from liveserve.engine.inputs import (AwaitedReply, QueuedFrame, QueuedQuery, Restored, RestoredFrame, RestoredTurn,
-                                     SessionError, SubmitFrame, as_frame, check_frame_id, check_time)
+                                     SessionError, SubmitFrame, as_frame, check_frame_id, check_not_before, check_open,
+                                     check_time)
 from liveserve.engine.kv_pool import CacheFullError
 from liveserve.engine.ledger import Ledger
 from liveserve.engine.packed import forward_alone, private_cache
-from liveserve.engine.readout import Readout, read_out
+from liveserve.engine.readout import Readout, read_out, sample
 from liveserve.model.live import LiveModel
 
 __all__ = ["Session", "SessionError", "StepInput", "ForwardTrace", "cache_limit"]
@@ -652,14 +653,7 @@ class Session:
                             len(reply.tokens), finish, reply.ttft, time.monotonic() - reply.started, text_ids)
 
     def _pick(self, readout: Readout) -> int:
-        if self.config.temperature == 0.0:
-            return readout.greedy
-        probs = (readout.logits / self.config.temperature).softmax(-1)
-        if self.config.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > self.config.top_p
-            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-        return int(torch.multinomial(probs.cpu(), 1, generator=self._rng))
+        return sample(readout, self.config.temperature, self.config.top_p, self._rng)
 
     # ---- queues ----------------------------------------------------------------------------------------
 
@@ -723,15 +717,10 @@ class Session:
         self.cache.close()
 
     def _check_open(self) -> None:
-        if self.failure is not None:
-            raise SessionError(f"session failed: {self.failure}")
-        if self.closed:
-            raise SessionError("session is closed")
+        check_open(self.failure, self.closed)
 
     def _check_order(self, timestamp: float) -> None:
-        if timestamp < self._last_frame_time:
-            raise SessionError(f"frame timestamp {timestamp:.3f}s is before the previous frame's "
-                               f"{self._last_frame_time:.3f}s; timestamps must not go backwards")
+        check_not_before(timestamp, self._last_frame_time)
 
 
 def cache_limit(model: LiveModel, config: SessionConfig) -> int:
