@@ -339,7 +339,8 @@ class StreamSession:
         frame.span.set_attributes({"liveserve.fired": event.fired, "liveserve.p_silent": event.p_silent})
         frame.span.end()
         decided = c.FrameFeatures(self.session_id, 0, frame.frame_id, frame.timestamp, frame.features)
-        self._ring.append(decided)
+        if self.config.mode == "live":  # commentary sessions are not rebuilt elsewhere: their pixels are not kept
+            self._ring.append(decided)
         if self.reaction is not None:
             self._unsynced.append(decided)
             if self.reply is None and len(self._unsynced) >= gateway.settings.reaction_sync_frames:
