@@ -50,10 +50,13 @@ def load_config(path: str | Path | None = None, *, address: str | None = None, a
     if address is not None:
         app["args"]["address"] = address
     try:
-        ServiceSettings.from_dict(app["args"])
+        served = ServiceSettings.from_dict(app["args"]).served_models()
     except (TypeError, ValueError) as exc:
         raise LaunchError(f"bad application args in {path}: {exc}") from None
-    app.setdefault("deployments", [])
+    # A commentary model has no Reaction pool: options for one (the bundled config has a "Reaction" entry)
+    # would name a deployment the application does not have, which Serve refuses.
+    absent = {model.reaction_pool for model in served if model.family != "live"}
+    app["deployments"] = [entry for entry in app.get("deployments") or [] if entry.get("name") not in absent]
     for name, options in (deployments or {}).items():
         _entry(app, name).update(options)
     for name, count in (replicas or {}).items():

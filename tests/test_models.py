@@ -66,6 +66,18 @@ def test_bad_models_settings_are_refused_by_name(settings, message):
     assert message in str(err.value)
 
 
+def test_a_commentary_model_deploys_without_a_reaction_pool(qwen_dir):
+    """The bundled Serve config has options for "Reaction": a commentary default model has no such
+    deployment, so the launcher leaves them out (Serve refuses options for a deployment it lacks)."""
+    from liveserve.orchestration.launch import load_config
+
+    (app,) = load_config(args={"model": str(qwen_dir)})["applications"]
+    names = {entry["name"] for entry in app["deployments"]}
+    assert "Reaction" not in names and {"Gateway", "Perception", "Decision"} <= names
+    (app,) = load_config(args={"models": {"live": {"path": "tiny"}, "narrator": {"path": str(qwen_dir)}}})["applications"]
+    assert "Reaction" in {entry["name"] for entry in app["deployments"]}  # the live default model's
+
+
 def test_several_models_need_ray_not_one_process(tiny_model):
     from liveserve.services.local import start_local
 
