@@ -270,6 +270,19 @@ def test_a_chunk_still_filling_is_no_work_for_the_engine(qwen):
     assert [d.frame_ids for _, d in engine.run_until_idle(timeout_s=30) if isinstance(d, ChunkDone)] == [(2,)]
 
 
+def test_a_lagging_session_drops_old_chunks_but_keeps_their_queries(qwen):
+    session = CommentarySession(qwen, commentary(max_tokens_per_chunk=1))
+    image = frames(qwen, 1)[0]
+    session.push_query(0.0, "Who scores?")
+    for i in range(8):  # four chunks waiting: 0-1 s (with the query) .. 3-4 s
+        session.push_frame(i * 0.5, image)
+    dropped = session.drop_stale_frames(max_lag_s=1.0, max_queued=64)
+    assert [f.frame_id for f in dropped] == [0, 1, 2, 3]  # chunks 0 and 1 went, to stay within 1 s
+    list(session.process())
+    assert "Who scores?" in qwen.template.decode(session.kept_ids())  # asked with the first chunk kept
+    assert session.frames_dropped == 4
+
+
 def test_commentary_input_is_checked(qwen):
     with pytest.raises(SessionError, match="serves mode 'commentary', not 'live'"):
         BatchEngine(qwen, EngineConfig(pool=PoolConfig(budget_tokens=4096))).open("x", SessionConfig())

@@ -259,13 +259,17 @@ class CommentarySession:
 
     def drop_stale_frames(self, max_lag_s: float | None, max_queued: int) -> list[QueuedFrame]:
         """Keep the session real-time: drop the oldest waiting chunks while they span more than `max_lag_s`
-        of stream time or hold more than `max_queued` frames (the newest chunk always stays)."""
+        of stream time or hold more than `max_queued` frames (the newest chunk always stays). A dropped
+        chunk's queries are asked with the next one."""
         dropped: list[QueuedFrame] = []
         with self._lock:
             chunks = self._chunks
             while len(chunks) > 1 and (sum(len(c.frames) for c in chunks) > max_queued or (
                     max_lag_s is not None and chunks[-1].start_s - chunks[0].start_s > max_lag_s)):
-                dropped.extend(chunks.popleft().distinct_frames())
+                gone = chunks.popleft()
+                dropped.extend(gone.distinct_frames())
+                if gone.queries:
+                    chunks[0] = replace(chunks[0], queries=gone.queries + chunks[0].queries)
         self.frames_dropped += len(dropped)
         return dropped
 
