@@ -32,6 +32,11 @@ _EXPORTS = {
     "SchedulerConfig": "liveserve.config",
     "PerceptionConfig": "liveserve.config",
     "PoolFullError": "liveserve.engine.kv_pool",
+    "CommentarySession": "liveserve.engine.commentary",
+    "CommentaryConfig": "liveserve.config",
+    "ChunkDone": "liveserve.engine.events",
+    "QwenVLModel": "liveserve.model.qwen_vl",
+    "tiny_commentary_checkpoint": "liveserve.model.tiny",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -25,3 +25,11 @@ def test_readme_batched_engine_example_runs(tiny_dir, monkeypatch, capsys):
     assert sum(line.startswith("cam-1 FrameDecision") for line in lines) == 4
     assert sum(line.startswith("cam-2 FrameDecision") for line in lines) == 4
     assert "cam-2 ResponseStarted" in lines  # the query is answered
+
+
+def test_readme_commentary_example_runs(qwen_dir, monkeypatch, capsys):
+    block = re.search(r"### Qwen2.5-VL models.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    monkeypatch.setattr("liveserve.model.tiny.tiny_commentary_checkpoint", lambda root=None: qwen_dir)
+    exec(compile(block, "README.md", "exec"), {})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 3 and all(re.search(r"\[\d-\d+s: (silent|said)\]$", line) for line in lines), lines
