@@ -99,16 +99,20 @@ def test_the_series_dashboards_and_alerts_rely_on_are_scraped_as_they_expect(ray
               "ray_serve_autoscaling_desired_replicas": {"deployment", "application"},
               "ray_liveserve_redis_pings_total": {"result", "deployment", "replica", "application"},
               "ray_liveserve_frame_to_decision_seconds_bucket": {"le", "deployment", "replica", "application"}}
-    body = wait_for(lambda: (text := scrape(ray_app.metrics_url)) and all(series_labels(text, n) for n in wanted)
-                    and text, 60, 1)
-    assert body, [n for n in wanted if not series_labels(scrape(ray_app.metrics_url), n)]
-    for name, labels in wanted.items():
-        assert all(labels <= set(sample) for sample in series_labels(body, name)), (name, series_labels(body, name))
-    healthy = {s["deployment"] for s in series_labels(body, "ray_serve_deployment_replica_healthy")}
     # The second model ("terse") has its own Decision and Reaction pools and shares quiet's Perception; the
     # commentary model ("narrator") has its own Perception and Decision pools and no Reaction.
-    assert healthy == {"Gateway", "Perception", "Decision", "Reaction", "Decision-terse", "Reaction-terse",
-                       "Perception-narrator", "Decision-narrator"}
+    deployments = {"Gateway", "Perception", "Decision", "Reaction", "Decision-terse", "Reaction-terse",
+                   "Perception-narrator", "Decision-narrator"}
+
+    def healthy(text: str) -> set[str]:
+        return {s["deployment"] for s in series_labels(text, "ray_serve_deployment_replica_healthy")}
+
+    # Each replica exports its gauges on its own schedule: wait until every series and every pool is there.
+    body = wait_for(lambda: (text := scrape(ray_app.metrics_url)) and all(series_labels(text, n) for n in wanted)
+                    and healthy(text) == deployments and text, 90, 1)
+    assert body, ([n for n in wanted if not series_labels(text := scrape(ray_app.metrics_url), n)], healthy(text))
+    for name, labels in wanted.items():
+        assert all(labels <= set(sample) for sample in series_labels(body, name)), (name, series_labels(body, name))
     assert {"Perception"} <= {s["deployment"] for s in series_labels(body, "ray_serve_autoscaling_desired_replicas")}
     assert any(s["result"] == "ok" and s["deployment"] == "Decision"
                for s in series_labels(body, "ray_liveserve_redis_pings_total"))
