@@ -423,17 +423,20 @@ def test_a_step_reads_its_results_back_from_the_device_once(mixed_model, bank, m
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    from liveserve.engine import packed
+    from liveserve.engine import kv_pool
 
     uploads = []
-    upload = packed.upload
-    monkeypatch.setattr(packed, "upload", lambda values, device: uploads.append(len(values)) or upload(values, device))
+    upload = kv_pool.upload
+    monkeypatch.setattr(kv_pool, "upload", lambda values, device: uploads.append(len(values)) or upload(values, device))
+    tokens = sum(session.next_step_tokens() for session in engine.sessions)
     events = engine.step()
     monkeypatch.undo()
     assert len(engine.last_batch) == 4
     assert sum(isinstance(event, FrameDecision) for _, event in events) == 3
     assert reads == ["cpu", "tolist"]  # one copy of the step's summary, then host lists
-    assert len(uploads) == 1  # the step's attention indices went over in one copy
+    # One copy for the whole step: the attention indices, every token's position and, of the packed tokens,
+    # each text id and where each embedding row goes.
+    assert len(uploads) == 1 and uploads[0] > 2 * tokens
     engine.shutdown()
 
 

@@ -27,7 +27,7 @@ from liveserve.engine.commentary import encode_chunks
 from liveserve.engine.events import Event, SessionFailed
 from liveserve.engine.inputs import SessionError
 from liveserve.engine.kv_pool import CacheFullError, KVPool
-from liveserve.engine.packed import PackedStep, resolve_kernel
+from liveserve.engine.packed import forward, resolve_kernel
 from liveserve.engine.perception import BatchedFrameEncoder
 from liveserve.engine.readout import read_out
 from liveserve.engine.scheduler import Scheduler
@@ -205,12 +205,7 @@ class BatchEngine:
             log.exception("encoding %d sessions' chunks together failed; each encodes its own", len(sessions))
 
     def _execute(self, planned: list[tuple[Session, StepInput]]) -> torch.Tensor:
-        steps = [step for _, step in planned]
-        embeds = self.model.embed_step(steps)
-        positions = torch.cat([step.positions for step in steps], dim=-1)  # [T], or M-RoPE's [3, T]
-        packed = PackedStep(self.pool, [(s.cache, step.num_tokens) for s, step in planned], self.kernel)
-        with torch.inference_mode():
-            return self.model.forward_step(embeds, positions, packed, packed.last_index)
+        return forward(self.model, self.pool, [(session.cache, step) for session, step in planned], self.kernel)
 
     def _fail(self, session: Session, code: str, message: str) -> tuple[str, SessionFailed]:
         session.fail(message)

@@ -529,7 +529,7 @@ class CommentarySession:
             raise CacheFullError(f"cache holds {self.cache.length} tokens; {n} more would pass its limit "
                                  f"of {self.cache.max_tokens}")
         self.cache.reserve(n)
-        return CommentaryStep(tuple(ids), features, positions.to(self.model.device), start)
+        return CommentaryStep(tuple(ids), features, positions, start)  # positions on the host: sent with the step
 
     def _turn_positions(self, ids: list[int], start: int) -> torch.Tensor:
         """M-RoPE rows [3, n] of a turn's ids starting at `start`: text one per token, the chunk's pads by

@@ -37,6 +37,14 @@ def default_budget_bytes(device: torch.device, memory_fraction: float = 0.9) -> 
     return CPU_BUDGET_BYTES
 
 
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor planned on the host, on `device`: on CUDA from pinned memory without waiting for the copy
+    (a pageable copy would block the host until it is done)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class PoolFullError(RuntimeError):
     """Admitting a session would over-commit the pool; nothing was allocated."""
 
@@ -189,8 +197,9 @@ class PagedCache:
         self.length = 0
         self.closed = False
         self._table = torch.empty(0, dtype=torch.long, device=pool.device)
-        # RoPE position of every cached token (small: kept per session, grown by doubling).
-        self.positions = torch.zeros(min(256, max_tokens), dtype=torch.long, device=pool.device)
+        # RoPE position of every cached token, on the host: planning and eviction read them without waiting
+        # for the device (small: kept per session, grown by doubling).
+        self.positions = torch.zeros(min(256, max_tokens), dtype=torch.long)
 
     @property
     def capacity(self) -> int:
@@ -224,8 +233,7 @@ class PagedCache:
         """The step's keys/values are in the pool (written by PackedStep); record positions, advance."""
         end = self.length + positions.numel()
         if end > self.positions.numel():
-            grown = torch.zeros(min(max(end, 2 * self.positions.numel()), self.max_tokens), dtype=torch.long,
-                                device=self.positions.device)
+            grown = torch.zeros(min(max(end, 2 * self.positions.numel()), self.max_tokens), dtype=torch.long)
             grown[: self.length] = self.positions[: self.length]
             self.positions = grown
         self.positions[self.length:end] = positions
@@ -245,20 +253,22 @@ class PagedCache:
         them to the pool. With `inv_freq`, the kept tokens take new `positions` (default 0..k-1) and their
         keys are re-rotated; without, positions are kept."""
         pool = self.pool
-        index = index.to(pool.device)
+        index = index.to("cpu")
         k = index.numel()
+        old_positions = self.positions[index]
+        new_positions, moved = old_positions, torch.empty(0, dtype=torch.long)
+        if inv_freq is not None:  # planned on the host: which kept tokens move, and by how much
+            new_positions = torch.arange(k) if positions is None else positions.to("cpu")
+            moved = torch.nonzero(old_positions != new_positions).flatten()
+        # The kept indices and the moved tokens' rows and shifts go to the device in one copy.
+        index, rows, shift = upload(torch.cat([index, moved, (old_positions - new_positions)[moved]]),
+                                    pool.device).split([k, moved.numel(), moved.numel()])
         source, target = self.slots_of(index), self.slots(0, k)
         keys, values = pool.keys[:, source], pool.values[:, source]  # gathers copy, so overlap is safe
-        old_positions = self.positions[index]
-        new_positions = old_positions
-        if inv_freq is not None:
-            new_positions = torch.arange(k, device=pool.device) if positions is None else positions.to(pool.device)
-            shift = old_positions - new_positions
-            moved = shift != 0
-            if bool(moved.any()):
-                # [layers, tokens, heads, dim] -> shift_keys wants tokens second to last
-                rotated = shift_keys(keys[:, moved].transpose(1, 2), shift[moved], inv_freq)
-                keys[:, moved] = rotated.transpose(1, 2)
+        if moved.numel():
+            # [layers, tokens, heads, dim] -> shift_keys wants tokens second to last
+            rotated = shift_keys(keys[:, rows].transpose(1, 2), shift, inv_freq)
+            keys[:, rows] = rotated.transpose(1, 2)
         pool.keys[:, target], pool.values[:, target] = keys, values
         self.positions[:k] = new_positions
         self._shrink(k)

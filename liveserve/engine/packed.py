@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from liveserve.config import ATTENTION_KERNELS
+from liveserve.engine import kv_pool
 from liveserve.engine.kv_pool import KVPool, PagedCache
 
 
@@ -57,8 +58,13 @@ def resolve_kernel(requested: str, pool: KVPool) -> str:
 
 
 class PackedStep:
-    def __init__(self, pool: KVPool, parts: list[tuple[PagedCache, int]], kernel: str = "sdpa") -> None:
+    def __init__(self, pool: KVPool, parts: list[tuple[PagedCache, int]], kernel: str = "sdpa",
+                 inputs: dict[str, torch.Tensor] | None = None) -> None:
+        """`inputs`: what else the step needs on the device, planned on the host (the model's token ids and
+        positions, LiveModel.step_inputs): it goes in the same copy as the attention indices, and
+        `self.inputs` has it on the device."""
         self.pool, self.parts, self.kernel = pool, parts, kernel
+        self._host_inputs = inputs or {}
         device, size = pool.device, pool.block_size
         sizes = [n for _, n in parts]
         lengths = [cache.length for cache, _ in parts]
@@ -73,8 +79,8 @@ class PackedStep:
         # What the step needs from the host goes over in one copy (pinned and asynchronous on CUDA); the
         # rest of the indices are derived from it on the device.
         planned = [*sizes, *lengths, *(block for t in tables for block in t + t[:1] * (width - len(t)))]
-        counts, before, table = upload(torch.tensor(planned), device).split([len(parts), len(parts),
-                                                                              len(parts) * width])
+        counts, before, table = self._upload(torch.tensor(planned)).split([len(parts), len(parts),
+                                                                           len(parts) * width])
         table = table.view(len(parts), width)
         self.last_index = counts.cumsum(0) - 1  # each session's last packed token: where its logits are read
         totals = before + counts
@@ -112,8 +118,17 @@ class PackedStep:
         reply's decoding) needs no mask either."""
         device = self.pool.device
         self.start, self.span = before, before + n
-        self.last_index = torch.tensor([n - 1], device=device)
+        self.last_index = self._upload(torch.tensor([n - 1]))
         self.mask = None if n == 1 else torch.ones(n, self.span, dtype=torch.bool, device=device).tril(before)
+
+    def _upload(self, planned: torch.Tensor) -> torch.Tensor:
+        """`planned` and the step's inputs to the device in one copy; the inputs land in `self.inputs`."""
+        pieces = [planned, *(tensor.reshape(-1) for tensor in self._host_inputs.values())]
+        sizes = [piece.numel() for piece in pieces]
+        uploaded = kv_pool.upload(torch.cat(pieces), self.pool.device).split(sizes)
+        self.inputs = {name: piece.view(tensor.shape)
+                       for (name, tensor), piece in zip(self._host_inputs.items(), uploaded[1:])}
+        return uploaded[0]
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
@@ -152,22 +167,24 @@ class PackedStep:
 def forward_alone(model, cache: PagedCache, step) -> torch.Tensor:
     """One session's step as a batch of one: the same cache and attention path as many sessions share.
     Returns the fp32 logits at the step's last token, [1, vocab]."""
-    packed = PackedStep(cache.pool, [(cache, step.num_tokens)])
+    return forward(model, cache.pool, [(cache, step)])
+
+
+def forward(model, pool: KVPool, planned: list, kernel: str = "sdpa") -> torch.Tensor:
+    """One packed forward of `planned` [(cache, step)]: every session's step, their token ids and positions
+    and the attention indices planned on the host and sent to the device in one copy. Returns the fp32
+    logits at each session's last token, [sessions, vocab]."""
+    steps = [step for _, step in planned]
+    packed = PackedStep(pool, [(cache, step.num_tokens) for cache, step in planned], kernel,
+                        model.step_inputs(steps))
     with torch.inference_mode():
-        return model.forward_step(model.embed_step([step]), step.positions, packed, packed.last_index)
+        embeds = model.embed_step(steps, packed.inputs)
+        return model.forward_step(embeds, packed.inputs["positions"], packed, packed.last_index)
 
 
 def private_cache(model, max_tokens: int) -> PagedCache:
     """A cache for a session stepped on its own: a pool of its own that grows with it (kv_pool.py)."""
     return KVPool.for_session(model, max_tokens).open_cache(max_tokens)
-
-
-def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A tensor planned on the host, on `device`: on CUDA from pinned memory without waiting for the copy
-    (a pageable copy would block the host until it is done)."""
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _cumulative(counts: torch.Tensor) -> torch.Tensor:
@@ -190,7 +207,7 @@ def _flex_block_mask(pool: KVPool, parts: list[tuple[PagedCache, int]], owner: t
     by_block = torch.full((2, pool.allocated_blocks), -1, dtype=torch.long)
     by_block[0, blocks] = torch.repeat_interleave(torch.arange(len(parts)), held)
     by_block[1, blocks] = rank * size
-    block_owner_t, block_start_t = upload(by_block, device)
+    block_owner_t, block_start_t = kv_pool.upload(by_block, device)
 
     def same_session_up_to_itself(b, h, q, kv):
         block = kv // size
@@ -209,8 +226,8 @@ def _flex_block_mask(pool: KVPool, parts: list[tuple[PagedCache, int]], owner: t
     kv_indices = torch.zeros(q_blocks, pool.allocated_blocks, dtype=torch.int32)
     for row, listed in enumerate(lists):
         kv_indices[row, :len(listed)] = torch.tensor(listed, dtype=torch.int32)
-    kv_indices = upload(kv_indices, device)[None, None]
-    kv_num_blocks = upload(torch.tensor([len(listed) for listed in lists], dtype=torch.int32), device)[None, None]
+    kv_indices = kv_pool.upload(kv_indices, device)[None, None]
+    kv_num_blocks = kv_pool.upload(torch.tensor([len(listed) for listed in lists], dtype=torch.int32), device)[None, None]
     return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=(FLEX_Q_BLOCK, size),
                                     mask_mod=same_session_up_to_itself,
                                     seq_lengths=(total, pool.allocated_blocks * size))

@@ -699,7 +699,7 @@ class Session:
         self._check_room(n)
         self.cache.reserve(n)
         start = self.cache.length if self._contiguous else self._next_position
-        positions = torch.arange(start, start + n, device=self.model.device)
+        positions = torch.arange(start, start + n)  # on the host: sent with the step's other indices
         return StepInput(tuple(ids), features, positions, start)
 
     def _record(self, step: StepInput, logits: torch.Tensor) -> None:

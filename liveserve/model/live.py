@@ -73,28 +73,38 @@ class LiveModel(nn.Module):
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         return self.lm.get_input_embeddings()(ids)
 
-    def embed_step(self, steps) -> torch.Tensor:
-        """Pack the inputs of one or more sessions' steps (each: text ids, then optional frame features)
-        into one [total_tokens, hidden] sequence, with one embedding lookup and one connector call."""
+    def step_inputs(self, steps) -> dict[str, torch.Tensor]:
+        """What a step of these sessions' inputs needs on the device, planned on the host (the engine sends
+        it with the step's attention indices, in one copy): every text id, each packed token's position,
+        and where the embedding rows go (all ids are embedded first, then all frame tokens)."""
         ids = [i for step in steps for i in step.ids]
+        inputs = {"ids": torch.tensor(ids, dtype=torch.long),
+                  "positions": torch.cat([step.positions for step in steps])}
+        if len(steps) > 1 and any(step.features is not None for step in steps):
+            frame_tokens, order, next_id, next_frame = self.layout.num_tokens, [], 0, len(ids)
+            for step in steps:
+                order.extend(range(next_id, next_id + len(step.ids)))
+                next_id += len(step.ids)
+                if step.features is not None:
+                    order.extend(range(next_frame, next_frame + frame_tokens))
+                    next_frame += frame_tokens
+            inputs["order"] = torch.tensor(order, dtype=torch.long)
+        return inputs
+
+    def embed_step(self, steps, inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Pack the inputs of one or more sessions' steps (each: text ids, then optional frame features)
+        into one [total_tokens, hidden] sequence, with one embedding lookup and one connector call.
+        `inputs`: `step_inputs(steps)` on the device (by default made and sent here)."""
+        inputs = inputs if inputs is not None else {k: v.to(self.device) for k, v in self.step_inputs(steps).items()}
         features = [step.features for step in steps if step.features is not None]
         pieces = []
-        if ids:
-            pieces.append(self.embed_ids(ids))
+        if inputs["ids"].numel():
+            pieces.append(self.lm.get_input_embeddings()(inputs["ids"]))
         if features:
             pieces.append(self.embed_frames(torch.stack([f.to(self.device) for f in features])))
         table = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        if len(steps) == 1:
-            return table  # ids then frame tokens: already in packing order
-        # Rows of `table`: all ids first, then all frame tokens; interleave them back per session.
-        frame_tokens, order, next_id, next_frame = self.layout.num_tokens, [], 0, len(ids)
-        for step in steps:
-            order.extend(range(next_id, next_id + len(step.ids)))
-            next_id += len(step.ids)
-            if step.features is not None:
-                order.extend(range(next_frame, next_frame + frame_tokens))
-                next_frame += frame_tokens
-        return table[torch.tensor(order, device=self.device)]
+        order = inputs.get("order")
+        return table if order is None else table[order]  # ids then frame tokens, per session
 
     def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, step: KVStep,
                      logits_at: torch.Tensor) -> torch.Tensor:

@@ -195,10 +195,18 @@ class QwenVLModel(nn.Module):
 
     # ---- the LM ---------------------------------------------------------------------------------------
 
-    def embed_step(self, steps) -> torch.Tensor:
+    def step_inputs(self, steps) -> dict[str, torch.Tensor]:
+        """What a step needs on the device, planned on the host (sent with the attention indices): every id
+        and each token's M-RoPE rows [3, T]."""
+        return {"ids": torch.tensor([i for step in steps for i in step.ids], dtype=torch.long),
+                "positions": torch.cat([step.positions for step in steps], dim=-1)}
+
+    def embed_step(self, steps, inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Every step's ids (with `<|video_pad|>` where its chunk's tokens go) as one [T, hidden] sequence:
-        one embedding lookup, the vision embeddings written over the pads."""
-        ids = torch.tensor([i for step in steps for i in step.ids], dtype=torch.long, device=self.device)
+        one embedding lookup, the vision embeddings written over the pads. `inputs`: `step_inputs(steps)`
+        on the device (by default made and sent here)."""
+        inputs = inputs if inputs is not None else {k: v.to(self.device) for k, v in self.step_inputs(steps).items()}
+        ids = inputs["ids"]
         embeds = self.hf.get_input_embeddings()(ids)
         features = [step.features for step in steps if step.features is not None]
         if features:
