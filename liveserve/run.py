@@ -157,8 +157,7 @@ def run_video(model: LiveModel, video: str, *, fps: float, config: SessionConfig
             handle_events()
     for timestamp, text in due:  # queries timed after the last frame
         session.push_query(timestamp, text)
-    if isinstance(session, CommentarySession):
-        session.flush()  # the last, partly filled chunk
+    session.flush()  # the end of the stream (a commentary session's last, partly filled chunk)
     handle_events()
     printer.finish()
     stats.source_dropped, stats.source_reconnects = source.counters.dropped, source.counters.reconnects

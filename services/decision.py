@@ -207,8 +207,8 @@ class DecisionService:
             if command.text:
                 self._record_turn(held, held.reply_at, "assistant", command.text)
         else:
-            if command.drain and held.session.config.mode == "commentary":
-                session.flush()  # the last, partly filled chunk is answered too: every frame sent is decided
+            if command.drain:
+                session.flush()  # the end of the stream: all it was sent is decided (a last, partial chunk too)
             worker.close_when_drained(sid, self.settings.drain_timeout_s if command.drain else 0.0)
 
     def _other_tower(self, exc: FeatureShapeError) -> SessionError:

@@ -47,7 +47,7 @@ class FrameEncoder:
     def __init__(self, model: LiveModel | VisionModel, max_batch_size: int = 32,
                  max_pixels: int | None = None) -> None:
         """`max_pixels`: images claiming more pixels are refused from their header, never decoded."""
-        if model.vision is None:
+        if model.family == "live" and model.vision is None:  # (a commentary model's frames go on as pixels)
             raise ValueError(f"model {model.name!r} has no vision tower to encode frames with")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")

@@ -70,13 +70,13 @@ class Piece:
     grid: VisionGrid | None = None
     content: int = 0
 
-    def row0(self, start: int, interval: float) -> list[int]:
+    def row0(self, start: int, interval: float) -> torch.Tensor:
         """The temporal M-RoPE row of the piece's tokens when it starts at `start` (the row the cache keeps:
         every row shifts alike when the cache is compacted); `interval`: positions per temporal group."""
         if self.grid is None:
-            return list(range(start, start + len(self.ids)))
-        per_t = self.grid.h * self.grid.w
-        return [start + int(t * interval) for t in range(self.grid.t) for _ in range(per_t)]
+            return torch.arange(start, start + len(self.ids))
+        groups = (torch.arange(self.grid.t) * interval).long()
+        return start + groups.repeat_interleave(self.grid.h * self.grid.w)
 
     @property
     def span(self) -> int:
@@ -129,7 +129,7 @@ class CommentarySession:
         self.system_prompt = self.config.system_prompt or model.system_prompt
         self.cache = cache if cache is not None else private_cache(model, commentary_cache_limit(model, self.config))
         self.pieces: list[Piece] = []
-        self.last_keep: list[int] | None = None  # the cache indices the last eviction kept, in their new order
+        self.last_keep: torch.Tensor | None = None  # the cache indices the last eviction kept, in their new order
         self.trace: list | None = None
         self._contiguous = self.commentary.positions == "contiguous"
         self._seconds_per_grid = tp / self.commentary.fps  # the video time one temporal group of frames spans
@@ -144,6 +144,7 @@ class CommentarySession:
         self._pending: list[int] = []  # the last reply's tokens not fed yet (its end)
         self._pending_chunk = -1  # ... and its chunk
         self._turn_pieces: list[Piece] = []  # the planned turn's pieces, added once it is in the cache
+        self._turn_memo: tuple[tuple, tuple[list[int], list[Piece]]] | None = None  # see _turn_ids
         self._next_position = 0
         self._reply: _Reply | None = None
         self._planned: tuple[str, CommentaryStep] | None = None
@@ -340,7 +341,11 @@ class CommentarySession:
     # ---- turns ---------------------------------------------------------------------------------------
 
     def _turn_ids(self, chunk: _Chunk) -> tuple[list[int], list[Piece]]:
-        """The ids a chunk's turn feeds (the last reply's unfed end first) and the pieces they make."""
+        """The ids a chunk's turn feeds (the last reply's unfed end first) and the pieces they make:
+        tokenized once per turn, though the scheduler asks for their count each step until it runs."""
+        key = (chunk.index, chunk.queries, self._turns)
+        if self._turn_memo is not None and self._turn_memo[0] == key:
+            return self._turn_memo[1]
         t = self.template
         pieces: list[Piece] = []
         if self._turns == 0:
@@ -360,6 +365,7 @@ class CommentarySession:
         pieces.append(Piece("turn_end", [t.vision_end, *t.encode(" ".join(queries)), *t.turn_close(),
                                          *t.turn_open("assistant")], chunk=c))
         ids = list(self._pending) + [i for piece in pieces for i in piece.ids]
+        self._turn_memo = (key, (ids, pieces))
         return ids, pieces
 
     def _commit_turn(self, step: CommentaryStep) -> None:
@@ -454,67 +460,57 @@ class CommentarySession:
     # ---- the cache -----------------------------------------------------------------------------------
 
     def _make_room(self) -> None:
-        """Before the next chunk's turn: apply the windows (see the module docs) in one `keep`."""
+        """Before the next chunk's turn: apply the windows (see the module docs) in one `keep`. Planned a
+        piece at a time (runs of cache indices as ranges): a cache of thousands of tokens costs a few dozen
+        small tensors per chunk, not a Python list per token."""
         cfg = self.commentary
-        starts, offset = [], 0
+        chunks = sorted({piece.chunk for piece in self.pieces if piece.chunk >= 0})  # the turns, oldest first
+        reply_gone = set(chunks[: max(0, len(chunks) - cfg.text_rounds + 1)])  # text_rounds newer ones exist
+        vision_gone = set(chunks[: max(0, len(chunks) - cfg.vision_window_chunks + 1)])
+        kept: list[tuple[Piece, int]] = []  # (piece, its first cache index)
+        moved: list[tuple[Piece, int]] = []  # replies leaving: their words go to the previous text
+        start = 0
         for piece in self.pieces:
-            starts.append(offset)
-            offset += len(piece.ids)
-        turn_of = {piece.chunk for piece in self.pieces if piece.chunk >= 0}
-        order = sorted(turn_of)  # chunk indices of the turns in the cache, oldest first
-        rank = {chunk: len(order) - i for i, chunk in enumerate(order)}  # 1: the newest turn
-        reply_gone = {chunk for chunk in order if rank[chunk] >= cfg.text_rounds}
-        vision_gone = {chunk for chunk in order if rank[chunk] >= cfg.vision_window_chunks}
-        moved: list[int] = []  # cache indices of reply words going to the previous text
-        kept: list[tuple[Piece, list[int]]] = []
-        changed = False
-        for piece, start in zip(self.pieces, starts):
-            index = list(range(start, start + len(piece.ids)))
             if piece.kind in ("reply", "reply_end") and piece.chunk in reply_gone:
-                moved += index[: piece.content]
-                changed = True
-                continue
-            if piece.kind == "vision" and piece.chunk in vision_gone:
-                changed = True
-                continue
-            if piece.kind in ("turn", "turn_end") and piece.chunk in reply_gone and piece.chunk in vision_gone:
-                changed = True
-                continue
-            kept.append((piece, index))
-        new_pieces: list[Piece] = []
-        new_index: list[int] = []
-        ids_of = self._ids_by_index()
-        for piece, index in kept:
-            if piece.kind == "previous":
-                index = index + moved
-                sink, window = cfg.text_sink_tokens, cfg.text_window_tokens
-                if len(index) > sink + window:
-                    index = index[:sink] + (index[len(index) - window:] if window else [])
-                    changed = True
-                piece = Piece("previous", [ids_of[i] for i in index])
-            new_pieces.append(piece)
-            new_index += index
-        if not changed:
+                moved.append((piece, start))
+            elif not (piece.kind == "vision" and piece.chunk in vision_gone or piece.kind in ("turn", "turn_end")
+                      and piece.chunk in reply_gone and piece.chunk in vision_gone):
+                kept.append((piece, start))
+            start += len(piece.ids)
+        previous = next((piece for piece, _ in kept if piece.kind == "previous"), None)
+        limit = cfg.text_sink_tokens + cfg.text_window_tokens
+        if len(kept) == len(self.pieces) and (previous is None or len(previous.ids) <= limit):
             return
-        self.pieces, self.last_keep = new_pieces, new_index
-        index = torch.tensor(new_index, dtype=torch.long)
+        new_pieces, runs = [], []
+        for piece, start in kept:
+            index = torch.arange(start, start + len(piece.ids))
+            if piece.kind == "previous":
+                words = [(reply, first, min(reply.content, len(reply.ids))) for reply, first in moved]
+                index = torch.cat([index, *(torch.arange(first, first + n) for _, first, n in words)])
+                ids = piece.ids + [i for reply, _, n in words for i in reply.ids[:n]]
+                if len(ids) > limit:  # its first text_sink_tokens and last text_window_tokens
+                    tail = len(ids) - cfg.text_window_tokens
+                    ids = ids[: cfg.text_sink_tokens] + ids[tail:]
+                    index = torch.cat([index[: cfg.text_sink_tokens], index[tail:]])
+                piece = Piece("previous", ids)
+            new_pieces.append(piece)
+            runs.append(index)
+        index = torch.cat(runs)
+        self.pieces, self.last_keep = new_pieces, index
         if self._contiguous:
             rows, position = [], 0
             for piece in new_pieces:
-                rows += piece.row0(position, self.model.tokens_per_second * self._seconds_per_grid)
+                rows.append(piece.row0(position, self.model.tokens_per_second * self._seconds_per_grid))
                 position += piece.span
-            self.cache.keep(index, self.model.inv_freq, torch.tensor(rows, dtype=torch.long))
+            self.cache.keep(index, self.model.inv_freq, torch.cat(rows))
             self._next_position = position
         else:
             self.cache.keep(index, None)
 
-    def _ids_by_index(self) -> list[int]:
-        return [i for piece in self.pieces for i in piece.ids]
-
     def kept_ids(self) -> list[int]:
         """Every cached token's id in cache order (vision tokens as <|video_pad|>): what a full forward
         over the kept conversation would read."""
-        return self._ids_by_index()
+        return [i for piece in self.pieces for i in piece.ids]
 
     def _reserve(self, ids: list[int], features: torch.Tensor | None) -> CommentaryStep:
         n, start = len(ids), self._next_position

@@ -708,6 +708,10 @@ class Session:
                                        self.cache.kept_positions().clone(), logits.clone(), step.ids,
                                        0 if step.features is None else step.features.shape[0]))
 
+    def flush(self) -> None:
+        """The stream ended. Nothing to do here: every frame pushed is work already (a commentary session
+        closes its last, partly filled chunk)."""
+
     def close(self) -> None:
         """Release the cache memory; the session cannot be used afterwards."""
         with self._lock:

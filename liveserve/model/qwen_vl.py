@@ -236,7 +236,6 @@ class FramePixels:
     family = FAMILY
     device = torch.device("cpu")
     dtype = torch.uint8
-    vision = "a chunk at a time, on the Decision replica"  # not None: frames are taken (as pixels)
 
     def __init__(self, frame_size: int, name: str = "") -> None:
         self.frame_size, self.name = frame_size, name
