@@ -209,8 +209,8 @@ def _add_capacity_parser(bench_sub) -> None:
     capacity.add_argument("--memory-fraction", type=float,
                           help="CUDA: share of the memory left after the weights the KV pool takes (default: 0.9)")
     capacity.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
-                          help="the engine's attention kernel: auto (flash-attn where it runs, else sdpa), sdpa, "
-                               "flash or flex (default: auto)")
+                          help="the engine's attention kernel: auto (flashinfer, else flash-attn, where they run, "
+                               "else sdpa), sdpa, flash, flex or flashinfer (default: auto)")
     capacity.add_argument("--max-tokens-per-chunk", type=_positive_int, default=d.max_tokens_per_chunk,
                           help="commentary models: most tokens a turn says (default: %(default)s)")
     capacity.add_argument("--threads", type=_positive_int, help="CPU threads for torch")

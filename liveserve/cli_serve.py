@@ -363,7 +363,7 @@ def _serve_local(args, load) -> int:
         raise
     engine = server.engine
     print(f"liveserve: serving liveserve.api.v1.LiveStream on {server.address}{_tls_note(args)} (model {model.name} "
-          f"on {model.device}; KV pool {engine.pool.nbytes / 2**20:.0f} MiB per engine, {engine.kernel} attention; "
+          f"on {model.device}; KV pool {engine.pool.nbytes / 2**20:.0f} MiB per engine, {engine.kernel.name} attention; "
           f"{redis_note}{metrics}{web_note}); Ctrl-C to stop", file=sys.stderr, flush=True)
     serve_forever(server)  # open WebSocket sessions end with their gRPC calls, then the page goes
     if web is not None:

@@ -137,7 +137,7 @@ class SessionConfig:
             raise ValueError(f"max_query_tokens must be >= 1, got {self.max_query_tokens}")
 
 
-ATTENTION_KERNELS = ("auto", "sdpa", "flash", "flex")
+ATTENTION_KERNELS = ("auto", "sdpa", "flash", "flex", "flashinfer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +220,7 @@ class EngineConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     perception: PerceptionConfig = field(default_factory=PerceptionConfig)
-    attention: str = "auto"  # auto: flash-attn when usable (CUDA, fp16/bf16, installed), else torch SDPA
+    attention: str = "auto"  # auto: flashinfer, else flash-attn, where they run (CUDA, fp16/bf16, installed), else SDPA
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KERNELS:

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The checks that only mean something on a GPU, in one run sized for about 8 minutes on one H100/H200:
-#   1. the tests marked `gpu` (CUDA against the CPU reference, the flash-attn and FlexAttention kernels
-#      against SDPA, the KV pool's share of the memory left after the weights);
+#   1. the tests marked `gpu` (CUDA against the CPU reference, the FlashInfer, flash-attn and FlexAttention
+#      kernels against SDPA where their libraries are installed, the KV pool's share of the memory left
+#      after the weights);
 #   2. `liveserve bench capacity` at VideoLLM-online-8B's sizes (the llama3-8b-siglip preset: random
-#      weights, bf16, frames as pixels so the vision tower is timed too), once per attention kernel:
-#      auto (flash-attn where installed, else SDPA) and flex.
+#      weights, bf16, frames as pixels so the vision tower is timed too), once per attention kernel in
+#      KERNELS (default "auto flex"; auto is FlashInfer where flashinfer-python is installed, else
+#      flash-attn where installed, else SDPA).
 # What it writes, in OUT (default out/gpu-check): gpu.txt (the device), tests.log, capacity-<kernel>.json
 # and .log. Run from anywhere; it needs a CUDA build of torch, transformers, safetensors, pytest and
 # hypothesis, and nothing of the serving stack (Ray, Redis): liveserve is copied into a private
@@ -14,6 +16,7 @@
 #   PYTHON=...     the interpreter (default: python3)
 #   PRESET=name    the capacity preset (default: llama3-8b-siglip)
 #   SWEEP_MAX=N    the largest stream count of the capacity sweep (default: 512)
+#   KERNELS="..."  the attention kernels to bench (default: "auto flex"; e.g. "flashinfer sdpa flex")
 #   ALLOW_CPU=1    run on the CPU when there is no CUDA device (a check of this script: the GPU tests skip,
 #                  and the bench uses the CPU with PRESET, e.g. tiny)
 set -euo pipefail
@@ -57,7 +60,7 @@ say "the GPU tests"
   "$root/tests/test_capacity.py" >"$out/tests.log" 2>&1 || status=1
 tail -3 "$out/tests.log" >&2
 
-for kernel in auto flex; do
+for kernel in ${KERNELS:-auto flex}; do
   say "bench capacity: $preset, attention $kernel"
   "$python" -m liveserve.cli bench capacity --preset "$preset" --device "$device" --input pixels \
     --attention "$kernel" --sweep-max "$sweep_max" --refine 1 --duration 4 --warmup 1 --prefill-frames 16 \

@@ -472,6 +472,95 @@ def test_flex_attention_over_the_pool_in_place_matches_sdpa(mixed_model, bank, b
         torch.testing.assert_close(flex[sid], logits, atol=1e-4, rtol=1e-4)
 
 
+def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
+    """flash_attn_varlen_func's contract in plain torch: session i's queries q[cu_q[i]:cu_q[i+1]] over its
+    keys k[cu_k[i]:cu_k[i+1]], causal aligned bottom-right, GQA by head groups."""
+    assert causal and max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+    out = []
+    for i in range(cu_q.numel() - 1):
+        qi, ki, vi = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
+        out.append(_bottom_right_attention(qi, ki, vi, softmax_scale))
+    return torch.cat(out)
+
+
+def _bottom_right_attention(q, k, v, scale):
+    """q [n, heads, dim] over k/v [m, kv_heads, dim]: query j sees keys 0 .. m - n + j."""
+    n, m = q.shape[0], k.shape[0]
+    mask = torch.ones(n, m, dtype=torch.bool).tril(m - n)
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                           attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+class _PagedPrefillReference:
+    """FlashInfer's BatchPrefillWithPagedKVCacheWrapper as its docs define it (NHD pages, causal bottom-right),
+    in plain torch: checks that the engine describes its pool the way FlashInfer reads it."""
+
+    def plan(self, qo_indptr, kv_indptr, kv_indices, last_page_len, heads, kv_heads, dim, page_size, *, causal,
+             sm_scale, q_data_type, kv_data_type):
+        assert causal and all(t.device.type == "cpu" for t in (qo_indptr, kv_indptr, last_page_len))
+        assert kv_indices.dtype == torch.int32 and kv_indptr[-1] == kv_indices.numel()
+        self.planned = (qo_indptr, kv_indptr, kv_indices, last_page_len, page_size, sm_scale)
+
+    def run(self, q, pages):
+        qo_indptr, kv_indptr, kv_indices, last_page_len, page_size, scale = self.planned
+        key_pages, value_pages = pages
+        out = []
+        for i in range(qo_indptr.numel() - 1):
+            own = kv_indices[kv_indptr[i]:kv_indptr[i + 1]].long()
+            length = (own.numel() - 1) * page_size + int(last_page_len[i])
+            k = key_pages[own].flatten(0, 1)[:length]
+            v = value_pages[own].flatten(0, 1)[:length]
+            out.append(_bottom_right_attention(q[qo_indptr[i]:qo_indptr[i + 1]], k, v, scale))
+        return torch.cat(out)
+
+
+def _kernel_on_cpu(name: str):
+    """The engine's flash or flashinfer kernel with its library call replaced by the reference above: the
+    layout the engine plans for it (cumulative lengths, gathered slots; page tables and last-page lengths)
+    runs on the CPU. The libraries themselves run in tests/test_gpu.py."""
+    from liveserve.engine.kernels.flash import FlashKernel
+    from liveserve.engine.kernels.flashinfer import FlashInferKernel
+
+    def build(pool):
+        kernel = object.__new__(FlashKernel if name == "flash" else FlashInferKernel)
+        kernel.pool = pool
+        if name == "flash":
+            kernel.varlen = _varlen_reference
+        else:
+            kernel.wrapper = _PagedPrefillReference()
+        return kernel
+
+    return build
+
+
+@pytest.mark.parametrize("name", ["flash", "flashinfer"])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_gpu_kernels_layouts_match_sdpa(mixed_model, bank, block_size, name, monkeypatch):
+    """What the engine hands flash-attn (keys back to back, cumulative lengths) and FlashInfer (the pool's
+    blocks as pages, page offsets, last-page lengths) describes each session's cache exactly: with the
+    kernels' contracts written in torch, the same logits as SDPA through ragged steps, evictions and replies."""
+    reference, reference_events = _traced_run(mixed_model, bank, "sdpa", block_size)
+    build = _kernel_on_cpu(name)
+    monkeypatch.setattr("liveserve.engine.batch.select_kernel", lambda requested, pool: build(pool))
+    got, got_events = _traced_run(mixed_model, bank, "auto", block_size)
+    assert_same_events([event for _, event in got_events], [event for _, event in reference_events])
+    for sid, logits in reference.items():
+        torch.testing.assert_close(got[sid], logits, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_kernel_on_a_cpu_is_sdpa_and_named_kernels_say_why_they_cannot_run(mixed_model):
+    from liveserve.engine.kernels import kernel_availability, select_kernel
+
+    pool = KVPool.for_model(mixed_model, PoolConfig(budget_tokens=1024))
+    assert select_kernel("auto", pool).name == "sdpa"
+    available = kernel_availability(pool)
+    assert available["sdpa"] is None and available["flex"] is None
+    assert "CUDA" in available["flashinfer"] and "CUDA" in available["flash"]
+    with pytest.raises(ValueError, match="attention 'flashinfer' cannot run here: FlashInfer needs CUDA"):
+        BatchEngine(mixed_model, EngineConfig(pool=PoolConfig(budget_tokens=1024), attention="flashinfer"))
+
+
 def test_flex_attention_needs_blocks_of_sixteen(mixed_model):
     with pytest.raises(ValueError, match="multiple of 16"):
         BatchEngine(mixed_model, EngineConfig(pool=PoolConfig(budget_tokens=4096, block_size=8), attention="flex"))

@@ -1,5 +1,5 @@
-"""The engines on a CUDA device: same results as the CPU reference path, and flash-attn as SDPA. Skipped
-without CUDA (and the flash test without flash-attn)."""
+"""The engines on a CUDA device: same results as the CPU reference path, and the flash-attn, FlexAttention
+and FlashInfer kernels as SDPA. Skipped without CUDA (and each library's test without its library)."""
 
 from __future__ import annotations
 
@@ -69,6 +69,27 @@ def test_flex_attention_kernel_matches_sdpa_on_cuda(tiny_dir):
     """FlexAttention compiled for CUDA, reading the pool in place, against the gathering SDPA path."""
     model = steered(load_model(tiny_dir, device="cuda", dtype=torch.bfloat16), interval_bias=100.0)
     torch.testing.assert_close(_batched_logits(model, "flex"), _batched_logits(model, "sdpa"), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="needs flashinfer-python (the gpu extra)")
+def test_flashinfer_kernel_matches_sdpa():
+    """FlashInfer's paged prefill over the pool in place, on a model with a head size its kernels take (64:
+    the 1B preset), against the gathering SDPA path."""
+    from liveserve.model.presets import build_preset_model
+
+    model = steered(build_preset_model("llama3.2-1b-siglip", device="cuda"), interval_bias=100.0)
+    got, want = _batched_logits(model, "flashinfer"), _batched_logits(model, "sdpa")
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()  # bf16, two kernels' summation orders
+
+
+def test_auto_picks_flashinfer_where_it_runs():
+    from liveserve.engine.kernels import select_kernel
+    from liveserve.engine.kv_pool import KVPool
+
+    pool = KVPool(num_layers=1, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, device="cuda", budget_tokens=64)
+    expected = "flashinfer" if importlib.util.find_spec("flashinfer") else "flash" if importlib.util.find_spec(
+        "flash_attn") else "sdpa"
+    assert select_kernel("auto", pool).name == expected
 
 
 def test_overlapping_perception_on_its_own_stream_matches_the_cpu(tiny_dir):

@@ -27,7 +27,8 @@ from liveserve.engine.commentary import encode_chunks
 from liveserve.engine.events import Event, SessionFailed
 from liveserve.engine.inputs import SessionError
 from liveserve.engine.kv_pool import CacheFullError, KVPool
-from liveserve.engine.packed import forward, resolve_kernel
+from liveserve.engine.kernels import kernel_availability, select_kernel
+from liveserve.engine.packed import forward
 from liveserve.engine.perception import BatchedFrameEncoder
 from liveserve.engine.readout import read_out
 from liveserve.engine.scheduler import Scheduler
@@ -55,9 +56,9 @@ class BatchEngine:
     def __init__(self, model: LiveModel, config: EngineConfig | None = None) -> None:
         self.model, self.config = model, config or EngineConfig()
         self.pool = KVPool.for_model(model, self.config.pool)
-        self.kernel = resolve_kernel(self.config.attention, self.pool)
-        if self.kernel == "flex":
-            self.pool.zero()
+        self.kernel = select_kernel(self.config.attention, self.pool)
+        log.info("attention kernel: %s (asked for %s; %s)", self.kernel.name, self.config.attention,
+                 ", ".join(f"{name}: {why or 'runs here'}" for name, why in kernel_availability(self.pool).items()))
         # LIVE towers encode frame by frame, batched across sessions; a Qwen2.5-VL session encodes its chunk.
         encodes_frames = model.family == "live" and model.vision is not None
         self.encoder = BatchedFrameEncoder(model, self.config.perception) if encodes_frames else None

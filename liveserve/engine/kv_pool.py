@@ -196,7 +196,6 @@ class PagedCache:
         self.blocks: list[int] = []
         self.length = 0
         self.closed = False
-        self._table = torch.empty(0, dtype=torch.long, device=pool.device)
         # RoPE position of every cached token, on the host: planning and eviction read them without waiting
         # for the device (small: kept per session, grown by doubling).
         self.positions = torch.zeros(min(256, max_tokens), dtype=torch.long)
@@ -219,15 +218,16 @@ class PagedCache:
         if need > self.capacity:
             while self.capacity < need:
                 self.blocks.append(self.pool._take_block())
-            self._table = torch.tensor(self.blocks, dtype=torch.long, device=self.pool.device)
 
     def slots(self, start: int, n: int) -> torch.Tensor:
-        """Pool slot indices of logical tokens start .. start+n-1 (blocks must already be reserved)."""
-        return self.slots_of(torch.arange(start, start + n, device=self.pool.device))
+        """Pool slot indices of logical tokens start .. start+n-1 (blocks must already be reserved), on the
+        host."""
+        return self.slots_of(torch.arange(start, start + n))
 
     def slots_of(self, index: torch.Tensor) -> torch.Tensor:
+        """Pool slots of the logical tokens at `index` (a host tensor), on the host."""
         size = self.pool.block_size
-        return self._table[index // size] * size + index % size
+        return torch.tensor(self.blocks, dtype=torch.long)[index // size] * size + index % size
 
     def commit(self, positions: torch.Tensor) -> None:
         """The step's keys/values are in the pool (written by PackedStep); record positions, advance."""
@@ -245,7 +245,7 @@ class PagedCache:
     def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the cached keys and values, [layers, tokens, kv_heads, head_dim] in cache order
         (tests and debugging)."""
-        slots = self.slots(0, self.length)
+        slots = self.slots(0, self.length).to(self.pool.device)
         return self.pool.keys[:, slots], self.pool.values[:, slots]
 
     def keep(self, index: torch.Tensor, inv_freq: torch.Tensor | None, positions: torch.Tensor | None = None) -> None:
@@ -260,10 +260,9 @@ class PagedCache:
         if inv_freq is not None:  # planned on the host: which kept tokens move, and by how much
             new_positions = torch.arange(k) if positions is None else positions.to("cpu")
             moved = torch.nonzero(old_positions != new_positions).flatten()
-        # The kept indices and the moved tokens' rows and shifts go to the device in one copy.
-        index, rows, shift = upload(torch.cat([index, moved, (old_positions - new_positions)[moved]]),
-                                    pool.device).split([k, moved.numel(), moved.numel()])
-        source, target = self.slots_of(index), self.slots(0, k)
+        # Where the kept tokens are and go, and the moved ones' rows and shifts: to the device in one copy.
+        planned = torch.cat([self.slots_of(index), self.slots(0, k), moved, (old_positions - new_positions)[moved]])
+        source, target, rows, shift = upload(planned, pool.device).split([k, k, moved.numel(), moved.numel()])
         keys, values = pool.keys[:, source], pool.values[:, source]  # gathers copy, so overlap is safe
         if moved.numel():
             # [layers, tokens, heads, dim] -> shift_keys wants tokens second to last
@@ -284,11 +283,9 @@ class PagedCache:
         keep_blocks = self.pool.blocks_for(n)
         self.pool._give_back(self.blocks[keep_blocks:])
         self.blocks = self.blocks[:keep_blocks]
-        self._table = self._table[:keep_blocks]
 
     def close(self) -> None:
         """Return every block and the reservation to the pool (idempotent)."""
         if not self.closed:
             self.pool._close(self)
             self.blocks, self.length, self.closed = [], 0, True
-            self._table = self._table[:0]
