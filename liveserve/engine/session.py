@@ -6,7 +6,7 @@ policy. Each frame is one forward of
 [pending tokens + the frame's <v> embeddings]; the decision is read at the frame's last token.
 
 A session is a state machine driven one forward at a time, so the same code runs alone or batched:
-    push_frame / push_query   validate, queue (thread-safe; callers may push while steps run)
+    push_frame / push_query   validate, queue (session_inputs.py: thread-safe; callers may push while steps run)
     plan                      take the next piece of work (frame, reply prompt or reply token), make
                               room in the cache (evict), reserve it -> a StepInput
     (a forward)               `process` runs it alone; BatchEngine packs many sessions' inputs in one
@@ -28,10 +28,8 @@ of them than an inline reply did).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
@@ -41,12 +39,12 @@ from liveserve.config import SessionConfig
 from liveserve.engine.events import (Event, FrameDecision, ReplyRequested, ResponseDelta, ResponseDone,
                                      ResponseStarted)
 from liveserve.engine.inputs import (AwaitedReply, QueuedFrame, QueuedQuery, Restored, RestoredFrame, RestoredTurn,
-                                     SessionError, SubmitFrame, as_frame, check_frame_id, check_not_before, check_open,
-                                     check_time)
+                                     SessionError, SubmitFrame, as_frame, check_frame_id, check_time)
 from liveserve.engine.kv_pool import CacheFullError
 from liveserve.engine.ledger import Ledger
 from liveserve.engine.packed import forward_alone, private_cache
 from liveserve.engine.readout import Readout, read_out, sample
+from liveserve.engine.session_inputs import SessionInputs
 from liveserve.model.live import LiveModel
 
 __all__ = ["Session", "SessionError", "StepInput", "ForwardTrace", "cache_limit"]
@@ -129,7 +127,8 @@ class Session:
         self._start_ids = self.template.start_ids(self.system_prompt)  # tokenized once, not per first frame
         self.ledger = Ledger()
         self.cache = cache if cache is not None else private_cache(model, cache_limit(model, self.config))
-        self.encoder = encoder
+        self.inputs = SessionInputs(model, self.config, encoder)
+        self._lock = self.inputs.lock  # one lock for the queues and the reply state other threads touch
         self.trace: list[ForwardTrace] | None = None
         self._contiguous = self.config.cache.positions == "contiguous"
         self._state, self._pending = NEW, []
@@ -147,18 +146,11 @@ class Session:
         self._max_tentative = max(1, self.config.cache.window_frames // 2)
         self._notices: list[Event] = []  # events raised while planning, returned with the next completion
         self._planned: _Planned | None = None
-        self._frames: deque[QueuedFrame] = deque()
-        self._queries: deque[QueuedQuery] = deque()
-        self._lock = threading.Lock()
-        self._last_frame_time = -float("inf")
-        self._frames_pushed = 0
         self._last_decided_id = -1
         self._rng = torch.Generator().manual_seed(self.config.seed)
-        self.frames_decided = self.frames_dropped = self.responses = 0
+        self.frames_decided = self.responses = 0
         self.frames_replayed = 0  # tentative frames fed a second time, after an external reply
         self.frames_restored = 0  # frames put back by `restore`
-        self.closed = False
-        self.failure: str | None = None
 
     # ---- input -------------------------------------------------------------------------------
 
@@ -167,47 +159,19 @@ class Session:
         resized and padded to the tower's input) or precomputed vision features [tokens_per_frame, hidden].
         `frame_id` names the frame in its FrameDecision (or FramesDropped); by default it is the number of
         frames pushed to this session before it."""
-        timestamp = check_time(timestamp, "frame")
-        frame_id = check_frame_id(frame_id)
-        with self._lock:  # refuse early and cheaply, before decoding
-            self._check_open()
-            self._check_order(timestamp)
-        item = as_frame(self.model, timestamp, frame, self.encoder)
-        with self._lock:
-            self._check_open()
-            self._check_order(timestamp)
-            self._last_frame_time = timestamp
-            self._frames.append(replace(item, frame_id=self._frames_pushed if frame_id is None else frame_id))
-            self._frames_pushed += 1
+        self.inputs.push_frame(timestamp, frame, frame_id)
 
     def push_query(self, timestamp: float, text: str) -> None:
         """Queue a user question: answered before the first queued frame later than it, or pre-empting the
         decision of a frame at its time. In a Decision session (replies="external") a query that arrives
         while a reply is written elsewhere waits for it and is answered right after it, after the frames
         replayed behind it (queries in arrival order; queued frames earlier than a query still go first)."""
-        timestamp = check_time(timestamp, "query")
-        if self.config.replies == "none":
-            raise SessionError("this session reports decisions only; queries are not answered")
-        if not isinstance(text, str) or not text.strip():
-            raise SessionError("query text is empty")
-        n = len(self.template.encode(text))
-        if n > self.config.max_query_tokens:
-            raise SessionError(f"query is {n} tokens; the limit is {self.config.max_query_tokens}")
-        with self._lock:
-            self._check_open()
-            self._queries.append(QueuedQuery(timestamp, time.monotonic(), text.strip()))
+        self.inputs.push_query(timestamp, text)
 
     def push_respond(self, timestamp: float) -> None:
         """Reaction sessions (replies="on_request"): reply proactively at `timestamp`, after the frames up
         to that time."""
-        timestamp = check_time(timestamp, "trigger")
-        if self.config.replies != "on_request":
-            raise SessionError(f"push_respond needs replies='on_request'; this session's is {self.config.replies!r}")
-        with self._lock:
-            self._check_open()
-            if self._last_frame_time == -float("inf"):
-                raise SessionError("a proactive reply needs at least one frame first")
-            self._queries.append(QueuedQuery(timestamp, time.monotonic(), None))
+        self.inputs.push_respond(timestamp)
 
     def push_reply(self, text: str, token_ids: Sequence[int] = ()) -> None:
         """Decision sessions (replies="external"): the reply another model wrote for the last ReplyRequested.
@@ -227,7 +191,7 @@ class Session:
         else:
             ids = self.template.encode(text)[: self.config.max_new_tokens]
         with self._lock:
-            self._check_open()
+            self.inputs.check_open()
             if self._restore and isinstance(self._restore[-1], AwaitedReply) and self._early_reply is None:
                 # The reply beat the restore of its trigger (the engine may be writing a restored turn, or
                 # taking the awaited reply itself): kept for it, `_plan_restored` puts it in.
@@ -270,13 +234,13 @@ class Session:
             else:
                 raise SessionError(f"cannot restore a {type(item).__name__}")
         with self._lock:
-            self._check_open()
-            if self._frames or self._queries or self._state != NEW or self._restore:
+            self.inputs.check_open()
+            if not self.inputs.empty or self._state != NEW or self._restore:
                 raise SessionError("a session can only be restored before any other input")
             self._restore.extend(queued)
             if seen_frame:
-                self._last_frame_time, self._last_decided_id = last_time, last_id
-                self._frames_pushed = last_id + 1
+                self._last_decided_id = last_id
+                self.inputs.resume_after(last_time, last_id)
 
     @property
     def awaiting_reply(self) -> bool:
@@ -284,7 +248,19 @@ class Session:
 
     @property
     def backlog(self) -> int:
-        return len(self._frames)
+        return len(self.inputs.frames)
+
+    @property
+    def closed(self) -> bool:
+        return self.inputs.closed
+
+    @property
+    def failure(self) -> str | None:
+        return self.inputs.failure
+
+    @property
+    def frames_dropped(self) -> int:
+        return self.inputs.frames_dropped
 
     @property
     def holding_frames(self) -> bool:
@@ -297,17 +273,7 @@ class Session:
         """Keep the session real-time: drop the oldest queued frames while more than `max_queued` wait or
         they span more than `max_lag_s` of stream time (the newest frame always stays). Returns the
         dropped frames."""
-        dropped = []
-        with self._lock:
-            frames = self._frames
-            while len(frames) > 1 and (len(frames) > max_queued or (
-                    max_lag_s is not None and frames[-1].timestamp - frames[0].timestamp > max_lag_s)):
-                frame = frames.popleft()
-                if isinstance(frame.features, Future):
-                    frame.features.cancel()  # spare the encoder work nobody will read
-                dropped.append(frame)
-        self.frames_dropped += len(dropped)
-        return dropped
+        return self.inputs.drop_stale(max_lag_s, max_queued)
 
     # ---- processing: alone -------------------------------------------------------------------------
 
@@ -361,8 +327,8 @@ class Session:
 
     def fail(self, message: str) -> None:
         """Stop the session for good (its memory returns at once); later input is refused with `message`."""
-        self.failure = message
-        self.close()
+        self.inputs.close(failure=message)
+        self.cache.close()
 
     def plan(self) -> StepInput | None:
         """Take the next piece of work and make room for it; None when there is nothing to do. Raises
@@ -454,9 +420,7 @@ class Session:
             tentative = self._awaiting is not None
             if tentative:  # kept for the replay after the reply, encoded once
                 self._tentative.append(replace(frame, pixels=None, features=planned.step.features))
-            query = None
-            if not tentative and self._queries and self._queries[0].timestamp <= frame.timestamp:
-                query = self._queries.popleft()
+            query = None if tentative else self.inputs.query_by(frame.timestamp)
         p_silent = readout.p_silent
         # Below the threshold the frame may not stay silent: the most likely other token decides.
         token = readout.argmax_speaking if p_silent < self.config.threshold else readout.argmax
@@ -658,19 +622,15 @@ class Session:
     # ---- queues ----------------------------------------------------------------------------------------
 
     def _peek_item(self) -> QueuedFrame | QueuedQuery | None:
-        if self._awaiting is not None:
-            # While an external reply is being written, queries wait for it; frames go on, up to half the
-            # window: the tentative frames cannot be evicted (the reply goes back before them), and each is
-            # computed again after the reply.
-            return self._frames[0] if self._frames and len(self._tentative) < self._max_tentative else None
-        if self._queries and (not self._frames or self._queries[0].timestamp < self._frames[0].timestamp):
-            return self._queries[0]
-        return self._frames[0] if self._frames else None
+        # While an external reply is being written, queries wait for it; frames go on, up to half the window:
+        # the tentative frames cannot be evicted (the reply goes back before them), and each is computed again
+        # after the reply.
+        return self.inputs.next_item(self._awaiting is not None, len(self._tentative) < self._max_tentative)
 
     def _pop_item(self) -> QueuedFrame | QueuedQuery | None:
         item = self._peek_item()
         if item is not None:
-            (self._queries if isinstance(item, QueuedQuery) else self._frames).popleft()
+            self.inputs.take(item)
         return item
 
     # ---- cache -----------------------------------------------------------------------------------------
@@ -714,17 +674,8 @@ class Session:
 
     def close(self) -> None:
         """Release the cache memory; the session cannot be used afterwards."""
-        with self._lock:
-            self.closed = True
-            self._frames.clear()
-            self._queries.clear()
+        self.inputs.close()
         self.cache.close()
-
-    def _check_open(self) -> None:
-        check_open(self.failure, self.closed)
-
-    def _check_order(self, timestamp: float) -> None:
-        check_not_before(timestamp, self._last_frame_time)
 
 
 def cache_limit(model: LiveModel, config: SessionConfig) -> int:
