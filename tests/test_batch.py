@@ -434,9 +434,10 @@ def test_a_step_reads_its_results_back_from_the_device_once(mixed_model, bank, m
     assert len(engine.last_batch) == 4
     assert sum(isinstance(event, FrameDecision) for _, event in events) == 3
     assert reads == ["cpu", "tolist"]  # one copy of the step's summary, then host lists
-    # One copy for the whole step: the attention indices, every token's position and, of the packed tokens,
-    # each text id and where each embedding row goes.
-    assert len(uploads) == 1 and uploads[0] > 2 * tokens
+    # One copy for the whole step's integers: the attention indices, every token's position and, of the
+    # packed tokens, each text id and where each embedding row goes; one for the frames' host features.
+    features = 3 * mixed_model.layout.num_tokens * mixed_model.vision_hidden_size  # a, b and c's frames
+    assert len(uploads) == 2 and uploads[0] > 2 * tokens and uploads[1] == features
     engine.shutdown()
 
 

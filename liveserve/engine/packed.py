@@ -2,8 +2,8 @@
 
 The new tokens of every scheduled session are packed into one [1, T] sequence (each with its own
 positions, so RoPE is per session). A `PackedStep` lays the step out once: what it needs from the host
-(every session's new token count, cached length and block table, and the model's token ids and
-positions) goes to the device in one copy, and per packed token its session and cache position are
+(every session's new token count, cached length and block table, the model's token ids and positions,
+and frame features pushed as host tensors) goes to the device in one copy per dtype, and per packed token its session and cache position are
 derived there. Per layer, `attend` writes all new keys/values into their sessions' pool slots in one
 write, then the attention kernel (engine/kernels) attends each session's queries over that session's
 cache only; the kernel plans once per step and that plan serves every layer.
@@ -57,13 +57,20 @@ class PackedStep:
         self.plan = (kernel or SdpaKernel(pool)).plan(layout)
 
     def _upload(self, planned: torch.Tensor) -> torch.Tensor:
-        """`planned` and the step's inputs to the device in one copy; the inputs land in `self.inputs`."""
-        pieces = [planned, *(tensor.reshape(-1) for tensor in self._host_inputs.values())]
-        sizes = [piece.numel() for piece in pieces]
-        uploaded = kv_pool.upload(torch.cat(pieces), self.pool.device).split(sizes)
-        self.inputs = {name: piece.view(tensor.shape)
-                       for (name, tensor), piece in zip(self._host_inputs.items(), uploaded[1:])}
-        return uploaded[0]
+        """`planned` and the step's inputs to the device, one copy per dtype (the indices, ids and positions
+        together; host frame features apart); the inputs land in `self.inputs`."""
+        host = {"": planned, **self._host_inputs}
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        for name, tensor in host.items():
+            by_dtype.setdefault(tensor.dtype, []).append(name)
+        on_device = {}
+        for names in by_dtype.values():
+            pieces = [host[name].reshape(-1) for name in names]
+            joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            uploaded = kv_pool.upload(joined, self.pool.device).split([piece.numel() for piece in pieces])
+            on_device.update({name: piece.view(host[name].shape) for name, piece in zip(names, uploaded)})
+        self.inputs = on_device
+        return self.inputs.pop("")
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:

@@ -75,11 +75,17 @@ class LiveModel(nn.Module):
 
     def step_inputs(self, steps) -> dict[str, torch.Tensor]:
         """What a step of these sessions' inputs needs on the device, planned on the host (the engine sends
-        it with the step's attention indices, in one copy): every text id, each packed token's position,
-        and where the embedding rows go (all ids are embedded first, then all frame tokens)."""
+        it with the step's attention indices): every text id, each packed token's position, where the
+        embedding rows go (all ids are embedded first, then all frame tokens), and the frames' features
+        when they are on the host."""
         ids = [i for step in steps for i in step.ids]
         inputs = {"ids": torch.tensor(ids, dtype=torch.long),
                   "positions": torch.cat([step.positions for step in steps])}
+        features = [step.features for step in steps if step.features is not None]
+        if features and all(f.device.type == "cpu" for f in features):
+            # Pushed as host tensors (the Decision service's frames): stacked here, so they cross in one copy
+            # instead of one per frame; features encoded on the device stay there.
+            inputs["features"] = torch.stack(features)
         if len(steps) > 1 and any(step.features is not None for step in steps):
             frame_tokens, order, next_id, next_frame = self.layout.num_tokens, [], 0, len(ids)
             for step in steps:
@@ -101,7 +107,9 @@ class LiveModel(nn.Module):
         if inputs["ids"].numel():
             pieces.append(self.lm.get_input_embeddings()(inputs["ids"]))
         if features:
-            pieces.append(self.embed_frames(torch.stack([f.to(self.device) for f in features])))
+            stacked = inputs.get("features")
+            pieces.append(self.embed_frames(stacked if stacked is not None else
+                                            torch.stack([f.to(self.device) for f in features])))
         table = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         order = inputs.get("order")
         return table if order is None else table[order]  # ids then frame tokens, per session
