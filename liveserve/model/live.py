@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from liveserve.model.attention import KVStep
+from liveserve.model.llama_step import LlamaStep, unsupported
 from liveserve.model.template import StreamTemplate
 from liveserve.model.vision import FrameLayout, VisionEncoder
 
@@ -38,6 +39,11 @@ class LiveModel(nn.Module):
         self.max_positions = text.max_position_embeddings
         self.hidden_size = text.hidden_size
         self.vocab_size = text.vocab_size
+        # Engine steps run the Llama stack directly where it is a plain one (llama_step.py); False: always the
+        # Hugging Face forward. Decided at the first step, as the weights are then final (merged adapters).
+        self.direct_forward = True
+        self._direct: LlamaStep | None = None
+        self.direct_forward_unsupported: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -114,10 +120,20 @@ class LiveModel(nn.Module):
         order = inputs.get("order")
         return table if order is None else table[order]  # ids then frame tokens, per session
 
+    def _direct_step(self) -> LlamaStep | None:
+        """The direct Llama forward when it is on and takes this model (decided at the first step)."""
+        if self._direct is None and self.direct_forward_unsupported is None:
+            self.direct_forward_unsupported = unsupported(self.lm)
+            self._direct = None if self.direct_forward_unsupported else LlamaStep(self.lm)
+        return self._direct if self.direct_forward else None
+
     def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, step: KVStep,
                      logits_at: torch.Tensor) -> torch.Tensor:
         """One forward over packed new tokens [T, hidden] at `positions` [T]; returns fp32 logits at the
         packed indices `logits_at` (each sequence's last token, typically)."""
+        direct = self._direct_step()
+        if direct is not None:
+            return direct(embeds, positions, step, logits_at)
         # The step's own attention masks each cache itself: a ready-made 4D mask makes transformers skip
         # building a [T, T] causal mask every forward that nothing would read.
         out = self.lm.model(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False, kv_step=step,

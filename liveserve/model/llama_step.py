@@ -1,0 +1,102 @@
+"""A Llama decoder stack run directly for the engine's packed steps, without the Hugging Face module
+machinery around it.
+
+A step of a few sessions is a few dozen tokens: there the cost of a forward is not the arithmetic but
+the calls around it (module `__call__`s, attribute lookups, hooks and output bookkeeping, the rotary
+module per call; on a GPU, a kernel launch for each small op). This runs the same weights, read from
+the Hugging Face modules at every call (so weights loaded, merged or changed in place are what it
+uses), with the same arithmetic: RMSNorm, q/k/v projections, rotary embedding, the engine's attention,
+the output projection, the SiLU-gated MLP, the final norm on the rows whose logits are read, and the LM
+head module itself (so hooks on it, like a decision bias, still apply). On the tiny model it halves the
+forward's time on a CPU; its logits equal the Hugging Face path's (tests/test_session.py).
+
+It takes plain Llama stacks only (`unsupported` says why not): anything else (biases, another
+activation, position-dependent RoPE scaling, adapters not merged into nn.Linear) keeps the Hugging
+Face forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from liveserve.model.attention import KVStep
+
+STATIC_ROPE = ("default", "linear", "llama3")  # inv_freq fixed at load: no per-length update
+
+
+def unsupported(lm: nn.Module) -> str | None:
+    """Why `lm` cannot run here (None: it can)."""
+    config = lm.config
+    if getattr(config, "model_type", None) != "llama":
+        return f"not a Llama model ({getattr(config, 'model_type', None)})"
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "pretraining_tp", 1) != 1:
+        return "activation other than SiLU, or tensor-parallel pretraining slices"
+    rope = getattr(lm.model.rotary_emb, "rope_type", "default")
+    if rope not in STATIC_ROPE:
+        return f"RoPE type {rope!r} changes with the sequence length"
+    for layer in lm.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
+                       mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any(type(p) is not nn.Linear or p.bias is not None for p in projections):
+            return "projections with biases or adapters (not plain nn.Linear without bias)"
+        if layer._forward_hooks or layer._forward_pre_hooks or attention._forward_hooks or mlp._forward_hooks:
+            return "hooks on the decoder layers"
+    return None
+
+
+class LlamaStep:
+    def __init__(self, lm: nn.Module) -> None:
+        why = unsupported(lm)
+        if why:
+            raise ValueError(f"the direct Llama forward cannot run this model: {why}")
+        config = lm.config
+        self.lm = lm
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.eps = config.rms_norm_eps
+        self.scaling = self.head_dim ** -0.5
+        self.rope_scaling = float(getattr(lm.model.rotary_emb, "attention_scaling", 1.0))
+
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, kv_step: KVStep,
+                 logits_at: torch.Tensor) -> torch.Tensor:
+        """embeds [T, hidden] at `positions` [T] -> fp32 logits at the packed indices `logits_at`."""
+        lm, x = self.lm, embeds
+        tokens, heads, kv_heads, dim = x.shape[0], self.heads, self.kv_heads, self.head_dim
+        cos, sin = self._rotary(positions, x.dtype)
+        for index, layer in enumerate(lm.model.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            h = _rms_norm(x, layer.input_layernorm.weight, self.eps)
+            q = F.linear(h, attention.q_proj.weight).view(tokens, heads, dim)
+            k = F.linear(h, attention.k_proj.weight).view(tokens, kv_heads, dim)
+            v = F.linear(h, attention.v_proj.weight).view(tokens, kv_heads, dim)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            out = kv_step.attend(index, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                 self.scaling)  # [1, T, heads, dim]
+            x = x + F.linear(out.reshape(tokens, heads * dim), attention.o_proj.weight)
+            h = _rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
+            gated = F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight)
+            x = x + F.linear(gated, mlp.down_proj.weight)
+        return lm.lm_head(_rms_norm(x[logits_at], lm.model.norm.weight, self.eps)).float()
+
+    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin [T, 1, dim] for `_rotate`, in fp32 then cast, as the Hugging Face module."""
+        freqs = positions[:, None].float() * self.lm.model.rotary_emb.inv_freq.float()[None]
+        cos, sin = freqs.cos() * self.rope_scaling, freqs.sin() * self.rope_scaling
+        return torch.cat([cos, cos], -1).to(dtype)[:, None], torch.cat([-sin, sin], -1).to(dtype)[:, None]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as Llama applies it (x * cos + rotate_half(x) * sin), rotate_half's sign folded into `sin`."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], -1) * sin
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm: normalized in fp32, cast back, then scaled (the order matters in bf16)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
