@@ -92,6 +92,44 @@ def test_auto_picks_flashinfer_where_it_runs():
     assert select_kernel("auto", pool).name == expected
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_a_step_synchronizes_with_the_device_once(tiny_dir, kernel):
+    """Under CUDA's sync debug mode, a step of many sessions (frames, a reply prompt, reply tokens, an
+    eviction) waits for the device exactly once: the readout's copy of every session's results."""
+    import warnings
+
+    from liveserve.config import EngineConfig, PoolConfig, SchedulerConfig
+    from liveserve.engine.batch import BatchEngine
+
+    model = steered(load_model(tiny_dir, device="cuda", dtype=torch.bfloat16), interval_bias=2.0)
+    engine = BatchEngine(model, EngineConfig(pool=PoolConfig(budget_tokens=50_000), attention=kernel,
+                                             scheduler=SchedulerConfig(max_lag_s=None)))
+    config = SessionConfig(threshold=0.5, max_new_tokens=3,
+                           cache=CacheConfig(policy="sink_window", window_frames=2, evict_frames=1))
+    bank = [features.cuda() for features in frame_bank(model, 8)]  # as a local encoder leaves them
+    for k in range(4):
+        engine.open(f"s{k}", config)
+    synced = []
+    for i in range(8):
+        for k in range(4):
+            engine.push_frame(f"s{k}", i * 0.5, bank[(i + k) % 8])
+        if i < 2:  # warm-up: flex compiles its kernel in the first steps
+            engine.run_until_idle()
+            continue
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                engine.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        synced.append(sum("synchronizing" in str(w.message) for w in caught))
+        engine.run_until_idle()
+    engine.shutdown()
+    assert synced == [1] * 6, synced
+
+
 def test_overlapping_perception_on_its_own_stream_matches_the_cpu(tiny_dir):
     """On CUDA frames are encoded on a thread and stream of their own while the LM steps: the decisions
     are the CPU reference's."""
