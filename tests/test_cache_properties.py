@@ -64,6 +64,9 @@ def test_sink_window_invariants_hold_after_every_step(mixed_model, bank, stream,
 
         segments, n = session.ledger.segments, session.cache.length
         assert n == session.ledger.num_tokens <= max_tokens and session.cache.max_tokens == max_tokens
+        counted = Ledger(segments)  # the running totals equal a count from scratch
+        assert (session.ledger.frames, session.ledger.free_text_tokens) == (counted.frames, counted.free_text_tokens)
+        assert session.ledger.num_tokens == counted.num_tokens
         assert segments[0].kind == "prefix" and all(s.kind != "prefix" for s in segments[1:])
         keys = session.cache.kv()[0].transpose(1, 2)  # [layers, kv_heads, tokens, dim]
         if sink is not None:  # the sink is never evicted or re-rotated (it may grow: a first query's reply)
@@ -112,10 +115,9 @@ def test_sink_window_invariants_hold_after_every_step(mixed_model, bank, stream,
 
 
 def test_plan_eviction_and_evict_on_a_hand_built_ledger():
-    ledger = Ledger()
-    ledger.segments = [Segment("prefix", 5), Segment("frame", 11), Segment("text", 6, pinned=True),
-                       Segment("frame", 11), Segment("text", 7), Segment("frame", 11), Segment("text", 4),
-                       Segment("frame", 10)]  # cache offsets 0, 5, 16, 22, 33, 40, 51, 55; 65 tokens
+    ledger = Ledger([Segment("prefix", 5), Segment("frame", 11), Segment("text", 6, pinned=True),
+                     Segment("frame", 11), Segment("text", 7), Segment("frame", 11), Segment("text", 4),
+                     Segment("frame", 10)])  # cache offsets 0, 5, 16, 22, 33, 40, 51, 55; 65 tokens
 
     def sink_window(window, evict, text):
         return CacheConfig(policy="sink_window", window_frames=window, evict_frames=evict, text_window_tokens=text)

@@ -24,19 +24,38 @@ class Segment:
 
 
 class Ledger:
-    def __init__(self) -> None:
-        self.segments: list[Segment] = []
+    """The segments, and running totals of what the cache policy checks every step (frames held, unpinned
+    text tokens), so the common step that evicts nothing decides that without a scan. Change it through
+    its methods only: they keep the totals."""
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.length for s in self.segments)
+    def __init__(self, segments: list[Segment] | None = None) -> None:
+        self.segments: list[Segment] = list(segments or [])
+        self._recount()
+
+    def _recount(self) -> None:
+        self.num_tokens = sum(s.length for s in self.segments)
+        self.frames = sum(1 for s in self.segments if s.kind == "frame")
+        self.free_text_tokens = sum(s.length for s in self.segments if s.kind == "text" and not s.pinned)
 
     def add(self, kind: str, length: int, pinned: bool = False) -> None:
         if length:
             self.segments.append(Segment(kind, length, pinned))
+            self.num_tokens += length
+            self.frames += kind == "frame"
+            self.free_text_tokens += length if kind == "text" and not pinned else 0
 
     def extend_last(self, length: int) -> None:
-        self.segments[-1].length += length
+        last = self.segments[-1]
+        last.length += length
+        self.num_tokens += length
+        self.free_text_tokens += length if last.kind == "text" and not last.pinned else 0
+
+    def roll_back(self, count: int, last_length: int) -> None:
+        """Keep the first `count` segments, the last of them `last_length` tokens long again."""
+        del self.segments[count:]
+        if self.segments:
+            self.segments[-1].length = last_length
+        self._recount()
 
     def count(self, kind: str) -> int:
         return sum(1 for s in self.segments if s.kind == kind)
@@ -48,6 +67,8 @@ class Ledger:
         too: victims are chosen among older ones only, even if that is fewer than the window wants."""
         if config.policy != "sink_window":
             return None
+        if self.frames + incoming_frames <= config.window_frames and self.free_text_tokens <= config.text_window_tokens:
+            return None  # what the scan below would find, without it: the common step
         victims: list[int] = []
         older = len(self.segments) - protect  # segments before this index may go
         frames = [i for i, s in enumerate(self.segments) if s.kind == "frame"]
@@ -72,4 +93,5 @@ class Ledger:
                 keep.append(torch.arange(start, start + seg.length))
             start += seg.length
         self.segments = [s for i, s in enumerate(self.segments) if i not in drop]
+        self._recount()
         return torch.cat(keep) if keep else torch.empty(0, dtype=torch.long)

@@ -521,12 +521,11 @@ class Session:
     def _roll_back(self) -> None:
         """Cut the tentative frames off the cache and return to the trigger's cache point, so the reply
         lands right after its trigger; the frames are queued for replay after it."""
-        point, segments = self._point, self.ledger.segments
-        # Each tentative frame added a segment; before any frame the first one also opened the prefix.
+        point = self._point
+        # Each tentative frame added a segment; before any frame the first one also opened the prefix. The
+        # segment before them loses the first tentative frame's leading ids again.
         added = len(self._tentative) + (point.state == NEW)
-        del segments[len(segments) - added:]
-        if segments:
-            segments[-1].length = point.last_length  # without the first tentative frame's leading ids
+        self.ledger.roll_back(len(self.ledger.segments) - added, point.last_length)
         self.cache.truncate(self.ledger.num_tokens)
         self._state, self._pending, self._next_position = point.state, list(point.pending), point.next_position
         with self._lock:
