@@ -211,6 +211,9 @@ def _add_capacity_parser(bench_sub) -> None:
     capacity.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
                           help="the engine's attention kernel: auto (flashinfer, else flash-attn, where they run, "
                                "else sdpa), sdpa, flash, flex or flashinfer (default: auto)")
+    capacity.add_argument("--forward", choices=("direct", "hf"), default="direct",
+                          help="how engine steps run a plain Llama LM: direct (the engine's own layer loop) or hf "
+                               "(the Hugging Face forward), for comparison (default: direct)")
     capacity.add_argument("--max-tokens-per-chunk", type=_positive_int, default=d.max_tokens_per_chunk,
                           help="commentary models: most tokens a turn says (default: %(default)s)")
     capacity.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
@@ -388,6 +391,8 @@ def cmd_bench_capacity(args) -> int:
         from liveserve.model.presets import build_preset_model
 
         model, preset = build_preset_model(args.preset, device=args.device or default_device()), args.preset
+    if hasattr(model, "direct_forward"):
+        model.direct_forward = args.forward == "direct"
     run_capacity_bench(model, levels=levels, settings=settings, out=args.json_out, preset=preset,
                        sweep=not args.sessions, refine=args.refine, memory_fraction=args.memory_fraction,
                        attention=args.attention)

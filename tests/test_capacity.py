@@ -22,14 +22,15 @@ LEVEL_FIELDS = {"sessions", "admitted", "frames_due", "frames_decided", "p50_ms"
 
 
 def test_bench_capacity_writes_levels_capacity_and_speedup_for_features_and_pixels(tmp_path):
-    for kind, attention in (("features", "flex"), ("pixels", "auto")):
+    for kind, attention, forward in (("features", "flex", "hf"), ("pixels", "auto", "direct")):
         out = tmp_path / f"{kind}.json"
         assert main(["bench", "capacity", "--preset", "tiny", "--device", "cpu", "--input", kind, "--sessions", "1,3",
                      "--duration", "1.5", "--warmup", "0.25", "--prefill-frames", "2", "--single-frames", "8",
-                     "--attention", attention, "--threads", "1", "--json", str(out)]) == 0
+                     "--attention", attention, "--forward", forward, "--threads", "1", "--json", str(out)]) == 0
         report = json.loads(out.read_text())
         assert report["benchmark"] == "capacity" and report["preset"] == "tiny" and report["input"] == kind
         assert report["attention"] == ("flex" if attention == "flex" else "sdpa")  # auto on a CPU: sdpa
+        assert report["forward"] == forward
         assert [level["sessions"] for level in report["levels"]] == [1, 3]
         for level in report["levels"]:
             assert LEVEL_FIELDS <= set(level), set(level) ^ LEVEL_FIELDS

@@ -468,7 +468,8 @@ def run_capacity_bench(model: LiveModel, *, levels: list[int], settings: Capacit
                   f"{single['decisions_match']}", file=sys.stderr, flush=True)
         engine = BatchEngine(model, EngineConfig(pool=pool_config(model, settings, max(levels), memory_fraction),
                                                  attention=attention))
-        print(f"  attention kernel: {engine.kernel.name}", file=sys.stderr, flush=True)
+        forward = getattr(model, "forward_path", "hf")
+        print(f"  attention kernel: {engine.kernel.name}; LM forward: {forward}", file=sys.stderr, flush=True)
         per_session = session_tokens(model, level_config(model, settings))
         pool = {"capacity_tokens": engine.pool.capacity_tokens, "bytes": engine.pool.nbytes,
                 "bytes_per_token": engine.pool.bytes_per_token, "session_tokens": per_session,
@@ -511,7 +512,7 @@ def run_capacity_bench(model: LiveModel, *, levels: list[int], settings: Capacit
                   "interval_logit_bias": bias.bias, "target_reply_rate": settings.reply_rate,
                   "threshold": settings.threshold, "reply_tokens": len(reply_ids),
                   "reply_delay_s": settings.reply_delay_s},
-              "attention": engine.kernel.name, "pool": pool, "levels": sorted(results, key=lambda level: level["sessions"]),
+              "attention": engine.kernel.name, "forward": forward, "pool": pool, "levels": sorted(results, key=lambda level: level["sessions"]),
               "capacity": max(passing, default=0),
               # every level run passed: the capacity is at least this, the sweep just did not go higher
               "capacity_is_lower_bound": bool(results) and all(level["meets_slo"] for level in results),

@@ -127,6 +127,11 @@ class LiveModel(nn.Module):
             self._direct = None if self.direct_forward_unsupported else LlamaStep(self.lm)
         return self._direct if self.direct_forward else None
 
+    @property
+    def forward_path(self) -> str:
+        """How engine steps run the LM: "direct" (llama_step.py) or "hf" (the Hugging Face forward)."""
+        return "direct" if self._direct_step() is not None else "hf"
+
     def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, step: KVStep,
                      logits_at: torch.Tensor) -> torch.Tensor:
         """One forward over packed new tokens [T, hidden] at `positions` [T]; returns fp32 logits at the
