@@ -214,6 +214,8 @@ def _add_capacity_parser(bench_sub) -> None:
     capacity.add_argument("--forward", choices=("direct", "hf"), default="direct",
                           help="how engine steps run a plain Llama LM: direct (the engine's own layer loop) or hf "
                                "(the Hugging Face forward), for comparison (default: direct)")
+    capacity.add_argument("--cuda-graphs", action="store_true",
+                          help="engine steps replay CUDA graphs of the direct forward (CUDA only)")
     capacity.add_argument("--max-tokens-per-chunk", type=_positive_int, default=d.max_tokens_per_chunk,
                           help="commentary models: most tokens a turn says (default: %(default)s)")
     capacity.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
@@ -379,7 +381,7 @@ def cmd_bench_capacity(args) -> int:
     settings = CapacitySettings(fps=args.fps, duration_s=args.duration, warmup_s=args.warmup, slo_ms=args.slo_ms,
                                 input_kind=args.input, reply_rate=args.reply_rate, prefill_frames=args.prefill_frames,
                                 window_frames=args.window_frames, single_stream_frames=args.single_frames,
-                                max_tokens_per_chunk=args.max_tokens_per_chunk)
+                                max_tokens_per_chunk=args.max_tokens_per_chunk, cuda_graphs=args.cuda_graphs)
     if args.threads:
         import torch
 

@@ -6,11 +6,13 @@
 #   2. `liveserve bench capacity` at VideoLLM-online-8B's sizes (the llama3-8b-siglip preset: random
 #      weights, bf16, frames as pixels so the vision tower is timed too), once per attention kernel in
 #      KERNELS (default "auto flex"; auto is FlashInfer where flashinfer-python is installed, else
-#      flash-attn where installed, else SDPA).
+#      flash-attn where installed, else SDPA); then once more with CUDA graphs of the direct forward
+#      (`--cuda-graphs`: the single-stream comparison and one level).
 # What it writes, in OUT (default out/gpu-check): gpu.txt (the device), tests.log, capacity-<kernel>.json
-# and .log. Run from anywhere; it needs a CUDA build of torch, transformers, safetensors, pytest and
-# hypothesis, and nothing of the serving stack (Ray, Redis): liveserve is copied into a private
-# directory, laid out as setup.py installs it, without its dependencies.
+# and .log, capacity-auto-graphs.json and .log. Run from anywhere; it needs a CUDA build of torch,
+# transformers, safetensors, pytest and hypothesis, and nothing of the serving stack (Ray, Redis):
+# liveserve is copied into a private directory, laid out as setup.py installs it, without its
+# dependencies.
 #   OUT=dir        where the results go
 #   WHEELS=dir     install these wheels first (pip, no index): for a machine without a package index
 #   PYTHON=...     the interpreter (default: python3)
@@ -67,5 +69,13 @@ for kernel in ${KERNELS:-auto flex}; do
     --json "$out/capacity-$kernel.json" >"$out/capacity-$kernel.log" 2>&1 || status=1
   tail -4 "$out/capacity-$kernel.log" >&2
 done
+if [ "$device" = cuda ]; then
+  # CUDA graphs of the direct forward: the single-stream comparison (launch-bound) and one level
+  say "bench capacity: $preset, attention auto, CUDA graphs (single stream and one level)"
+  "$python" -m liveserve.cli bench capacity --preset "$preset" --device cuda --input pixels --cuda-graphs \
+    --sessions 1 --duration 2 --warmup 0.5 --prefill-frames 16 \
+    --json "$out/capacity-auto-graphs.json" >"$out/capacity-auto-graphs.log" 2>&1 || status=1
+  tail -4 "$out/capacity-auto-graphs.log" >&2
+fi
 say "results in $out"
 exit "$status"

@@ -47,6 +47,8 @@ class ServiceSettings:
     # measured on this deployment's hardware (`liveserve loadtest --sweep`); 0 = no limit but KV memory.
     max_sessions_per_replica: int | None = None
     capacity_streams: int = 0  # 0: not measured (admission by KV memory alone)
+    attention: str = "auto"  # the engine's attention kernel (EngineConfig.attention): auto, sdpa, flashinfer, ...
+    cuda_graphs: bool = False  # CUDA graphs of the direct Llama forward (EngineConfig.cuda_graphs; CUDA only)
     reaction_sync_frames: int = 1  # send Reaction unseen frames once this many have piled up
     reaction_nice: int = 10  # the Reaction engine thread's lower CPU priority (Linux nice) where cores are shared
     # Perception
@@ -117,6 +119,7 @@ class ServiceSettings:
 
             quotas_from_setting(self.tenant_quotas)
         self.session_defaults()  # validates threshold, cache policy and lengths
+        self.engine_config()  # validates the attention kernel's name
         if self.models is not None or self.default_model:
             self.served_models()  # validates every model's entry
 
@@ -201,7 +204,8 @@ class ServiceSettings:
 
     def engine_config(self) -> EngineConfig:
         """The Decision engine: its KV pool, and frames dropped once they lag `max_lag_s` behind."""
-        return EngineConfig(pool=self.pool(), scheduler=SchedulerConfig(max_lag_s=self.max_lag_s))
+        return EngineConfig(pool=self.pool(), scheduler=SchedulerConfig(max_lag_s=self.max_lag_s),
+                            attention=self.attention, cuda_graphs=self.cuda_graphs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,12 +33,12 @@ def test_cuda_session_matches_cpu(tiny_dir, policy):
         assert p == pytest.approx(q, abs=1e-3)
 
 
-def _batched_logits(model, kernel: str, sessions: int = 4, frames: int = 12) -> torch.Tensor:
+def _batched_logits(model, kernel: str, sessions: int = 4, frames: int = 12, cuda_graphs: bool = False) -> torch.Tensor:
     from liveserve.config import EngineConfig, PoolConfig, SchedulerConfig
     from liveserve.engine.batch import BatchEngine
 
     engine = BatchEngine(model, EngineConfig(pool=PoolConfig(budget_tokens=50_000), attention=kernel,
-                                             scheduler=SchedulerConfig(max_lag_s=None)))
+                                             scheduler=SchedulerConfig(max_lag_s=None), cuda_graphs=cuda_graphs))
     config = SessionConfig(threshold=0.5, max_new_tokens=3,
                            cache=CacheConfig(policy="sink_window", window_frames=4, evict_frames=2))
     bank = frame_bank(model, frames)
@@ -128,6 +128,21 @@ def test_a_step_synchronizes_with_the_device_once(tiny_dir, kernel):
         engine.run_until_idle()
     engine.shutdown()
     assert synced == [1] * 6, synced
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_of_the_direct_forward_match_it_run_eagerly(tiny_dir, dtype):
+    """Real CUDA graphs of the direct forward's pieces (bucketed frame steps, reply prompts and tokens of
+    four sessions sharing steps) against the same forward run eagerly."""
+    # bf16: padded buckets may pick other GEMM kernels; keep every frame silent so no near-threshold
+    # decision flips and changes what follows
+    steer = dict(interval_bias=8.0, eos_bias=7.8) if dtype == torch.float32 else dict(interval_bias=100.0)
+    model = steered(load_model(tiny_dir, device="cuda", dtype=dtype), **steer)
+    eager = _batched_logits(model, "sdpa")
+    graphed = _batched_logits(model, "sdpa", cuda_graphs=True)
+    assert model.forward_path == "graphed" and len(model._graphed._graphs) >= 2
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(graphed, eager, atol=tolerance, rtol=tolerance)
 
 
 def test_overlapping_perception_on_its_own_stream_matches_the_cpu(tiny_dir):

@@ -18,8 +18,8 @@ from liveserve.model.loading import load_model
 def _stream(model, direct: bool, frames: int = 24) -> tuple[list, list]:
     """Every step's logits and events of one session: frames, a query, replies and evictions."""
     model.direct_forward = direct
-    config = SessionConfig(threshold=0.5, max_new_tokens=4,
-                           cache=CacheConfig(policy="sink_window", window_frames=6, evict_frames=2, text_window_tokens=20))
+    cache = CacheConfig(policy="sink_window", window_frames=6, evict_frames=2, text_window_tokens=20)
+    config = SessionConfig(threshold=0.5, max_new_tokens=4, cache=cache)
     session = Session(model, config)
     session.trace = []
     bank = frame_bank(model, 6, seed=3)
@@ -63,3 +63,45 @@ def test_models_it_does_not_take_keep_the_hugging_face_forward(tiny_model, relea
     unmerged = load_model(release_dir, device="cpu", dtype=torch.float32, merge_lora=False)
     logits, _ = _stream(unmerged, True, frames=2)
     assert unmerged._direct is None and unmerged.direct_forward_unsupported  # an adapter beside its weights
+
+
+def _replay_eagerly(fn):
+    """A stand-in for CUDA graph capture on the CPU: `replay` recomputes the piece from the same input
+    buffers into the same output tensors, which is what replaying a captured graph does. It checks what
+    the graphed forward owns (buckets, static buffers, padding, the pieces' order); tests/test_gpu.py
+    replays real CUDA graphs."""
+    outputs = fn()
+
+    def replay():
+        for held, fresh in zip(outputs, fn()):
+            held.copy_(fresh)
+
+    return replay, outputs
+
+
+@pytest.mark.parametrize("max_tokens", [512, 4])
+def test_graphed_pieces_over_static_buffers_equal_the_direct_forward(tiny_dir, max_tokens):
+    """Frame steps, a query's prompt, reply tokens and evictions through the bucketed pieces (with 4, frame
+    steps are too large for a bucket and run eagerly while reply tokens replay): the same logits."""
+    model = steered(load_model(tiny_dir, device="cpu", dtype=torch.float32), interval_bias=8.0, eos_bias=7.8)
+    eager, eager_events = _stream(model, True)
+    model.use_cuda_graphs(capture=_replay_eagerly, max_tokens=max_tokens)
+    assert model.forward_path == "graphed"
+    graphed, graphed_events = _stream(model, True)
+    assert graphed_events == eager_events and "ResponseDone" in eager_events
+    captured = sorted(model._graphed._graphs)  # bucket sizes replayed: reply tokens (1) always
+    assert captured[0] == 1 and captured[-1] <= max_tokens and (max_tokens == 4 or captured[-1] >= 16)
+    for got, want in zip(graphed, eager):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_dir):
+    from liveserve.config import EngineConfig, PoolConfig
+    from liveserve.engine.batch import BatchEngine
+
+    model = load_model(tiny_dir, device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        BatchEngine(model, EngineConfig(pool=PoolConfig(budget_tokens=1024), cuda_graphs=True))
+    model.direct_forward = False
+    with pytest.raises(ValueError, match="the direct forward is off"):
+        model.use_cuda_graphs(capture=_replay_eagerly)

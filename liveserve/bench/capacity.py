@@ -76,6 +76,7 @@ class CapacitySettings:
     threshold: float = DEFAULT_THRESHOLD
     drain_s: float = 5.0  # after the last frame is due, how long undecided frames may still finish
     max_tokens_per_chunk: int = 20  # commentary models: most tokens a turn says
+    cuda_graphs: bool = False  # the engine's steps replay CUDA graphs (EngineConfig.cuda_graphs), single stream too
 
     def __post_init__(self) -> None:
         if self.input_kind not in INPUTS:
@@ -334,7 +335,8 @@ def engine_single_stream(model: LiveModel, frames: list[torch.Tensor], settings:
     """(decisions [(p_silent, fired)], reply token counts, seconds): one session through the BatchEngine,
     each frame decided (and its reply written) before the next arrives."""
     pool = _single_pool(model, len(frames), len(frames) * (settings.max_new_tokens + 8))
-    engine = BatchEngine(model, EngineConfig(pool=pool, scheduler=SchedulerConfig(max_lag_s=None)))
+    engine = BatchEngine(model, EngineConfig(pool=pool, scheduler=SchedulerConfig(max_lag_s=None),
+                                             cuda_graphs=settings.cuda_graphs))
     engine.open("single", _single_config(settings))
     decisions, replies = [], []
     try:
@@ -467,7 +469,7 @@ def run_capacity_bench(model: LiveModel, *, levels: list[int], settings: Capacit
                   f"{single['reference_frames_per_s']:.1f} frames/s ({speedup:.2f}x); decisions match: "
                   f"{single['decisions_match']}", file=sys.stderr, flush=True)
         engine = BatchEngine(model, EngineConfig(pool=pool_config(model, settings, max(levels), memory_fraction),
-                                                 attention=attention))
+                                                 attention=attention, cuda_graphs=settings.cuda_graphs))
         forward = getattr(model, "forward_path", "hf")
         print(f"  attention kernel: {engine.kernel.name}; LM forward: {forward}", file=sys.stderr, flush=True)
         per_session = session_tokens(model, level_config(model, settings))

@@ -3,10 +3,11 @@
 The new tokens of every scheduled session are packed into one [1, T] sequence (each with its own
 positions, so RoPE is per session). A `PackedStep` lays the step out once: what it needs from the host
 (every session's new token count, cached length and block table, the model's token ids and positions,
-and frame features pushed as host tensors) goes to the device in one copy per dtype, and per packed token its session and cache position are
-derived there. Per layer, `attend` writes all new keys/values into their sessions' pool slots in one
-write, then the attention kernel (engine/kernels) attends each session's queries over that session's
-cache only; the kernel plans once per step and that plan serves every layer.
+and frame features pushed as host tensors) goes to the device in one copy per dtype, and per packed
+token its session and cache position are derived there. Per layer, `attend` writes all new keys and
+values into their sessions' pool slots in one write, then the attention kernel (engine/kernels) attends
+each session's queries over that session's cache only; the kernel plans once per step and that plan
+serves every layer.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from liveserve.model.attention import KVStep
+from liveserve.model.graphed_step import MAX_GRAPH_TOKENS, GraphedLlamaStep
 from liveserve.model.llama_step import LlamaStep, unsupported
 from liveserve.model.template import StreamTemplate
 from liveserve.model.vision import FrameLayout, VisionEncoder
@@ -44,6 +45,7 @@ class LiveModel(nn.Module):
         self.direct_forward = True
         self._direct: LlamaStep | None = None
         self.direct_forward_unsupported: str | None = None
+        self._graphed: GraphedLlamaStep | None = None  # enable_cuda_graphs
 
     @property
     def device(self) -> torch.device:
@@ -120,17 +122,37 @@ class LiveModel(nn.Module):
         order = inputs.get("order")
         return table if order is None else table[order]  # ids then frame tokens, per session
 
-    def _direct_step(self) -> LlamaStep | None:
-        """The direct Llama forward when it is on and takes this model (decided at the first step)."""
+    def _direct_step(self) -> LlamaStep | GraphedLlamaStep | None:
+        """The direct Llama forward when it is on and takes this model (decided at the first step), graphed
+        when CUDA graphs are on."""
         if self._direct is None and self.direct_forward_unsupported is None:
             self.direct_forward_unsupported = unsupported(self.lm)
             self._direct = None if self.direct_forward_unsupported else LlamaStep(self.lm)
-        return self._direct if self.direct_forward else None
+        if not self.direct_forward:
+            return None
+        return self._graphed or self._direct
+
+    def use_cuda_graphs(self, on: bool = True, capture=None, max_tokens: int = MAX_GRAPH_TOKENS) -> None:
+        """With `on`, engine steps of up to `max_tokens` tokens replay CUDA graphs of the direct forward's
+        fixed-shape pieces (graphed_step.py); raises ValueError when they cannot run here. `capture`: see
+        graphed_step.Capture (tests)."""
+        if not on:
+            self._graphed = None
+            return
+        if capture is None and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        direct = self._direct_step()
+        if not isinstance(direct, LlamaStep):
+            why = "the direct forward is off" if not self.direct_forward else self.direct_forward_unsupported
+            raise ValueError(f"CUDA graphs need the direct Llama forward: {why}")
+        self._graphed = GraphedLlamaStep(direct, capture, max_tokens)
 
     @property
     def forward_path(self) -> str:
-        """How engine steps run the LM: "direct" (llama_step.py) or "hf" (the Hugging Face forward)."""
-        return "direct" if self._direct_step() is not None else "hf"
+        """How engine steps run the LM: "graphed" (CUDA graphs of the direct forward), "direct"
+        (llama_step.py) or "hf" (the Hugging Face forward)."""
+        direct = self._direct_step()
+        return "hf" if direct is None else "graphed" if direct is self._graphed else "direct"
 
     def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, step: KVStep,
                      logits_at: torch.Tensor) -> torch.Tensor:

@@ -63,25 +63,46 @@ class LlamaStep:
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, kv_step: KVStep,
                  logits_at: torch.Tensor) -> torch.Tensor:
         """embeds [T, hidden] at `positions` [T] -> fp32 logits at the packed indices `logits_at`."""
-        lm, x = self.lm, embeds
-        tokens, heads, kv_heads, dim = x.shape[0], self.heads, self.kv_heads, self.head_dim
-        cos, sin = self._rotary(positions, x.dtype)
-        for index, layer in enumerate(lm.model.layers):
-            attention, mlp = layer.self_attn, layer.mlp
-            h = _rms_norm(x, layer.input_layernorm.weight, self.eps)
-            q = F.linear(h, attention.q_proj.weight).view(tokens, heads, dim)
-            k = F.linear(h, attention.k_proj.weight).view(tokens, kv_heads, dim)
-            v = F.linear(h, attention.v_proj.weight).view(tokens, kv_heads, dim)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            out = kv_step.attend(index, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                 self.scaling)  # [1, T, heads, dim]
-            x = x + F.linear(out.reshape(tokens, heads * dim), attention.o_proj.weight)
-            h = _rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
-            gated = F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight)
-            x = x + F.linear(gated, mlp.down_proj.weight)
-        return lm.lm_head(_rms_norm(x[logits_at], lm.model.norm.weight, self.eps)).float()
+        x = embeds
+        cos, sin = self.rotary(positions, x.dtype)
+        for index in range(len(self.lm.model.layers)):
+            q, k, v = self.before_attention(index, x, cos, sin)
+            x = self.after_attention(index, x, self.attend(kv_step, index, q, k, v))
+        return self.logits(x, logits_at)
 
-    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # The pieces of a step, in order; graphed_step.py captures all but the attention in CUDA graphs.
+
+    def before_attention(self, index: int, x: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer `index` up to its attention: q [T, heads, dim], k and v [T, kv_heads, dim], rotated."""
+        layer, tokens, dim = self.lm.model.layers[index], x.shape[0], self.head_dim
+        attention = layer.self_attn
+        h = _rms_norm(x, layer.input_layernorm.weight, self.eps)
+        q = F.linear(h, attention.q_proj.weight).view(tokens, self.heads, dim)
+        k = F.linear(h, attention.k_proj.weight).view(tokens, self.kv_heads, dim)
+        v = F.linear(h, attention.v_proj.weight).view(tokens, self.kv_heads, dim)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def attend(self, kv_step: KVStep, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The engine's attention (it writes k/v into the sessions' caches): -> [T, heads * dim]."""
+        out = kv_step.attend(index, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                             self.scaling)  # [1, T, heads, dim]
+        return out.reshape(q.shape[0], self.heads * self.head_dim)
+
+    def after_attention(self, index: int, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Layer `index` from its attention's output: the output projection and the MLP, both residual."""
+        layer = self.lm.model.layers[index]
+        mlp = layer.mlp
+        x = x + F.linear(attended, layer.self_attn.o_proj.weight)
+        h = _rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
+        gated = F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight)
+        return x + F.linear(gated, mlp.down_proj.weight)
+
+    def logits(self, x: torch.Tensor, logits_at: torch.Tensor) -> torch.Tensor:
+        """The final norm on the rows whose logits are read, then the LM head module (its hooks apply)."""
+        return self.lm.lm_head(_rms_norm(x[logits_at], self.lm.model.norm.weight, self.eps)).float()
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin [T, 1, dim] for `_rotate`, in fp32 then cast, as the Hugging Face module."""
         freqs = positions[:, None].float() * self.lm.model.rotary_emb.inv_freq.float()[None]
         cos, sin = freqs.cos() * self.rope_scaling, freqs.sin() * self.rope_scaling
