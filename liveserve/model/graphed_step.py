@@ -43,7 +43,8 @@ def cuda_capture(pool) -> Capture:
             fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: the engine's perception thread keeps using the device on its own stream meanwhile
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             outputs = fn()
         return graph.replay, outputs
 
