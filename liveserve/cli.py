@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are always local
     from liveserve.logs import quiet_library_logs
-    from liveserve.model.loading import CheckpointError
+    from liveserve.model.checkpoint import CheckpointError
     from liveserve.orchestration.launch import LaunchError
     from liveserve.services.client import ClientError
     from liveserve.services.redis_server import RedisUnavailable

@@ -17,7 +17,8 @@ from liveserve.config import SessionConfig
 from liveserve.engine.events import FrameDecision, ResponseDone
 from liveserve.engine.session import Session
 from liveserve.model.live import build_connector
-from liveserve.model.loading import CheckpointError, load_model
+from liveserve.model.checkpoint import CheckpointError
+from liveserve.model.loading import load_model
 from liveserve.model.tiny import write_tiny_checkpoint
 from liveserve.model.vision import FrameLayout
 

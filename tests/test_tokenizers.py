@@ -12,7 +12,8 @@ import torch
 from liveserve.config import SessionConfig
 from liveserve.engine.events import FrameDecision, ResponseDone
 from liveserve.engine.session import Session
-from liveserve.model.loading import CheckpointError, load_model
+from liveserve.model.checkpoint import CheckpointError
+from liveserve.model.loading import load_model
 from liveserve.model.template import StreamTemplate, TemplateError
 from liveserve.model.tiny import TOKENIZER_STYLES, build_tiny_tokenizer, write_tiny_checkpoint
 

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, SiglipVisionModel
 
 from liveserve.model.attention import ATTN_IMPLEMENTATION
+from liveserve.model.checkpoint import CheckpointError, check_supported
 from liveserve.model.live import LiveModel, build_connector
 from liveserve.model.template import DEFAULT_SYSTEM_PROMPT, StreamTemplate
 from liveserve.model.vision import (CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, FrameLayout, VisionEncoder,
@@ -42,10 +43,6 @@ LIVE_CONFIG = "live_config.json"
 LIVE_FORMAT = "liveserve.live/1"
 CONNECTOR_FILE = "connector.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing or malformed; the message names the missing piece."""
 
 
 def default_device() -> torch.device:
@@ -230,25 +227,6 @@ def _load_lm(llm_dir: Path, device, dtype):
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load the causal LM from {llm_dir}: {exc}") from exc
     return lm.to(device), tokenizer
-
-
-def check_supported(config: dict, where: Path) -> None:
-    """Refuse LMs whose attention or logits the engine would compute differently from the model's own code,
-    before loading their weights: the engine's attention is full causal attention with plain softmax, and
-    its logits are the LM head's, unscaled."""
-    problems = []
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if config.get(key):
-            problems.append(f"{key}={config[key]} (logit soft-capping, e.g. Gemma-2)")
-    layer_types = config.get("layer_types") or []
-    sliding = [i for i, kind in enumerate(layer_types) if "sliding" in str(kind)]
-    if sliding:
-        problems.append(f"sliding-window attention in layers {sliding[:8]}{'...' if len(sliding) > 8 else ''}")
-    elif config.get("sliding_window") and config.get("use_sliding_window", True) and not layer_types:
-        problems.append(f"sliding_window={config['sliding_window']} (sliding-window attention, e.g. Mistral)")
-    if problems:
-        raise CheckpointError(f"{where / 'config.json'}: the engine does not implement {'; '.join(problems)}; "
-                              f"it serves LMs with full causal attention (Llama, Qwen2)")
 
 
 def _vision_config(vision_dir: Path):

@@ -252,7 +252,7 @@ def frame_size_for(max_pixels: int, unit: int) -> int:
 def _frame_size(path: Path, config: dict) -> tuple[int, dict]:
     """The square frame size of the checkpoint at `path` (from its image processor's max_pixels) and that
     processor's settings."""
-    from liveserve.model.loading import CheckpointError
+    from liveserve.model.checkpoint import CheckpointError
 
     processor = path / "preprocessor_config.json"
     if not processor.is_file():
@@ -274,7 +274,7 @@ def load_qwen_vl(path: Path, device: torch.device, dtype: torch.dtype, *, frame_
     preprocessor_config.json): StreamingVLM's release, or Qwen2.5-VL-*-Instruct."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from liveserve.model.loading import CheckpointError, check_supported
+    from liveserve.model.checkpoint import CheckpointError, check_supported
 
     config = json.loads((path / "config.json").read_text())
     check_supported(config.get("text_config", config), path)

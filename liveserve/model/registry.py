@@ -41,7 +41,7 @@ def resolve_model(name: str | Path) -> Path:
         return tiny_commentary_checkpoint()
     if str(name) == "default":
         if not default_model_available():
-            from liveserve.model.loading import CheckpointError
+            from liveserve.model.checkpoint import CheckpointError
 
             raise CheckpointError(f"the default model is not built ({DEFAULT_MODEL_DIR} has no {_LIVE_CONFIG}); "
                                   "run scripts/build_default_model.sh")
