@@ -35,7 +35,7 @@ def _stream(model, direct: bool, frames: int = 24) -> tuple[list, list]:
 def test_direct_forward_equals_the_hugging_face_forward(tiny_dir, dtype):
     model = steered(load_model(tiny_dir, device="cpu", dtype=dtype), interval_bias=8.0, eos_bias=7.8)
     direct, direct_events = _stream(model, True)
-    assert model._direct is not None  # it ran
+    assert model.forward_path == "direct"  # it ran
     hf, hf_events = _stream(model, False)
     assert direct_events == hf_events and "ResponseDone" in hf_events and len(direct) == len(hf)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -54,15 +54,72 @@ def test_direct_forward_reads_weights_changed_in_place(tiny_dir):
     torch.testing.assert_close(after[-1], reference[-1], atol=1e-5, rtol=1e-5)
 
 
+class _CausalAttention:
+    """The attention of one plain sequence (no cache): the KVStep a whole-sequence forward would use."""
+
+    def attend(self, layer, query, key, value, scaling):
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                               enable_gqa=True)
+        return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_direct_layers_with_biases_equal_the_hugging_face_model(tiny_model, model_type):
+    """Qwen2's q/k/v biases (and Llama's optional attention and MLP biases) go through the direct layers:
+    the same logits as the Hugging Face model over one sequence."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from liveserve.model.llama_step import LlamaStep
+
+    base = tiny_model.lm.config.to_dict()
+    extra = {"attention_bias": True, "mlp_bias": True} if model_type == "llama" else {"use_sliding_window": False}
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps")
+    config = AutoConfig.for_model(model_type, **{k: base[k] for k in keep}, **extra)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, parameter in lm.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5)  # biases start at zero: make them count
+        embeds = torch.randn(9, config.hidden_size)
+        want = lm(inputs_embeds=embeds[None]).logits[0]
+        got = LlamaStep(lm.model, lm.lm_head)(embeds, torch.arange(9), _CausalAttention(), torch.arange(9))
+    assert lm.model.layers[0].self_attn.q_proj.bias is not None
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_direct_layers_turn_m_rope_as_qwen2_5_vl_does(qwen):
+    """Qwen2.5-VL's text stack with M-RoPE: each frequency band turns with its own row (time, height,
+    width) of the positions. Attention is sharpened so that a band turned with the wrong row shows."""
+    from liveserve.model.llama_step import LlamaStep
+
+    model = copy.deepcopy(qwen)
+    decoder, head = model.decoder_and_head()
+    with torch.no_grad():
+        for layer in decoder.layers:
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                projection.weight.mul_(8.0)
+                projection.bias.mul_(8.0)
+        embeds = torch.randn(24, decoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        grid = model.grid(2)
+        positions = torch.cat([torch.arange(4).expand(3, 4), model.vision_positions(4, grid, 1.0),
+                               torch.arange(8, 8 + 24 - 4 - grid.num_tokens).expand(3, -1)], 1)
+        assert not torch.equal(positions[0], positions[1])  # the vision tokens' rows differ
+        want = head(decoder(inputs_embeds=embeds[None], position_ids=positions[:, None]).last_hidden_state[0])
+        got = LlamaStep(decoder, head)(embeds, positions, _CausalAttention(), torch.arange(24))
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+
+
 def test_models_it_does_not_take_keep_the_hugging_face_forward(tiny_model, release_dir):
     config = copy.deepcopy(tiny_model.lm.config)
-    config.attention_bias = True
-    assert "biases" in unsupported(LlamaForCausalLM(config))
+    config.hidden_act = "gelu"
+    assert "SiLU" in unsupported(LlamaForCausalLM(config).model)
     config = LlamaConfig(**{**tiny_model.lm.config.to_dict(), "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
-    assert "changes with the sequence length" in unsupported(LlamaForCausalLM(config))
+    assert "changes with the sequence length" in unsupported(LlamaForCausalLM(config).model)
     unmerged = load_model(release_dir, device="cpu", dtype=torch.float32, merge_lora=False)
     logits, _ = _stream(unmerged, True, frames=2)
-    assert unmerged._direct is None and unmerged.direct_forward_unsupported  # an adapter beside its weights
+    assert unmerged.forward_path == "hf" and "adapters" in unmerged.direct_forward_unsupported
 
 
 def _replay_eagerly(fn):

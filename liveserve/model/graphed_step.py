@@ -97,7 +97,7 @@ class GraphedLlamaStep:
         positions = torch.zeros(size, dtype=torch.long, device=like.device)
         rotary, (cos, sin) = capture(lambda: direct.rotary(positions, like.dtype))
         before, after, attended, x = [], [], [], embeds
-        for index in range(len(direct.lm.model.layers)):
+        for index in range(len(direct.decoder.layers)):
             before.append(capture(lambda i=index, x=x: direct.before_attention(i, x, cos, sin)))
             attended.append(torch.zeros(size, direct.heads * direct.head_dim, dtype=like.dtype, device=like.device))
             replay, (x,) = capture(lambda i=index, x=x, a=attended[-1]: (direct.after_attention(i, x, a),))

@@ -12,7 +12,7 @@ from torch import nn
 
 from liveserve.model.attention import KVStep
 from liveserve.model.graphed_step import MAX_GRAPH_TOKENS, GraphedLlamaStep
-from liveserve.model.llama_step import LlamaStep, unsupported
+from liveserve.model.llama_step import DirectForward
 from liveserve.model.template import StreamTemplate
 from liveserve.model.vision import FrameLayout, VisionEncoder
 
@@ -22,7 +22,7 @@ def build_connector(vision_hidden: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(vision_hidden, hidden, bias=True), nn.GELU(), nn.Linear(hidden, hidden, bias=True))
 
 
-class LiveModel(nn.Module):
+class LiveModel(DirectForward, nn.Module):
     family = "live"
 
     def __init__(self, lm: nn.Module, connector: nn.Module, template: StreamTemplate, layout: FrameLayout,
@@ -40,12 +40,7 @@ class LiveModel(nn.Module):
         self.max_positions = text.max_position_embeddings
         self.hidden_size = text.hidden_size
         self.vocab_size = text.vocab_size
-        # Engine steps run the Llama stack directly where it is a plain one (llama_step.py); False: always the
-        # Hugging Face forward. Decided at the first step, as the weights are then final (merged adapters).
-        self.direct_forward = True
-        self._direct: LlamaStep | None = None
-        self.direct_forward_unsupported: str | None = None
-        self._graphed: GraphedLlamaStep | None = None  # enable_cuda_graphs
+        self._graphed: GraphedLlamaStep | None = None  # use_cuda_graphs
 
     @property
     def device(self) -> torch.device:
@@ -122,15 +117,8 @@ class LiveModel(nn.Module):
         order = inputs.get("order")
         return table if order is None else table[order]  # ids then frame tokens, per session
 
-    def _direct_step(self) -> LlamaStep | GraphedLlamaStep | None:
-        """The direct Llama forward when it is on and takes this model (decided at the first step), graphed
-        when CUDA graphs are on."""
-        if self._direct is None and self.direct_forward_unsupported is None:
-            self.direct_forward_unsupported = unsupported(self.lm)
-            self._direct = None if self.direct_forward_unsupported else LlamaStep(self.lm)
-        if not self.direct_forward:
-            return None
-        return self._graphed or self._direct
+    def decoder_and_head(self) -> tuple[nn.Module, nn.Module]:
+        return self.lm.model, self.lm.lm_head
 
     def use_cuda_graphs(self, on: bool = True, capture=None, max_tokens: int = MAX_GRAPH_TOKENS) -> None:
         """With `on`, engine steps of up to `max_tokens` tokens replay CUDA graphs of the direct forward's
@@ -141,8 +129,8 @@ class LiveModel(nn.Module):
             return
         if capture is None and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
-        direct = self._direct_step()
-        if not isinstance(direct, LlamaStep):
+        direct = self.direct_step()
+        if direct is None:
             why = "the direct forward is off" if not self.direct_forward else self.direct_forward_unsupported
             raise ValueError(f"CUDA graphs need the direct Llama forward: {why}")
         self._graphed = GraphedLlamaStep(direct, capture, max_tokens)
@@ -151,16 +139,15 @@ class LiveModel(nn.Module):
     def forward_path(self) -> str:
         """How engine steps run the LM: "graphed" (CUDA graphs of the direct forward), "direct"
         (llama_step.py) or "hf" (the Hugging Face forward)."""
-        direct = self._direct_step()
-        return "hf" if direct is None else "graphed" if direct is self._graphed else "direct"
+        return "hf" if self.direct_step() is None else "graphed" if self._graphed else "direct"
 
     def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, step: KVStep,
                      logits_at: torch.Tensor) -> torch.Tensor:
         """One forward over packed new tokens [T, hidden] at `positions` [T]; returns fp32 logits at the
         packed indices `logits_at` (each sequence's last token, typically)."""
-        direct = self._direct_step()
+        direct = self.direct_step()
         if direct is not None:
-            return direct(embeds, positions, step, logits_at)
+            return (self._graphed or direct)(embeds, positions, step, logits_at)
         # The step's own attention masks each cache itself: a ready-made 4D mask makes transformers skip
         # building a [T, T] causal mask every forward that nothing would read.
         out = self.lm.model(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False, kv_step=step,

@@ -1,18 +1,18 @@
-"""A Llama decoder stack run directly for the engine's packed steps, without the Hugging Face module
-machinery around it.
+"""A Llama-style decoder stack run directly for the engine's packed steps, without the Hugging Face
+module machinery around it: Llama, Qwen2, and Qwen2.5-VL's text model (its M-RoPE included).
 
 A step of a few sessions is a few dozen tokens: there the cost of a forward is not the arithmetic but
 the calls around it (module `__call__`s, attribute lookups, hooks and output bookkeeping, the rotary
 module per call; on a GPU, a kernel launch for each small op). This runs the same weights, read from
 the Hugging Face modules at every call (so weights loaded, merged or changed in place are what it
-uses), with the same arithmetic: RMSNorm, q/k/v projections, rotary embedding, the engine's attention,
-the output projection, the SiLU-gated MLP, the final norm on the rows whose logits are read, and the LM
-head module itself (so hooks on it, like a decision bias, still apply). On the tiny model it halves the
-forward's time on a CPU; its logits equal the Hugging Face path's (tests/test_session.py).
+uses), with the same arithmetic: RMSNorm, q/k/v projections (with their biases, as Qwen2 has them),
+rotary embedding, the engine's attention, the output projection, the SiLU-gated MLP, the final norm on
+the rows whose logits are read, and the LM head module itself (so hooks on it, like a decision bias,
+still apply). On the tiny model it halves the forward's time on a CPU; its logits equal the Hugging
+Face path's (tests/test_llama_step.py, tests/test_commentary.py).
 
-It takes plain Llama stacks only (`unsupported` says why not): anything else (biases, another
-activation, position-dependent RoPE scaling, adapters not merged into nn.Linear) keeps the Hugging
-Face forward.
+It takes those stacks only (`unsupported` says why not): another activation, RoPE that changes with the
+sequence length, adapters not merged into nn.Linear or hooks on the layers keep the Hugging Face forward.
 """
 
 from __future__ import annotations
@@ -23,49 +23,82 @@ from torch import nn
 
 from liveserve.model.attention import KVStep
 
+STACKS = ("llama", "qwen2", "qwen2_5_vl_text")  # model_type of the decoder's config
 STATIC_ROPE = ("default", "linear", "llama3")  # inv_freq fixed at load: no per-length update
 
 
-def unsupported(lm: nn.Module) -> str | None:
-    """Why `lm` cannot run here (None: it can)."""
-    config = lm.config
-    if getattr(config, "model_type", None) != "llama":
-        return f"not a Llama model ({getattr(config, 'model_type', None)})"
+def unsupported(decoder: nn.Module) -> str | None:
+    """Why the decoder stack `decoder` (a Hugging Face `*Model` with layers, norm and rotary_emb) cannot
+    run here (None: it can)."""
+    config = decoder.config
+    if getattr(config, "model_type", None) not in STACKS:
+        return f"not a Llama-style stack ({getattr(config, 'model_type', None)}; takes {', '.join(STACKS)})"
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "pretraining_tp", 1) != 1:
         return "activation other than SiLU, or tensor-parallel pretraining slices"
-    rope = getattr(lm.model.rotary_emb, "rope_type", "default")
+    rope = getattr(decoder.rotary_emb, "rope_type", "default")
     if rope not in STATIC_ROPE:
         return f"RoPE type {rope!r} changes with the sequence length"
-    for layer in lm.model.layers:
+    for layer in decoder.layers:
         attention, mlp = layer.self_attn, layer.mlp
         projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
                        mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if any(type(p) is not nn.Linear or p.bias is not None for p in projections):
-            return "projections with biases or adapters (not plain nn.Linear without bias)"
+        if any(type(p) is not nn.Linear for p in projections):
+            return "projections that are not plain nn.Linear (adapters beside their weights)"
         if layer._forward_hooks or layer._forward_pre_hooks or attention._forward_hooks or mlp._forward_hooks:
             return "hooks on the decoder layers"
     return None
 
 
+class DirectForward:
+    """What a model whose engine steps may run a `LlamaStep` has: the switch (`direct_forward`, on by
+    default) and the choice, made once at the first step (the weights are final then: adapters merged)."""
+
+    direct_forward: bool = True
+
+    def decoder_and_head(self) -> tuple[nn.Module, nn.Module]:
+        """The Hugging Face decoder stack and LM head the engine's steps run."""
+        raise NotImplementedError
+
+    def direct_step(self) -> LlamaStep | None:
+        """The direct forward, when it is on and takes this model."""
+        choice = self.__dict__.get("_direct_choice")
+        if choice is None:
+            decoder, head = self.decoder_and_head()
+            why = unsupported(decoder)
+            choice = self._direct_choice = (None if why else LlamaStep(decoder, head), why)
+        return choice[0] if self.direct_forward else None
+
+    @property
+    def direct_forward_unsupported(self) -> str | None:
+        """Why the direct forward does not take this model (None: it does)."""
+        self.direct_step()
+        return self._direct_choice[1]
+
+
 class LlamaStep:
-    def __init__(self, lm: nn.Module) -> None:
-        why = unsupported(lm)
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module) -> None:
+        why = unsupported(decoder)
         if why:
-            raise ValueError(f"the direct Llama forward cannot run this model: {why}")
-        config = lm.config
-        self.lm = lm
+            raise ValueError(f"the direct forward cannot run this model: {why}")
+        config = decoder.config
+        self.decoder, self.lm_head = decoder, lm_head
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.eps = config.rms_norm_eps
         self.scaling = self.head_dim ** -0.5
-        self.rope_scaling = float(getattr(lm.model.rotary_emb, "attention_scaling", 1.0))
+        rotary = decoder.rotary_emb
+        self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        # M-RoPE (Qwen2.5-VL): positions are [3, T]; frequency band j turns with row mrope_row[j]
+        sections = getattr(rotary, "mrope_section", None)
+        self.mrope_row = None if sections is None else torch.cat(
+            [torch.full((n,), i % 3) for i, n in enumerate(sections)])
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, kv_step: KVStep,
                  logits_at: torch.Tensor) -> torch.Tensor:
         """embeds [T, hidden] at `positions` [T] -> fp32 logits at the packed indices `logits_at`."""
         x = embeds
         cos, sin = self.rotary(positions, x.dtype)
-        for index in range(len(self.lm.model.layers)):
+        for index in range(len(self.decoder.layers)):
             q, k, v = self.before_attention(index, x, cos, sin)
             x = self.after_attention(index, x, self.attend(kv_step, index, q, k, v))
         return self.logits(x, logits_at)
@@ -75,12 +108,12 @@ class LlamaStep:
     def before_attention(self, index: int, x: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer `index` up to its attention: q [T, heads, dim], k and v [T, kv_heads, dim], rotated."""
-        layer, tokens, dim = self.lm.model.layers[index], x.shape[0], self.head_dim
+        layer, tokens, dim = self.decoder.layers[index], x.shape[0], self.head_dim
         attention = layer.self_attn
         h = _rms_norm(x, layer.input_layernorm.weight, self.eps)
-        q = F.linear(h, attention.q_proj.weight).view(tokens, self.heads, dim)
-        k = F.linear(h, attention.k_proj.weight).view(tokens, self.kv_heads, dim)
-        v = F.linear(h, attention.v_proj.weight).view(tokens, self.kv_heads, dim)
+        q = _linear(h, attention.q_proj).view(tokens, self.heads, dim)
+        k = _linear(h, attention.k_proj).view(tokens, self.kv_heads, dim)
+        v = _linear(h, attention.v_proj).view(tokens, self.kv_heads, dim)
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
     def attend(self, kv_step: KVStep, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -91,20 +124,27 @@ class LlamaStep:
 
     def after_attention(self, index: int, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Layer `index` from its attention's output: the output projection and the MLP, both residual."""
-        layer = self.lm.model.layers[index]
+        layer = self.decoder.layers[index]
         mlp = layer.mlp
-        x = x + F.linear(attended, layer.self_attn.o_proj.weight)
+        x = x + _linear(attended, layer.self_attn.o_proj)
         h = _rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
-        gated = F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight)
-        return x + F.linear(gated, mlp.down_proj.weight)
+        gated = F.silu(_linear(h, mlp.gate_proj)) * _linear(h, mlp.up_proj)
+        return x + _linear(gated, mlp.down_proj)
 
     def logits(self, x: torch.Tensor, logits_at: torch.Tensor) -> torch.Tensor:
         """The final norm on the rows whose logits are read, then the LM head module (its hooks apply)."""
-        return self.lm.lm_head(_rms_norm(x[logits_at], self.lm.model.norm.weight, self.eps)).float()
+        return self.lm_head(_rms_norm(x[logits_at], self.decoder.norm.weight, self.eps)).float()
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sign-folded sin [T, 1, dim] for `_rotate`, in fp32 then cast, as the Hugging Face module."""
-        freqs = positions[:, None].float() * self.lm.model.rotary_emb.inv_freq.float()[None]
+        """cos and sign-folded sin [T, 1, dim] for `_rotate` from positions [T] (or M-RoPE's [3, T]), in fp32
+        then cast, as the Hugging Face module computes them."""
+        inv_freq = self.decoder.rotary_emb.inv_freq.float()
+        freqs = positions[..., None].float() * inv_freq  # [T, dim/2] or [3, T, dim/2]
+        if self.mrope_row is not None:
+            if self.mrope_row.device != freqs.device:
+                self.mrope_row = self.mrope_row.to(freqs.device)  # once
+            index = self.mrope_row[None, None].expand(1, freqs.shape[1], -1)
+            freqs = freqs.gather(0, index)[0]  # band j turns with positions row mrope_row[j]
         cos, sin = freqs.cos() * self.rope_scaling, freqs.sin() * self.rope_scaling
         return torch.cat([cos, cos], -1).to(dtype)[:, None], torch.cat([-sin, sin], -1).to(dtype)[:, None]
 
@@ -113,6 +153,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     """RoPE as Llama applies it (x * cos + rotate_half(x) * sin), rotate_half's sign folded into `sin`."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat([x[..., half:], x[..., :half]], -1) * sin
+
+
+def _linear(x: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
+    return F.linear(x, projection.weight, projection.bias)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

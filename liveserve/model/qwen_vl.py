@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from liveserve.model.attention import ATTN_IMPLEMENTATION, KVStep
+from liveserve.model.llama_step import DirectForward
 
 FAMILY = "qwen2_5_vl"
 NO_COMMENT = " ..."  # StreamingVLM ends every reply with it; a reply of only this is silence
@@ -113,7 +114,7 @@ class VisionGrid:
         return max(self.h, self.w)
 
 
-class QwenVLModel(nn.Module):
+class QwenVLModel(DirectForward, nn.Module):
     family = FAMILY
 
     def __init__(self, hf: nn.Module, tokenizer, *, image_mean, image_std, frame_size: int, name: str = "") -> None:
@@ -214,6 +215,9 @@ class QwenVLModel(nn.Module):
             embeds = embeds.masked_scatter((ids == self.template.video_pad)[:, None], vision)
         return embeds
 
+    def decoder_and_head(self) -> tuple[nn.Module, nn.Module]:
+        return self.hf.model.language_model, self.hf.lm_head
+
     def _unread_mask(self) -> torch.Tensor:
         if self._unread is None or self._unread.device != self.device:
             self._unread = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
@@ -223,6 +227,9 @@ class QwenVLModel(nn.Module):
                      logits_at: torch.Tensor) -> torch.Tensor:
         """One forward over packed new tokens [T, hidden] at M-RoPE `positions` [3, T]; fp32 logits at the
         packed indices `logits_at`."""
+        direct = self.direct_step()
+        if direct is not None:
+            return direct(embeds, positions, step, logits_at)
         out = self.hf.model.language_model(inputs_embeds=embeds[None], position_ids=positions[:, None],
                                            use_cache=False, kv_step=step, attention_mask=self._unread_mask())
         return self.hf.lm_head(out.last_hidden_state[0, logits_at]).float()
