@@ -84,7 +84,7 @@ def test_direct_layers_with_biases_equal_the_hugging_face_model(tiny_model, mode
                 parameter.normal_(0, 0.5)  # biases start at zero: make them count
         embeds = torch.randn(9, config.hidden_size)
         want = lm(inputs_embeds=embeds[None]).logits[0]
-        got = LlamaStep(lm.model, lm.lm_head)(embeds, torch.arange(9), _CausalAttention(), torch.arange(9))
+        got = LlamaStep(lambda: (lm.model, lm.lm_head))(embeds, torch.arange(9), _CausalAttention(), torch.arange(9))
     assert lm.model.layers[0].self_attn.q_proj.bias is not None
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -107,7 +107,7 @@ def test_direct_layers_turn_m_rope_as_qwen2_5_vl_does(qwen):
                                torch.arange(8, 8 + 24 - 4 - grid.num_tokens).expand(3, -1)], 1)
         assert not torch.equal(positions[0], positions[1])  # the vision tokens' rows differ
         want = head(decoder(inputs_embeds=embeds[None], position_ids=positions[:, None]).last_hidden_state[0])
-        got = LlamaStep(decoder, head)(embeds, positions, _CausalAttention(), torch.arange(24))
+        got = LlamaStep(lambda: (decoder, head))(embeds, positions, _CausalAttention(), torch.arange(24))
     torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
 
 

@@ -17,6 +17,8 @@ sequence length, adapters not merged into nn.Linear or hooks on the layers keep 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,9 +65,8 @@ class DirectForward:
         """The direct forward, when it is on and takes this model."""
         choice = self.__dict__.get("_direct_choice")
         if choice is None:
-            decoder, head = self.decoder_and_head()
-            why = unsupported(decoder)
-            choice = self._direct_choice = (None if why else LlamaStep(decoder, head), why)
+            why = unsupported(self.decoder_and_head()[0])
+            choice = self._direct_choice = (None if why else LlamaStep(self.decoder_and_head), why)
         return choice[0] if self.direct_forward else None
 
     @property
@@ -76,12 +77,15 @@ class DirectForward:
 
 
 class LlamaStep:
-    def __init__(self, decoder: nn.Module, lm_head: nn.Module) -> None:
+    def __init__(self, modules: Callable[[], tuple[nn.Module, nn.Module]]) -> None:
+        """`modules()`: the decoder stack and LM head, looked up at every use, so a module replaced on the
+        model (a head wrapped by a test, say) is the one that runs."""
+        self.modules = modules
+        decoder = self.decoder
         why = unsupported(decoder)
         if why:
             raise ValueError(f"the direct forward cannot run this model: {why}")
         config = decoder.config
-        self.decoder, self.lm_head = decoder, lm_head
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.eps = config.rms_norm_eps
@@ -92,6 +96,14 @@ class LlamaStep:
         sections = getattr(rotary, "mrope_section", None)
         self.mrope_row = None if sections is None else torch.cat(
             [torch.full((n,), i % 3) for i, n in enumerate(sections)])
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.modules()[0]
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.modules()[1]
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, kv_step: KVStep,
                  logits_at: torch.Tensor) -> torch.Tensor:
