@@ -152,6 +152,30 @@ def test_graphed_pieces_over_static_buffers_equal_the_direct_forward(tiny_dir, m
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_graphed_pieces_take_m_rope_positions(qwen):
+    """The commentary family's steps (a chunk's turn, reply tokens) through the bucketed pieces, M-RoPE's
+    [3, T] positions in the static buffers: the same logits as the direct forward run eagerly."""
+    from liveserve.config import CommentaryConfig
+    from liveserve.engine.commentary import CommentarySession
+
+    model = copy.deepcopy(qwen)
+    g = torch.Generator().manual_seed(4)
+    images = [torch.randint(0, 256, (3, model.frame_size, model.frame_size), dtype=torch.uint8, generator=g)
+              for _ in range(6)]
+    logits = []
+    for graphed in (False, True):
+        model.use_cuda_graphs(graphed, capture=_replay_eagerly)
+        session = CommentarySession(model, SessionConfig(mode="commentary",
+                                                         commentary=CommentaryConfig(max_tokens_per_chunk=3)))
+        session.trace = []
+        for i, image in enumerate(images):
+            session.push_frame(i * 0.5, image)
+        list(session.process())
+        logits.append(torch.stack([row for _, row in session.trace]))
+    assert model.forward_path == "graphed" and 1 in model._graphed._graphs
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+
 def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_dir):
     from liveserve.config import EngineConfig, PoolConfig
     from liveserve.engine.batch import BatchEngine

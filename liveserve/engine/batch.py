@@ -57,10 +57,7 @@ class BatchEngine:
         self.model, self.config = model, config or EngineConfig()
         self.pool = KVPool.for_model(model, self.config.pool)
         self.kernel = select_kernel(self.config.attention, self.pool)
-        if hasattr(model, "use_cuda_graphs"):
-            model.use_cuda_graphs(self.config.cuda_graphs)
-        elif self.config.cuda_graphs:
-            raise ValueError(f"CUDA graphs are for the LIVE family's direct forward, not {model.family!r} models")
+        model.use_cuda_graphs(self.config.cuda_graphs)
         log.info("attention kernel: %s (asked for %s; %s)", self.kernel.name, self.config.attention,
                  ", ".join(f"{name}: {why or 'runs here'}" for name, why in kernel_availability(self.pool).items()))
         # LIVE towers encode frame by frame, batched across sessions; a Qwen2.5-VL session encodes its chunk.

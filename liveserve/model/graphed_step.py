@@ -12,7 +12,8 @@ largest bucket runs eagerly; padding rows only ever meet row-wise arithmetic, so
 real row.
 
 Capture is lazy, per bucket, at its first step (a few milliseconds a graph); all graphs share one
-memory pool. Turned on by `EngineConfig.cuda_graphs` (CUDA only, models the direct forward takes).
+memory pool. Turned on by `EngineConfig.cuda_graphs` (CUDA only, models the direct forward takes: both
+families, M-RoPE positions included).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class _Bucket:
     """One token count's static buffers and captured pieces."""
 
     embeds: torch.Tensor  # [tokens, hidden], the step's embeddings then zeros
-    positions: torch.Tensor  # [tokens]
+    positions: torch.Tensor  # [tokens], or M-RoPE's [3, tokens]
     attended: list[torch.Tensor]  # per layer [tokens, heads * dim]: the eager attention's output goes here
     rotary: Callable[[], None]
     before: list[tuple[Callable[[], None], Sequence[torch.Tensor]]]  # per layer: replay, (q, k, v)
@@ -78,11 +79,11 @@ class GraphedLlamaStep:
         size = next((bucket for bucket in self.buckets if bucket >= tokens), None)
         if size is None:
             return self.direct(embeds, positions, kv_step, logits_at)
-        bucket = self._graphs.get(size) or self._build(size, embeds)
+        bucket = self._graphs.get(size) or self._build(size, embeds, positions)
         bucket.embeds[:tokens].copy_(embeds)
         bucket.embeds[tokens:].zero_()
-        bucket.positions[:tokens].copy_(positions)
-        bucket.positions[tokens:].zero_()
+        bucket.positions[..., :tokens].copy_(positions)
+        bucket.positions[..., tokens:].zero_()
         bucket.rotary()
         for index, ((replay_before, (q, k, v)), replay_after) in enumerate(zip(bucket.before, bucket.after)):
             replay_before()
@@ -91,10 +92,11 @@ class GraphedLlamaStep:
             replay_after()
         return self.direct.logits(bucket.hidden[:tokens], logits_at)
 
-    def _build(self, size: int, like: torch.Tensor) -> _Bucket:
+    def _build(self, size: int, like: torch.Tensor, like_positions: torch.Tensor) -> _Bucket:
         direct, capture = self.direct, self._capture
         embeds = torch.zeros(size, like.shape[1], dtype=like.dtype, device=like.device)
-        positions = torch.zeros(size, dtype=torch.long, device=like.device)
+        # [size], or M-RoPE's [3, size]
+        positions = torch.zeros(*like_positions.shape[:-1], size, dtype=torch.long, device=like.device)
         rotary, (cos, sin) = capture(lambda: direct.rotary(positions, like.dtype))
         before, after, attended, x = [], [], [], embeds
         for index in range(len(direct.decoder.layers)):

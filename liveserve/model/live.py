@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from liveserve.model.attention import KVStep
-from liveserve.model.graphed_step import MAX_GRAPH_TOKENS, GraphedLlamaStep
-from liveserve.model.llama_step import DirectForward
+from liveserve.model.direct_forward import DirectForward
 from liveserve.model.template import StreamTemplate
 from liveserve.model.vision import FrameLayout, VisionEncoder
 
@@ -40,7 +39,6 @@ class LiveModel(DirectForward, nn.Module):
         self.max_positions = text.max_position_embeddings
         self.hidden_size = text.hidden_size
         self.vocab_size = text.vocab_size
-        self._graphed: GraphedLlamaStep | None = None  # use_cuda_graphs
 
     @property
     def device(self) -> torch.device:
@@ -120,34 +118,13 @@ class LiveModel(DirectForward, nn.Module):
     def decoder_and_head(self) -> tuple[nn.Module, nn.Module]:
         return self.lm.model, self.lm.lm_head
 
-    def use_cuda_graphs(self, on: bool = True, capture=None, max_tokens: int = MAX_GRAPH_TOKENS) -> None:
-        """With `on`, engine steps of up to `max_tokens` tokens replay CUDA graphs of the direct forward's
-        fixed-shape pieces (graphed_step.py); raises ValueError when they cannot run here. `capture`: see
-        graphed_step.Capture (tests)."""
-        if not on:
-            self._graphed = None
-            return
-        if capture is None and self.device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
-        direct = self.direct_step()
-        if direct is None:
-            why = "the direct forward is off" if not self.direct_forward else self.direct_forward_unsupported
-            raise ValueError(f"CUDA graphs need the direct Llama forward: {why}")
-        self._graphed = GraphedLlamaStep(direct, capture, max_tokens)
-
-    @property
-    def forward_path(self) -> str:
-        """How engine steps run the LM: "graphed" (CUDA graphs of the direct forward), "direct"
-        (llama_step.py) or "hf" (the Hugging Face forward)."""
-        return "hf" if self.direct_step() is None else "graphed" if self._graphed else "direct"
-
     def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, step: KVStep,
                      logits_at: torch.Tensor) -> torch.Tensor:
         """One forward over packed new tokens [T, hidden] at `positions` [T]; returns fp32 logits at the
         packed indices `logits_at` (each sequence's last token, typically)."""
-        direct = self.direct_step()
-        if direct is not None:
-            return (self._graphed or direct)(embeds, positions, step, logits_at)
+        run = self.step_forward()
+        if run is not None:
+            return run(embeds, positions, step, logits_at)
         # The step's own attention masks each cache itself: a ready-made 4D mask makes transformers skip
         # building a [T, T] causal mask every forward that nothing would read.
         out = self.lm.model(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False, kv_step=step,

@@ -51,31 +51,6 @@ def unsupported(decoder: nn.Module) -> str | None:
     return None
 
 
-class DirectForward:
-    """What a model whose engine steps may run a `LlamaStep` has: the switch (`direct_forward`, on by
-    default) and the choice, made once at the first step (the weights are final then: adapters merged)."""
-
-    direct_forward: bool = True
-
-    def decoder_and_head(self) -> tuple[nn.Module, nn.Module]:
-        """The Hugging Face decoder stack and LM head the engine's steps run."""
-        raise NotImplementedError
-
-    def direct_step(self) -> LlamaStep | None:
-        """The direct forward, when it is on and takes this model."""
-        choice = self.__dict__.get("_direct_choice")
-        if choice is None:
-            why = unsupported(self.decoder_and_head()[0])
-            choice = self._direct_choice = (None if why else LlamaStep(self.decoder_and_head), why)
-        return choice[0] if self.direct_forward else None
-
-    @property
-    def direct_forward_unsupported(self) -> str | None:
-        """Why the direct forward does not take this model (None: it does)."""
-        self.direct_step()
-        return self._direct_choice[1]
-
-
 class LlamaStep:
     def __init__(self, modules: Callable[[], tuple[nn.Module, nn.Module]]) -> None:
         """`modules()`: the decoder stack and LM head, looked up at every use, so a module replaced on the

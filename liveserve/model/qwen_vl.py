@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from liveserve.model.attention import ATTN_IMPLEMENTATION, KVStep
-from liveserve.model.llama_step import DirectForward
+from liveserve.model.direct_forward import DirectForward
 
 FAMILY = "qwen2_5_vl"
 NO_COMMENT = " ..."  # StreamingVLM ends every reply with it; a reply of only this is silence
@@ -227,9 +227,9 @@ class QwenVLModel(DirectForward, nn.Module):
                      logits_at: torch.Tensor) -> torch.Tensor:
         """One forward over packed new tokens [T, hidden] at M-RoPE `positions` [3, T]; fp32 logits at the
         packed indices `logits_at`."""
-        direct = self.direct_step()
-        if direct is not None:
-            return direct(embeds, positions, step, logits_at)
+        run = self.step_forward()
+        if run is not None:
+            return run(embeds, positions, step, logits_at)
         out = self.hf.model.language_model(inputs_embeds=embeds[None], position_ids=positions[:, None],
                                            use_cache=False, kv_step=step, attention_mask=self._unread_mask())
         return self.hf.lm_head(out.last_hidden_state[0, logits_at]).float()
