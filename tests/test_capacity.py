@@ -209,3 +209,13 @@ def test_bench_capacity_refuses_features_for_a_commentary_model(qwen_dir, tmp_pa
     assert main(["bench", "capacity", "--model", str(qwen_dir), "--device", "cpu", "--input", "features",
                  "--sessions", "1", "--json", str(tmp_path / "x.json")]) == 2
     assert "encodes each chunk of frames itself: use --input pixels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,message", [(["--attention", "flashinfer"], "attention 'flashinfer' cannot run here"),
+                                          (["--cuda-graphs"], "CUDA graphs need a CUDA device")])
+def test_what_cannot_run_here_is_refused_before_any_work(tmp_path, capsys, flag, message):
+    out = tmp_path / "capacity.json"
+    assert main(["bench", "capacity", "--preset", "tiny", "--device", "cpu", "--sessions", "1", "--duration", "1",
+                 "--warmup", "0", *flag, "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "single stream" not in err and not out.exists()

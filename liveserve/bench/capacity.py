@@ -51,7 +51,8 @@ from liveserve.config import (DEFAULT_THRESHOLD, CacheConfig, CommentaryConfig, 
 from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import (ChunkDone, FrameDecision, FramesDropped, ReplyRequested, ResponseDone,
                                      SessionFailed)
-from liveserve.engine.kv_pool import PoolFullError
+from liveserve.engine.kernels import select_kernel
+from liveserve.engine.kv_pool import KVPool, PoolFullError
 from liveserve.engine.sessions import session_tokens
 from liveserve.model.live import LiveModel
 
@@ -449,6 +450,9 @@ def run_capacity_bench(model: LiveModel, *, levels: list[int], settings: Capacit
         raise ValueError("this model has no vision tower; use --input features")
     if commentary and settings.input_kind != "pixels":
         raise ValueError("a commentary model encodes each chunk of frames itself: use --input pixels")
+    # a kernel or CUDA graphs that cannot run here are refused now, not after the single-stream comparison
+    select_kernel(attention, KVPool.for_model(model, PoolConfig(budget_tokens=64)))
+    model.use_cuda_graphs(settings.cuda_graphs)
     frame = frame_source(model, "pixels") if settings.input_kind == "pixels" else None
     features = frame if commentary else frame_source(model, "features")
     frame = frame or features
