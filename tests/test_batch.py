@@ -550,6 +550,19 @@ def test_gpu_kernels_layouts_match_sdpa(mixed_model, bank, block_size, name, mon
         torch.testing.assert_close(got[sid], logits, atol=1e-4, rtol=1e-4)
 
 
+def test_auto_falls_back_when_an_installed_kernel_fails_to_start(mixed_model, monkeypatch, caplog):
+    import sys
+
+    from liveserve.engine.kernels import select_kernel
+    from liveserve.engine.kernels.flashinfer import FlashInferKernel
+
+    monkeypatch.setattr(FlashInferKernel, "unavailable", staticmethod(lambda pool: None))  # "installed"
+    monkeypatch.setitem(sys.modules, "flashinfer", None)  # ... but its import fails
+    pool = KVPool.for_model(mixed_model, PoolConfig(budget_tokens=1024))
+    assert select_kernel("auto", pool).name == "sdpa"
+    assert "attention kernel flashinfer is installed but failed to start (ModuleNotFoundError" in caplog.text
+
+
 def test_auto_kernel_on_a_cpu_is_sdpa_and_named_kernels_say_why_they_cannot_run(mixed_model):
     from liveserve.engine.kernels import kernel_availability, select_kernel
 

@@ -18,6 +18,7 @@ paged kernel first, as the serving engines do. flex only when asked for (`attent
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +27,7 @@ import torch
 from liveserve.config import ATTENTION_KERNELS
 from liveserve.engine.kv_pool import KVPool
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class StepLayout:
@@ -95,8 +97,14 @@ def select_kernel(requested: str, pool: KVPool) -> AttentionKernel:
         if why:
             raise ValueError(f"attention {requested!r} cannot run here: {why}")
         return classes[requested](pool)
-    name = next(name for name in AUTO_ORDER if classes[name].unavailable(pool) is None)
-    return classes[name](pool)
+    for name in AUTO_ORDER[:-1]:
+        if classes[name].unavailable(pool) is None:
+            try:
+                return classes[name](pool)
+            except Exception as exc:  # installed but unusable (a broken build, say): the next one serves
+                log.warning("attention kernel %s is installed but failed to start (%s: %s); trying the next",
+                            name, type(exc).__name__, exc)
+    return classes[AUTO_ORDER[-1]](pool)  # sdpa runs anywhere
 
 
 def kernel_availability(pool: KVPool) -> dict[str, str | None]:
