@@ -32,7 +32,7 @@ class PackedStep:
         device = pool.device
         sizes = [n for _, n in parts]
         lengths = [cache.length for cache, _ in parts]  # host ints: no device sync
-        tables = [list(cache.blocks) for cache, _ in parts]
+        tables = [cache.blocks for cache, _ in parts]  # unchanged while the step runs (the step lock)
         self.span: int | None = None
         if (kernel is None or kernel.name == "sdpa") and len(parts) == 1 and tables[0] == list(range(len(tables[0]))):
             # One session on the pool's first blocks, in order (stepped alone): slots are token indices.
