@@ -69,7 +69,8 @@ class ReactionService:
         self.model, self.settings, self.replica = model, settings, replica
         # Frames arrive in bursts at triggers and must all be read: never drop them for lag here.
         scheduler = SchedulerConfig(max_lag_s=None, max_queued_frames=1 << 20)
-        self.engine = BatchEngine(model, EngineConfig(pool=settings.pool(), scheduler=scheduler))
+        self.engine = BatchEngine(model, EngineConfig(pool=settings.pool(), scheduler=scheduler,
+                                                      attention=settings.attention, cuda_graphs=settings.cuda_graphs))
         self.metrics, self.gpu, self.tracer = ReactionMetrics(), GpuMetrics(), tracer("reaction")
         self.writers: dict[str, _Writer] = {}
         self.outboxes = Outboxes(self._gateway_gone, merge=merge_deltas, interval_s=settings.hop_ms / 1000)

@@ -47,7 +47,8 @@ class ServiceSettings:
     # measured on this deployment's hardware (`liveserve loadtest --sweep`); 0 = no limit but KV memory.
     max_sessions_per_replica: int | None = None
     capacity_streams: int = 0  # 0: not measured (admission by KV memory alone)
-    attention: str = "auto"  # the engine's attention kernel (EngineConfig.attention): auto, sdpa, flashinfer, ...
+    # Decision and Reaction engines
+    attention: str = "auto"  # the attention kernel (EngineConfig.attention): auto, sdpa, flashinfer, ...
     cuda_graphs: bool = False  # CUDA graphs of the direct forward (EngineConfig.cuda_graphs; CUDA only)
     reaction_sync_frames: int = 1  # send Reaction unseen frames once this many have piled up
     reaction_nice: int = 10  # the Reaction engine thread's lower CPU priority (Linux nice) where cores are shared

@@ -280,3 +280,19 @@ def test_a_resumed_session_keeps_its_model(ray_app):
         again.wait_for(lambda: again.of_kind("decision"))
     finally:
         again.close()
+
+
+def test_engine_settings_reach_the_decision_and_reaction_engines(tiny_model):
+    """`attention` and `cuda_graphs` configure both engines of a deployment; a kernel name it does not know
+    is refused with the settings, and a kernel or graphs that cannot run on the replica fail its start."""
+    from liveserve.services.reaction import ReactionService
+
+    settings = ServiceSettings.from_dict({"attention": "flex", "pool_mb": 64})
+    assert settings.engine_config().attention == "flex" and settings.engine_config().cuda_graphs is False
+    reaction = ReactionService(tiny_model, settings, replica="test")
+    assert reaction.engine.kernel.name == "flex"
+    reaction.engine.shutdown()
+    with pytest.raises(ValueError, match="attention must be one of"):
+        ServiceSettings.from_dict({"attention": "fastest"})
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        ReactionService(tiny_model, ServiceSettings.from_dict({"cuda_graphs": True, "pool_mb": 64}), replica="test")

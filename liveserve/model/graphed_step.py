@@ -18,6 +18,7 @@ families, M-RoPE positions included).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -72,9 +73,17 @@ class GraphedLlamaStep:
         self._capture = capture or cuda_capture(torch.cuda.graph_pool_handle())
         self.buckets = [1 << i for i in range(max_tokens.bit_length()) if 1 << i <= max_tokens]
         self._graphs: dict[int, _Bucket] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, kv_step: KVStep,
                  logits_at: torch.Tensor) -> torch.Tensor:
+        # The buffers are one per bucket: engines sharing a model (Decision and Reaction in one process)
+        # take turns.
+        with self._lock:
+            return self._run(embeds, positions, kv_step, logits_at)
+
+    def _run(self, embeds: torch.Tensor, positions: torch.Tensor, kv_step: KVStep,
+             logits_at: torch.Tensor) -> torch.Tensor:
         tokens = embeds.shape[0]
         size = next((bucket for bucket in self.buckets if bucket >= tokens), None)
         if size is None:
