@@ -12,6 +12,8 @@ serves every layer.
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from liveserve.engine import kv_pool
@@ -24,9 +26,9 @@ class PackedStep:
     def __init__(self, pool: KVPool, parts: list[tuple[PagedCache, int]], kernel: AttentionKernel | None = None,
                  inputs: dict[str, torch.Tensor] | None = None) -> None:
         """`kernel`: the engine's attention kernel (default: the SDPA reference). `inputs`: what else the
-        step needs on the device, planned on the host (the model's token ids and positions,
-        LiveModel.step_inputs): it goes in the same copy as the layout, and `self.inputs` has it on the
-        device."""
+        step needs on the device, planned on the host (the model's token ids and positions, host frame
+        features: LiveModel.step_inputs): its integers go in the same copy as the layout, anything else in
+        one copy per dtype, and `self.inputs` has it all on the device."""
         self.pool = pool
         self._host_inputs = inputs or {}
         device = pool.device
@@ -40,9 +42,7 @@ class PackedStep:
             self.last_index = self._upload(torch.tensor([sizes[0] - 1]))
             self.plan: KernelPlan = InOrderPlan(pool, lengths[0], sizes[0])
             return
-        block_start = [0]
-        for table in tables[:-1]:
-            block_start.append(block_start[-1] + len(table))
+        block_start = list(accumulate((len(table) for table in tables[:-1]), initial=0))
         flat = [block for table in tables for block in table]
         planned = torch.tensor([*sizes, *lengths, *block_start, *flat])
         counts, before, starts, blocks = self._upload(planned).split([len(parts)] * 3 + [len(flat)])
