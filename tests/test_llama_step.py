@@ -148,6 +148,9 @@ def test_graphed_pieces_over_static_buffers_equal_the_direct_forward(tiny_dir, m
     assert graphed_events == eager_events and "ResponseDone" in eager_events
     captured = sorted(model._graphed._graphs)  # bucket sizes replayed: reply tokens (1) always
     assert captured[0] == 1 and captured[-1] <= max_tokens and (max_tokens == 4 or captured[-1] >= 16)
+    pieces = model._graphed
+    model.use_cuda_graphs(capture=_replay_eagerly, max_tokens=max_tokens)  # as the next engine on it does
+    assert model._graphed is pieces and sorted(pieces._graphs) == captured  # nothing captured again
     for got, want in zip(graphed, eager):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

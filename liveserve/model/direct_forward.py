@@ -57,7 +57,10 @@ class DirectForward:
         if direct is None:
             why = "the direct forward is off" if not self.direct_forward else self.direct_forward_unsupported
             raise ValueError(f"CUDA graphs need the direct forward: {why}")
-        self._graphed = GraphedLlamaStep(direct, capture, max_tokens)
+        graphed = self._graphed
+        if graphed is None or graphed.requested_capture is not capture or graphed.max_tokens != max_tokens:
+            # graphs already captured stay: every engine made on this model asks again (bench runs, in turn)
+            self._graphed = GraphedLlamaStep(direct, capture, max_tokens)
 
     @property
     def forward_path(self) -> str:

@@ -69,8 +69,9 @@ class _Bucket:
 class GraphedLlamaStep:
     def __init__(self, direct: LlamaStep, capture: Capture | None = None, max_tokens: int = MAX_GRAPH_TOKENS) -> None:
         """`capture`: how a piece is captured (default: CUDA graphs in a pool of their own)."""
-        self.direct = direct
+        self.direct, self.requested_capture = direct, capture
         self._capture = capture or cuda_capture(torch.cuda.graph_pool_handle())
+        self.max_tokens = max_tokens
         self.buckets = [1 << i for i in range(max_tokens.bit_length()) if 1 << i <= max_tokens]
         self._graphs: dict[int, _Bucket] = {}
         self._lock = threading.Lock()

@@ -87,7 +87,7 @@ class LiveModel(DirectForward, nn.Module):
             # Pushed as host tensors (the Decision service's frames): stacked here, so they cross in one copy
             # instead of one per frame; features encoded on the device stay there.
             inputs["features"] = torch.stack(features)
-        if len(steps) > 1 and any(step.features is not None for step in steps):
+        if len(steps) > 1 and features:
             frame_tokens, order, next_id, next_frame = self.layout.num_tokens, [], 0, len(ids)
             for step in steps:
                 order.extend(range(next_id, next_id + len(step.ids)))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from liveserve.model.attention import KVStep
+from liveserve.model.rope import rotate_half
 
 STACKS = ("llama", "qwen2", "qwen2_5_vl_text")  # model_type of the decoder's config
 STATIC_ROPE = ("default", "linear", "llama3")  # inv_freq fixed at load: no per-length update
@@ -123,7 +124,7 @@ class LlamaStep:
         return self.lm_head(_rms_norm(x[logits_at], self.decoder.norm.weight, self.eps)).float()
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sign-folded sin [T, 1, dim] for `_rotate` from positions [T] (or M-RoPE's [3, T]), in fp32
+        """cos and sin [T, 1, dim] for `_rotate` from positions [T] (or M-RoPE's [3, T]), in fp32
         then cast, as the Hugging Face module computes them."""
         inv_freq = self.decoder.rotary_emb.inv_freq.float()
         freqs = positions[..., None].float() * inv_freq  # [T, dim/2] or [3, T, dim/2]
@@ -133,13 +134,12 @@ class LlamaStep:
             index = self.mrope_row[None, None].expand(1, freqs.shape[1], -1)
             freqs = freqs.gather(0, index)[0]  # band j turns with positions row mrope_row[j]
         cos, sin = freqs.cos() * self.rope_scaling, freqs.sin() * self.rope_scaling
-        return torch.cat([cos, cos], -1).to(dtype)[:, None], torch.cat([-sin, sin], -1).to(dtype)[:, None]
+        return torch.cat([cos, cos], -1).to(dtype)[:, None], torch.cat([sin, sin], -1).to(dtype)[:, None]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as Llama applies it (x * cos + rotate_half(x) * sin), rotate_half's sign folded into `sin`."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([x[..., half:], x[..., :half]], -1) * sin
+    """RoPE as Llama applies it."""
+    return x * cos + rotate_half(x) * sin
 
 
 def _linear(x: torch.Tensor, projection: nn.Linear) -> torch.Tensor:

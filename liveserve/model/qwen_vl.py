@@ -8,7 +8,7 @@ What differs from a LIVE model, and how the engine meets it:
                     a chunk's vision tokens sit at (p + t * interval, p + row, p + column) and the text after
                     them starts at p + max(rows, columns), the rule of transformers' `get_rope_index`.
   re-rotation       compacting the cache shifts every later token by the same amount in all three rows, so a
-                    cached key is re-rotated by one angle per frequency, as for 1-D RoPE (engine/rope.py).
+                    cached key is re-rotated by one angle per frequency, as for 1-D RoPE (model/rope.py).
   template          ChatML (`<|im_start|>role\\n...<|im_end|>`), built from the tokenizer's own marker tokens.
 
 Frames reach the tower as square S x S images (resized and padded like a LIVE model's), S the largest

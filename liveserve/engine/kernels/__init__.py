@@ -29,6 +29,7 @@ from liveserve.engine.kv_pool import KVPool
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True, slots=True)
 class StepLayout:
     """A packed step's sessions, planned on the host and uploaded with the step's inputs in one copy.

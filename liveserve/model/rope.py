@@ -1,4 +1,5 @@
-"""Re-rotating cached keys when positions shift.
+"""Rotary position embedding helpers: the half-split rotation, and re-rotating cached keys when positions
+shift.
 
 Keys are cached after RoPE. When an eviction moves a kept token from position p to p - d, its key must
 read as if it had been rotated at p - d. RoPE is a rotation, so rotating the cached key by -d is exact;
