@@ -493,8 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     from liveserve.logs import quiet_library_logs
     from liveserve.model.checkpoint import CheckpointError
     from liveserve.orchestration.launch import LaunchError
-    from liveserve.services.client import ClientError
-    from liveserve.services.redis_server import RedisUnavailable
+    from liveserve.services.client.stream import ClientError
+    from liveserve.services.state.redis_server import RedisUnavailable
     from liveserve.video import VideoError
 
     quiet_library_logs()

@@ -34,6 +34,6 @@ def channel_credentials(args: argparse.Namespace):
     """grpc.ChannelCredentials for the flags, or None for plaintext; files are read and checked now."""
     if not uses_tls(args):
         return None
-    from liveserve.services.tls import channel_credentials as make
+    from liveserve.services.security.tls import channel_credentials as make
 
     return make(args.ca, args.cert, args.key)

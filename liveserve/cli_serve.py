@@ -135,7 +135,7 @@ def _queries(args) -> list[tuple[float, str]]:
 
 def _stream(args, address: str) -> int:
     from liveserve.live_source import is_live_source
-    from liveserve.services.client import stream_video
+    from liveserve.services.client.stream import stream_video
     from liveserve.video import SAMPLE_VIDEO
 
     if args.max_frames is not None and args.max_frames < 1:
@@ -167,7 +167,7 @@ def cmd_models(args) -> int:
 
     from google.protobuf.json_format import MessageToDict
 
-    from liveserve.services.client import list_models
+    from liveserve.services.client.stream import list_models
 
     models = list_models(args.address, credentials=channel_credentials(args), api_key=args.api_key)
     if args.json:
@@ -186,8 +186,8 @@ def cmd_models(args) -> int:
 def cmd_transcript(args) -> int:
     import json
 
-    from liveserve.services.client import fetch_transcript
-    from liveserve.services.transcript import to_webvtt, transcript_to_dict
+    from liveserve.services.client.stream import fetch_transcript
+    from liveserve.services.state.transcript import to_webvtt, transcript_to_dict
 
     transcript = fetch_transcript(args.address, args.session, credentials=channel_credentials(args),
                                   api_key=args.api_key)
@@ -264,7 +264,7 @@ def _settings(args) -> dict:
 
 def _check_tls(settings: dict) -> None:
     """Read the TLS files now, so a bad one fails before a model loads or Ray starts."""
-    from liveserve.services.tls import server_credentials
+    from liveserve.services.security.tls import server_credentials
 
     server_credentials(settings.get("tls_cert_file", ""), settings.get("tls_key_file", ""),
                        settings.get("tls_client_ca_file", ""))
@@ -333,9 +333,9 @@ def _reaction_model(args, load):
 def _serve_local(args, load) -> int:
     import torch
 
-    from liveserve.services.local import serve_forever, start_local
-    from liveserve.services.local_http import WebServer
-    from liveserve.services.telemetry import serve_metrics
+    from liveserve.services.deploy.local import serve_forever, start_local
+    from liveserve.services.gateway.local_http import WebServer
+    from liveserve.services.observability.telemetry import serve_metrics
 
     settings = _local_settings(args, args.address)
     if args.http_port is not None and not 0 <= args.http_port < 65536:
@@ -374,8 +374,8 @@ def _serve_local(args, load) -> int:
 def _local_registry(settings):
     """Where one process records its sessions (for transcripts): REDIS_URL when set (it must answer),
     else an embedded Redis when a redis-server is at hand, else nowhere."""
-    from liveserve.services.redis_server import EmbeddedRedis, RedisUnavailable, connect
-    from liveserve.services.registry import SessionRegistry
+    from liveserve.services.state.redis_server import EmbeddedRedis, RedisUnavailable, connect
+    from liveserve.services.state.registry import SessionRegistry
 
     url = os.environ.get("REDIS_URL")
     if not url:
@@ -389,7 +389,7 @@ def _local_registry(settings):
 
 
 def _demo_local(args, load) -> int:
-    from liveserve.services.local import start_local
+    from liveserve.services.deploy.local import start_local
 
     model = load(args)
     settings = _local_settings(args, "127.0.0.1:0")

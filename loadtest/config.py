@@ -88,7 +88,7 @@ class LoadConfig:
             if not key:
                 raise ConfigError("--credential needs KEY=VALUE with a non-empty KEY")
         if self.uses_tls:
-            from liveserve.services.tls import TlsConfigError, channel_credentials
+            from liveserve.services.security.tls import TlsConfigError, channel_credentials
 
             try:  # read now: a bad file is a bad option, not a failed run
                 channel_credentials(self.tls_ca, self.tls_cert, self.tls_key)

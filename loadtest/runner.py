@@ -28,7 +28,7 @@ from liveserve.loadtest.metrics import LevelReport, LiveStats, RunReport, aggreg
 from liveserve.loadtest.progress import Progress
 from liveserve.loadtest.session import SessionDriver
 from liveserve.loadtest.workload import FrameBank, frame_bank
-from liveserve.services.tls import channel_credentials
+from liveserve.services.security.tls import channel_credentials
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LiveStream"].full_name
 # Above this the client itself was late: what it measured is a lighter load than the one configured.

@@ -19,7 +19,7 @@ from typing import Callable
 
 import yaml
 
-from liveserve.services.redis_server import EmbeddedRedis, free_port
+from liveserve.services.state.redis_server import EmbeddedRedis, free_port
 from liveserve.services.settings import ServiceSettings
 
 log = logging.getLogger(__name__)

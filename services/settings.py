@@ -69,7 +69,7 @@ class ServiceSettings:
     # An environment variable listing accepted API keys, comma-separated `tenant:key` (a bare key is a
     # tenant of its own); "": no keys, every session is tenant "anonymous".
     api_keys_env: str = ""
-    # {tenant or "*": {sessions, frames_per_s, replies_per_min}} (services/tenants.py); Redis may override.
+    # {tenant or "*": {sessions, frames_per_s, replies_per_min}} (services/security/tenants.py); Redis may override.
     tenant_quotas: dict | None = None
     auth_failures_per_min: int = 10  # failed key checks per client host a minute, then its Opens are refused; 0: off
     max_open_bytes: int = 64 << 10  # a first message (the Open) larger than this is refused before any key check
@@ -116,7 +116,7 @@ class ServiceSettings:
             raise ValueError("max_sessions_per_replica, capacity_streams and auth_failures_per_min must be >= 0, "
                              "max_open_bytes >= 1")
         if self.tenant_quotas:
-            from liveserve.services.tenants import quotas_from_setting  # brings torch: only when quotas are set
+            from liveserve.services.security.tenants import quotas_from_setting  # brings torch: only when quotas are set
 
             quotas_from_setting(self.tenant_quotas)
         self.session_defaults()  # validates threshold, cache policy and lengths

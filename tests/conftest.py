@@ -76,7 +76,7 @@ def redis_url():
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    from liveserve.services.redis_server import EmbeddedRedis
+    from liveserve.services.state.redis_server import EmbeddedRedis
 
     with EmbeddedRedis() as server:
         yield server.url
@@ -110,7 +110,7 @@ def ray_app(quiet_dir, qwen_dir, redis_url, otlp_collector):
     args = {"models": models, "max_new_tokens": 8, "window_frames": 8, "max_lag_s": 30.0, "pool_mb": 64,
             "max_frame_bytes": 64 << 10, "heartbeat_s": 0.5, "session_ttl_s": 10.0, "closed_ttl_s": 3.0,
             "reaction_sync_frames": 4}
-    busy = {"policy_function": "liveserve.services.autoscaling:BusyScaling", "policy_kwargs": {"target_busy": 0.02}}
+    busy = {"policy_function": "liveserve.services.deploy.autoscaling:BusyScaling", "policy_kwargs": {"target_busy": 0.02}}
     perception = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0.5,
                                          "downscale_delay_s": 3.0, "look_back_period_s": 11.0, "policy": busy}}
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector.endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from liveserve.services.auth import (ANONYMOUS, FailedAuthLimit, bare_key_tenant, peer_host, tenant_keys_from_env,
+from liveserve.services.security.auth import (ANONYMOUS, FailedAuthLimit, bare_key_tenant, peer_host, tenant_keys_from_env,
                                      tenant_of)
 
 

@@ -176,11 +176,11 @@ def test_gpu_preset_is_built_on_the_device_in_bf16_and_runs_a_level(tmp_path):
 
 
 def test_a_decision_replica_logs_how_many_sessions_its_pool_admits(tiny_model, caplog):
-    from liveserve.services.decision import DecisionService
+    from liveserve.services.decision.service import DecisionService
     from liveserve.services.settings import ServiceSettings
 
     settings = ServiceSettings(model="tiny", pool_mb=8)
-    with caplog.at_level("INFO", logger="liveserve.services.decision"):
+    with caplog.at_level("INFO", logger="liveserve.services.decision.service"):
         service = DecisionService(tiny_model, settings, "replica-1")
     expected = service.engine.pool.sessions_admitted(service.engine.session_tokens(settings.session_defaults()))
     assert expected > 0

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.services.registry import SessionRegistry
+from liveserve.services.state.registry import SessionRegistry
 from stream_helpers import LiveCall, jpeg
 
 

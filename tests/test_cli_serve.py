@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 from liveserve.cli import main
-from liveserve.services.redis_server import free_port
+from liveserve.services.state.redis_server import free_port
 
 
 def test_demo_runs_the_application_on_its_own_ray_and_shuts_down(tiny_dir):
@@ -42,7 +42,7 @@ def test_serve_refuses_bad_deployment_options_before_starting_anything(tmp_path,
     assert main(["serve", "--address", "127.0.0.1"]) == 2
     assert "--address must be host:port" in capsys.readouterr().err
     bad = tmp_path / "serve.yaml"
-    bad.write_text("applications:\n  - name: liveserve\n    import_path: liveserve.services.app:build_app\n"
+    bad.write_text("applications:\n  - name: liveserve\n    import_path: liveserve.services.deploy.app:build_app\n"
                    "    args: {modle: tiny}\n")
     assert main(["serve", "--config", str(bad)]) == 2
     assert "unknown setting(s) modle" in capsys.readouterr().err
@@ -149,7 +149,7 @@ def test_sigterm_drains_open_sessions_and_ends_them_unavailable(tiny_dir):
 def test_serve_local_takes_its_settings_from_the_serve_config(tmp_path, capsys):
     """API keys, tenants' quotas and limits hold in one process as on Ray: --config's args are the settings."""
     config = tmp_path / "serve.yaml"
-    config.write_text("applications:\n  - name: liveserve\n    import_path: liveserve.services.app:build_app\n"
+    config.write_text("applications:\n  - name: liveserve\n    import_path: liveserve.services.deploy.app:build_app\n"
                       "    args: {api_keys_env: LIVESERVE_TEST_KEYS, tenant_quotas: {acme: {sesions: 1}}}\n")
     assert main(["serve", "--local", "--config", str(config), "--model", "tiny"]) == 2
     assert "tenant_quotas['acme']: unknown quota(s) sesions" in capsys.readouterr().err

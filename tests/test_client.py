@@ -8,8 +8,8 @@ import pytest
 
 from engine_helpers import steered
 from liveserve.run import Printer
-from liveserve.services.client import ClientError, stream_video
-from liveserve.services.local import start_local
+from liveserve.services.client.stream import ClientError, stream_video
+from liveserve.services.deploy.local import start_local
 from liveserve.services.settings import ServiceSettings
 from liveserve.video import SAMPLE_VIDEO
 
@@ -48,7 +48,7 @@ def test_client_fails_fast_on_a_missing_video(local_server):
 
 def test_a_query_at_a_frames_time_is_sent_after_that_frame():
     from liveserve.api.v1 import live_stream_pb2 as pb
-    from liveserve.services.client import requests
+    from liveserve.services.client.stream import requests
 
     from liveserve.video import iter_video_frames
 

@@ -13,9 +13,9 @@ from liveserve.internal.v2 import perception_pb2 as ppb
 from liveserve.internal.v2 import reaction_pb2 as rpb
 from liveserve.internal.v2 import session_pb2 as spb
 from liveserve.internal.v2 import tensor_pb2
-from liveserve.services import codec, tensors
-from liveserve.services import contracts as c
-from liveserve.services.autoscaling import BusyScaling
+from liveserve.services.wire import codec, tensors
+from liveserve.services.wire import contracts as c
+from liveserve.services.deploy.autoscaling import BusyScaling
 
 TRACE = (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
-from liveserve.services.errors import internal
+from liveserve.services.wire.errors import internal
 
 
 def test_an_internal_error_gives_the_client_an_id_and_the_log_the_traceback(caplog):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from engine_helpers import steered
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
-from liveserve.services.local import start_local
+from liveserve.services.deploy.local import start_local
 from liveserve.services.settings import ServiceSettings
 from stream_helpers import LiveCall, jpeg, kinds, session_messages, stream
 
@@ -237,7 +237,7 @@ def test_a_redis_server_killed_mid_stream_comes_back_and_the_sessions_never_noti
     import os
     import signal
 
-    from liveserve.services.redis_server import EmbeddedRedis
+    from liveserve.services.state.redis_server import EmbeddedRedis
 
     redis_server = EmbeddedRedis().start().keep_alive(check_every_s=0.05)
     server = start_local(steered(tiny_model, interval_bias=8.0, eos_bias=7.8), "127.0.0.1:0",

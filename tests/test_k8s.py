@@ -712,7 +712,7 @@ def test_image_is_the_same_on_every_ray_pod():
 # ------------------------------------------------------------------------------ dashboards and alerts
 #
 # Every PromQL expression in k8s/grafana/*.json and k8s/prometheusrule.yaml may name only series that are
-# really scraped: the services' metrics (services/telemetry.py's catalog) under Ray's `ray_` prefix (a
+# really scraped: the services' metrics (services/observability/telemetry.py's catalog) under Ray's `ray_` prefix (a
 # histogram as _bucket/_sum/_count), Ray Serve's own metrics listed below, and the PrometheusRule's own
 # recording rules. Labels must be ones those series carry, and a histogram's `le` one of its boundaries.
 
@@ -746,7 +746,7 @@ class Series:
 @cache
 def scraped_series() -> dict[str, Series]:
     """Every series name the ServiceMonitor scrapes from the Ray pods, with the labels it carries."""
-    from liveserve.services.telemetry import catalog
+    from liveserve.services.observability.telemetry import catalog
 
     monitor = one(documents(K8S / "servicemonitor.yaml"), "ServiceMonitor")
     relabelled = {r["targetLabel"] for e in monitor["spec"]["endpoints"] for r in e.get("relabelings", [])}

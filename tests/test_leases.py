@@ -8,9 +8,9 @@ import asyncio
 import grpc
 
 from liveserve.config import CacheConfig, SessionConfig
-from liveserve.services import contracts as c
-from liveserve.services.decision import DecisionService
-from liveserve.services.reaction import ReactionService
+from liveserve.services.wire import contracts as c
+from liveserve.services.decision.service import DecisionService
+from liveserve.services.reaction.service import ReactionService
 from liveserve.services.settings import ServiceSettings
 
 SETTINGS = ServiceSettings(pool_mb=8, session_ttl_s=0.6, heartbeat_s=0.1)
@@ -44,7 +44,7 @@ def test_sessions_of_a_silent_gateway_are_closed_and_a_renewing_one_keeps_them(t
 def test_a_session_record_lost_with_redis_is_written_again_by_its_owner(tiny_model, redis_url):
     import redis
 
-    from liveserve.services.registry import SessionRegistry
+    from liveserve.services.state.registry import SessionRegistry
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     registry = SessionRegistry(client, ttl_s=5.0, prefix="liveserve-test-rewrite")

@@ -1,4 +1,4 @@
-"""The Gateway's batched hops (services/links.py) and a replica's outboxes (services/outbox.py), against
+"""The Gateway's batched hops (services/gateway/links.py) and a replica's outboxes (services/replica/outbox.py), against
 stand-in services that record what they are called with: ticks, order, pacing, acknowledgements and
 failures. The real services behind them are tested end to end in test_local_gateway.py and
 test_ray_services.py."""
@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from liveserve.services import contracts as c
-from liveserve.services.links import FrameBatcher, ReplicaLink
-from liveserve.services.outbox import Outboxes
-from liveserve.services.reaction import merge_deltas
+from liveserve.services.wire import contracts as c
+from liveserve.services.gateway.links import FrameBatcher, ReplicaLink
+from liveserve.services.replica.outbox import Outboxes
+from liveserve.services.reaction.service import merge_deltas
 
 
 def frame(session: str, frame_id: int) -> c.FrameImage:

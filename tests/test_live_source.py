@@ -240,8 +240,8 @@ def test_ctrl_c_ends_a_live_run_with_its_frames_decided(tiny_model, live_server)
 
 def test_client_streams_a_live_source_to_a_local_server_at_its_pace(tiny_model, live_server):
     from engine_helpers import steered
-    from liveserve.services.client import stream_video
-    from liveserve.services.local import start_local
+    from liveserve.services.client.stream import stream_video
+    from liveserve.services.deploy.local import start_local
     from liveserve.services.settings import ServiceSettings
 
     server = start_local(steered(tiny_model, interval_bias=8.0, eos_bias=7.8), "127.0.0.1:0",

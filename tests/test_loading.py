@@ -339,9 +339,9 @@ def test_vision_only_load_of_a_release_needs_no_base_model(release_dir, merged, 
 
 def test_perception_encodes_frames_with_the_vision_only_model(tiny_dir, tiny_model):
     from liveserve.model.loading import load_vision_model
-    from liveserve.services.client import encode_jpeg
-    from liveserve.services.contracts import EncodeRequest, FrameImage
-    from liveserve.services.perception import FrameEncoder
+    from liveserve.services.client.stream import encode_jpeg
+    from liveserve.services.wire.contracts import EncodeRequest, FrameImage
+    from liveserve.services.perception.service import FrameEncoder
 
     encoder = FrameEncoder(load_vision_model(tiny_dir, device="cpu", dtype=torch.float32))
     try:

@@ -19,10 +19,10 @@ from liveserve.loadtest.metrics import (Distribution, LiveHistogram, LiveStats, 
                                         percentile, slo_attainment)
 from liveserve.loadtest.progress import Progress, status_line
 from liveserve.loadtest.runner import LoadTestError, run
-from liveserve.services.redis_server import free_port
+from liveserve.services.state.redis_server import free_port
 from liveserve.loadtest.session import SessionDriver
 from liveserve.loadtest.workload import QUERIES, query_schedule, stream_plan, synthetic_bank
-from liveserve.services.local import start_local
+from liveserve.services.deploy.local import start_local
 from liveserve.services.settings import ServiceSettings
 
 # A reservation of the tiny model's sink_window session is ~2.4k KV tokens; 2 MiB (4,096 of its 512-byte

@@ -14,7 +14,7 @@ from engine_helpers import steered
 from stream_helpers import jpeg, kinds, session_messages, stream
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
-from liveserve.services.local import start_local
+from liveserve.services.deploy.local import start_local
 from liveserve.services.settings import ServiceSettings
 
 
@@ -145,7 +145,7 @@ def test_api_keys_hold_in_one_process_too(tiny_model, monkeypatch):
 def test_one_process_serves_the_same_prometheus_metrics(server):
     import urllib.request
 
-    from liveserve.services.telemetry import serve_metrics
+    from liveserve.services.observability.telemetry import serve_metrics
 
     address, _ = server
     stream(address, session_messages(3, threshold=1.0, queries=[(0.5, "what do you see")]))

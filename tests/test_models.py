@@ -17,7 +17,7 @@ import redis
 
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
-from liveserve.services.registry import SessionRegistry
+from liveserve.services.state.registry import SessionRegistry
 from liveserve.services.settings import ServiceSettings
 from stream_helpers import LiveCall, jpeg, kinds, stream
 
@@ -79,7 +79,7 @@ def test_a_commentary_model_deploys_without_a_reaction_pool(qwen_dir):
 
 
 def test_several_models_need_ray_not_one_process(tiny_model):
-    from liveserve.services.local import start_local
+    from liveserve.services.deploy.local import start_local
 
     with pytest.raises(ValueError, match="needs `liveserve serve` on Ray"):
         start_local(tiny_model, settings=ServiceSettings(models={"a": {"path": "tiny"}}))
@@ -217,8 +217,8 @@ def test_features_from_another_vision_tower_are_refused_with_the_reason(tiny_mod
 
     import torch
 
-    from liveserve.services import contracts as c
-    from liveserve.services.decision import DecisionService
+    from liveserve.services.wire import contracts as c
+    from liveserve.services.decision.service import DecisionService
 
     settings = ServiceSettings(model="tiny", pool_mb=8)
     service = DecisionService(tiny_model, settings, "replica-1")
@@ -285,7 +285,7 @@ def test_a_resumed_session_keeps_its_model(ray_app):
 def test_engine_settings_reach_the_decision_and_reaction_engines(tiny_model):
     """`attention` and `cuda_graphs` configure both engines of a deployment; a kernel name it does not know
     is refused with the settings, and a kernel or graphs that cannot run on the replica fail its start."""
-    from liveserve.services.reaction import ReactionService
+    from liveserve.services.reaction.service import ReactionService
 
     settings = ServiceSettings.from_dict({"attention": "flex", "pool_mb": 64})
     assert settings.engine_config().attention == "flex" and settings.engine_config().cuda_graphs is False

@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.services.autoscaling import SessionScaling
-from liveserve.services.gpu import read_gpus
+from liveserve.services.deploy.autoscaling import SessionScaling
+from liveserve.services.observability.gpu import read_gpus
 from stream_helpers import jpeg, kinds, session_messages, stream
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -203,9 +203,9 @@ def test_decision_counts_redis_pings_answered_and_not(tiny_model, redis_url):
     import prometheus_client
     import redis
 
-    from liveserve.services.decision import DecisionService
-    from liveserve.services.redis_server import free_port
-    from liveserve.services.registry import SessionRegistry
+    from liveserve.services.decision.service import DecisionService
+    from liveserve.services.state.redis_server import free_port
+    from liveserve.services.state.registry import SessionRegistry
     from liveserve.services.settings import ServiceSettings
 
     def count(result: str) -> float:

@@ -15,7 +15,7 @@ from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.config import CacheConfig, SessionConfig
 from liveserve.engine.events import FrameDecision, ResponseDone
 from liveserve.engine.session import Session
-from liveserve.services.registry import SessionRegistry
+from liveserve.services.state.registry import SessionRegistry
 from liveserve.video import decode_image_bytes
 from stream_helpers import LiveCall, jpeg, kinds, session_messages, stream
 
@@ -391,7 +391,7 @@ def test_a_tenants_sessions_quota_holds_over_both_gateway_replicas(ray_app):
 
 
 def test_the_browser_front_on_the_serve_http_proxy_relays_a_session_to_the_gateway(ray_app):
-    """The Gateway is the application's HTTP ingress: the page, and a WebSocket session (services/web.py)
+    """The Gateway is the application's HTTP ingress: the page, and a WebSocket session (services/gateway/web.py)
     through Serve's proxy into a Gateway replica's own gRPC port."""
     import json
     import urllib.request

@@ -8,8 +8,8 @@ import uuid
 import pytest
 import redis
 
-from liveserve.services.redis_server import EmbeddedRedis, RedisUnavailable, connect
-from liveserve.services.registry import (ReplicaLease, SessionClosedError, SessionExistsError, SessionRegistry,
+from liveserve.services.state.redis_server import EmbeddedRedis, RedisUnavailable, connect
+from liveserve.services.state.registry import (ReplicaLease, SessionClosedError, SessionExistsError, SessionRegistry,
                                          StaleEpochError, UnknownSessionError)
 
 
@@ -133,7 +133,7 @@ def test_an_embedded_redis_that_dies_is_started_again_on_its_port():
     import signal as signals
     import time
 
-    from liveserve.services.redis_server import EmbeddedRedis
+    from liveserve.services.state.redis_server import EmbeddedRedis
 
     server = EmbeddedRedis().start().keep_alive(check_every_s=0.05)
     try:

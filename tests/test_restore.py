@@ -188,8 +188,8 @@ def test_a_query_turn_restores_without_frames(tiny_model, frames):
 
 
 def test_the_registry_turns_go_back_after_the_frames_up_to_their_time(frames):
-    from liveserve.services.contracts import FrameFeatures, Restore
-    from liveserve.services.recovery import restore_items
+    from liveserve.services.wire.contracts import FrameFeatures, Restore
+    from liveserve.services.decision.recovery import restore_items
 
     history = [{"t": 0.0, "role": "assistant", "text": "before the window"},
                {"t": 1.0, "role": "user", "text": "what is it?"}, {"t": 1.0, "role": "assistant", "text": "a cube"},

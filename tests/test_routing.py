@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("ray.serve")
-from liveserve.services.routing import SessionRouter  # noqa: E402
+from liveserve.services.deploy.routing import SessionRouter  # noqa: E402
 
 
 def replica(key: str, **stats):
@@ -50,7 +50,7 @@ def test_new_sessions_go_where_there_is_room_and_a_burst_is_spread(router):
 def test_placements_stop_counting_once_the_stats_have_had_time_to_include_them(router, monkeypatch):
     """A replica whose short sessions end between reports keeps reporting the same stats: what this router
     placed there must not pile up against it forever."""
-    import liveserve.services.routing as routing
+    import liveserve.services.deploy.routing as routing
 
     clock = [1000.0]
     monkeypatch.setattr(routing.time, "monotonic", lambda: clock[0])

@@ -17,7 +17,7 @@ import redis
 
 from engine_helpers import steered
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.services.local import start_local
+from liveserve.services.deploy.local import start_local
 from liveserve.services.settings import ServiceSettings
 from stream_helpers import LiveCall, jpeg
 

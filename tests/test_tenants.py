@@ -15,9 +15,9 @@ import redis
 from engine_helpers import steered
 from stream_helpers import LiveCall, jpeg, kinds, stream
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.services.local import start_local
+from liveserve.services.deploy.local import start_local
 from liveserve.services.settings import ServiceSettings
-from liveserve.services.tenants import Quota, QuotaBook, RedisSessionCount, Tenancy
+from liveserve.services.security.tenants import Quota, QuotaBook, RedisSessionCount, Tenancy
 
 KEYS = "acme:ka, beta:kb, gamma:kc, delta:kd"
 QUOTAS = {"acme": {"sessions": 1}, "beta": {"frames_per_s": 2}, "gamma": {"replies_per_min": 1},

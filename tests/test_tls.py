@@ -16,9 +16,9 @@ from tls_helpers import make_authority
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
 from liveserve.cli import build_parser, main
-from liveserve.services.local import start_local
+from liveserve.services.deploy.local import start_local
 from liveserve.services.settings import ServiceSettings
-from liveserve.services.tls import TlsConfigError, channel_credentials
+from liveserve.services.security.tls import TlsConfigError, channel_credentials
 
 KEYS_ENV = "LIVESERVE_TLS_TEST_KEYS"
 API_KEY = "tls-test-key-7f3a"
@@ -153,7 +153,7 @@ def test_loadtest_flags_reach_its_channel_and_stay_out_of_the_report(mtls_server
 
 
 def test_metrics_listen_on_loopback_unless_told_otherwise(capsys):
-    from liveserve.services.telemetry import serve_metrics
+    from liveserve.services.observability.telemetry import serve_metrics
 
     args = build_parser().parse_args(["serve", "--local"])
     assert args.metrics_host == "127.0.0.1"

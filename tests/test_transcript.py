@@ -17,10 +17,10 @@ from stream_helpers import kinds, session_messages, stream
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
 from liveserve.cli import main
-from liveserve.services.local import start_local
-from liveserve.services.registry import SessionRegistry
+from liveserve.services.deploy.local import start_local
+from liveserve.services.state.registry import SessionRegistry
 from liveserve.services.settings import ServiceSettings
-from liveserve.services.transcript import to_webvtt
+from liveserve.services.state.transcript import to_webvtt
 
 KEYS_ENV = "LIVESERVE_TRANSCRIPT_TEST_KEYS"
 API_KEY = "transcript-key-19c2"
@@ -114,7 +114,7 @@ def test_a_server_without_redis_says_it_has_no_transcripts(tiny_model):
 
 
 def test_a_registry_that_does_not_answer_is_unavailable(tiny_model):
-    from liveserve.services.redis_server import free_port
+    from liveserve.services.state.redis_server import free_port
 
     nobody = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1,
                                   decode_responses=True)

@@ -1,4 +1,4 @@
-"""The browser front (services/web.py): the LiveStream session protocol over a WebSocket, relayed to the
+"""The browser front (services/gateway/web.py): the LiveStream session protocol over a WebSocket, relayed to the
 gRPC API of `serve --local` (real gRPC and HTTP on 127.0.0.1), and the page in a real headless Chromium."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from websockets.sync.client import connect
 from browser_helpers import Chromium, chromium_or_skip, write_y4m
 from stream_helpers import jpeg
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.services.local import start_local
-from liveserve.services.local_http import WebServer
+from liveserve.services.deploy.local import start_local
+from liveserve.services.gateway.local_http import WebServer
 from liveserve.services.settings import ServiceSettings
 from liveserve.video import SAMPLE_VIDEO
 

@@ -39,7 +39,7 @@ from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import FrameDecision
 from liveserve.model.live import LiveModel
 from liveserve.model.registry import MODEL_NAMES
-from liveserve.services.client import encode_jpeg
+from liveserve.services.client.stream import encode_jpeg
 
 _NO_DROPS = 600.0  # max_lag_s for the served paths: lockstep rounds never fall behind on purpose
 PATHS = ("in_process", "grpc", "ray")
@@ -90,7 +90,7 @@ def bench_in_process(model: LiveModel, sessions: int, rounds: int, warmup: int, 
 @contextlib.contextmanager
 def local_server(model_ref: str, device: str, max_sessions: int):
     """`liveserve serve --local` as its own process (as it is deployed); yields its address."""
-    from liveserve.services.redis_server import free_port
+    from liveserve.services.state.redis_server import free_port
 
     address = f"127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "liveserve", "serve", "--local", "--model", model_ref, "--device", device,

@@ -5,7 +5,7 @@ import warnings
 
 from liveserve.api.v1 import live_stream_pb2 as liveserve_dot_api_dot_v1_dot_live__stream__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -5,7 +5,7 @@ import warnings
 
 from liveserve.internal.v2 import perception_pb2 as liveserve_dot_internal_dot_v2_dot_perception__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -6,7 +6,7 @@ import warnings
 from liveserve.internal.v2 import reaction_pb2 as liveserve_dot_internal_dot_v2_dot_reaction__pb2
 from liveserve.internal.v2 import session_pb2 as liveserve_dot_internal_dot_v2_dot_session__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

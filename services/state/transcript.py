@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.services.registry import SessionRecord
+from liveserve.services.state.registry import SessionRecord
 
 ROLES = {"user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
 ROLE_NAMES = {value: name for name, value in ROLES.items()}

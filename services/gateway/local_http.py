@@ -7,7 +7,7 @@ import threading
 
 import uvicorn
 
-from liveserve.services.web import web_app
+from liveserve.services.gateway.web import web_app
 
 
 class WebServer:

@@ -25,13 +25,13 @@ from liveserve.engine.events import Event, ResponseDelta, ResponseDone, Response
 from liveserve.engine.inputs import SessionError
 from liveserve.engine.session import Session
 from liveserve.model.live import LiveModel
-from liveserve.services import contracts as c
-from liveserve.services.engine_worker import EngineWorker
-from liveserve.services.errors import internal
-from liveserve.services.outbox import GatewayLeases, Outboxes
+from liveserve.services.wire import contracts as c
+from liveserve.services.replica.engine_worker import EngineWorker
+from liveserve.services.wire.errors import internal
+from liveserve.services.replica.outbox import GatewayLeases, Outboxes
 from liveserve.services.settings import ServiceSettings
-from liveserve.services.telemetry import GpuMetrics, ReactionMetrics, sample_periodically
-from liveserve.services.tracing import extract, tracer
+from liveserve.services.observability.telemetry import GpuMetrics, ReactionMetrics, sample_periodically
+from liveserve.services.observability.tracing import extract, tracer
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Protocol
 
-from liveserve.services import codec
-from liveserve.services.contracts import (DecisionPush, EncodeRequest, EncodeResult, EventBatch, OpenSession,
+from liveserve.services.wire import codec
+from liveserve.services.wire.contracts import (DecisionPush, EncodeRequest, EncodeResult, EventBatch, OpenSession,
                                           ReactionPush, SessionPlaced)
 
 

@@ -16,7 +16,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from liveserve.services.gpu import read_gpus
+from liveserve.services.observability.gpu import read_gpus
 
 log = logging.getLogger(__name__)
 LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]

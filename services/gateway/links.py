@@ -21,7 +21,7 @@ import logging
 import time
 from typing import Callable
 
-from liveserve.services.contracts import EncodeRequest, EncodeResult, FrameImage
+from liveserve.services.wire.contracts import EncodeRequest, EncodeResult, FrameImage
 
 log = logging.getLogger(__name__)
 RETRY_S = (0.05, 1.0)  # backoff before a Perception call is tried again: first, most (doubling between)

@@ -35,21 +35,21 @@ from opentelemetry import context as otel_context
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
 from liveserve.engine.kv_pool import PoolFullError
-from liveserve.services import contracts as c
-from liveserve.services.auth import FailedAuthLimit, peer_host, tenant_keys_from_env, tenant_of
-from liveserve.services.errors import internal
-from liveserve.services.links import FrameBatcher, ReplicaLink
-from liveserve.services.messages import session_config
-from liveserve.services.model_pools import ModelPools, PoolSeams
-from liveserve.services.registry import SessionRegistry
-from liveserve.services.resume import Parked, ResumeTokens
-from liveserve.services.resume import digest as resume_digest
+from liveserve.services.wire import contracts as c
+from liveserve.services.security.auth import FailedAuthLimit, peer_host, tenant_keys_from_env, tenant_of
+from liveserve.services.wire.errors import internal
+from liveserve.services.gateway.links import FrameBatcher, ReplicaLink
+from liveserve.services.wire.messages import session_config
+from liveserve.services.gateway.model_pools import ModelPools, PoolSeams
+from liveserve.services.state.registry import SessionRegistry
+from liveserve.services.gateway.resume import Parked, ResumeTokens
+from liveserve.services.gateway.resume import digest as resume_digest
 from liveserve.services.settings import ServiceSettings
-from liveserve.services.stream_session import Finish, StreamSession
-from liveserve.services.telemetry import GatewayMetrics
-from liveserve.services.tenants import QuotaExceeded, Tenancy, quotas_from_setting
-from liveserve.services.tracing import extract, tracer
-from liveserve.services.transcript import SESSION_ID, transcript_from_record
+from liveserve.services.gateway.stream_session import Finish, StreamSession
+from liveserve.services.observability.telemetry import GatewayMetrics
+from liveserve.services.security.tenants import QuotaExceeded, Tenancy, quotas_from_setting
+from liveserve.services.observability.tracing import extract, tracer
+from liveserve.services.state.transcript import SESSION_ID, transcript_from_record
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,11 @@ from opentelemetry.trace import Span, Status, StatusCode
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.config import SessionConfig
 from liveserve.engine.inputs import AwaitedReply
-from liveserve.services import contracts as c
-from liveserve.services.codec import ACTIONS, FINISH, TRIGGERS
-from liveserve.services.resume import Parked, new_token
-from liveserve.services.tracing import carried, extract
+from liveserve.services.wire import contracts as c
+from liveserve.services.wire.codec import ACTIONS, FINISH, TRIGGERS
+from liveserve.services.security.rate_limit import IngressLimit
+from liveserve.services.gateway.resume import Parked, new_token
+from liveserve.services.observability.tracing import carried, extract
 
 log = logging.getLogger(__name__)
 BACKLOG = 64  # inputs waiting at the gateway before the session stops reading its client (flow control)
@@ -77,29 +78,12 @@ class _Reply:
     active: float = field(default_factory=time.monotonic)  # last sign of life, for the reply watchdog
 
 
-class IngressLimit:
-    """A token bucket: a stream may send `rate` frames a second, with a burst of `burst` frames."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens, self.at = burst, time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
 class StreamSession:
     def __init__(self, gateway, pools, session_id: str, config: SessionConfig, placed: c.SessionPlaced,
                  reaction: c.SessionPlaced | None, trace_parent: otel_context.Context, fps: float,
                  tenant=None, resumed: Parked | None = None) -> None:
         """`pools`: its model's (model_pools.py). `tenant`: the TenantUsage (tenants.py) its frames and replies
-        count against. `resumed`: the parked session this call resumes (services/resume.py)."""
+        count against. `resumed`: the parked session this call resumes (services/gateway/resume.py)."""
         self.gateway, self.pools, self.session_id, self.config, self.fps = gateway, pools, session_id, config, fps
         self.tenant = tenant
         self.placed, self.reaction = placed, reaction  # reaction: None for a decisions-only session

@@ -5,7 +5,7 @@ went away (not after Close, not on an error), its gateway parks the session: Red
 `{prefix}:resume:{session_id}` (the token's digest, the tenant, where frame numbering and time had got to)
 for `ttl_s`, and the gateway keeps the session's decided frames in memory as long. An Open naming the
 session and its token takes the entry (once: a token resumes one call) and the session is rebuilt like a
-moved one (services/recovery.py), with the frames when the same gateway parked it, else from its turns
+moved one (services/decision/recovery.py), with the frames when the same gateway parked it, else from its turns
 alone. The KV state was freed at once when the client went away: parking holds no device memory.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import redis
 
-from liveserve.services.contracts import FrameFeatures
+from liveserve.services.wire.contracts import FrameFeatures
 
 
 # The entry, deleted, when the digest and tenant match (atomically: a token resumes one call); else nil.

@@ -29,15 +29,15 @@ from liveserve.engine.kv_pool import PoolFullError
 from liveserve.engine.session import Session
 from liveserve.engine.sessions import default_mode, tokens_per_frame
 from liveserve.model.live import LiveModel
-from liveserve.services import contracts as c
-from liveserve.services.engine_worker import EngineWorker
-from liveserve.services.errors import internal
-from liveserve.services.outbox import GatewayLeases, Outboxes
-from liveserve.services.recovery import restore_items
-from liveserve.services.registry import RegistryError, SessionRegistry, UnknownSessionError
+from liveserve.services.wire import contracts as c
+from liveserve.services.replica.engine_worker import EngineWorker
+from liveserve.services.wire.errors import internal
+from liveserve.services.replica.outbox import GatewayLeases, Outboxes
+from liveserve.services.decision.recovery import restore_items
+from liveserve.services.state.registry import RegistryError, SessionRegistry, UnknownSessionError
 from liveserve.services.settings import ServiceSettings
-from liveserve.services.telemetry import DecisionMetrics, GpuMetrics, sample_periodically
-from liveserve.services.tracing import carried, extract, tracer
+from liveserve.services.observability.telemetry import DecisionMetrics, GpuMetrics, sample_periodically
+from liveserve.services.observability.tracing import carried, extract, tracer
 
 log = logging.getLogger(__name__)
 _FAILURES = {"cache_full": grpc.StatusCode.RESOURCE_EXHAUSTED, "internal": grpc.StatusCode.INTERNAL}

@@ -22,9 +22,9 @@ from opentelemetry.trace import Status, StatusCode
 
 from liveserve.model.live import LiveModel
 from liveserve.model.vision import VisionModel
-from liveserve.services.contracts import EncodeRequest, EncodeResult, FrameImage
-from liveserve.services.telemetry import PerceptionMetrics
-from liveserve.services.tracing import extract, tracer
+from liveserve.services.wire.contracts import EncodeRequest, EncodeResult, FrameImage
+from liveserve.services.observability.telemetry import PerceptionMetrics
+from liveserve.services.observability.tracing import extract, tracer
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class FrameEncoder:
 
     def busy_fraction(self) -> float:
         """The share of the time since the previous call that the encoder spent encoding (what the pool
-        scales on, services/autoscaling.py)."""
+        scales on, services/deploy/autoscaling.py)."""
         now, busy = time.monotonic(), self._busy_s
         then, busy_then = self._sampled
         self._sampled = (now, busy)

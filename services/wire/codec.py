@@ -13,8 +13,8 @@ from liveserve.internal.v2 import decision_pb2 as dpb
 from liveserve.internal.v2 import perception_pb2 as ppb
 from liveserve.internal.v2 import reaction_pb2 as rpb
 from liveserve.internal.v2 import session_pb2 as spb
-from liveserve.services import contracts as c
-from liveserve.services import tensors
+from liveserve.services.wire import contracts as c
+from liveserve.services.wire import tensors
 
 ACTIONS = {c.Action.SILENT: pb.ACTION_SILENT, c.Action.RESPOND: pb.ACTION_RESPOND, c.Action.QUERY: pb.ACTION_QUERY,
            c.Action.SUPPRESSED: pb.ACTION_SUPPRESSED}

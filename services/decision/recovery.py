@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from liveserve.engine.inputs import Restored, RestoredFrame, RestoredTurn
-from liveserve.services.contracts import Restore
+from liveserve.services.wire.contracts import Restore
 
 TURNS_WITHOUT_FRAMES = 8  # a session restored with no frames (resumed elsewhere) gets its latest turns
 

@@ -16,17 +16,17 @@ import threading
 
 from liveserve.model.live import LiveModel
 from liveserve.model.qwen_vl import FramePixels
-from liveserve.services.decision import DecisionService
-from liveserve.services.gateway import Gateway
-from liveserve.services.model_pools import PoolSeams
-from liveserve.services.perception import FrameEncoder
-from liveserve.services.reaction import ReactionService
-from liveserve.services.redis_server import connect
-from liveserve.services.registry import SessionRegistry
-from liveserve.services.seams import LocalPerception, LocalSessions
-from liveserve.services.server import GatewayServer
+from liveserve.services.decision.service import DecisionService
+from liveserve.services.gateway.service import Gateway
+from liveserve.services.gateway.model_pools import PoolSeams
+from liveserve.services.perception.service import FrameEncoder
+from liveserve.services.reaction.service import ReactionService
+from liveserve.services.state.redis_server import connect
+from liveserve.services.state.registry import SessionRegistry
+from liveserve.services.wire.seams import LocalPerception, LocalSessions
+from liveserve.services.gateway.server import GatewayServer
 from liveserve.services.settings import ServiceSettings
-from liveserve.services.tls import server_credentials
+from liveserve.services.security.tls import server_credentials
 
 log = logging.getLogger(__name__)
 

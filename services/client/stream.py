@@ -20,8 +20,8 @@ from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
 from liveserve.engine.events import FrameDecision, ResponseDone
 from liveserve.run import Printer, RunStats
-from liveserve.services.messages import from_message
-from liveserve.services.tls import open_channel
+from liveserve.services.wire.messages import from_message
+from liveserve.services.security.tls import open_channel
 from liveserve.live_source import ReconnectPolicy, open_frame_source
 from liveserve.video import VideoFrame
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from liveserve.engine.sessions import MODES_BY_FAMILY
-from liveserve.services.links import FrameBatcher, ReplicaLink
-from liveserve.services.seams import Decision, Perception, Reaction
+from liveserve.services.gateway.links import FrameBatcher, ReplicaLink
+from liveserve.services.wire.seams import Decision, Perception, Reaction
 from liveserve.services.settings import ServedModel
 
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from liveserve.services.contracts import EventBatch
+from liveserve.services.wire.contracts import EventBatch
 
 
 @dataclass(slots=True)

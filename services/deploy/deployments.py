@@ -15,23 +15,23 @@ from ray import serve
 
 from liveserve.internal.v2 import perception_pb2 as ppb
 from liveserve.internal.v2 import session_pb2 as spb
-from liveserve.services import codec
-from liveserve.services.decision import DecisionService
-from liveserve.services.gateway import Gateway
-from liveserve.services.model_pools import PoolSeams
-from liveserve.services.perception import FrameEncoder, load_perception_model
-from liveserve.services.reaction import ReactionService
-from liveserve.services.redis_server import connect
-from liveserve.services.registry import SessionRegistry
+from liveserve.services.wire import codec
+from liveserve.services.decision.service import DecisionService
+from liveserve.services.gateway.service import Gateway
+from liveserve.services.gateway.model_pools import PoolSeams
+from liveserve.services.perception.service import FrameEncoder, load_perception_model
+from liveserve.services.reaction.service import ReactionService
+from liveserve.services.state.redis_server import connect
+from liveserve.services.state.registry import SessionRegistry
 from liveserve.model.loading import require_live
-from liveserve.services.replica import load_replica_model, replica_id
-from liveserve.services.routing import SESSION_ROUTER
-from liveserve.services.seams import RayPerception, ray_decision, ray_reaction
-from liveserve.services.server import GatewayServer
+from liveserve.services.replica.startup import load_replica_model, replica_id
+from liveserve.services.deploy.routing import SESSION_ROUTER
+from liveserve.services.wire.seams import RayPerception, ray_decision, ray_reaction
+from liveserve.services.gateway.server import GatewayServer
 from liveserve.services.settings import ServiceSettings
-from liveserve.services.telemetry import use_ray_metrics
-from liveserve.services.tls import server_credentials
-from liveserve.services.web import web_app
+from liveserve.services.observability.telemetry import use_ray_metrics
+from liveserve.services.security.tls import server_credentials
+from liveserve.services.gateway.web import web_app
 
 
 def _settings(values: dict | None) -> ServiceSettings:
@@ -96,7 +96,7 @@ class GatewayDeployment:
             raise RuntimeError("the gateway's gRPC server is not running")
 
     def record_autoscaling_stats(self) -> dict:
-        """What the Gateway pool scales on (services/autoscaling.py): the streams it holds."""
+        """What the Gateway pool scales on (services/deploy/autoscaling.py): the streams it holds."""
         gateway = self.server.gateway
         return {"sessions": float(len(gateway.sessions)) if gateway is not None else 0.0}
 
@@ -121,7 +121,7 @@ class PerceptionDeployment:
         return codec.encode_result_to_proto(result)
 
     def record_autoscaling_stats(self) -> dict:
-        """What the Perception pool scales on (services/autoscaling.py): how busy the encoder was."""
+        """What the Perception pool scales on (services/deploy/autoscaling.py): how busy the encoder was."""
         return {"busy_fraction": self.encoder.busy_fraction()}
 
 
@@ -147,7 +147,7 @@ class _SessionPool:
             yield type(self).events_to_proto(batch)
 
     def record_autoscaling_stats(self) -> dict:
-        """What the pool scales on (services/autoscaling.py): sessions held, KV pool reserved."""
+        """What the pool scales on (services/deploy/autoscaling.py): sessions held, KV pool reserved."""
         load = self.service.load()
         return {"sessions": float(load["sessions"]), "kv_used_fraction": load["kv_used_fraction"]}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from liveserve.services.deployments import (DecisionDeployment, GatewayDeployment, PerceptionDeployment,
+from liveserve.services.deploy.deployments import (DecisionDeployment, GatewayDeployment, PerceptionDeployment,
                                             ReactionDeployment)
 from liveserve.services.settings import ServiceSettings
 

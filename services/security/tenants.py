@@ -33,7 +33,7 @@ from typing import Protocol
 
 import redis
 
-from liveserve.services.stream_session import IngressLimit
+from liveserve.services.security.rate_limit import IngressLimit
 
 log = logging.getLogger(__name__)
 QUOTA_KEYS = "tenant_quotas"

@@ -1,0 +1,1 @@
+"""Reaction: the asynchronous reply writer with its own per-session cache."""

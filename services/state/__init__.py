@@ -1,0 +1,1 @@
+"""Session state outside the replicas: the Redis registry, the embedded Redis server, transcripts."""
