@@ -171,9 +171,7 @@ def start(config: dict, *, ray_address: str | None = None, redis_url: str | None
         if started_ray:
             progress(f"joining Ray at {address}" if address else "starting a local Ray")
             metrics_port = metrics_port or free_port()
-            local = {} if address else {"resources": POOL_RESOURCES, "_metrics_export_port": metrics_port}
-            ray.init(address=address, namespace="serve", include_dashboard=False, log_to_driver=log_to_driver,
-                     configure_logging=False, **local)
+            init_ray(address, metrics_port, log_to_driver)
         http = {**(config.get("http_options") or {})}
         if not address:
             http.update(host="127.0.0.1", port=http_port or free_port())  # local: no fixed port to collide on
@@ -197,6 +195,20 @@ def start(config: dict, *, ray_address: str | None = None, redis_url: str | None
             if redis_server is not None:
                 redis_server.stop()
         raise
+
+
+def init_ray(address: str | None, metrics_port: int, log_to_driver: bool = False) -> None:
+    """Join the cluster at `address`, or start a local Ray of this process's own.
+
+    Without an address, `ray.init` would attach to a cluster that `ray start` left running on this host
+    (and then refuse the local pools' resources); "local" always starts a fresh one, so a user who already
+    runs Ray here can still try `serve` and `demo`. Joining a cluster is always explicit (`--ray-address`,
+    RAY_ADDRESS)."""
+    import ray
+
+    local = {} if address else {"resources": POOL_RESOURCES, "_metrics_export_port": metrics_port}
+    ray.init(address=address or "local", namespace="serve", include_dashboard=False, log_to_driver=log_to_driver,
+             configure_logging=False, **local)
 
 
 def host_replica_cap() -> int:

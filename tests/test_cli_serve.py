@@ -6,18 +6,56 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
+
+import pytest
 
 from liveserve.cli import main
 from liveserve.services.state.redis_server import free_port
 
 
-def test_demo_runs_the_application_on_its_own_ray_and_shuts_down(tiny_dir):
+@pytest.fixture
+def ray_started_by_the_user():
+    """A Ray cluster that `ray start --head` left running on this host, as a user who already runs Ray has.
+    Its address file (/tmp/ray/ray_current_cluster) is what a bare `ray.init()` would attach to."""
+    marker = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    had_marker = marker.exists()
+    port = free_port()
+    ray_cli = Path(sys.executable).with_name("ray")
+    cluster = subprocess.Popen([str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+                                "--include-dashboard=false", "--disable-usage-stats"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (marker.exists() and marker.read_text().strip().endswith(f":{port}")):
+            assert cluster.poll() is None, "ray start exited"
+            assert time.monotonic() < deadline, "ray start did not come up within 90s"
+            time.sleep(0.2)
+        yield port
+    finally:
+        os.killpg(cluster.pid, signal.SIGTERM)
+        try:
+            cluster.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(cluster.pid, signal.SIGKILL)
+            cluster.wait(timeout=10)
+        if not had_marker:
+            marker.unlink(missing_ok=True)
+
+
+def test_demo_runs_the_application_on_its_own_ray_and_shuts_down(tiny_dir, ray_started_by_the_user):
     """The README's first command as a user runs it: its own local Ray and embedded Redis (the one test
     that starts a second Ray cluster; everything else shares the session's), the sample streamed through
-    Gateway, Perception, Decision and Reaction, then a clean shutdown."""
+    Gateway, Perception, Decision and Reaction, then a clean shutdown. Another Ray cluster already runs on
+    the host (started with `ray start`): the demo starts its own beside it instead of attaching to it."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "REDIS_URL")}
+    # The premise: a bare ray.init() here attaches to the user's cluster and refuses the pools' resources.
+    attach = subprocess.run([sys.executable, "-c", "import ray; ray.init(resources={'x': 1})"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert attach.returncode != 0 and "resources must not be provided" in attach.stderr, attach.stderr[-2000:]
     demo = subprocess.run([sys.executable, "-m", "liveserve", "demo", "--model", str(tiny_dir), "--max-frames", "4"],
                           capture_output=True, text=True, timeout=400, env={**env, "PYTHONUNBUFFERED": "1"})
     assert demo.returncode == 0, demo.stderr[-3000:]
