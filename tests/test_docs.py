@@ -245,3 +245,36 @@ def test_the_check_catches_a_wrong_field_setting_and_module():
                      ("services",)) == [
         "Decision has no lag_ms (Decision.lag_ms)", "no file gateway/nowhere.py",
         "liveserve is no class, module or message (liveserve.model.nowhere)", "pool is no class, module or message (pool.block_bytes)"]
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors for a page's headings (outside code blocks)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#{1,6} (.+)$", text, re.M)}
+
+
+def _broken_links(page: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"\w+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(f"{target}: no file")
+        elif anchor and anchor not in _anchors(linked.read_text()):
+            broken.append(f"{target}: no such section")
+    return broken
+
+
+@pytest.mark.parametrize("page", sorted({*PAGES, "docs/architecture.md", "docs/operations.md", "docs/training.md"}))
+def test_every_link_leads_to_a_page_and_section(page):
+    broken = _broken_links(ROOT / page)
+    assert not broken, f"{page}: broken links\n" + "\n".join(broken)
+
+
+def test_the_link_check_catches_a_moved_section(tmp_path):
+    (tmp_path / "a.md").write_text("# A\n\n## Load testing\n\nsee [b](b.md), [here](#load-testing), [gone](#benchmarks)\n")
+    assert _broken_links(tmp_path / "a.md") == ["b.md: no file", "#benchmarks: no such section"]
