@@ -3,9 +3,13 @@ wire) unchanged, frame features packed as one tensor in their own dtype; bad ten
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 import torch
 
+from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.config import CacheConfig, SessionConfig
 from liveserve.engine.inputs import AwaitedReply
 from liveserve.internal.v2 import decision_pb2 as dpb
@@ -82,12 +86,12 @@ def test_decision_pushes_and_events_round_trip():
                                 c.FrameFeatures("b", 2, 5, 1.0, features(3)), c.ReplyText("a", 1, "hello", (5, 6)),
                                 c.CloseSession("b", 2, False)))
     assert same(codec.decision_push_from_proto(wire(codec.decision_push_to_proto(push), dpb.DecisionPush)), push)
-    events = c.EventBatch((c.Decided("a", 0, 0.0, 0.25, True, c.Action.RESPOND, TRACE),
-                           c.Decided("a", 1, 0.5, 0.9, False, c.Action.SUPPRESSED),
-                           c.Dropped("b", (3, 4), (1.5, 2.0), "lagging"),
-                           c.ReplyWanted("a", c.Trigger.QUERY, 0.5, "what?", 1, TRACE),
+    events = c.EventBatch((c.Decision("a", 0, 0.0, 0.25, True, c.Action.RESPOND, TRACE),
+                           c.Decision("a", 1, 0.5, 0.9, False, c.Action.SUPPRESSED),
+                           c.FramesDropped("b", (3, 4), (1.5, 2.0), "lagging"),
+                           c.ReplyRequested("a", c.Trigger.QUERY, 0.5, "what?", 1, TRACE),
                            c.Refused("b", "query", -1, "query is empty"),
-                           c.SessionEnded("b", 5, 2, 1, 3, 8, "cache full")))
+                           c.SessionClosed("b", 5, 2, 1, 3, 8, "cache full")))
     back = codec.decision_events_from_proto(wire(codec.decision_events_to_proto(events), dpb.DecisionEvents))
     assert back.events[0].p_silent == pytest.approx(0.25)
     assert same(back.events[2:], events.events[2:]) and back.events[1].action is c.Action.SUPPRESSED
@@ -98,9 +102,9 @@ def test_reaction_pushes_and_events_round_trip():
     push = c.ReactionPush("g", (c.SyncFrames("a", 3, frames), c.Respond("a", c.Trigger.PROACTIVE, 2.0, "", TRACE),
                                 c.CloseSession("a", 1, False)))
     assert same(codec.reaction_push_from_proto(wire(codec.reaction_push_to_proto(push), rpb.ReactionPush)), push)
-    events = c.EventBatch((c.ReplyStarted("a", 2.0, c.Trigger.PROACTIVE, ""), c.ReplyDelta("a", "hi", 2),
-                           c.ReplyDone("a", "hi there", 3, "length", 0.01, 0.02, (1, 2, 3)),
-                           c.ReplyFailed("b", "gone")))
+    events = c.EventBatch((c.ResponseStarted("a", 2.0, c.Trigger.PROACTIVE, ""), c.ResponseDelta("a", "hi", 2),
+                           c.ResponseDone("a", "hi there", 3, "length", 0.01, 0.02, (1, 2, 3)),
+                           c.ResponseFailed("b", "gone")))
     back = codec.reaction_events_from_proto(wire(codec.reaction_events_to_proto(events), rpb.ReactionEvents))
     assert same(back.events[:2], events.events[:2]) and same(back.events[3], events.events[3])
     done = back.events[2]
@@ -130,3 +134,32 @@ def test_perception_scales_on_how_busy_its_encoders_are():
     assert policy.desired([0.1, 0.1]) == 1  # idle capacity can go
     with pytest.raises(ValueError, match="target_busy"):
         BusyScaling(target_busy=0.0)
+
+
+def test_each_internal_message_mirrors_its_dataclass():
+    """The codec converts by name: each oneof case is its contract class, named after it, with its fields."""
+    mirrored = []
+    for oneof, union in codec.ONEOFS.items():
+        cases = {field.name: field.message_type for field in oneof.DESCRIPTOR.oneofs_by_name["kind"].fields}
+        classes = typing.get_args(union)
+        assert set(cases) == {codec.case_name(cls) for cls in classes}, oneof.DESCRIPTOR.name
+        for cls in classes:
+            message = cases[codec.case_name(cls)]
+            assert message.name == cls.__name__
+            if cls not in codec.BY_HAND:
+                mirrored.append((cls, message))
+    mirrored += [(c.FrameImage, ppb.FrameImage.DESCRIPTOR), (c.Limits, pb.Limits.DESCRIPTOR)]
+    for cls, message in mirrored:
+        wire_names = {codec.TRACE_FIELD if f.name == "trace" else f.name for f in dataclasses.fields(cls)} - {codec.PACKED}
+        assert wire_names <= set(message.fields_by_name), f"{message.name} lacks {wire_names - set(message.fields_by_name)}"
+    assert codec.case_name(c.ResponseStarted) == "response_started" and codec.case_name(c.Refused) == "refused"
+
+
+def test_a_message_of_all_defaults_keeps_its_case():
+    push = c.DecisionPush("g", (c.CloseSession("", 0, False),))
+    assert codec.decision_push_from_proto(wire(codec.decision_push_to_proto(push), dpb.DecisionPush)) == push
+    events = c.EventBatch((c.SessionClosed(""), c.ResponseFailed("", "")))
+    assert codec.reaction_events_from_proto(wire(codec.reaction_events_to_proto(
+        c.EventBatch(events.events[1:])), rpb.ReactionEvents)) == c.EventBatch(events.events[1:])
+    assert codec.decision_events_from_proto(wire(codec.decision_events_to_proto(
+        c.EventBatch(events.events[:1])), dpb.DecisionEvents)) == c.EventBatch(events.events[:1])

@@ -36,7 +36,7 @@ def test_sessions_of_a_silent_gateway_are_closed_and_a_renewing_one_keeps_them(t
             reaction.stop()
 
     ended, decision_sessions, reaction_sessions, reserved = asyncio.run(main())
-    assert [type(e) for e in ended] == [c.SessionEnded] and ended[0].session_id == "silent"
+    assert [type(e) for e in ended] == [c.SessionClosed] and ended[0].session_id == "silent"
     assert ended[0].code == grpc.StatusCode.UNAVAILABLE.value[0] and "went silent" in ended[0].message
     assert decision_sessions == {"kept"} and reaction_sessions == set() and reserved > 0
 

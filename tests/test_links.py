@@ -137,14 +137,14 @@ def test_commands_sent_while_a_push_is_in_flight_go_together_in_order_and_acks_f
         ack = link.send_acknowledged(close("c"))
         assert not ack.done()
         assert await asyncio.wait_for(ack, 5) is True
-        await replica.outbox.put(c.EventBatch((c.SessionEnded("a"),)))
+        await replica.outbox.put(c.EventBatch((c.SessionClosed("a"),)))
         await asyncio.sleep(0.01)
         link.close()
         return replica, seen, failures
 
     replica, seen, failures = asyncio.run(main())
     assert [[cmd.session_id for cmd in commands] for _, commands in replica.pushes] == [["a"], ["b", "c"]]
-    assert {r for r, _ in replica.pushes} == {"r1"} and seen == [c.SessionEnded("a")] and not failures
+    assert {r for r, _ in replica.pushes} == {"r1"} and seen == [c.SessionClosed("a")] and not failures
 
 
 def test_a_busy_link_pushes_at_most_once_per_interval_and_an_idle_one_at_once():
@@ -197,7 +197,7 @@ def test_an_outbox_batches_a_busy_stream_and_forgets_a_gateway_that_left():
 
 
 def test_reply_deltas_of_one_session_merge_across_other_sessions_events():
-    events = [c.ReplyDelta("a", "he", 1), c.ReplyDelta("b", "x", 1), c.ReplyDelta("a", "llo", 2),
-              c.ReplyDone("b", "x", 1, "eos", 0.1, 0.1), c.ReplyDelta("a", "!", 1), c.ReplyDelta("b", "y", 1)]
-    assert merge_deltas(events) == [c.ReplyDelta("a", "hello!", 4), c.ReplyDelta("b", "x", 1),
-                                    c.ReplyDone("b", "x", 1, "eos", 0.1, 0.1), c.ReplyDelta("b", "y", 1)]
+    events = [c.ResponseDelta("a", "he", 1), c.ResponseDelta("b", "x", 1), c.ResponseDelta("a", "llo", 2),
+              c.ResponseDone("b", "x", 1, "eos", 0.1, 0.1), c.ResponseDelta("a", "!", 1), c.ResponseDelta("b", "y", 1)]
+    assert merge_deltas(events) == [c.ResponseDelta("a", "hello!", 4), c.ResponseDelta("b", "x", 1),
+                                    c.ResponseDone("b", "x", 1, "eos", 0.1, 0.1), c.ResponseDelta("b", "y", 1)]

@@ -232,7 +232,7 @@ def test_features_from_another_vision_tower_are_refused_with_the_reason(tiny_mod
         events = []
         async for batch in service.events("g1"):
             events += batch.events
-            if any(isinstance(event, c.Decided) for event in events):
+            if any(isinstance(event, c.Decision) for event in events):
                 return events
 
     try:
@@ -241,7 +241,7 @@ def test_features_from_another_vision_tower_are_refused_with_the_reason(tiny_mod
         service.stop()
     refused = [event for event in events if isinstance(event, c.Refused)]
     assert len(refused) == 1 and refused[0].frame_id == 0 and "runs another vision tower" in refused[0].message
-    assert [event.frame_id for event in events if isinstance(event, c.Decided)] == [1]
+    assert [event.frame_id for event in events if isinstance(event, c.Decision)] == [1]
 
 
 def test_a_resumed_session_keeps_its_model(ray_app):

@@ -227,7 +227,7 @@ def test_a_command_for_an_unknown_session_is_refused_by_name_on_the_event_stream
     handle = decision_handle()
     replica = handle.Sessions.remote().result(timeout_s=30)["replica"]
     push = dpb.DecisionPush(gateway_id="test-gateway", commands=[dpb.DecisionCommand(
-        close=spb.CloseSession(session_id="no-such-session", epoch=1, drain=True))])
+        close_session=spb.CloseSession(session_id="no-such-session", epoch=1, drain=True))])
     handle.Push.remote(push, route_to=replica).result(timeout_s=30)  # taken: refusals travel as events
     events = handle.options(stream=True).Events.remote(spb.EventsRequest(gateway_id="test-gateway"), route_to=replica)
     first = next(iter(events))

@@ -1,7 +1,7 @@
 """Decision: each session's KV cache on this replica's device, frames of all sessions stepped in batches,
 one streaming-EOS decision per frame.
 
-Sessions run with replies="external": when one fires (or meets a query) it reports ReplyWanted and
+Sessions run with replies="external": when one fires (or meets a query) it reports ReplyRequested and
 keeps deciding frames; the gateway has Reaction write the reply and hands the finished text back
 (ReplyText). The engine then puts the reply right after its trigger and re-appends the frames decided
 meanwhile, so the cache keeps the token order the model was trained on. Frames that wanted to fire
@@ -255,16 +255,16 @@ class DecisionService:
                     span.set_attributes({"liveserve.fired": not event.silent, "liveserve.action": str(action)})
                     trace_context = carried(span)
                     span.end()
-                decided.append(c.Decided(sid, frame_id, timestamp, float(event.silent), not event.silent, action,
+                decided.append(c.Decision(sid, frame_id, timestamp, float(event.silent), not event.silent, action,
                                          trace_context))
             return decided
         if isinstance(event, ResponseStarted):
             self.metrics.responses.inc(tags={"trigger": event.trigger})
-            return [c.ReplyStarted(sid, event.timestamp, c.Trigger.COMMENTARY, "")]
+            return [c.ResponseStarted(sid, event.timestamp, c.Trigger.COMMENTARY, "")]
         if isinstance(event, ResponseDelta):
-            return [c.ReplyDelta(sid, event.text, len(event.token_ids))]
+            return [c.ResponseDelta(sid, event.text, len(event.token_ids))]
         self._record_turn(held, event.timestamp, "assistant", event.text)
-        return [c.ReplyDone(sid, event.text, event.num_tokens, event.finish_reason, event.ttft_s, event.duration_s,
+        return [c.ResponseDone(sid, event.text, event.num_tokens, event.finish_reason, event.ttft_s, event.duration_s,
                             event.token_ids)]
 
     def _translate(self, held: _Held, event: Event) -> c.DecisionEvent | None:
@@ -279,7 +279,7 @@ class DecisionService:
                                      "liveserve.action": event.action})
                 trace_context = carried(span)
                 span.end()
-            return c.Decided(sid, event.frame_index, event.timestamp, event.p_silent, event.fired,
+            return c.Decision(sid, event.frame_index, event.timestamp, event.p_silent, event.fired,
                              c.Action(event.action), trace_context)
         if isinstance(event, FramesDropped):
             self.metrics.frames_dropped.inc(len(event.timestamps))
@@ -288,19 +288,19 @@ class DecisionService:
                 if span is not None:
                     span.set_attribute("liveserve.dropped", True)
                     span.end()
-            return c.Dropped(sid, tuple(event.frame_ids), tuple(event.timestamps), event.reason)
+            return c.FramesDropped(sid, tuple(event.frame_ids), tuple(event.timestamps), event.reason)
         if isinstance(event, ReplyRequested):
             self.metrics.responses.inc(tags={"trigger": event.trigger})
             held.reply_at = event.timestamp
             trace_context = held.trigger_traces.pop(event.timestamp, c.NO_TRACE) if event.trigger == "query" else ()
-            return c.ReplyWanted(sid, c.Trigger(event.trigger), event.timestamp, event.query or "",
+            return c.ReplyRequested(sid, c.Trigger(event.trigger), event.timestamp, event.query or "",
                                  event.frame_index, trace_context)
         if isinstance(event, SessionFailed):  # its own cache is full (the message says why), or a bug (logged)
             message = event.message if event.code == "cache_full" else internal(
                 log, f"session {sid} failed on decision replica {self.replica}", detail=event.message)
             held.failure = (_FAILURES[event.code].value[0], message)
             self._worker.close_when_drained(sid, 0)
-            return None  # SessionEnded follows, with the status and the message
+            return None  # SessionClosed follows, with the status and the message
         raise TypeError(f"a Decision session reported {type(event).__name__}")
 
     def _ended(self, session_id: str, session: Session) -> None:
@@ -311,7 +311,7 @@ class DecisionService:
             span.end()
         self.metrics.frames_replayed.inc(session.frames_replayed)
         code, message = held.failure or (0, "")
-        self.outboxes.put(held.gateway_id, c.SessionEnded(
+        self.outboxes.put(held.gateway_id, c.SessionClosed(
             session_id, session.frames_decided, session.frames_dropped, session.responses, session.frames_replayed,
             code, message))
         if self.registry is not None:

@@ -264,9 +264,9 @@ class StreamSession:
     # ---- Decision's events ----------------------------------------------------------------------------------
 
     def on_decision_event(self, event: c.DecisionEvent) -> None:
-        if isinstance(event, c.Decided):
+        if isinstance(event, c.Decision):
             self._decided(event)
-        elif isinstance(event, c.Dropped):
+        elif isinstance(event, c.FramesDropped):
             frames = [(frame_id, timestamp) for frame_id, timestamp in zip(event.frame_ids, event.timestamps)]
             self._counted[1] += len(frames)
             for frame_id, _ in frames:
@@ -275,7 +275,7 @@ class StreamSession:
                     frame.span.set_attribute("liveserve.dropped", True)
                     frame.span.end()
             self.warn(pb.WARNING_CODE_FRAME_DROPPED, event.reason, frames)
-        elif isinstance(event, c.ReplyWanted):
+        elif isinstance(event, c.ReplyRequested):
             self._start_reply(event)
         elif isinstance(event, c.Refused):
             code = {"frame": pb.WARNING_CODE_BAD_FRAME, "query": pb.WARNING_CODE_BAD_QUERY}.get(event.input)
@@ -287,18 +287,18 @@ class StreamSession:
                 frame.span.set_status(Status(StatusCode.ERROR, event.message))
                 frame.span.end()
             self.warn(code, event.message, [(event.frame_id, frame.timestamp)] if frame is not None else ())
-        elif isinstance(event, c.SessionEnded):
+        elif isinstance(event, c.SessionClosed):
             self._ended(event)
-        elif isinstance(event, (c.ReplyStarted, c.ReplyDelta, c.ReplyDone)):
+        elif isinstance(event, (c.ResponseStarted, c.ResponseDelta, c.ResponseDone)):
             self._said(event)
 
-    def _said(self, event: c.ReplyStarted | c.ReplyDelta | c.ReplyDone) -> None:
+    def _said(self, event: c.ResponseStarted | c.ResponseDelta | c.ResponseDone) -> None:
         """A commentary session's turn, written by Decision itself: streamed on to the client."""
-        if isinstance(event, c.ReplyStarted):
+        if isinstance(event, c.ResponseStarted):
             self._said_at = event.timestamp
             self.out.put_nowait(pb.ServerMessage(response_started=pb.ResponseStarted(
                 timestamp=event.timestamp, trigger=TRIGGERS[event.trigger], query=event.query)))
-        elif isinstance(event, c.ReplyDelta):
+        elif isinstance(event, c.ResponseDelta):
             self.out.put_nowait(pb.ServerMessage(response_delta=pb.ResponseDelta(
                 timestamp=self._said_at, text=event.text, token_times=[time.time()] * event.num_tokens)))
         else:
@@ -308,7 +308,7 @@ class StreamSession:
                 timestamp=self._said_at, trigger=pb.TRIGGER_COMMENTARY, text=event.text, num_tokens=event.num_tokens,
                 finish_reason=FINISH[event.finish_reason], ttft_s=event.ttft_s, duration_s=event.duration_s)))
 
-    def _decided(self, event: c.Decided) -> None:
+    def _decided(self, event: c.Decision) -> None:
         gateway = self.gateway
         frame = self._undecided.pop(event.frame_id, None)
         lag = time.monotonic() - frame.received if frame is not None else 0.0
@@ -330,7 +330,7 @@ class StreamSession:
             if self.reply is None and len(self._unsynced) >= gateway.settings.reaction_sync_frames:
                 self._sync_reaction()
 
-    def _ended(self, event: c.SessionEnded) -> None:
+    def _ended(self, event: c.SessionClosed) -> None:
         """Decision closed the session (its memory is free); once Reaction has closed it too, the call ends:
         SessionClosed means the session holds nothing anywhere."""
         self.ended = True
@@ -338,7 +338,7 @@ class StreamSession:
         task = asyncio.get_running_loop().create_task(self._end_after(closing, event))
         self.gateway.keep(task)
 
-    async def _end_after(self, closing: asyncio.Future | None, event: c.SessionEnded) -> None:
+    async def _end_after(self, closing: asyncio.Future | None, event: c.SessionClosed) -> None:
         if closing is not None:
             try:
                 await asyncio.wait_for(closing, self.gateway.settings.call_timeout_s)
@@ -360,7 +360,7 @@ class StreamSession:
 
     # ---- replies ----------------------------------------------------------------------------------------------
 
-    def _start_reply(self, event: c.ReplyWanted) -> None:
+    def _start_reply(self, event: c.ReplyRequested) -> None:
         if self.reaction is None or self.reply is not None:
             log.warning("session %s: a reply was asked for while %s", self.session_id,
                         "none can be written" if self.reaction is None else "another is being written")
@@ -402,16 +402,16 @@ class StreamSession:
             return  # a late event of a reply already given up on
         now = time.monotonic()
         reply.active = now
-        if isinstance(event, c.ReplyStarted):
+        if isinstance(event, c.ResponseStarted):
             self.out.put_nowait(pb.ServerMessage(response_started=pb.ResponseStarted(
                 timestamp=reply.timestamp, trigger=TRIGGERS[reply.trigger], query=reply.query)))
-        elif isinstance(event, c.ReplyDelta):
+        elif isinstance(event, c.ResponseDelta):
             if reply.first is None:
                 reply.first = now
                 self.gateway.metrics.ttft.observe(now - reply.wanted)
             self.out.put_nowait(pb.ServerMessage(response_delta=pb.ResponseDelta(
                 timestamp=reply.timestamp, text=event.text, token_times=[time.time()] * event.num_tokens)))
-        elif isinstance(event, c.ReplyDone):
+        elif isinstance(event, c.ResponseDone):
             first = reply.first if reply.first is not None else now
             self.out.put_nowait(pb.ServerMessage(response_done=pb.ResponseDone(
                 timestamp=reply.timestamp, trigger=TRIGGERS[reply.trigger], text=event.text,
@@ -419,7 +419,7 @@ class StreamSession:
                 duration_s=now - reply.wanted)))
             reply.span.set_attributes({"liveserve.tokens": event.num_tokens})
             self._reply_over(event.text, event.token_ids if self.pools.shared_tokenizer else ())
-        elif isinstance(event, c.ReplyFailed):
+        elif isinstance(event, c.ResponseFailed):
             self.reply_failed(event.message)
 
     def reply_failed(self, message: str) -> None:

@@ -49,14 +49,14 @@ class _Writer:
 
 
 def merge_deltas(events: list) -> list:
-    """Consecutive ReplyDeltas of one session become one delta (other sessions' events may sit between)."""
+    """Consecutive ResponseDeltas of one session become one delta (other sessions' events may sit between)."""
     merged: list = []
     last: dict[str, int] = {}  # session -> index in `merged` of its latest event
     for event in events:
         at = last.get(event.session_id)
-        if isinstance(event, c.ReplyDelta) and at is not None and isinstance(merged[at], c.ReplyDelta):
+        if isinstance(event, c.ResponseDelta) and at is not None and isinstance(merged[at], c.ResponseDelta):
             previous = merged[at]
-            merged[at] = c.ReplyDelta(event.session_id, previous.text + event.text,
+            merged[at] = c.ResponseDelta(event.session_id, previous.text + event.text,
                                       previous.num_tokens + event.num_tokens)
             continue
         last[event.session_id] = len(merged)
@@ -112,7 +112,7 @@ class ReactionService:
             writer = self.writers.get(command.session_id)
             if writer is None:
                 if isinstance(command, c.Respond):
-                    self.outboxes.put(push.gateway_id, c.ReplyFailed(
+                    self.outboxes.put(push.gateway_id, c.ResponseFailed(
                         command.session_id, f"session {command.session_id!r} is unknown on reaction replica "
                                             f"{self.replica}"))
                 continue
@@ -151,7 +151,7 @@ class ReactionService:
             else:
                 writer.session.push_respond(respond.timestamp)
         except SessionError as exc:
-            self.outboxes.put(writer.gateway_id, c.ReplyFailed(sid, f"session {sid!r}: {exc}"))
+            self.outboxes.put(writer.gateway_id, c.ResponseFailed(sid, f"session {sid!r}: {exc}"))
             return
         writer.replying, writer.asked_at = True, time.monotonic()
         if respond.trace:
@@ -168,23 +168,23 @@ class ReactionService:
             if writer is None:
                 continue
             if isinstance(event, ResponseStarted):
-                self.outboxes.put(writer.gateway_id, c.ReplyStarted(sid, event.timestamp, c.Trigger(event.trigger),
+                self.outboxes.put(writer.gateway_id, c.ResponseStarted(sid, event.timestamp, c.Trigger(event.trigger),
                                                                     event.query or ""))
             elif isinstance(event, ResponseDelta):
                 if writer.asked_at is not None:
                     self.metrics.ttft.observe(time.monotonic() - writer.asked_at)
                     writer.asked_at = None
-                self.outboxes.put(writer.gateway_id, c.ReplyDelta(sid, event.text, len(event.token_ids)))
+                self.outboxes.put(writer.gateway_id, c.ResponseDelta(sid, event.text, len(event.token_ids)))
             elif isinstance(event, ResponseDone):
                 self._finish(writer)
                 self._record_reply(event, writer)
-                self.outboxes.put(writer.gateway_id, c.ReplyDone(sid, event.text, event.num_tokens, event.finish_reason,
+                self.outboxes.put(writer.gateway_id, c.ResponseDone(sid, event.text, event.num_tokens, event.finish_reason,
                                                                  event.ttft_s, event.duration_s, event.token_ids))
             elif isinstance(event, SessionFailed):
                 self._finish(writer)
                 message = event.message if event.code == "cache_full" else internal(
                     log, f"session {sid} failed on reaction replica {self.replica}", detail=event.message)
-                self.outboxes.put(writer.gateway_id, c.ReplyFailed(sid, message))
+                self.outboxes.put(writer.gateway_id, c.ResponseFailed(sid, message))
                 self._worker.close_when_drained(sid, 0)
             # Frame decisions of a reply writer are not news: it never fires by itself.
 

@@ -1,10 +1,19 @@
 """The seams' dataclasses (contracts.py) <-> the internal protobuf contracts (liveserve.internal.v2).
 
-Only the Ray transport uses this: in one process the dataclasses are handed over as they are. Frame
-features of one message are packed into one tensor in the model's dtype (tensors.pack).
+Only the Ray transport uses this: in one process the dataclasses are handed over as they are. An internal
+message has the name and the fields of its dataclass, and a oneof case is its message's name in
+snake_case, so most conversions are derived from the dataclass's fields (`_fill`, `_read`); a test checks
+that every such pair still mirrors. Written by hand: what is shaped differently on the wire (a session's
+settings, its placement, a Restore, SyncFrames, EncodeResult) and the packing of frame features, which
+travel outside their messages as one tensor per push in the model's dtype (tensors.pack).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from functools import cache
 
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.config import CacheConfig, CommentaryConfig, SessionConfig
@@ -21,16 +30,97 @@ ACTIONS = {c.Action.SILENT: pb.ACTION_SILENT, c.Action.RESPOND: pb.ACTION_RESPON
 TRIGGERS = {c.Trigger.PROACTIVE: pb.TRIGGER_PROACTIVE, c.Trigger.QUERY: pb.TRIGGER_QUERY,
             c.Trigger.COMMENTARY: pb.TRIGGER_COMMENTARY}
 FINISH = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH}
-_ACTION_OF = {v: k for k, v in ACTIONS.items()}
-_TRIGGER_OF = {v: k for k, v in TRIGGERS.items()}
-_FINISH_OF = {v: k for k, v in FINISH.items()}
 
 
 def _trace(carrier) -> c.Trace:
     return tuple(sorted(carrier.items()))
 
 
-# ---- sessions ----------------------------------------------------------------------------------------------
+# ---- messages converted by their dataclass's fields -------------------------------------------------------
+
+# Fields whose wire form differs from the dataclass's, by name: enums travel as the public API's enums.
+_ENUMS = {"action": (ACTIONS, {v: k for k, v in ACTIONS.items()}),
+          "trigger": (TRIGGERS, {v: k for k, v in TRIGGERS.items()}),
+          "finish_reason": (FINISH, {v: k for k, v in FINISH.items()})}
+TRACE_FIELD = "trace_context"  # a dataclass's `trace`, as a map
+PACKED = "features"  # frame features: the push's next row of its one tensor, never in the message
+# The oneofs of the internal protos and the contract unions they carry, a case per class.
+ONEOFS = {dpb.DecisionCommand: c.DecisionCommand, dpb.DecisionEvent: c.DecisionEvent,
+          rpb.ReactionCommand: c.ReactionCommand, rpb.ReactionEvent: c.ReactionEvent}
+BY_HAND = {c.SyncFrames}  # oneof cases shaped differently on the wire (its frames: parallel lists + rows)
+
+
+@cache
+def case_name(cls: type) -> str:
+    """The oneof case carrying `cls`: its name in snake_case (ResponseStarted -> response_started)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+
+
+def _cases(union) -> dict[str, type]:
+    return {case_name(cls): cls for cls in typing.get_args(union)}
+
+
+_DECISION_COMMANDS, _DECISION_EVENTS = _cases(c.DecisionCommand), _cases(c.DecisionEvent)
+_REACTION_COMMANDS, _REACTION_EVENTS = _cases(c.ReactionCommand), _cases(c.ReactionEvent)
+
+
+_PLAIN, _TRACE, _ENUM, _REPEATED = range(4)
+
+
+@cache
+def _plan(cls: type, message_type) -> tuple[tuple[str, int, dict, dict], ...]:
+    """How each of `cls`'s fields travels in `message_type` (worked out once per pair: this is per event)."""
+    described = message_type.DESCRIPTOR.fields_by_name
+    plan = []
+    for field in dataclasses.fields(cls):
+        name = field.name
+        if name == PACKED:
+            continue
+        if name == "trace":
+            plan.append((name, _TRACE, {}, {}))
+        elif name in _ENUMS:
+            plan.append((name, _ENUM, *_ENUMS[name]))
+        else:
+            plan.append((name, _REPEATED if described[name].is_repeated else _PLAIN, {}, {}))
+    return tuple(plan)
+
+
+def _fill(message, value) -> None:
+    """Write `value`'s fields into `message`, its internal message (present even when all are defaults)."""
+    wire = {}
+    for name, how, to_wire, _ in _plan(type(value), type(message)):
+        item = getattr(value, name)
+        if how == _TRACE:
+            wire[TRACE_FIELD] = dict(item)
+        elif how == _ENUM:
+            wire[name] = to_wire[item]
+        else:
+            wire[name] = item
+    message.CopyFrom(type(message)(**wire))  # built in one call: faster than setting field by field
+
+
+def _read(cls: type, message, **given):
+    """The `cls` that `message` carries; `given`: what travels outside it (its features)."""
+    values = dict(given)
+    for name, how, _, from_wire in _plan(cls, type(message)):
+        item = getattr(message, name if how != _TRACE else TRACE_FIELD)
+        if how == _PLAIN:
+            values[name] = item
+        elif how == _REPEATED:
+            values[name] = tuple(item)
+        elif how == _ENUM:
+            values[name] = from_wire[item]
+        else:
+            values[name] = _trace(item)
+    return cls(**values)
+
+
+def _put(entry, value) -> None:
+    """`value` as its case of the oneof `entry`."""
+    _fill(getattr(entry, case_name(type(value))), value)
+
+
+# ---- sessions --------------------------------------------------------------------------------------------
 
 def settings_to_proto(config: SessionConfig) -> spb.SessionSettings:
     cache = config.cache
@@ -87,8 +177,9 @@ def open_from_proto(message: spb.OpenRequest) -> c.OpenSession:
 
 
 def limits_to_proto(limits: c.Limits) -> pb.Limits:
-    return pb.Limits(max_query_tokens=limits.max_query_tokens, max_new_tokens=limits.max_new_tokens,
-                     max_lag_s=limits.max_lag_s, tokens_per_frame=limits.tokens_per_frame)
+    message = pb.Limits()
+    _fill(message, limits)
+    return message
 
 
 def placed_to_proto(placed: c.SessionPlaced) -> spb.OpenResponse:
@@ -97,30 +188,21 @@ def placed_to_proto(placed: c.SessionPlaced) -> spb.OpenResponse:
 
 
 def placed_from_proto(session_id: str, message: spb.OpenResponse) -> c.SessionPlaced:
-    limits = message.limits
-    return c.SessionPlaced(session_id, message.replica_id, message.epoch,
-                           c.Limits(limits.max_query_tokens, limits.max_new_tokens, limits.max_lag_s,
-                                    limits.tokens_per_frame), message.restored_turns)
-
-
-def _close_to_proto(close: c.CloseSession) -> spb.CloseSession:
-    return spb.CloseSession(session_id=close.session_id, epoch=close.epoch, drain=close.drain)
-
-
-def _close_from_proto(message: spb.CloseSession) -> c.CloseSession:
-    return c.CloseSession(message.session_id, message.epoch, message.drain)
+    return c.SessionPlaced(session_id, message.replica_id, message.epoch, _read(c.Limits, message.limits),
+                           message.restored_turns)
 
 
 # ---- Perception --------------------------------------------------------------------------------------------
 
 def encode_request_to_proto(request: c.EncodeRequest) -> ppb.EncodeRequest:
-    return ppb.EncodeRequest(frames=[ppb.FrameImage(session_id=f.session_id, frame_id=f.frame_id, timestamp=f.timestamp,
-                                                    image=f.image, trace_context=dict(f.trace)) for f in request.frames])
+    message = ppb.EncodeRequest()
+    for frame in request.frames:
+        _fill(message.frames.add(), frame)
+    return message
 
 
 def encode_request_from_proto(message: ppb.EncodeRequest) -> c.EncodeRequest:
-    return c.EncodeRequest(tuple(c.FrameImage(f.session_id, f.frame_id, f.timestamp, f.image, _trace(f.trace_context))
-                                 for f in message.frames))
+    return c.EncodeRequest(tuple(_read(c.FrameImage, frame) for frame in message.frames))
 
 
 def encode_result_to_proto(result: c.EncodeResult) -> ppb.EncodeResponse:
@@ -137,223 +219,95 @@ def encode_result_from_proto(message: ppb.EncodeResponse) -> c.EncodeResult:
                           message.encode_s)
 
 
-# ---- Decision ------------------------------------------------------------------------------------------------
+# ---- pushes: commands in order, their frames' features in one tensor ---------------------------------------
 
 def decision_push_to_proto(push: c.DecisionPush) -> dpb.DecisionPush:
-    message, rows = dpb.DecisionPush(gateway_id=push.gateway_id), []
-    for command in push.commands:
+    return _push_to_proto(dpb.DecisionPush(gateway_id=push.gateway_id), push.commands)
+
+
+def reaction_push_to_proto(push: c.ReactionPush) -> rpb.ReactionPush:
+    return _push_to_proto(rpb.ReactionPush(gateway_id=push.gateway_id), push.commands)
+
+
+def _push_to_proto(message, commands):
+    rows = []
+    for command in commands:
         entry = message.commands.add()
+        if isinstance(command, c.SyncFrames):
+            entry.sync_frames.CopyFrom(rpb.SyncFrames(session_id=command.session_id, first=command.first,
+                                                      frame_ids=[f.frame_id for f in command.frames],
+                                                      timestamps=[f.timestamp for f in command.frames]))
+            rows += [f.features for f in command.frames]
+            continue
+        _put(entry, command)
         if isinstance(command, c.FrameFeatures):
-            entry.frame.CopyFrom(_frame_to_proto(command))
             rows.append(command.features)
-        elif isinstance(command, c.QueryText):
-            entry.query.CopyFrom(dpb.QueryText(session_id=command.session_id, epoch=command.epoch,
-                                               timestamp=command.timestamp, text=command.text,
-                                               trace_context=dict(command.trace)))
-        elif isinstance(command, c.ReplyText):
-            entry.reply.CopyFrom(dpb.ReplyText(session_id=command.session_id, epoch=command.epoch, text=command.text,
-                                               token_ids=command.token_ids))
-        else:
-            entry.close.CopyFrom(_close_to_proto(command))
     if rows:
         message.features.CopyFrom(tensors.pack(rows))
     return message
 
 
 def decision_push_from_proto(message: dpb.DecisionPush) -> c.DecisionPush:
-    frames = sum(1 for entry in message.commands if entry.WhichOneof("kind") == "frame")
-    rows = iter(tensors.unpack(message.features, frames))
-    commands: list[c.DecisionCommand] = []
-    for entry in message.commands:
-        kind = entry.WhichOneof("kind")
-        if kind == "frame":
-            commands.append(_frame_from_proto(entry.frame, next(rows)))
-        elif kind == "query":
-            q = entry.query
-            commands.append(c.QueryText(q.session_id, q.epoch, q.timestamp, q.text, _trace(q.trace_context)))
-        elif kind == "reply":
-            r = entry.reply
-            commands.append(c.ReplyText(r.session_id, r.epoch, r.text, tuple(r.token_ids)))
-        elif kind == "close":
-            commands.append(_close_from_proto(entry.close))
-        else:
-            raise ValueError("an empty command in a Decision push")
-    return c.DecisionPush(message.gateway_id, tuple(commands))
-
-
-def _frame_to_proto(frame: c.FrameFeatures) -> dpb.FrameFeatures:
-    return dpb.FrameFeatures(session_id=frame.session_id, epoch=frame.epoch, frame_id=frame.frame_id,
-                             timestamp=frame.timestamp, trace_context=dict(frame.trace))
-
-
-def _frame_from_proto(message: dpb.FrameFeatures, features) -> c.FrameFeatures:
-    return c.FrameFeatures(message.session_id, message.epoch, message.frame_id, message.timestamp, features,
-                           _trace(message.trace_context))
-
-
-def decision_events_to_proto(batch: c.EventBatch) -> dpb.DecisionEvents:
-    message = dpb.DecisionEvents()
-    for event in batch.events:
-        entry = message.events.add()
-        if isinstance(event, c.Decided):
-            entry.decided.CopyFrom(dpb.Decided(
-                session_id=event.session_id, frame_id=event.frame_id, timestamp=event.timestamp,
-                p_silent=event.p_silent, fired=event.fired, action=ACTIONS[event.action], trace_context=dict(event.trace)))
-        elif isinstance(event, c.Dropped):
-            entry.dropped.CopyFrom(dpb.Dropped(session_id=event.session_id, frame_ids=event.frame_ids,
-                                               timestamps=event.timestamps, reason=event.reason))
-        elif isinstance(event, c.ReplyWanted):
-            entry.reply_wanted.CopyFrom(dpb.ReplyWanted(
-                session_id=event.session_id, trigger=TRIGGERS[event.trigger], timestamp=event.timestamp,
-                query=event.query, frame_id=event.frame_id, trace_context=dict(event.trace)))
-        elif isinstance(event, c.Refused):
-            entry.refused.CopyFrom(dpb.Refused(session_id=event.session_id, input=event.input,
-                                               frame_id=event.frame_id, message=event.message))
-        elif isinstance(event, c.ReplyStarted):
-            entry.said_started.CopyFrom(_started_to_proto(event))
-        elif isinstance(event, c.ReplyDelta):
-            entry.said_delta.CopyFrom(_delta_to_proto(event))
-        elif isinstance(event, c.ReplyDone):
-            entry.said_done.CopyFrom(_done_to_proto(event))
-        else:
-            entry.ended.CopyFrom(dpb.SessionEnded(
-                session_id=event.session_id, frames_decided=event.frames_decided, frames_dropped=event.frames_dropped,
-                responses=event.responses, frames_replayed=event.frames_replayed, code=event.code,
-                message=event.message))
-    return message
-
-
-def decision_events_from_proto(message: dpb.DecisionEvents) -> c.EventBatch:
-    events: list[c.DecisionEvent] = []
-    for entry in message.events:
-        kind = entry.WhichOneof("kind")
-        if kind == "decided":
-            d = entry.decided
-            events.append(c.Decided(d.session_id, d.frame_id, d.timestamp, d.p_silent, d.fired, _ACTION_OF[d.action],
-                                    _trace(d.trace_context)))
-        elif kind == "dropped":
-            d = entry.dropped
-            events.append(c.Dropped(d.session_id, tuple(d.frame_ids), tuple(d.timestamps), d.reason))
-        elif kind == "reply_wanted":
-            r = entry.reply_wanted
-            events.append(c.ReplyWanted(r.session_id, _TRIGGER_OF[r.trigger], r.timestamp, r.query, r.frame_id,
-                                        _trace(r.trace_context)))
-        elif kind == "refused":
-            r = entry.refused
-            events.append(c.Refused(r.session_id, r.input, r.frame_id, r.message))
-        elif kind == "ended":
-            e = entry.ended
-            events.append(c.SessionEnded(e.session_id, e.frames_decided, e.frames_dropped, e.responses,
-                                         e.frames_replayed, e.code, e.message))
-        elif kind == "said_started":
-            events.append(_started_from_proto(entry.said_started))
-        elif kind == "said_delta":
-            events.append(_delta_from_proto(entry.said_delta))
-        elif kind == "said_done":
-            events.append(_done_from_proto(entry.said_done))
-    return c.EventBatch(tuple(events))
-
-
-# ---- Reaction ------------------------------------------------------------------------------------------------
-
-def reaction_push_to_proto(push: c.ReactionPush) -> rpb.ReactionPush:
-    message, rows = rpb.ReactionPush(gateway_id=push.gateway_id), []
-    for command in push.commands:
-        entry = message.commands.add()
-        if isinstance(command, c.SyncFrames):
-            entry.sync.CopyFrom(rpb.SyncFrames(session_id=command.session_id, first=command.first,
-                                               frame_ids=[f.frame_id for f in command.frames],
-                                               timestamps=[f.timestamp for f in command.frames]))
-            rows += [f.features for f in command.frames]
-        elif isinstance(command, c.Respond):
-            entry.respond.CopyFrom(rpb.Respond(session_id=command.session_id, trigger=TRIGGERS[command.trigger],
-                                               timestamp=command.timestamp, query=command.query,
-                                               trace_context=dict(command.trace)))
-        else:
-            entry.close.CopyFrom(_close_to_proto(command))
-    if rows:
-        message.features.CopyFrom(tensors.pack(rows))
-    return message
+    return c.DecisionPush(message.gateway_id, _commands_from_proto(message, _DECISION_COMMANDS, "Decision"))
 
 
 def reaction_push_from_proto(message: rpb.ReactionPush) -> c.ReactionPush:
-    count = sum(len(entry.sync.frame_ids) for entry in message.commands if entry.WhichOneof("kind") == "sync")
+    return c.ReactionPush(message.gateway_id, _commands_from_proto(message, _REACTION_COMMANDS, "Reaction"))
+
+
+def _commands_from_proto(message, cases: dict[str, type], service: str) -> tuple:
+    kinds = [entry.WhichOneof("kind") for entry in message.commands]
+    count = sum(1 if kind == "frame_features" else len(entry.sync_frames.frame_ids) if kind == "sync_frames" else 0
+                for kind, entry in zip(kinds, message.commands))
     rows = iter(tensors.unpack(message.features, count))
-    commands: list[c.ReactionCommand] = []
-    for entry in message.commands:
-        kind = entry.WhichOneof("kind")
-        if kind == "sync":
-            s = entry.sync
+    commands = []
+    for kind, entry in zip(kinds, message.commands):
+        cls = cases.get(kind)
+        if cls is None:
+            raise ValueError(f"an empty command in a {service} push")
+        if cls is c.SyncFrames:
+            s = entry.sync_frames
             if len(s.frame_ids) != len(s.timestamps):
                 raise ValueError("a sync's frame_ids and timestamps differ in length")
             frames = tuple(c.FrameFeatures(s.session_id, 0, frame_id, timestamp, next(rows))
                            for frame_id, timestamp in zip(s.frame_ids, s.timestamps))
             commands.append(c.SyncFrames(s.session_id, s.first, frames))
-        elif kind == "respond":
-            r = entry.respond
-            commands.append(c.Respond(r.session_id, _TRIGGER_OF[r.trigger], r.timestamp, r.query, _trace(r.trace_context)))
-        elif kind == "close":
-            commands.append(_close_from_proto(entry.close))
+        elif cls is c.FrameFeatures:
+            commands.append(_read(cls, entry.frame_features, features=next(rows)))
         else:
-            raise ValueError("an empty command in a Reaction push")
-    return c.ReactionPush(message.gateway_id, tuple(commands))
+            commands.append(_read(cls, getattr(entry, kind)))
+    return tuple(commands)
+
+
+# ---- events (a commentary session's Decision streams its replies as Reaction does) -------------------------
+
+def decision_events_to_proto(batch: c.EventBatch) -> dpb.DecisionEvents:
+    return _events_to_proto(dpb.DecisionEvents(), batch)
 
 
 def reaction_events_to_proto(batch: c.EventBatch) -> rpb.ReactionEvents:
-    message = rpb.ReactionEvents()
+    return _events_to_proto(rpb.ReactionEvents(), batch)
+
+
+def _events_to_proto(message, batch: c.EventBatch):
     for event in batch.events:
-        entry = message.events.add()
-        if isinstance(event, c.ReplyStarted):
-            entry.started.CopyFrom(_started_to_proto(event))
-        elif isinstance(event, c.ReplyDelta):
-            entry.delta.CopyFrom(_delta_to_proto(event))
-        elif isinstance(event, c.ReplyDone):
-            entry.done.CopyFrom(_done_to_proto(event))
-        else:
-            entry.failed.CopyFrom(rpb.ReplyFailed(session_id=event.session_id, message=event.message))
+        _put(message.events.add(), event)
     return message
 
 
+def decision_events_from_proto(message: dpb.DecisionEvents) -> c.EventBatch:
+    return _events_from_proto(message, _DECISION_EVENTS)
+
+
 def reaction_events_from_proto(message: rpb.ReactionEvents) -> c.EventBatch:
-    events: list[c.ReactionEvent] = []
+    return _events_from_proto(message, _REACTION_EVENTS)
+
+
+def _events_from_proto(message, cases: dict[str, type]) -> c.EventBatch:
+    """An event of a case this gateway does not know (a newer replica's) is skipped."""
+    events = []
     for entry in message.events:
         kind = entry.WhichOneof("kind")
-        if kind == "started":
-            events.append(_started_from_proto(entry.started))
-        elif kind == "delta":
-            events.append(_delta_from_proto(entry.delta))
-        elif kind == "done":
-            events.append(_done_from_proto(entry.done))
-        elif kind == "failed":
-            events.append(c.ReplyFailed(entry.failed.session_id, entry.failed.message))
+        if kind in cases:
+            events.append(_read(cases[kind], getattr(entry, kind)))
     return c.EventBatch(tuple(events))
-
-
-# ---- replies (from Reaction, or from a commentary session's Decision) -----------------------------------------
-
-def _started_to_proto(event: c.ReplyStarted) -> rpb.ReplyStarted:
-    return rpb.ReplyStarted(session_id=event.session_id, timestamp=event.timestamp, trigger=TRIGGERS[event.trigger],
-                            query=event.query)
-
-
-def _started_from_proto(s: rpb.ReplyStarted) -> c.ReplyStarted:
-    return c.ReplyStarted(s.session_id, s.timestamp, _TRIGGER_OF[s.trigger], s.query)
-
-
-def _delta_to_proto(event: c.ReplyDelta) -> rpb.ReplyDelta:
-    return rpb.ReplyDelta(session_id=event.session_id, text=event.text, num_tokens=event.num_tokens)
-
-
-def _delta_from_proto(d: rpb.ReplyDelta) -> c.ReplyDelta:
-    return c.ReplyDelta(d.session_id, d.text, d.num_tokens)
-
-
-def _done_to_proto(event: c.ReplyDone) -> rpb.ReplyDone:
-    return rpb.ReplyDone(session_id=event.session_id, text=event.text, num_tokens=event.num_tokens,
-                         finish_reason=FINISH[event.finish_reason], ttft_s=event.ttft_s, duration_s=event.duration_s,
-                         token_ids=event.token_ids)
-
-
-def _done_from_proto(d: rpb.ReplyDone) -> c.ReplyDone:
-    return c.ReplyDone(d.session_id, d.text, d.num_tokens, _FINISH_OF[d.finish_reason], d.ttft_s, d.duration_s,
-                       tuple(d.token_ids))

@@ -1,9 +1,11 @@
 """The messages at the seams between the Gateway and the Perception, Decision and Reaction services.
 
 Frozen dataclasses, the same in both transports: in one process they are handed over as they are; on
-Ray they travel as the internal protobuf contracts (protos/liveserve/internal/v2, see codec.py). A
-gateway batches: one EncodeRequest per tick, one DecisionPush / ReactionPush per tick and replica,
-and one stream of event batches per replica. Frame features stay tensors in the model's dtype.
+Ray they travel as the internal protobuf contracts (protos/liveserve/internal/v2), whose messages have
+these classes' names and fields, so codec.py converts most of them by name. Events carry the public
+API's names (docs/architecture.md, "Event names"). A gateway batches: one EncodeRequest per tick, one
+DecisionPush / ReactionPush per tick and replica, and one stream of event batches per replica. Frame
+features stay tensors in the model's dtype.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ class QueryText:
 
 @dataclass(frozen=True, slots=True)
 class ReplyText:
-    """The reply Reaction wrote for the session's last ReplyWanted ("" = it failed), with its tokens when
+    """The reply Reaction wrote for the session's last ReplyRequested ("" = it failed), with its tokens when
     Reaction shares Decision's tokenizer (else () and Decision tokenizes the text)."""
 
     session_id: str
@@ -144,7 +146,9 @@ class DecisionPush:
 
 
 @dataclass(frozen=True, slots=True)
-class Decided:
+class Decision:
+    """One frame's decision (the engine's FrameDecision); the client gets it as a Decision."""
+
     session_id: str
     frame_id: int
     timestamp: float
@@ -155,7 +159,9 @@ class Decided:
 
 
 @dataclass(frozen=True, slots=True)
-class Dropped:
+class FramesDropped:
+    """Frames the session skipped to catch up; the client is told with a FRAME_DROPPED Warning."""
+
     session_id: str
     frame_ids: tuple[int, ...]
     timestamps: tuple[float, ...]
@@ -163,7 +169,10 @@ class Dropped:
 
 
 @dataclass(frozen=True, slots=True)
-class ReplyWanted:
+class ReplyRequested:
+    """The session fired or met a query: the gateway has the reply written (Respond) and hands it back
+    (ReplyText). The client sees the reply itself, from ResponseStarted on."""
+
     session_id: str
     trigger: Trigger
     timestamp: float
@@ -183,7 +192,10 @@ class Refused:
 
 
 @dataclass(frozen=True, slots=True)
-class SessionEnded:
+class SessionClosed:
+    """Decision closed the session: normally (code 0; the client gets SessionClosed with these counts), or
+    because it failed (the call ends with `code` and `message`)."""
+
     session_id: str
     frames_decided: int = 0
     frames_dropped: int = 0
@@ -191,8 +203,6 @@ class SessionEnded:
     frames_replayed: int = 0
     code: int = 0  # a grpc.StatusCode value: 0 closed normally, else why it failed
     message: str = ""
-
-
 
 
 # ---- Reaction --------------------------------------------------------------------------------------------
@@ -225,7 +235,7 @@ class ReactionPush:
 
 
 @dataclass(frozen=True, slots=True)
-class ReplyStarted:
+class ResponseStarted:
     session_id: str
     timestamp: float
     trigger: Trigger
@@ -233,14 +243,14 @@ class ReplyStarted:
 
 
 @dataclass(frozen=True, slots=True)
-class ReplyDelta:
+class ResponseDelta:
     session_id: str
     text: str
     num_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
-class ReplyDone:
+class ResponseDone:
     session_id: str
     text: str
     num_tokens: int
@@ -251,14 +261,17 @@ class ReplyDone:
 
 
 @dataclass(frozen=True, slots=True)
-class ReplyFailed:
+class ResponseFailed:
+    """The reply could not be written; the client gets a Warning, and the session goes on."""
+
     session_id: str
     message: str
 
 
-ReactionEvent = ReplyStarted | ReplyDelta | ReplyDone | ReplyFailed
+ReactionEvent = ResponseStarted | ResponseDelta | ResponseDone | ResponseFailed
 # A commentary session's Decision writes its replies itself: they reach the gateway as Reaction's would.
-DecisionEvent = Decided | Dropped | ReplyWanted | Refused | SessionEnded | ReplyStarted | ReplyDelta | ReplyDone
+DecisionEvent = (Decision | FramesDropped | ReplyRequested | Refused | SessionClosed | ResponseStarted | ResponseDelta
+                 | ResponseDone)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from liveserve.internal.v2 import session_pb2 as liveserve_dot_internal_dot_v2_d
 from liveserve.internal.v2 import tensor_pb2 as liveserve_dot_internal_dot_v2_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$liveserve/internal/v2/decision.proto\x12\x15liveserve.internal.v2\x1a\"liveserve/api/v1/live_stream.proto\x1a$liveserve/internal/v2/reaction.proto\x1a#liveserve/internal/v2/session.proto\x1a\"liveserve/internal/v2/tensor.proto\"\xdb\x01\n\rFrameFeatures\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08\x66rame_id\x18\x03 \x01(\x04\x12\x11\n\ttimestamp\x18\x04 \x01(\x01\x12M\n\rtrace_context\x18\x05 \x03(\x0b\x32\x36.liveserve.internal.v2.FrameFeatures.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcf\x01\n\tQueryText\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\x0c\n\x04text\x18\x04 \x01(\t\x12I\n\rtrace_context\x18\x05 \x03(\x0b\x32\x32.liveserve.internal.v2.QueryText.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\tReplyText\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\"\xec\x01\n\x0f\x44\x65\x63isionCommand\x12\x35\n\x05\x66rame\x18\x01 \x01(\x0b\x32$.liveserve.internal.v2.FrameFeaturesH\x00\x12\x31\n\x05query\x18\x02 \x01(\x0b\x32 .liveserve.internal.v2.QueryTextH\x00\x12\x31\n\x05reply\x18\x03 \x01(\x0b\x32 .liveserve.internal.v2.ReplyTextH\x00\x12\x34\n\x05\x63lose\x18\x04 \x01(\x0b\x32#.liveserve.internal.v2.CloseSessionH\x00\x42\x06\n\x04kind\"\x8d\x01\n\x0c\x44\x65\x63isionPush\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x38\n\x08\x63ommands\x18\x02 \x03(\x0b\x32&.liveserve.internal.v2.DecisionCommand\x12/\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x1d.liveserve.internal.v2.Tensor\"\x8b\x02\n\x07\x44\x65\x63ided\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\x04\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\x10\n\x08p_silent\x18\x04 \x01(\x02\x12\r\n\x05\x66ired\x18\x05 \x01(\x08\x12(\n\x06\x61\x63tion\x18\x06 \x01(\x0e\x32\x18.liveserve.api.v1.Action\x12G\n\rtrace_context\x18\x07 \x03(\x0b\x32\x30.liveserve.internal.v2.Decided.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x07\x44ropped\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tframe_ids\x18\x02 \x03(\x04\x12\x12\n\ntimestamps\x18\x03 \x03(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x83\x02\n\x0bReplyWanted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x07trigger\x18\x02 \x01(\x0e\x32\x19.liveserve.api.v1.Trigger\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\r\n\x05query\x18\x04 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x05 \x01(\x03\x12K\n\rtrace_context\x18\x06 \x03(\x0b\x32\x34.liveserve.internal.v2.ReplyWanted.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x07Refused\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x9d\x01\n\x0cSessionEnded\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66rames_decided\x18\x02 \x01(\x04\x12\x16\n\x0e\x66rames_dropped\x18\x03 \x01(\x04\x12\x11\n\tresponses\x18\x04 \x01(\r\x12\x17\n\x0f\x66rames_replayed\x18\x05 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\"\xcf\x03\n\rDecisionEvent\x12\x31\n\x07\x64\x65\x63ided\x18\x01 \x01(\x0b\x32\x1e.liveserve.internal.v2.DecidedH\x00\x12\x31\n\x07\x64ropped\x18\x02 \x01(\x0b\x32\x1e.liveserve.internal.v2.DroppedH\x00\x12:\n\x0creply_wanted\x18\x03 \x01(\x0b\x32\".liveserve.internal.v2.ReplyWantedH\x00\x12\x31\n\x07refused\x18\x04 \x01(\x0b\x32\x1e.liveserve.internal.v2.RefusedH\x00\x12\x34\n\x05\x65nded\x18\x05 \x01(\x0b\x32#.liveserve.internal.v2.SessionEndedH\x00\x12;\n\x0csaid_started\x18\x06 \x01(\x0b\x32#.liveserve.internal.v2.ReplyStartedH\x00\x12\x37\n\nsaid_delta\x18\x07 \x01(\x0b\x32!.liveserve.internal.v2.ReplyDeltaH\x00\x12\x35\n\tsaid_done\x18\x08 \x01(\x0b\x32 .liveserve.internal.v2.ReplyDoneH\x00\x42\x06\n\x04kind\"F\n\x0e\x44\x65\x63isionEvents\x12\x34\n\x06\x65vents\x18\x01 \x03(\x0b\x32$.liveserve.internal.v2.DecisionEvent2\x81\x02\n\x08\x44\x65\x63ision\x12O\n\x04Open\x12\".liveserve.internal.v2.OpenRequest\x1a#.liveserve.internal.v2.OpenResponse\x12K\n\x04Push\x12#.liveserve.internal.v2.DecisionPush\x1a\x1e.liveserve.internal.v2.PushAck\x12W\n\x06\x45vents\x12$.liveserve.internal.v2.EventsRequest\x1a%.liveserve.internal.v2.DecisionEvents0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$liveserve/internal/v2/decision.proto\x12\x15liveserve.internal.v2\x1a\"liveserve/api/v1/live_stream.proto\x1a$liveserve/internal/v2/reaction.proto\x1a#liveserve/internal/v2/session.proto\x1a\"liveserve/internal/v2/tensor.proto\"\xdb\x01\n\rFrameFeatures\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08\x66rame_id\x18\x03 \x01(\x04\x12\x11\n\ttimestamp\x18\x04 \x01(\x01\x12M\n\rtrace_context\x18\x05 \x03(\x0b\x32\x36.liveserve.internal.v2.FrameFeatures.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcf\x01\n\tQueryText\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\x0c\n\x04text\x18\x04 \x01(\t\x12I\n\rtrace_context\x18\x05 \x03(\x0b\x32\x32.liveserve.internal.v2.QueryText.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\tReplyText\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\"\x87\x02\n\x0f\x44\x65\x63isionCommand\x12>\n\x0e\x66rame_features\x18\x01 \x01(\x0b\x32$.liveserve.internal.v2.FrameFeaturesH\x00\x12\x36\n\nquery_text\x18\x02 \x01(\x0b\x32 .liveserve.internal.v2.QueryTextH\x00\x12\x36\n\nreply_text\x18\x03 \x01(\x0b\x32 .liveserve.internal.v2.ReplyTextH\x00\x12<\n\rclose_session\x18\x04 \x01(\x0b\x32#.liveserve.internal.v2.CloseSessionH\x00\x42\x06\n\x04kind\"\x8d\x01\n\x0c\x44\x65\x63isionPush\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x38\n\x08\x63ommands\x18\x02 \x03(\x0b\x32&.liveserve.internal.v2.DecisionCommand\x12/\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x1d.liveserve.internal.v2.Tensor\"\x8d\x02\n\x08\x44\x65\x63ision\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\x04\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\x10\n\x08p_silent\x18\x04 \x01(\x02\x12\r\n\x05\x66ired\x18\x05 \x01(\x08\x12(\n\x06\x61\x63tion\x18\x06 \x01(\x0e\x32\x18.liveserve.api.v1.Action\x12H\n\rtrace_context\x18\x07 \x03(\x0b\x32\x31.liveserve.internal.v2.Decision.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\rFramesDropped\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tframe_ids\x18\x02 \x03(\x04\x12\x12\n\ntimestamps\x18\x03 \x03(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x89\x02\n\x0eReplyRequested\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x07trigger\x18\x02 \x01(\x0e\x32\x19.liveserve.api.v1.Trigger\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\r\n\x05query\x18\x04 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x05 \x01(\x03\x12N\n\rtrace_context\x18\x06 \x03(\x0b\x32\x37.liveserve.internal.v2.ReplyRequested.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x07Refused\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x9e\x01\n\rSessionClosed\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66rames_decided\x18\x02 \x01(\x04\x12\x16\n\x0e\x66rames_dropped\x18\x03 \x01(\x04\x12\x11\n\tresponses\x18\x04 \x01(\r\x12\x17\n\x0f\x66rames_replayed\x18\x05 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\"\x83\x04\n\rDecisionEvent\x12\x33\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1f.liveserve.internal.v2.DecisionH\x00\x12>\n\x0e\x66rames_dropped\x18\x02 \x01(\x0b\x32$.liveserve.internal.v2.FramesDroppedH\x00\x12@\n\x0freply_requested\x18\x03 \x01(\x0b\x32%.liveserve.internal.v2.ReplyRequestedH\x00\x12\x31\n\x07refused\x18\x04 \x01(\x0b\x32\x1e.liveserve.internal.v2.RefusedH\x00\x12>\n\x0esession_closed\x18\x05 \x01(\x0b\x32$.liveserve.internal.v2.SessionClosedH\x00\x12\x42\n\x10response_started\x18\x06 \x01(\x0b\x32&.liveserve.internal.v2.ResponseStartedH\x00\x12>\n\x0eresponse_delta\x18\x07 \x01(\x0b\x32$.liveserve.internal.v2.ResponseDeltaH\x00\x12<\n\rresponse_done\x18\x08 \x01(\x0b\x32#.liveserve.internal.v2.ResponseDoneH\x00\x42\x06\n\x04kind\"F\n\x0e\x44\x65\x63isionEvents\x12\x34\n\x06\x65vents\x18\x01 \x03(\x0b\x32$.liveserve.internal.v2.DecisionEvent2\x88\x02\n\x0f\x44\x65\x63isionService\x12O\n\x04Open\x12\".liveserve.internal.v2.OpenRequest\x1a#.liveserve.internal.v2.OpenResponse\x12K\n\x04Push\x12#.liveserve.internal.v2.DecisionPush\x1a\x1e.liveserve.internal.v2.PushAck\x12W\n\x06\x45vents\x12$.liveserve.internal.v2.EventsRequest\x1a%.liveserve.internal.v2.DecisionEvents0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,10 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FRAMEFEATURES_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_QUERYTEXT_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_QUERYTEXT_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_DECIDED_TRACECONTEXTENTRY']._loaded_options = None
-  _globals['_DECIDED_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_REPLYWANTED_TRACECONTEXTENTRY']._loaded_options = None
-  _globals['_REPLYWANTED_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_DECISION_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_DECISION_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_REPLYREQUESTED_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_REPLYREQUESTED_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_FRAMEFEATURES']._serialized_start=211
   _globals['_FRAMEFEATURES']._serialized_end=430
   _globals['_FRAMEFEATURES_TRACECONTEXTENTRY']._serialized_start=379
@@ -54,27 +54,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLYTEXT']._serialized_start=642
   _globals['_REPLYTEXT']._serialized_end=721
   _globals['_DECISIONCOMMAND']._serialized_start=724
-  _globals['_DECISIONCOMMAND']._serialized_end=960
-  _globals['_DECISIONPUSH']._serialized_start=963
-  _globals['_DECISIONPUSH']._serialized_end=1104
-  _globals['_DECIDED']._serialized_start=1107
-  _globals['_DECIDED']._serialized_end=1374
-  _globals['_DECIDED_TRACECONTEXTENTRY']._serialized_start=379
-  _globals['_DECIDED_TRACECONTEXTENTRY']._serialized_end=430
-  _globals['_DROPPED']._serialized_start=1376
-  _globals['_DROPPED']._serialized_end=1460
-  _globals['_REPLYWANTED']._serialized_start=1463
-  _globals['_REPLYWANTED']._serialized_end=1722
-  _globals['_REPLYWANTED_TRACECONTEXTENTRY']._serialized_start=379
-  _globals['_REPLYWANTED_TRACECONTEXTENTRY']._serialized_end=430
-  _globals['_REFUSED']._serialized_start=1724
-  _globals['_REFUSED']._serialized_end=1803
-  _globals['_SESSIONENDED']._serialized_start=1806
-  _globals['_SESSIONENDED']._serialized_end=1963
-  _globals['_DECISIONEVENT']._serialized_start=1966
-  _globals['_DECISIONEVENT']._serialized_end=2429
-  _globals['_DECISIONEVENTS']._serialized_start=2431
-  _globals['_DECISIONEVENTS']._serialized_end=2501
-  _globals['_DECISION']._serialized_start=2504
-  _globals['_DECISION']._serialized_end=2761
+  _globals['_DECISIONCOMMAND']._serialized_end=987
+  _globals['_DECISIONPUSH']._serialized_start=990
+  _globals['_DECISIONPUSH']._serialized_end=1131
+  _globals['_DECISION']._serialized_start=1134
+  _globals['_DECISION']._serialized_end=1403
+  _globals['_DECISION_TRACECONTEXTENTRY']._serialized_start=379
+  _globals['_DECISION_TRACECONTEXTENTRY']._serialized_end=430
+  _globals['_FRAMESDROPPED']._serialized_start=1405
+  _globals['_FRAMESDROPPED']._serialized_end=1495
+  _globals['_REPLYREQUESTED']._serialized_start=1498
+  _globals['_REPLYREQUESTED']._serialized_end=1763
+  _globals['_REPLYREQUESTED_TRACECONTEXTENTRY']._serialized_start=379
+  _globals['_REPLYREQUESTED_TRACECONTEXTENTRY']._serialized_end=430
+  _globals['_REFUSED']._serialized_start=1765
+  _globals['_REFUSED']._serialized_end=1844
+  _globals['_SESSIONCLOSED']._serialized_start=1847
+  _globals['_SESSIONCLOSED']._serialized_end=2005
+  _globals['_DECISIONEVENT']._serialized_start=2008
+  _globals['_DECISIONEVENT']._serialized_end=2523
+  _globals['_DECISIONEVENTS']._serialized_start=2525
+  _globals['_DECISIONEVENTS']._serialized_end=2595
+  _globals['_DECISIONSERVICE']._serialized_start=2598
+  _globals['_DECISIONSERVICE']._serialized_end=2862
 # @@protoc_insertion_point(module_scope)

@@ -65,16 +65,16 @@ class ReplyText(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., epoch: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecisionCommand(_message.Message):
-    __slots__ = ("frame", "query", "reply", "close")
-    FRAME_FIELD_NUMBER: _ClassVar[int]
-    QUERY_FIELD_NUMBER: _ClassVar[int]
-    REPLY_FIELD_NUMBER: _ClassVar[int]
-    CLOSE_FIELD_NUMBER: _ClassVar[int]
-    frame: FrameFeatures
-    query: QueryText
-    reply: ReplyText
-    close: _session_pb2.CloseSession
-    def __init__(self, frame: _Optional[_Union[FrameFeatures, _Mapping]] = ..., query: _Optional[_Union[QueryText, _Mapping]] = ..., reply: _Optional[_Union[ReplyText, _Mapping]] = ..., close: _Optional[_Union[_session_pb2.CloseSession, _Mapping]] = ...) -> None: ...
+    __slots__ = ("frame_features", "query_text", "reply_text", "close_session")
+    FRAME_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TEXT_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TEXT_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_SESSION_FIELD_NUMBER: _ClassVar[int]
+    frame_features: FrameFeatures
+    query_text: QueryText
+    reply_text: ReplyText
+    close_session: _session_pb2.CloseSession
+    def __init__(self, frame_features: _Optional[_Union[FrameFeatures, _Mapping]] = ..., query_text: _Optional[_Union[QueryText, _Mapping]] = ..., reply_text: _Optional[_Union[ReplyText, _Mapping]] = ..., close_session: _Optional[_Union[_session_pb2.CloseSession, _Mapping]] = ...) -> None: ...
 
 class DecisionPush(_message.Message):
     __slots__ = ("gateway_id", "commands", "features")
@@ -86,7 +86,7 @@ class DecisionPush(_message.Message):
     features: _tensor_pb2.Tensor
     def __init__(self, gateway_id: _Optional[str] = ..., commands: _Optional[_Iterable[_Union[DecisionCommand, _Mapping]]] = ..., features: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
-class Decided(_message.Message):
+class Decision(_message.Message):
     __slots__ = ("session_id", "frame_id", "timestamp", "p_silent", "fired", "action", "trace_context")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
@@ -111,7 +111,7 @@ class Decided(_message.Message):
     trace_context: _containers.ScalarMap[str, str]
     def __init__(self, session_id: _Optional[str] = ..., frame_id: _Optional[int] = ..., timestamp: _Optional[float] = ..., p_silent: _Optional[float] = ..., fired: _Optional[bool] = ..., action: _Optional[_Union[_live_stream_pb2.Action, str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
-class Dropped(_message.Message):
+class FramesDropped(_message.Message):
     __slots__ = ("session_id", "frame_ids", "timestamps", "reason")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FRAME_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -123,7 +123,7 @@ class Dropped(_message.Message):
     reason: str
     def __init__(self, session_id: _Optional[str] = ..., frame_ids: _Optional[_Iterable[int]] = ..., timestamps: _Optional[_Iterable[float]] = ..., reason: _Optional[str] = ...) -> None: ...
 
-class ReplyWanted(_message.Message):
+class ReplyRequested(_message.Message):
     __slots__ = ("session_id", "trigger", "timestamp", "query", "frame_id", "trace_context")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
@@ -158,7 +158,7 @@ class Refused(_message.Message):
     message: str
     def __init__(self, session_id: _Optional[str] = ..., input: _Optional[str] = ..., frame_id: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
-class SessionEnded(_message.Message):
+class SessionClosed(_message.Message):
     __slots__ = ("session_id", "frames_decided", "frames_dropped", "responses", "frames_replayed", "code", "message")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FRAMES_DECIDED_FIELD_NUMBER: _ClassVar[int]
@@ -177,24 +177,24 @@ class SessionEnded(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., frames_decided: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., responses: _Optional[int] = ..., frames_replayed: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class DecisionEvent(_message.Message):
-    __slots__ = ("decided", "dropped", "reply_wanted", "refused", "ended", "said_started", "said_delta", "said_done")
-    DECIDED_FIELD_NUMBER: _ClassVar[int]
-    DROPPED_FIELD_NUMBER: _ClassVar[int]
-    REPLY_WANTED_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("decision", "frames_dropped", "reply_requested", "refused", "session_closed", "response_started", "response_delta", "response_done")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    REPLY_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
-    ENDED_FIELD_NUMBER: _ClassVar[int]
-    SAID_STARTED_FIELD_NUMBER: _ClassVar[int]
-    SAID_DELTA_FIELD_NUMBER: _ClassVar[int]
-    SAID_DONE_FIELD_NUMBER: _ClassVar[int]
-    decided: Decided
-    dropped: Dropped
-    reply_wanted: ReplyWanted
+    SESSION_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_STARTED_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_DELTA_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_DONE_FIELD_NUMBER: _ClassVar[int]
+    decision: Decision
+    frames_dropped: FramesDropped
+    reply_requested: ReplyRequested
     refused: Refused
-    ended: SessionEnded
-    said_started: _reaction_pb2.ReplyStarted
-    said_delta: _reaction_pb2.ReplyDelta
-    said_done: _reaction_pb2.ReplyDone
-    def __init__(self, decided: _Optional[_Union[Decided, _Mapping]] = ..., dropped: _Optional[_Union[Dropped, _Mapping]] = ..., reply_wanted: _Optional[_Union[ReplyWanted, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., ended: _Optional[_Union[SessionEnded, _Mapping]] = ..., said_started: _Optional[_Union[_reaction_pb2.ReplyStarted, _Mapping]] = ..., said_delta: _Optional[_Union[_reaction_pb2.ReplyDelta, _Mapping]] = ..., said_done: _Optional[_Union[_reaction_pb2.ReplyDone, _Mapping]] = ...) -> None: ...
+    session_closed: SessionClosed
+    response_started: _reaction_pb2.ResponseStarted
+    response_delta: _reaction_pb2.ResponseDelta
+    response_done: _reaction_pb2.ResponseDone
+    def __init__(self, decision: _Optional[_Union[Decision, _Mapping]] = ..., frames_dropped: _Optional[_Union[FramesDropped, _Mapping]] = ..., reply_requested: _Optional[_Union[ReplyRequested, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., session_closed: _Optional[_Union[SessionClosed, _Mapping]] = ..., response_started: _Optional[_Union[_reaction_pb2.ResponseStarted, _Mapping]] = ..., response_delta: _Optional[_Union[_reaction_pb2.ResponseDelta, _Mapping]] = ..., response_done: _Optional[_Union[_reaction_pb2.ResponseDone, _Mapping]] = ...) -> None: ...
 
 class DecisionEvents(_message.Message):
     __slots__ = ("events",)

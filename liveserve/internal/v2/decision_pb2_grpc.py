@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class DecisionStub:
+class DecisionServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -36,23 +36,23 @@ class DecisionStub:
             channel: A grpc.Channel.
         """
         self.Open = channel.unary_unary(
-                '/liveserve.internal.v2.Decision/Open',
+                '/liveserve.internal.v2.DecisionService/Open',
                 request_serializer=liveserve_dot_internal_dot_v2_dot_session__pb2.OpenRequest.SerializeToString,
                 response_deserializer=liveserve_dot_internal_dot_v2_dot_session__pb2.OpenResponse.FromString,
                 _registered_method=True)
         self.Push = channel.unary_unary(
-                '/liveserve.internal.v2.Decision/Push',
+                '/liveserve.internal.v2.DecisionService/Push',
                 request_serializer=liveserve_dot_internal_dot_v2_dot_decision__pb2.DecisionPush.SerializeToString,
                 response_deserializer=liveserve_dot_internal_dot_v2_dot_session__pb2.PushAck.FromString,
                 _registered_method=True)
         self.Events = channel.unary_stream(
-                '/liveserve.internal.v2.Decision/Events',
+                '/liveserve.internal.v2.DecisionService/Events',
                 request_serializer=liveserve_dot_internal_dot_v2_dot_session__pb2.EventsRequest.SerializeToString,
                 response_deserializer=liveserve_dot_internal_dot_v2_dot_decision__pb2.DecisionEvents.FromString,
                 _registered_method=True)
 
 
-class DecisionServicer:
+class DecisionServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Open(self, request, context):
@@ -76,7 +76,7 @@ class DecisionServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_DecisionServicer_to_server(servicer, server):
+def add_DecisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Open': grpc.unary_unary_rpc_method_handler(
                     servicer.Open,
@@ -95,13 +95,13 @@ def add_DecisionServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'liveserve.internal.v2.Decision', rpc_method_handlers)
+            'liveserve.internal.v2.DecisionService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('liveserve.internal.v2.Decision', rpc_method_handlers)
+    server.add_registered_method_handlers('liveserve.internal.v2.DecisionService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Decision:
+class DecisionService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -118,7 +118,7 @@ class Decision:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/liveserve.internal.v2.Decision/Open',
+            '/liveserve.internal.v2.DecisionService/Open',
             liveserve_dot_internal_dot_v2_dot_session__pb2.OpenRequest.SerializeToString,
             liveserve_dot_internal_dot_v2_dot_session__pb2.OpenResponse.FromString,
             options,
@@ -145,7 +145,7 @@ class Decision:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/liveserve.internal.v2.Decision/Push',
+            '/liveserve.internal.v2.DecisionService/Push',
             liveserve_dot_internal_dot_v2_dot_decision__pb2.DecisionPush.SerializeToString,
             liveserve_dot_internal_dot_v2_dot_session__pb2.PushAck.FromString,
             options,
@@ -172,7 +172,7 @@ class Decision:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/liveserve.internal.v2.Decision/Events',
+            '/liveserve.internal.v2.DecisionService/Events',
             liveserve_dot_internal_dot_v2_dot_session__pb2.EventsRequest.SerializeToString,
             liveserve_dot_internal_dot_v2_dot_decision__pb2.DecisionEvents.FromString,
             options,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from liveserve.internal.v2 import tensor_pb2 as liveserve_dot_internal_dot_v2_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&liveserve/internal/v2/perception.proto\x12\x15liveserve.internal.v2\x1a\"liveserve/internal/v2/tensor.proto\"\xd5\x01\n\nFrameImage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\x04\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\r\n\x05image\x18\x04 \x01(\x0c\x12J\n\rtrace_context\x18\x05 \x03(\x0b\x32\x33.liveserve.internal.v2.FrameImage.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\rEncodeRequest\x12\x31\n\x06\x66rames\x18\x01 \x03(\x0b\x32!.liveserve.internal.v2.FrameImage\"c\n\x0e\x45ncodeResponse\x12/\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x1d.liveserve.internal.v2.Tensor\x12\x0e\n\x06\x65rrors\x18\x02 \x03(\t\x12\x10\n\x08\x65ncode_s\x18\x03 \x01(\x01\x32\x63\n\nPerception\x12U\n\x06\x45ncode\x12$.liveserve.internal.v2.EncodeRequest\x1a%.liveserve.internal.v2.EncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&liveserve/internal/v2/perception.proto\x12\x15liveserve.internal.v2\x1a\"liveserve/internal/v2/tensor.proto\"\xd5\x01\n\nFrameImage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\x04\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\r\n\x05image\x18\x04 \x01(\x0c\x12J\n\rtrace_context\x18\x05 \x03(\x0b\x32\x33.liveserve.internal.v2.FrameImage.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\rEncodeRequest\x12\x31\n\x06\x66rames\x18\x01 \x03(\x0b\x32!.liveserve.internal.v2.FrameImage\"c\n\x0e\x45ncodeResponse\x12/\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x1d.liveserve.internal.v2.Tensor\x12\x0e\n\x06\x65rrors\x18\x02 \x03(\t\x12\x10\n\x08\x65ncode_s\x18\x03 \x01(\x01\x32j\n\x11PerceptionService\x12U\n\x06\x45ncode\x12$.liveserve.internal.v2.EncodeRequest\x1a%.liveserve.internal.v2.EncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,6 +42,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODEREQUEST']._serialized_end=383
   _globals['_ENCODERESPONSE']._serialized_start=385
   _globals['_ENCODERESPONSE']._serialized_end=484
-  _globals['_PERCEPTION']._serialized_start=486
-  _globals['_PERCEPTION']._serialized_end=585
+  _globals['_PERCEPTIONSERVICE']._serialized_start=486
+  _globals['_PERCEPTIONSERVICE']._serialized_end=592
 # @@protoc_insertion_point(module_scope)

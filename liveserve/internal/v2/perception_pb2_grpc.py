@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class PerceptionStub:
+class PerceptionServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,13 +35,13 @@ class PerceptionStub:
             channel: A grpc.Channel.
         """
         self.Encode = channel.unary_unary(
-                '/liveserve.internal.v2.Perception/Encode',
+                '/liveserve.internal.v2.PerceptionService/Encode',
                 request_serializer=liveserve_dot_internal_dot_v2_dot_perception__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=liveserve_dot_internal_dot_v2_dot_perception__pb2.EncodeResponse.FromString,
                 _registered_method=True)
 
 
-class PerceptionServicer:
+class PerceptionServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Encode(self, request, context):
@@ -51,7 +51,7 @@ class PerceptionServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_PerceptionServicer_to_server(servicer, server):
+def add_PerceptionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Encode': grpc.unary_unary_rpc_method_handler(
                     servicer.Encode,
@@ -60,13 +60,13 @@ def add_PerceptionServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'liveserve.internal.v2.Perception', rpc_method_handlers)
+            'liveserve.internal.v2.PerceptionService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('liveserve.internal.v2.Perception', rpc_method_handlers)
+    server.add_registered_method_handlers('liveserve.internal.v2.PerceptionService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Perception:
+class PerceptionService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -83,7 +83,7 @@ class Perception:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/liveserve.internal.v2.Perception/Encode',
+            '/liveserve.internal.v2.PerceptionService/Encode',
             liveserve_dot_internal_dot_v2_dot_perception__pb2.EncodeRequest.SerializeToString,
             liveserve_dot_internal_dot_v2_dot_perception__pb2.EncodeResponse.FromString,
             options,

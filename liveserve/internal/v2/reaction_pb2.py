@@ -27,7 +27,7 @@ from liveserve.internal.v2 import session_pb2 as liveserve_dot_internal_dot_v2_d
 from liveserve.internal.v2 import tensor_pb2 as liveserve_dot_internal_dot_v2_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$liveserve/internal/v2/reaction.proto\x12\x15liveserve.internal.v2\x1a\"liveserve/api/v1/live_stream.proto\x1a#liveserve/internal/v2/session.proto\x1a\"liveserve/internal/v2/tensor.proto\"V\n\nSyncFrames\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x66irst\x18\x02 \x01(\x04\x12\x11\n\tframe_ids\x18\x03 \x03(\x04\x12\x12\n\ntimestamps\x18\x04 \x03(\x01\"\xe9\x01\n\x07Respond\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x07trigger\x18\x02 \x01(\x0e\x32\x19.liveserve.api.v1.Trigger\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\r\n\x05query\x18\x04 \x01(\t\x12G\n\rtrace_context\x18\x05 \x03(\x0b\x32\x30.liveserve.internal.v2.Respond.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x01\n\x0fReactionCommand\x12\x31\n\x04sync\x18\x01 \x01(\x0b\x32!.liveserve.internal.v2.SyncFramesH\x00\x12\x31\n\x07respond\x18\x02 \x01(\x0b\x32\x1e.liveserve.internal.v2.RespondH\x00\x12\x34\n\x05\x63lose\x18\x03 \x01(\x0b\x32#.liveserve.internal.v2.CloseSessionH\x00\x42\x06\n\x04kind\"\x8d\x01\n\x0cReactionPush\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x38\n\x08\x63ommands\x18\x02 \x03(\x0b\x32&.liveserve.internal.v2.ReactionCommand\x12/\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x1d.liveserve.internal.v2.Tensor\"p\n\x0cReplyStarted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12*\n\x07trigger\x18\x03 \x01(\x0e\x32\x19.liveserve.api.v1.Trigger\x12\r\n\x05query\x18\x04 \x01(\t\"B\n\nReplyDelta\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\"\xaf\x01\n\tReplyDone\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x35\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1e.liveserve.api.v1.FinishReason\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x12\n\nduration_s\x18\x06 \x01(\x01\x12\x11\n\ttoken_ids\x18\x07 \x03(\r\"2\n\x0bReplyFailed\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xeb\x01\n\rReactionEvent\x12\x36\n\x07started\x18\x01 \x01(\x0b\x32#.liveserve.internal.v2.ReplyStartedH\x00\x12\x32\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32!.liveserve.internal.v2.ReplyDeltaH\x00\x12\x30\n\x04\x64one\x18\x03 \x01(\x0b\x32 .liveserve.internal.v2.ReplyDoneH\x00\x12\x34\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\".liveserve.internal.v2.ReplyFailedH\x00\x42\x06\n\x04kind\"F\n\x0eReactionEvents\x12\x34\n\x06\x65vents\x18\x01 \x03(\x0b\x32$.liveserve.internal.v2.ReactionEvent2\x81\x02\n\x08Reaction\x12O\n\x04Open\x12\".liveserve.internal.v2.OpenRequest\x1a#.liveserve.internal.v2.OpenResponse\x12K\n\x04Push\x12#.liveserve.internal.v2.ReactionPush\x1a\x1e.liveserve.internal.v2.PushAck\x12W\n\x06\x45vents\x12$.liveserve.internal.v2.EventsRequest\x1a%.liveserve.internal.v2.ReactionEvents0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$liveserve/internal/v2/reaction.proto\x12\x15liveserve.internal.v2\x1a\"liveserve/api/v1/live_stream.proto\x1a#liveserve/internal/v2/session.proto\x1a\"liveserve/internal/v2/tensor.proto\"V\n\nSyncFrames\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x66irst\x18\x02 \x01(\x04\x12\x11\n\tframe_ids\x18\x03 \x03(\x04\x12\x12\n\ntimestamps\x18\x04 \x03(\x01\"\xe9\x01\n\x07Respond\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x07trigger\x18\x02 \x01(\x0e\x32\x19.liveserve.api.v1.Trigger\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\r\n\x05query\x18\x04 \x01(\t\x12G\n\rtrace_context\x18\x05 \x03(\x0b\x32\x30.liveserve.internal.v2.Respond.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc4\x01\n\x0fReactionCommand\x12\x38\n\x0bsync_frames\x18\x01 \x01(\x0b\x32!.liveserve.internal.v2.SyncFramesH\x00\x12\x31\n\x07respond\x18\x02 \x01(\x0b\x32\x1e.liveserve.internal.v2.RespondH\x00\x12<\n\rclose_session\x18\x03 \x01(\x0b\x32#.liveserve.internal.v2.CloseSessionH\x00\x42\x06\n\x04kind\"\x8d\x01\n\x0cReactionPush\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x38\n\x08\x63ommands\x18\x02 \x03(\x0b\x32&.liveserve.internal.v2.ReactionCommand\x12/\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x1d.liveserve.internal.v2.Tensor\"s\n\x0fResponseStarted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12*\n\x07trigger\x18\x03 \x01(\x0e\x32\x19.liveserve.api.v1.Trigger\x12\r\n\x05query\x18\x04 \x01(\t\"E\n\rResponseDelta\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\"\xb2\x01\n\x0cResponseDone\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x35\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1e.liveserve.api.v1.FinishReason\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x12\n\nduration_s\x18\x06 \x01(\x01\x12\x11\n\ttoken_ids\x18\x07 \x03(\r\"5\n\x0eResponseFailed\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9b\x02\n\rReactionEvent\x12\x42\n\x10response_started\x18\x01 \x01(\x0b\x32&.liveserve.internal.v2.ResponseStartedH\x00\x12>\n\x0eresponse_delta\x18\x02 \x01(\x0b\x32$.liveserve.internal.v2.ResponseDeltaH\x00\x12<\n\rresponse_done\x18\x03 \x01(\x0b\x32#.liveserve.internal.v2.ResponseDoneH\x00\x12@\n\x0fresponse_failed\x18\x04 \x01(\x0b\x32%.liveserve.internal.v2.ResponseFailedH\x00\x42\x06\n\x04kind\"F\n\x0eReactionEvents\x12\x34\n\x06\x65vents\x18\x01 \x03(\x0b\x32$.liveserve.internal.v2.ReactionEvent2\x88\x02\n\x0fReactionService\x12O\n\x04Open\x12\".liveserve.internal.v2.OpenRequest\x1a#.liveserve.internal.v2.OpenResponse\x12K\n\x04Push\x12#.liveserve.internal.v2.ReactionPush\x1a\x1e.liveserve.internal.v2.PushAck\x12W\n\x06\x45vents\x12$.liveserve.internal.v2.EventsRequest\x1a%.liveserve.internal.v2.ReactionEvents0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,21 +43,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESPOND_TRACECONTEXTENTRY']._serialized_start=443
   _globals['_RESPOND_TRACECONTEXTENTRY']._serialized_end=494
   _globals['_REACTIONCOMMAND']._serialized_start=497
-  _globals['_REACTIONCOMMAND']._serialized_end=678
-  _globals['_REACTIONPUSH']._serialized_start=681
-  _globals['_REACTIONPUSH']._serialized_end=822
-  _globals['_REPLYSTARTED']._serialized_start=824
-  _globals['_REPLYSTARTED']._serialized_end=936
-  _globals['_REPLYDELTA']._serialized_start=938
-  _globals['_REPLYDELTA']._serialized_end=1004
-  _globals['_REPLYDONE']._serialized_start=1007
-  _globals['_REPLYDONE']._serialized_end=1182
-  _globals['_REPLYFAILED']._serialized_start=1184
-  _globals['_REPLYFAILED']._serialized_end=1234
-  _globals['_REACTIONEVENT']._serialized_start=1237
-  _globals['_REACTIONEVENT']._serialized_end=1472
-  _globals['_REACTIONEVENTS']._serialized_start=1474
-  _globals['_REACTIONEVENTS']._serialized_end=1544
-  _globals['_REACTION']._serialized_start=1547
-  _globals['_REACTION']._serialized_end=1804
+  _globals['_REACTIONCOMMAND']._serialized_end=693
+  _globals['_REACTIONPUSH']._serialized_start=696
+  _globals['_REACTIONPUSH']._serialized_end=837
+  _globals['_RESPONSESTARTED']._serialized_start=839
+  _globals['_RESPONSESTARTED']._serialized_end=954
+  _globals['_RESPONSEDELTA']._serialized_start=956
+  _globals['_RESPONSEDELTA']._serialized_end=1025
+  _globals['_RESPONSEDONE']._serialized_start=1028
+  _globals['_RESPONSEDONE']._serialized_end=1206
+  _globals['_RESPONSEFAILED']._serialized_start=1208
+  _globals['_RESPONSEFAILED']._serialized_end=1261
+  _globals['_REACTIONEVENT']._serialized_start=1264
+  _globals['_REACTIONEVENT']._serialized_end=1547
+  _globals['_REACTIONEVENTS']._serialized_start=1549
+  _globals['_REACTIONEVENTS']._serialized_end=1619
+  _globals['_REACTIONSERVICE']._serialized_start=1622
+  _globals['_REACTIONSERVICE']._serialized_end=1886
 # @@protoc_insertion_point(module_scope)

@@ -43,14 +43,14 @@ class Respond(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., trigger: _Optional[_Union[_live_stream_pb2.Trigger, str]] = ..., timestamp: _Optional[float] = ..., query: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ReactionCommand(_message.Message):
-    __slots__ = ("sync", "respond", "close")
-    SYNC_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("sync_frames", "respond", "close_session")
+    SYNC_FRAMES_FIELD_NUMBER: _ClassVar[int]
     RESPOND_FIELD_NUMBER: _ClassVar[int]
-    CLOSE_FIELD_NUMBER: _ClassVar[int]
-    sync: SyncFrames
+    CLOSE_SESSION_FIELD_NUMBER: _ClassVar[int]
+    sync_frames: SyncFrames
     respond: Respond
-    close: _session_pb2.CloseSession
-    def __init__(self, sync: _Optional[_Union[SyncFrames, _Mapping]] = ..., respond: _Optional[_Union[Respond, _Mapping]] = ..., close: _Optional[_Union[_session_pb2.CloseSession, _Mapping]] = ...) -> None: ...
+    close_session: _session_pb2.CloseSession
+    def __init__(self, sync_frames: _Optional[_Union[SyncFrames, _Mapping]] = ..., respond: _Optional[_Union[Respond, _Mapping]] = ..., close_session: _Optional[_Union[_session_pb2.CloseSession, _Mapping]] = ...) -> None: ...
 
 class ReactionPush(_message.Message):
     __slots__ = ("gateway_id", "commands", "features")
@@ -62,7 +62,7 @@ class ReactionPush(_message.Message):
     features: _tensor_pb2.Tensor
     def __init__(self, gateway_id: _Optional[str] = ..., commands: _Optional[_Iterable[_Union[ReactionCommand, _Mapping]]] = ..., features: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
-class ReplyStarted(_message.Message):
+class ResponseStarted(_message.Message):
     __slots__ = ("session_id", "timestamp", "trigger", "query")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
@@ -74,7 +74,7 @@ class ReplyStarted(_message.Message):
     query: str
     def __init__(self, session_id: _Optional[str] = ..., timestamp: _Optional[float] = ..., trigger: _Optional[_Union[_live_stream_pb2.Trigger, str]] = ..., query: _Optional[str] = ...) -> None: ...
 
-class ReplyDelta(_message.Message):
+class ResponseDelta(_message.Message):
     __slots__ = ("session_id", "text", "num_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -84,7 +84,7 @@ class ReplyDelta(_message.Message):
     num_tokens: int
     def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
-class ReplyDone(_message.Message):
+class ResponseDone(_message.Message):
     __slots__ = ("session_id", "text", "num_tokens", "finish_reason", "ttft_s", "duration_s", "token_ids")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -102,7 +102,7 @@ class ReplyDone(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., num_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[_live_stream_pb2.FinishReason, str]] = ..., ttft_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
-class ReplyFailed(_message.Message):
+class ResponseFailed(_message.Message):
     __slots__ = ("session_id", "message")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -111,16 +111,16 @@ class ReplyFailed(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ReactionEvent(_message.Message):
-    __slots__ = ("started", "delta", "done", "failed")
-    STARTED_FIELD_NUMBER: _ClassVar[int]
-    DELTA_FIELD_NUMBER: _ClassVar[int]
-    DONE_FIELD_NUMBER: _ClassVar[int]
-    FAILED_FIELD_NUMBER: _ClassVar[int]
-    started: ReplyStarted
-    delta: ReplyDelta
-    done: ReplyDone
-    failed: ReplyFailed
-    def __init__(self, started: _Optional[_Union[ReplyStarted, _Mapping]] = ..., delta: _Optional[_Union[ReplyDelta, _Mapping]] = ..., done: _Optional[_Union[ReplyDone, _Mapping]] = ..., failed: _Optional[_Union[ReplyFailed, _Mapping]] = ...) -> None: ...
+    __slots__ = ("response_started", "response_delta", "response_done", "response_failed")
+    RESPONSE_STARTED_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_DELTA_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_DONE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FAILED_FIELD_NUMBER: _ClassVar[int]
+    response_started: ResponseStarted
+    response_delta: ResponseDelta
+    response_done: ResponseDone
+    response_failed: ResponseFailed
+    def __init__(self, response_started: _Optional[_Union[ResponseStarted, _Mapping]] = ..., response_delta: _Optional[_Union[ResponseDelta, _Mapping]] = ..., response_done: _Optional[_Union[ResponseDone, _Mapping]] = ..., response_failed: _Optional[_Union[ResponseFailed, _Mapping]] = ...) -> None: ...
 
 class ReactionEvents(_message.Message):
     __slots__ = ("events",)

@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class ReactionStub:
+class ReactionServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -36,23 +36,23 @@ class ReactionStub:
             channel: A grpc.Channel.
         """
         self.Open = channel.unary_unary(
-                '/liveserve.internal.v2.Reaction/Open',
+                '/liveserve.internal.v2.ReactionService/Open',
                 request_serializer=liveserve_dot_internal_dot_v2_dot_session__pb2.OpenRequest.SerializeToString,
                 response_deserializer=liveserve_dot_internal_dot_v2_dot_session__pb2.OpenResponse.FromString,
                 _registered_method=True)
         self.Push = channel.unary_unary(
-                '/liveserve.internal.v2.Reaction/Push',
+                '/liveserve.internal.v2.ReactionService/Push',
                 request_serializer=liveserve_dot_internal_dot_v2_dot_reaction__pb2.ReactionPush.SerializeToString,
                 response_deserializer=liveserve_dot_internal_dot_v2_dot_session__pb2.PushAck.FromString,
                 _registered_method=True)
         self.Events = channel.unary_stream(
-                '/liveserve.internal.v2.Reaction/Events',
+                '/liveserve.internal.v2.ReactionService/Events',
                 request_serializer=liveserve_dot_internal_dot_v2_dot_session__pb2.EventsRequest.SerializeToString,
                 response_deserializer=liveserve_dot_internal_dot_v2_dot_reaction__pb2.ReactionEvents.FromString,
                 _registered_method=True)
 
 
-class ReactionServicer:
+class ReactionServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Open(self, request, context):
@@ -74,7 +74,7 @@ class ReactionServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_ReactionServicer_to_server(servicer, server):
+def add_ReactionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Open': grpc.unary_unary_rpc_method_handler(
                     servicer.Open,
@@ -93,13 +93,13 @@ def add_ReactionServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'liveserve.internal.v2.Reaction', rpc_method_handlers)
+            'liveserve.internal.v2.ReactionService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('liveserve.internal.v2.Reaction', rpc_method_handlers)
+    server.add_registered_method_handlers('liveserve.internal.v2.ReactionService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Reaction:
+class ReactionService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -116,7 +116,7 @@ class Reaction:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/liveserve.internal.v2.Reaction/Open',
+            '/liveserve.internal.v2.ReactionService/Open',
             liveserve_dot_internal_dot_v2_dot_session__pb2.OpenRequest.SerializeToString,
             liveserve_dot_internal_dot_v2_dot_session__pb2.OpenResponse.FromString,
             options,
@@ -143,7 +143,7 @@ class Reaction:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/liveserve.internal.v2.Reaction/Push',
+            '/liveserve.internal.v2.ReactionService/Push',
             liveserve_dot_internal_dot_v2_dot_reaction__pb2.ReactionPush.SerializeToString,
             liveserve_dot_internal_dot_v2_dot_session__pb2.PushAck.FromString,
             options,
@@ -170,7 +170,7 @@ class Reaction:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/liveserve.internal.v2.Reaction/Events',
+            '/liveserve.internal.v2.ReactionService/Events',
             liveserve_dot_internal_dot_v2_dot_session__pb2.EventsRequest.SerializeToString,
             liveserve_dot_internal_dot_v2_dot_reaction__pb2.ReactionEvents.FromString,
             options,
