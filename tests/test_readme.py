@@ -83,3 +83,28 @@ def test_the_command_line_check_catches_a_wrong_option(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(words)
     assert "--frames-per-second" in capsys.readouterr().err
+
+
+def _synopsis() -> dict[str, set[str]]:
+    """docs/cli.md's synopsis: command (`run`, `bench capacity`, ...) -> the options it lists."""
+    block = re.search(r"## Synopsis\n+```text\n(.*?)```", (DOCS / "cli.md").read_text(), re.S).group(1)
+    commands: dict[str, set[str]] = {}
+    name = ""
+    for line in block.splitlines():
+        if line.startswith("liveserve "):
+            name = " ".join(re.match(r"liveserve ((?:[a-z]+ ?)+)", line).group(1).split())
+        commands.setdefault(name, set()).update(re.findall(r"(?<![\w-])--[a-z][\w-]*", line))
+    return commands
+
+
+def _options(parser, name: str) -> set[str]:
+    for word in name.split():
+        parser = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)).choices[word]
+    return set(parser._option_string_actions)
+
+
+def test_every_option_in_the_cli_synopsis_exists():
+    synopsis = _synopsis()
+    assert {"run", "bench engine", "bench capacity", "serve", "client", "loadtest", "demo", "tiny"} <= set(synopsis)
+    unknown = {name: sorted(flags - _options(build_parser(), name)) for name, flags in synopsis.items()}
+    assert not {name: flags for name, flags in unknown.items() if flags}, unknown
