@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also benchmark the disaggregated Ray Serve application (starts a local Ray)")
     service.add_argument("--repeats", type=int, default=3,
                          help="times each session count runs, the paths taking turns (default: 3)")
+    service.add_argument("--threads", type=_positive_int, default=1,
+                         help="torch CPU threads of the in-process engine and of the single-process server "
+                              "(default: %(default)s)")
 
     _add_capacity_parser(bench_sub)
 
@@ -350,12 +353,17 @@ def cmd_bench_sessions(args) -> int:
     if not sessions or sessions[0] < 1 or args.rounds < 1 or args.warmup < 0:
         raise ValueError("--sessions must be positive counts, --rounds >= 1 and --warmup >= 0")
     if args.bench == "service":
-        from liveserve.bench.service import run_service_bench
+        from liveserve.bench.service import BenchStalled, run_service_bench
 
         if args.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-        run_service_bench(load_live(args, "bench service"), model_ref=args.model, sessions=sessions, rounds=args.rounds, warmup=args.warmup,
-                          out=args.json_out, ray=args.ray, repeats=args.repeats)
+        try:
+            run_service_bench(load_live(args, "bench service"), model_ref=args.model, sessions=sessions,
+                              rounds=args.rounds, warmup=args.warmup, out=args.json_out, ray=args.ray,
+                              repeats=args.repeats, threads=args.threads)
+        except BenchStalled as exc:
+            print(f"liveserve bench service: {exc}", file=sys.stderr)
+            return 1
         return 0
     from liveserve.bench.batch import run_batch_bench
 
