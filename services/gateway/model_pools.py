@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.engine.sessions import MODES_BY_FAMILY
 from liveserve.services.gateway.links import FrameBatcher, ReplicaLink
 from liveserve.services.wire.seams import Decision, Perception, Reaction
@@ -67,6 +68,14 @@ class ModelPools:
         links = self.links[link.name]
         if links.get(link.replica) is link:
             del links[link.replica]
+
+    def info(self, is_default: bool) -> pb.ModelInfo:
+        """The model as ListModels describes it."""
+        defaults = self.defaults
+        return pb.ModelInfo(name=self.name, is_default=is_default, family=self.served.family,
+                            threshold=defaults.threshold, max_new_tokens=defaults.max_new_tokens,
+                            cache_policy=defaults.cache.policy, window_frames=defaults.cache.window_frames,
+                            mode=defaults.mode)
 
     def pools(self) -> dict[str, object]:
         """Its pools by deployment name (what readiness checks report)."""

@@ -18,7 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.services.gateway.service import Gateway, Unparsed, parse_message
+from liveserve.services.gateway.calls import Unparsed, parse_message
+from liveserve.services.gateway.service import Gateway
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LiveStream"].full_name
