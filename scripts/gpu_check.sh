@@ -18,6 +18,9 @@
 #   PYTHON=...     the interpreter (default: python3)
 #   PRESET=name    the capacity preset (default: llama3-8b-siglip)
 #   SWEEP_MAX=N    the largest stream count of the capacity sweep (default: 512)
+#   DURATION=S, WARMUP=S, SINGLE_FRAMES=N
+#                  each capacity level's length and unmeasured start (default: 4 and 1 s), and the frames
+#                  of the single-stream comparison (default: 64); smaller only to check this script
 #   KERNELS="..."  the attention kernels to bench (default: "auto flex"; e.g. "flashinfer sdpa flex")
 #   ALLOW_CPU=1    run on the CPU when there is no CUDA device (a check of this script: the GPU tests skip,
 #                  and the bench uses the CPU with PRESET, e.g. tiny)
@@ -27,6 +30,9 @@ python="${PYTHON:-python3}"
 out="$(mkdir -p "${OUT:-$root/out/gpu-check}" && cd "${OUT:-$root/out/gpu-check}" && pwd)"
 preset="${PRESET:-llama3-8b-siglip}"
 sweep_max="${SWEEP_MAX:-512}"
+duration="${DURATION:-4}"
+warmup="${WARMUP:-1}"
+single_frames="${SINGLE_FRAMES:-64}"
 site="$(mktemp -d)"
 trap 'rm -rf "$site"' EXIT
 
@@ -65,7 +71,8 @@ tail -3 "$out/tests.log" >&2
 for kernel in ${KERNELS:-auto flex}; do
   say "bench capacity: $preset, attention $kernel"
   "$python" -m liveserve.cli bench capacity --preset "$preset" --device "$device" --input pixels \
-    --attention "$kernel" --sweep-max "$sweep_max" --refine 1 --duration 4 --warmup 1 --prefill-frames 16 \
+    --attention "$kernel" --sweep-max "$sweep_max" --refine 1 --duration "$duration" --warmup "$warmup" \
+    --prefill-frames 16 --single-frames "$single_frames" \
     --json "$out/capacity-$kernel.json" >"$out/capacity-$kernel.log" 2>&1 || status=1
   tail -4 "$out/capacity-$kernel.log" >&2
 done

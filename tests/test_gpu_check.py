@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     env = {**os.environ, "ALLOW_CPU": "1", "PRESET": "tiny", "SWEEP_MAX": "1", "OUT": str(tmp_path),
+           "DURATION": "1", "WARMUP": "0.25", "SINGLE_FRAMES": "8",  # the plumbing, not the figures
            "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                           timeout=300)
