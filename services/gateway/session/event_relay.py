@@ -61,7 +61,7 @@ class EventRelay:
         # The latest decided frames, kept to rebuild the session if its Decision replica goes away.
         self._ring: deque[c.FrameFeatures] = deque(maxlen=config.cache.window_frames)
         self._late_reply: tuple[str, tuple[int, ...]] | None = None  # a reply that finished while moving
-        self.counted = [0, 0, 0]  # frames decided, dropped, replies: this call's, for SessionClosed after a move
+        self._counted = [0, 0, 0]  # frames decided, dropped, replies: this call's, for SessionClosed after a move
         self._carried = (0, 0, 0)  # ... what earlier replicas counted (SessionClosed counts on the last one)
         self._last_decided_trace: c.Trace = c.NO_TRACE
 
@@ -87,7 +87,7 @@ class EventRelay:
         frame = self.inputs.decided(event.frame_id)
         lag = time.monotonic() - frame.received if frame is not None else 0.0
         self.gateway.metrics.frame_to_decision.observe(lag)
-        self.counted[0] += 1
+        self._counted[0] += 1
         self.client.send(pb.ServerMessage(decision=pb.Decision(
             timestamp=event.timestamp, frame_index=event.frame_id, p_silent=event.p_silent, fired=event.fired,
             action=ACTIONS[event.action], lag_s=lag)))
@@ -106,7 +106,7 @@ class EventRelay:
 
     def _frames_dropped(self, event: c.FramesDropped) -> None:
         frames = list(zip(event.frame_ids, event.timestamps))
-        self.counted[1] += len(frames)
+        self._counted[1] += len(frames)
         for frame_id, _ in frames:
             frame = self.inputs.decided(frame_id)
             if frame is not None:
@@ -164,7 +164,7 @@ class EventRelay:
             timestamp=self._said_at, text=event.text, token_times=[time.time()] * event.num_tokens)))
 
     def _said_done(self, event: c.ResponseDone) -> None:
-        self.counted[2] += 1
+        self._counted[2] += 1
         self.gateway.metrics.ttft.observe(event.ttft_s)
         self.client.send(pb.ServerMessage(response_done=pb.ResponseDone(
             timestamp=self._said_at, trigger=pb.TRIGGER_COMMENTARY, text=event.text, num_tokens=event.num_tokens,
@@ -255,7 +255,7 @@ class EventRelay:
         """Decision takes the reply into its cache (right after the trigger); "" means nothing to add."""
         self.reply.span.end()
         self.reply = None
-        self.counted[2] += bool(text)
+        self._counted[2] += bool(text)
         if self.where.decision_moving:  # the new replica takes it once the session is there
             self._late_reply = (text, token_ids)
         else:
@@ -306,7 +306,7 @@ class EventRelay:
     def moved(self) -> None:
         """The session is on a new Decision replica: its counts start there again, and it takes the reply
         that finished during the move."""
-        decided, dropped, responses = self.counted
+        decided, dropped, responses = self._counted
         late = self._late_reply
         self._carried = (decided, dropped, responses - (late is not None and bool(late[0])))
         if late is not None:
