@@ -88,14 +88,14 @@ def test_a_reply_in_flight_when_the_session_moved_lands_at_its_trigger(chatty, f
     assert restored.awaiting_reply
     nxt = len(items)
     if early == "racing":
-        await_reply = restored._await_reply
+        await_reply = restored._replies.await_reply  # the reply role remembers the trigger
 
         def reply_arrives_first(*args):
-            restored._await_reply = await_reply  # once: later triggers are the session's own
+            restored._replies.await_reply = await_reply  # once: later triggers are the session's own
             restored.push_reply("it moved")
             await_reply(*args)
 
-        restored._await_reply = reply_arrives_first
+        restored._replies.await_reply = reply_arrives_first
         original.push_reply("it moved")
         list(restored.process())
         assert not restored.awaiting_reply  # taken, not refused: the frames are not held behind it
@@ -134,15 +134,15 @@ def test_a_reply_arriving_while_a_restored_turn_is_written_waits_for_its_trigger
     list(reference.process())
     reference.push_reply("it moved")
     restored.restore(items)
-    plan_written = restored._plan_written
+    plan_turn = restored.stream.plan_turn  # plans a restored turn's step (and a written reply's)
 
-    def reply_arrives_meanwhile():
-        planned = plan_written()
-        restored._plan_written = plan_written  # once: only the restored turn's step is raced
+    def reply_arrives_meanwhile(*args):
+        planned = plan_turn(*args)
+        restored.stream.plan_turn = plan_turn  # once: only the restored turn's step is raced
         restored.push_reply("it moved")
         return planned
 
-    restored._plan_written = reply_arrives_meanwhile
+    restored.stream.plan_turn = reply_arrives_meanwhile
     list(restored.process())
     list(reference.process())
     assert not restored.awaiting_reply and not reference.awaiting_reply

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from liveserve.config import EngineConfig, SessionConfig
-from liveserve.engine.commentary import encode_chunks
+from liveserve.engine.contracts import EngineModel, EngineSession, SplitReplies, Step
 from liveserve.engine.events import Event, SessionFailed
 from liveserve.engine.inputs import SessionError
 from liveserve.engine.kv_pool import CacheFullError, KVPool
@@ -32,9 +32,7 @@ from liveserve.engine.packed import forward
 from liveserve.engine.perception import BatchedFrameEncoder
 from liveserve.engine.readout import read_out
 from liveserve.engine.scheduler import Scheduler
-from liveserve.engine.session import Session, StepInput
-from liveserve.engine.sessions import default_mode, new_session, session_tokens
-from liveserve.model.live import LiveModel
+from liveserve.engine.sessions import FAMILIES, default_mode, new_session, session_tokens
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +51,33 @@ class EngineStats:
 
 
 class BatchEngine:
-    def __init__(self, model: LiveModel, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: EngineModel, config: EngineConfig | None = None) -> None:
         self.model, self.config = model, config or EngineConfig()
         self.pool = KVPool.for_model(model, self.config.pool)
         self.kernel = select_kernel(self.config.attention, self.pool)
         model.use_cuda_graphs(self.config.cuda_graphs)
         log.info("attention kernel: %s (asked for %s; %s)", self.kernel.name, self.config.attention,
                  ", ".join(f"{name}: {why or 'runs here'}" for name, why in kernel_availability(self.pool).items()))
-        # LIVE towers encode frame by frame, batched across sessions; a Qwen2.5-VL session encodes its chunk.
-        encodes_frames = model.family == "live" and model.vision is not None
+        # How frames reach the tower is the family's: encoded as pushed, batched across sessions (LIVE), or
+        # what the scheduled sessions feed next, in one call per step (Qwen2.5-VL's chunks).
+        family = FAMILIES[model.family]
+        encodes_frames = family.encodes_pushed_frames and model.vision is not None
         self.encoder = BatchedFrameEncoder(model, self.config.perception) if encodes_frames else None
+        self._encode_scheduled = family.encode_scheduled
         self._wakeup = threading.Event()  # set by pushes (and an overlapping encoder's batches): there may be work
         if self.encoder is not None:
             self.encoder.start(self._wakeup.set)
         self.scheduler = Scheduler(self.config.scheduler)
         self.steps = 0
         self.last_batch: tuple[str, ...] = ()  # the sessions the latest step ran (introspection, metrics)
-        self._sessions: dict[str, Session] = {}  # admission order
+        self._sessions: dict[str, EngineSession] = {}  # admission order
         # Held for a whole step and by open/close: the pool's block lists and a session's cache change only
         # under it, so closing a session from another thread never frees memory a running forward uses.
         self._step_lock = threading.Lock()
 
     # ---- sessions --------------------------------------------------------------------------------------
 
-    def open(self, session_id: str, config: SessionConfig | None = None) -> Session:
+    def open(self, session_id: str, config: SessionConfig | None = None) -> EngineSession:
         """Admit a session or raise PoolFullError (why, and how much is free) / SessionError (id in use)."""
         config = config or SessionConfig(mode=default_mode(self.model))
         limit = self.session_tokens(config)
@@ -104,7 +105,7 @@ class BatchEngine:
                 f"{pool.sessions_admitted(tokens)} sessions of cache policy {policy} "
                 f"({tokens} tokens, {tokens * pool.bytes_per_token / 2**20:.1f} MiB each)")
 
-    def session(self, session_id: str) -> Session:
+    def session(self, session_id: str) -> EngineSession:
         try:
             return self._sessions[session_id]
         except KeyError:
@@ -122,13 +123,19 @@ class BatchEngine:
 
     def push_respond(self, session_id: str, timestamp: float) -> None:
         """Reaction sessions: reply proactively at `timestamp` (see Session.push_respond)."""
-        self.session(session_id).push_respond(timestamp)
+        self._split_replies(session_id).push_respond(timestamp)
         self._wakeup.set()
 
     def push_reply(self, session_id: str, text: str, token_ids: tuple[int, ...] = ()) -> None:
         """Decision sessions: append the reply another model wrote (see Session.push_reply)."""
-        self.session(session_id).push_reply(text, token_ids)
+        self._split_replies(session_id).push_reply(text, token_ids)
         self._wakeup.set()
+
+    def _split_replies(self, session_id: str) -> SplitReplies:
+        session = self.session(session_id)
+        if not isinstance(session, SplitReplies):
+            raise SessionError(f"session {session_id!r} ({type(session).__name__}) writes every reply itself")
+        return session
 
     def wake(self) -> None:
         """Tell a thread waiting in `wait_for_work` there may be work: for callers that push many inputs
@@ -153,7 +160,7 @@ class BatchEngine:
             self.encoder.close()
 
     @property
-    def sessions(self) -> list[Session]:
+    def sessions(self) -> list[EngineSession]:
         return list(self._sessions.values())
 
     # ---- one step: schedule -> execute -> update ----------------------------------------------------
@@ -163,10 +170,10 @@ class BatchEngine:
             if self.encoder is not None and not self.encoder.overlap:
                 self.encoder.encode_waiting()  # perception for every frame that arrived since the last step
             schedule = self.scheduler.schedule([s for s in self._sessions.values() if not s.closed])
-            if self.model.family != "live":
-                self._encode_chunks(schedule.sessions)
+            if self._encode_scheduled is not None:
+                self._encode_for(schedule.sessions)
             events: list[tuple[str, Event]] = list(schedule.dropped)
-            planned: list[tuple[Session, StepInput]] = []
+            planned: list[tuple[EngineSession, Step]] = []
             for session in schedule.sessions:
                 try:
                     step = session.plan()
@@ -198,18 +205,19 @@ class BatchEngine:
             self.steps += 1
             return events
 
-    def _encode_chunks(self, sessions) -> None:
-        """Commentary: the step's turns' chunks through the tower together. If that call fails, each session
-        encodes its own chunk while planning, so a bad chunk fails its session only."""
+    def _encode_for(self, sessions: list[EngineSession]) -> None:
+        """What the scheduled sessions feed next through the tower together (commentary: their turns'
+        chunks). If that call fails, each session encodes its own while planning, so a bad chunk fails its
+        session only."""
         try:
-            encode_chunks(self.model, sessions)
+            self._encode_scheduled(self.model, sessions)
         except Exception:
-            log.exception("encoding %d sessions' chunks together failed; each encodes its own", len(sessions))
+            log.exception("encoding %d sessions' next vision together failed; each encodes its own", len(sessions))
 
-    def _execute(self, planned: list[tuple[Session, StepInput]]) -> torch.Tensor:
+    def _execute(self, planned: list[tuple[EngineSession, Step]]) -> torch.Tensor:
         return forward(self.model, self.pool, [(session.cache, step) for session, step in planned], self.kernel)
 
-    def _fail(self, session: Session, code: str, message: str) -> tuple[str, SessionFailed]:
+    def _fail(self, session: EngineSession, code: str, message: str) -> tuple[str, SessionFailed]:
         session.fail(message)
         return session.session_id, SessionFailed(code, message)
 
@@ -218,7 +226,7 @@ class BatchEngine:
     def has_work(self) -> bool:
         """Whether any session has queued input or a step in progress (ready now or once encoded). Frames
         held for a reply written elsewhere are not: only its `push_reply` moves them."""
-        return any(s.ready() or (s.backlog and not s.holding_frames) for s in self._sessions.values() if not s.closed)
+        return any(s.has_work() for s in self._sessions.values() if not s.closed)
 
     def wait_for_work(self, timeout_s: float) -> bool:
         """Block until a step has something to do (an input arrived, or frames to encode have waited

@@ -11,33 +11,29 @@ per reply token, up to `max_tokens_per_chunk`; the reply's last token and its <|
 next turn (the engine never feeds a token it has not read yet). A reply of only the no-comment marker
 " ..." is silence.
 
-The cache is a list of pieces in cache order (`Piece`); before each chunk's turn, the pieces older than
-the windows go (StreamingVLM's policy): a turn's vision tokens once `vision_window_chunks` newer chunks
-exist, its reply once `text_rounds` newer ones do, the reply's words (without framing or marker) moved
-into the previous-text block rather than dropped, and that block trimmed to its first `text_sink_tokens`
-and last `text_window_tokens`. Moving and dropping is one `keep` of the cache: kept tokens in their new
-order, with contiguous positions recomputed as transformers' `get_rope_index` would over the kept tokens
-(text one per token, a chunk max(rows, columns)), the keys re-rotated by their shift.
+The cache is a list of pieces in cache order (commentary_cache.py: `Piece`); before each chunk's turn,
+the pieces older than StreamingVLM's windows go in one `keep` of the cache, the keys re-rotated by their
+shift. Frames are grouped into chunks on the input side (chunk_inputs.py).
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from liveserve.config import SessionConfig
-from liveserve.engine.events import ChunkDone, Event, ResponseDelta, ResponseDone, ResponseStarted
-from liveserve.engine.inputs import (QueuedFrame, SessionError, check_frame_id, check_not_before, check_open,
-                                     check_time)
+from liveserve.engine.chunk_inputs import Chunk, ChunkInputs
+from liveserve.engine.commentary_cache import Piece, apply_windows, contiguous_rows, turn_positions
+from liveserve.engine.commentary_reply import ChunkReply
+from liveserve.engine.events import ChunkDone, Event, ResponseDone
+from liveserve.engine.inputs import QueuedFrame, SessionError
 from liveserve.engine.kv_pool import CacheFullError
 from liveserve.engine.packed import forward_alone, private_cache
 from liveserve.engine.readout import Readout, read_out, sample
-from liveserve.model.qwen_vl import NO_COMMENT, QwenVLModel, VisionGrid
+from liveserve.model.qwen_vl import QwenVLModel
 
 __all__ = ["CommentarySession", "CommentaryStep", "Piece", "commentary_cache_limit", "encode_chunks"]
 
@@ -57,67 +53,14 @@ class CommentaryStep:
         return len(self.ids)
 
 
-@dataclass(slots=True)
-class Piece:
-    """A run of cached tokens with one role. kinds: "system" (system turn and the previous-text opening:
-    the sink), "previous" (older replies' words), "previous_end", and per chunk "turn" (its user turn up
-    to the vision), "vision", "turn_end" (to the assistant's opening) and "reply" (the reply's tokens;
-    its first `content` are its words; "reply_end": a reply's last tokens fed after the reply itself left)."""
-
-    kind: str
-    ids: list[int]
-    chunk: int = -1
-    grid: VisionGrid | None = None
-    content: int = 0
-
-    def row0(self, start: int, interval: float) -> torch.Tensor:
-        """The temporal M-RoPE row of the piece's tokens when it starts at `start` (the row the cache keeps:
-        every row shifts alike when the cache is compacted); `interval`: positions per temporal group."""
-        if self.grid is None:
-            return torch.arange(start, start + len(self.ids))
-        groups = (torch.arange(self.grid.t) * interval).long()
-        return start + groups.repeat_interleave(self.grid.h * self.grid.w)
-
-    @property
-    def span(self) -> int:
-        return len(self.ids) if self.grid is None else self.grid.span
-
-
-@dataclass(frozen=True, slots=True)
-class _Chunk:
-    index: int  # floor(start / chunk_s)
-    frames: tuple[QueuedFrame, ...]
-    queries: tuple[str, ...]
-    features: torch.Tensor | None = None  # its vision tokens, once encoded (see encode_chunks)
-
-    @property
-    def start_s(self) -> float:
-        return self.frames[0].timestamp
-
-    def pixels(self) -> torch.Tensor:
-        return torch.stack([frame.pixels for frame in self.frames])
-
-    def distinct_frames(self) -> list[QueuedFrame]:
-        """Its frames, a short chunk's repeated last frame once (by identity: frames hold tensors)."""
-        return list({id(frame): frame for frame in self.frames}.values())
-
-
-@dataclass(slots=True)
-class _Reply:
-    chunk: _Chunk
-    start_s: float
-    end_s: float
-    tokens: list[int] = field(default_factory=list)
-    shown: str = ""  # text streamed so far
-    ttft: float = 0.0  # the chunk's last frame's arrival to its first reply token
-    started: bool = False  # ResponseStarted sent
-
-
 class CommentarySession:
+    # The serving side asks every Decision session whether a reply written elsewhere is still due (its
+    # text goes in before the session closes); a commentary session writes each turn's reply itself.
+    awaiting_reply = False
+
     def __init__(self, model: QwenVLModel, config: SessionConfig | None = None, session_id: str = "", *,
-                 cache=None, encoder=None) -> None:
-        """`cache`: a PagedCache from the engine's KVPool (batched serving); by default a pool of its own.
-        `encoder` is accepted for the engine's sake and not used: a chunk is encoded when it is stepped."""
+                 cache=None) -> None:
+        """`cache`: a PagedCache from the engine's KVPool (batched serving); by default a pool of its own."""
         self.model, self.config, self.session_id = model, config or SessionConfig(mode="commentary"), session_id
         self.commentary = self.config.commentary
         self.template = model.template
@@ -128,164 +71,94 @@ class CommentarySession:
                                f"groups of {tp}")
         self.system_prompt = self.config.system_prompt or model.system_prompt
         self.cache = cache if cache is not None else private_cache(model, commentary_cache_limit(model, self.config))
+        self.inputs = ChunkInputs(model, self.config)
         self.pieces: list[Piece] = []
         self.last_keep: torch.Tensor | None = None  # the cache indices the last eviction kept, in their new order
         self.trace: list | None = None
         self._contiguous = self.commentary.positions == "contiguous"
         self._seconds_per_grid = tp / self.commentary.fps  # the video time one temporal group of frames spans
         self._grid = model.grid(self.commentary.frames_per_chunk)
-        self._lock = threading.Lock()
-        self._filling: list[QueuedFrame] = []  # the chunk being filled
-        self._filling_index = -1
-        self._last_index = -1  # the last closed chunk's
-        self._chunks: deque[_Chunk] = deque()  # full chunks, waiting for their turn
-        self._queries: list[str] = []  # pushed since the last chunk closed: asked in the next one's turn
         self._turns = 0  # chunks fed so far
         self._pending: list[int] = []  # the last reply's tokens not fed yet (its end)
         self._pending_chunk = -1  # ... and its chunk
         self._turn_pieces: list[Piece] = []  # the planned turn's pieces, added once it is in the cache
         self._turn_memo: tuple[tuple, tuple[list[int], list[Piece]]] | None = None  # see _turn_ids
         self._next_position = 0
-        self._reply: _Reply | None = None
-        self._planned: tuple[str, CommentaryStep] | None = None
-        self._last_frame_time = -float("inf")
-        self._frames_pushed = 0
+        self._reply: ChunkReply | None = None
+        self._planned: tuple[bool, CommentaryStep] | None = None  # (a turn, not a reply token; the step)
         self._rng = torch.Generator().manual_seed(self.config.seed)
-        self.frames_decided = self.frames_dropped = self.responses = 0
+        self.frames_decided = self.responses = 0
         self.frames_replayed = 0  # (live sessions' counter: a commentary session replays nothing)
-        self.closed = False
-        self.failure: str | None = None
 
     # ---- input -------------------------------------------------------------------------------------
 
     def push_frame(self, timestamp: float, frame, frame_id: int | None = None) -> None:
         """Queue a frame (encoded image bytes, an image tensor/array/PIL image; resized and padded to the
-        tower's square input). Frames are grouped into chunks in arrival order: a chunk is complete with its
-        `chunk_s * fps` frames, or early when a frame of a later chunk's time arrives (a short chunk repeats
-        its last frame). Chunk k is labelled `Time=k*chunk_s-(k+1)*chunk_s`: the chunk after the last one,
-        or the chunk of its first frame's time after a gap, so jittery timestamps never repeat a label."""
-        timestamp = check_time(timestamp, "frame")
-        frame_id = check_frame_id(frame_id)
-        if isinstance(frame, torch.Tensor) and frame.is_floating_point():
-            raise SessionError("commentary sessions take images: the tower encodes a chunk of frames together")
-        with self._lock:
-            self._check_open()
-            self._check_order(timestamp)
-        pixels = _pixels(frame, self.model.frame_size)
-        with self._lock:
-            self._check_open()
-            self._check_order(timestamp)
-            self._last_frame_time = timestamp
-            item = QueuedFrame(timestamp, time.monotonic(), pixels=pixels,
-                               frame_id=self._frames_pushed if frame_id is None else frame_id)
-            self._frames_pushed += 1
-            second = int(timestamp // self.commentary.chunk_s)
-            if self._filling and second > self._filling_index:  # the source skipped the rest of the chunk
-                self._close_chunk()
-            if not self._filling:  # a new chunk: the next one, or the one of this time after a gap
-                self._filling_index = max(self._last_index + 1, second)
-            self._filling.append(item)
-            if len(self._filling) == self.commentary.frames_per_chunk:
-                self._close_chunk()
+        tower's square input), into the chunk of its time (chunk_inputs.py)."""
+        self.inputs.push_frame(timestamp, frame, frame_id)
 
     def push_query(self, timestamp: float, text: str) -> None:
         """A user question: asked in the turn of the next chunk to close, after its frames."""
-        check_time(timestamp, "query")
-        if not isinstance(text, str) or not text.strip():
-            raise SessionError("query text is empty")
-        n = len(self.template.encode(text))
-        if n > self.commentary.max_query_tokens:
-            raise SessionError(f"query is {n} tokens; the limit is {self.commentary.max_query_tokens}")
-        with self._lock:
-            self._check_open()
-            self._queries.append(text.strip())
+        self.inputs.push_query(timestamp, text)
 
     def flush(self) -> None:
         """The stream ended: a partly filled chunk is closed now (its last frame repeated)."""
-        with self._lock:
-            if self._filling:
-                self._close_chunk()
+        self.inputs.flush()
 
-    def push_respond(self, timestamp: float) -> None:
-        raise SessionError("commentary sessions speak (or stay silent) every chunk; there is nothing to trigger")
-
-    def push_reply(self, text: str, token_ids=()) -> None:
-        raise SessionError("commentary sessions write their own replies")
-
-    def restore(self, items) -> None:
-        raise SessionError("commentary sessions cannot be restored yet")
-
-    def chunk_to_encode(self) -> _Chunk | None:
+    def chunk_to_encode(self) -> Chunk | None:
         """The chunk the next `plan` feeds, when it still needs its vision tokens."""
-        with self._lock:
-            chunk = self._chunks[0] if self._chunks and self._reply is None else None
+        chunk = self.inputs.next_chunk() if self._reply is None else None
         return chunk if chunk is not None and chunk.features is None else None
 
-    def give_features(self, chunk: _Chunk, features: torch.Tensor) -> None:
-        with self._lock:
-            if self._chunks and self._chunks[0] is chunk:  # not dropped meanwhile
-                self._chunks[0] = replace(chunk, features=features)
-
-    def _close_chunk(self) -> None:
-        frames, n = self._filling, self.commentary.frames_per_chunk
-        frames = frames + [frames[-1]] * (n - len(frames))
-        self._chunks.append(_Chunk(self._filling_index, tuple(frames), tuple(self._queries)))
-        self._last_index = self._filling_index
-        self._filling, self._queries = [], []
+    def give_features(self, chunk: Chunk, features: torch.Tensor) -> None:
+        self.inputs.give_features(chunk, features)
 
     # ---- state the engine reads ---------------------------------------------------------------------
 
     @property
-    def awaiting_reply(self) -> bool:
-        return False
+    def closed(self) -> bool:
+        return self.inputs.closed
 
     @property
-    def holding_frames(self) -> bool:
-        return False
+    def failure(self) -> str | None:
+        return self.inputs.failure
+
+    @property
+    def frames_dropped(self) -> int:
+        return self.inputs.frames_dropped
 
     @property
     def backlog(self) -> int:
         """Frames of complete chunks waiting for their turn (a chunk still filling is no work yet)."""
-        return sum(len(c.frames) for c in self._chunks)
+        return sum(len(c.frames) for c in self.inputs.chunks)
 
     def ready(self) -> bool:
-        return not self.closed and (self._reply is not None or bool(self._chunks))
+        return not self.closed and (self._reply is not None or bool(self.inputs.chunks))
+
+    def has_work(self) -> bool:
+        """The same as `ready`: a waiting chunk is encoded when it is planned, so it is always ready."""
+        return self.ready()
 
     def next_step_tokens(self) -> int:
         if self._reply is not None:
             return 1
-        with self._lock:
-            chunk = self._chunks[0] if self._chunks else None
+        chunk = self.inputs.next_chunk()
         return 0 if chunk is None else len(self._turn_ids(chunk)[0])
 
     def drop_stale_frames(self, max_lag_s: float | None, max_queued: int) -> list[QueuedFrame]:
-        """Keep the session real-time: drop the oldest waiting chunks while they span more than `max_lag_s`
-        of stream time or hold more than `max_queued` frames (the newest chunk always stays). A dropped
-        chunk's queries are asked with the next one."""
-        dropped: list[QueuedFrame] = []
-        with self._lock:
-            chunks = self._chunks
-            while len(chunks) > 1 and (sum(len(c.frames) for c in chunks) > max_queued or (
-                    max_lag_s is not None and chunks[-1].start_s - chunks[0].start_s > max_lag_s)):
-                gone = chunks.popleft()
-                dropped.extend(gone.distinct_frames())
-                if gone.queries:
-                    chunks[0] = replace(chunks[0], queries=gone.queries + chunks[0].queries)
-        self.frames_dropped += len(dropped)
-        return dropped
+        """Keep the session real-time: drop the oldest waiting chunks (see ChunkInputs.drop_stale)."""
+        return self.inputs.drop_stale(max_lag_s, max_queued)
 
     def fail(self, message: str) -> None:
-        self.failure = message
-        self.close()
+        self.inputs.close(failure=message)
+        self.cache.close()
 
     def close(self) -> None:
-        with self._lock:
-            self.closed = True
-            self._chunks.clear()
-            self._filling = []
+        self.inputs.close()
         self.cache.close()
 
     def take_notices(self) -> list[Event]:
+        """A commentary session's events all come with its steps' completions: planning raises none."""
         return []
 
     # ---- alone ---------------------------------------------------------------------------------------
@@ -305,7 +178,7 @@ class CommentarySession:
 
     def plan(self) -> CommentaryStep | None:
         """The next step (a chunk's turn or a reply token) with room made for it; None when idle. Raises
-        CacheFullError (nothing written) when it cannot fit."""
+        CacheFullError (nothing written) when the step would pass the cache or the model's positions."""
         if self._planned is not None:
             raise RuntimeError(f"session {self.session_id!r}: complete the planned step before planning another")
         self.last_keep = None
@@ -313,24 +186,23 @@ class CommentarySession:
             return None
         if self._reply is not None:
             step = self._reserve([self._reply.tokens[-1]], None)
-            self._planned = ("token", step)
+            self._planned = (False, step)
             return step
-        with self._lock:
-            if not self._chunks:
-                return None
-            chunk = self._chunks.popleft()
+        chunk = self.inputs.take_chunk()
+        if chunk is None:
+            return None
         self._make_room()
         features = chunk.features if chunk.features is not None else self.model.encode_chunk(chunk.pixels())
         ids, pieces = self._turn_ids(chunk)
         step = self._reserve(ids, features)
-        self._planned = ("turn", step)
-        self._reply = _Reply(chunk, chunk.index * self.commentary.chunk_s, (chunk.index + 1) * self.commentary.chunk_s)
+        self._planned = (True, step)
+        self._reply = ChunkReply(chunk, chunk.index * self.commentary.chunk_s, (chunk.index + 1) * self.commentary.chunk_s)
         self._turn_pieces = pieces
         return step
 
     def complete(self, readout: Readout) -> list[Event]:
-        (kind, step), self._planned = self._planned, None
-        if kind == "turn":
+        (turn, step), self._planned = self._planned, None
+        if turn:
             self._commit_turn(step)
         else:
             self._commit_ids(step, self.pieces[-1])
@@ -340,7 +212,7 @@ class CommentarySession:
 
     # ---- turns ---------------------------------------------------------------------------------------
 
-    def _turn_ids(self, chunk: _Chunk) -> tuple[list[int], list[Piece]]:
+    def _turn_ids(self, chunk: Chunk) -> tuple[list[int], list[Piece]]:
         """The ids a chunk's turn feeds (the last reply's unfed end first) and the pieces they make:
         tokenized once per turn, though the scheduler asks for their count each step until it runs."""
         key = (chunk.index, chunk.queries, self._turns)
@@ -403,39 +275,13 @@ class CommentarySession:
         eos = self.template.eos_id
         if token == eos or len(reply.tokens) == self.commentary.max_tokens_per_chunk:
             return self._finish(reply)
-        return self._stream(reply, final=False)
+        return reply.stream(self.template, final=False)
 
-    def _visible(self, tokens: list[int], final: bool) -> str:
-        text = self.template.decode([i for i in tokens if i != self.template.eos_id])
-        if final:
-            return text[: -len(NO_COMMENT)].rstrip() if text.endswith(NO_COMMENT) else text.rstrip()
-        # Hold back what may still become the marker, and a split UTF-8 character.
-        for n in range(min(len(NO_COMMENT), len(text)), 0, -1):
-            if NO_COMMENT.startswith(text[-n:]):
-                return text[:-n]
-        return text[:-1] if text.endswith("\ufffd") else text
-
-    def _stream(self, reply: _Reply, final: bool) -> list[Event]:
-        text = self._visible(reply.tokens, final)
-        events: list[Event] = []
-        if len(text) > len(reply.shown) and text.startswith(reply.shown):
-            if not reply.started:
-                reply.started = True
-                events.append(ResponseStarted(reply.start_s, "commentary", None))
-            events.append(ResponseDelta(reply.start_s, text[len(reply.shown):], (reply.tokens[-1],)))
-            reply.shown = text
-        return events
-
-    def _finish(self, reply: _Reply) -> list[Event]:
-        events = self._stream(reply, final=True)
+    def _finish(self, reply: ChunkReply) -> list[Event]:
+        events = reply.stream(self.template, final=True)
         eos = self.template.eos_id
         tokens = reply.tokens
-        # The reply's words: without its <|im_end|> and, when it ends so, the no-comment marker.
-        words = tokens[:-1] if tokens[-1] == eos else list(tokens)
-        marker = list(self.template.no_comment)
-        if marker and words[-len(marker):] == marker:
-            words = words[: -len(marker)]
-        self.pieces[-1].content = len(words)
+        self.pieces[-1].content = reply.num_words(self.template)
         # The last token is not in the cache yet; a reply cut at the limit is closed with <|im_end|>.
         self._pending = [tokens[-1]] if tokens[-1] == eos else [tokens[-1], eos]
         self._pending_chunk = reply.chunk.index
@@ -460,52 +306,17 @@ class CommentarySession:
     # ---- the cache -----------------------------------------------------------------------------------
 
     def _make_room(self) -> None:
-        """Before the next chunk's turn: apply the windows (see the module docs) in one `keep`. Planned a
-        piece at a time (runs of cache indices as ranges): a cache of thousands of tokens costs a few dozen
-        small tensors per chunk, not a Python list per token."""
-        cfg = self.commentary
-        chunks = sorted({piece.chunk for piece in self.pieces if piece.chunk >= 0})  # the turns, oldest first
-        reply_gone = set(chunks[: max(0, len(chunks) - cfg.text_rounds + 1)])  # text_rounds newer ones exist
-        vision_gone = set(chunks[: max(0, len(chunks) - cfg.vision_window_chunks + 1)])
-        kept: list[tuple[Piece, int]] = []  # (piece, its first cache index)
-        moved: list[tuple[Piece, int]] = []  # replies leaving: their words go to the previous text
-        start = 0
-        for piece in self.pieces:
-            if piece.kind in ("reply", "reply_end") and piece.chunk in reply_gone:
-                moved.append((piece, start))
-            elif not (piece.kind == "vision" and piece.chunk in vision_gone or piece.kind in ("turn", "turn_end")
-                      and piece.chunk in reply_gone and piece.chunk in vision_gone):
-                kept.append((piece, start))
-            start += len(piece.ids)
-        previous = next((piece for piece, _ in kept if piece.kind == "previous"), None)
-        limit = cfg.text_sink_tokens + cfg.text_window_tokens
-        if len(kept) == len(self.pieces) and (previous is None or len(previous.ids) <= limit):
+        """Before the next chunk's turn: apply the windows (commentary_cache.py) in one `keep`."""
+        kept = apply_windows(self.pieces, self.commentary)
+        if kept is None:
             return
-        new_pieces, runs = [], []
-        for piece, start in kept:
-            index = torch.arange(start, start + len(piece.ids))
-            if piece.kind == "previous":
-                words = [(reply, first, min(reply.content, len(reply.ids))) for reply, first in moved]
-                index = torch.cat([index, *(torch.arange(first, first + n) for _, first, n in words)])
-                ids = piece.ids + [i for reply, _, n in words for i in reply.ids[:n]]
-                if len(ids) > limit:  # its first text_sink_tokens and last text_window_tokens
-                    tail = len(ids) - cfg.text_window_tokens
-                    ids = ids[: cfg.text_sink_tokens] + ids[tail:]
-                    index = torch.cat([index[: cfg.text_sink_tokens], index[tail:]])
-                piece = Piece("previous", ids)
-            new_pieces.append(piece)
-            runs.append(index)
-        index = torch.cat(runs)
-        self.pieces, self.last_keep = new_pieces, index
+        self.pieces, self.last_keep = kept
         if self._contiguous:
-            rows, position = [], 0
-            for piece in new_pieces:
-                rows.append(piece.row0(position, self.model.tokens_per_second * self._seconds_per_grid))
-                position += piece.span
-            self.cache.keep(index, self.model.inv_freq, torch.cat(rows))
-            self._next_position = position
+            rows, self._next_position = contiguous_rows(self.pieces,
+                                                        self.model.tokens_per_second * self._seconds_per_grid)
+            self.cache.keep(self.last_keep, self.model.inv_freq, rows)
         else:
-            self.cache.keep(index, None)
+            self.cache.keep(self.last_keep, None)
 
     def kept_ids(self) -> list[int]:
         """Every cached token's id in cache order (vision tokens as <|video_pad|>): what a full forward
@@ -515,7 +326,7 @@ class CommentarySession:
     def _reserve(self, ids: list[int], features: torch.Tensor | None) -> CommentaryStep:
         n, start = len(ids), self._next_position
         if features is not None:
-            positions = self._turn_positions(ids, start)
+            positions = turn_positions(self.model, self._grid, self._seconds_per_grid, ids, start)
         else:
             positions = torch.arange(start, start + n).expand(3, n)
         if int(positions.max()) >= self.model.max_positions:
@@ -527,27 +338,6 @@ class CommentarySession:
         self.cache.reserve(n)
         return CommentaryStep(tuple(ids), features, positions, start)  # positions on the host: sent with the step
 
-    def _turn_positions(self, ids: list[int], start: int) -> torch.Tensor:
-        """M-RoPE rows [3, n] of a turn's ids starting at `start`: text one per token, the chunk's pads by
-        their grid."""
-        pad = self.template.video_pad
-        first = ids.index(pad)
-        n_vision = self._grid.num_tokens
-        before = torch.arange(start, start + first).expand(3, first)
-        vision = self.model.vision_positions(start + first, self._grid, self._seconds_per_grid)
-        after_start = start + first + self._grid.span
-        rest = len(ids) - first - n_vision
-        after = torch.arange(after_start, after_start + rest).expand(3, rest)
-        return torch.cat([before, vision, after], dim=1)
-
-    # ---- checks --------------------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        check_open(self.failure, self.closed)
-
-    def _check_order(self, timestamp: float) -> None:
-        check_not_before(timestamp, self._last_frame_time)
-
 
 def encode_chunks(model: QwenVLModel, sessions) -> None:
     """Encode the chunk every one of `sessions` feeds next in one call of the tower (the engine's perception
@@ -557,17 +347,6 @@ def encode_chunks(model: QwenVLModel, sessions) -> None:
         return
     for (session, chunk), features in zip(waiting, model.encode_chunks([chunk.pixels() for _, chunk in waiting])):
         session.give_features(chunk, features)
-
-
-def _pixels(frame, size: int) -> torch.Tensor:
-    from liveserve.video import VideoError, decode_image_bytes, resize_and_pad
-
-    try:
-        if isinstance(frame, (bytes, bytearray, memoryview)):
-            return decode_image_bytes(bytes(frame), size)
-        return resize_and_pad(frame, size)
-    except (ValueError, VideoError, TypeError) as exc:
-        raise SessionError(f"bad frame image: {exc}") from exc
 
 
 def commentary_cache_limit(model: QwenVLModel, config: SessionConfig) -> int:

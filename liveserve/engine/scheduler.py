@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 from liveserve.config import SchedulerConfig
 from liveserve.engine.events import FramesDropped
-from liveserve.engine.session import Session
+from liveserve.engine.contracts import EngineSession
 
 
 @dataclass(frozen=True, slots=True)
 class Schedule:
-    sessions: list[Session]
+    sessions: list[EngineSession]
     dropped: list[tuple[str, FramesDropped]]
     tokens: int
 
@@ -36,7 +36,7 @@ class Scheduler:
     def forget(self, session_id: str) -> None:
         self._last_served.pop(session_id, None)
 
-    def schedule(self, sessions: list[Session]) -> Schedule:
+    def schedule(self, sessions: list[EngineSession]) -> Schedule:
         """`sessions` in admission order (the tie-break among equally served sessions)."""
         config = self.config
         self._step += 1

@@ -2,15 +2,39 @@
 
 LIVE models (liveserve.model.live) run `Session`: a streaming-EOS decision per frame. Qwen2.5-VL models
 (liveserve.model.qwen_vl) run `CommentarySession`: a turn per chunk of video. A mode the model's family
-does not have is refused before anything is allocated.
+does not have is refused before anything is allocated. `FAMILIES` says what else the engine does for a
+family: how its frames reach the vision tower.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from liveserve.config import SessionConfig
 from liveserve.engine.inputs import SessionError
 
-MODES_BY_FAMILY = {"live": ("live",), "qwen2_5_vl": ("commentary",)}
+
+def _encode_chunks(model, sessions) -> None:
+    from liveserve.engine.commentary import encode_chunks
+
+    encode_chunks(model, sessions)
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    modes: tuple[str, ...]  # the first is the default
+    # Its tower takes one frame at a time: pushed images go to the engine's BatchedFrameEncoder, batched
+    # across sessions, and a frame is ready to step once encoded.
+    encodes_pushed_frames: bool
+    # Its tower takes what a session feeds next (a chunk of frames): for the sessions a step schedules, in
+    # one call before they plan.
+    encode_scheduled: Callable[[object, list], None] | None = None
+
+
+FAMILIES = {"live": Family(("live",), encodes_pushed_frames=True),
+            "qwen2_5_vl": Family(("commentary",), encodes_pushed_frames=False, encode_scheduled=_encode_chunks)}
+MODES_BY_FAMILY = {name: family.modes for name, family in FAMILIES.items()}
 
 
 def default_mode(model) -> str:
@@ -41,7 +65,7 @@ def new_session(model, config: SessionConfig, session_id: str = "", *, cache=Non
     if config.mode == "commentary":
         from liveserve.engine.commentary import CommentarySession
 
-        return CommentarySession(model, config, session_id, cache=cache, encoder=encoder)
+        return CommentarySession(model, config, session_id, cache=cache)
     from liveserve.engine.session import Session
 
     return Session(model, config, session_id, cache=cache, encoder=encoder)
