@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--policies", default=",".join(CACHE_POLICIES), help="cache policies to run")
     engine.add_argument("--window", type=int, default=50, help="frames averaged at each length (default: 50)")
     engine.add_argument("--json", dest="json_out", required=True, help="where to write the results")
+    engine.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
 
     batch = _add_sessions_bench(bench_sub, "batch", "many streams: batched engine versus sequential sessions",
                                 "1,2,4,8,16,32,64")
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pixels: include batched frame encoding; features: decision steps only (default: pixels)")
     batch.add_argument("--max-tokens-per-chunk", type=_positive_int, default=_COMMENTARY_DEFAULTS.max_tokens_per_chunk,
                        help="commentary models: most tokens said per chunk (default: %(default)s)")
+    batch.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
     service = _add_sessions_bench(bench_sub, "service",
                                   "gRPC and Ray Serve service paths versus the in-process engine, same load", "1,8")
     service.add_argument("--ray", action="store_true",
@@ -328,6 +330,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.bench in ("engine", "batch") and args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.bench in ("batch", "service"):
         return cmd_bench_sessions(args)
     if args.bench == "capacity":
