@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
 from liveserve.model.registry import model_family
+from liveserve.services.security.client_address import parse_networks
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -71,7 +72,14 @@ class ServiceSettings:
     api_keys_env: str = ""
     # {tenant or "*": {sessions, frames_per_s, replies_per_min}} (services/security/tenants.py); Redis may override.
     tenant_quotas: dict | None = None
-    auth_failures_per_min: int = 10  # failed key checks per client host a minute, then its Opens are refused; 0: off
+    # Failed key checks a minute per presented key (its first 8 characters) and per client address, beyond
+    # which that key or address gets RESOURCE_EXHAUSTED instead of UNAUTHENTICATED; a valid key is always
+    # admitted (docs/security.md, "Failed key checks"); 0: off.
+    auth_failures_per_min: int = 10
+    # Proxies (addresses or CIDR ranges) whose x-forwarded-for names the client: a call from one counts
+    # failed keys against the address it forwards, or no address when it forwards none. Loopback: the
+    # browser front and sidecars. Any other peer's own address is the client's.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
     max_open_bytes: int = 64 << 10  # a first message (the Open) larger than this is refused before any key check
     # TLS on the public port (PEM files where the Gateway runs); "": plaintext. A client CA requires every
     # client to present a certificate it signed (mutual TLS).
@@ -115,6 +123,10 @@ class ServiceSettings:
                 or self.capacity_streams < 0 or self.auth_failures_per_min < 0 or self.max_open_bytes < 1:
             raise ValueError("max_sessions_per_replica, capacity_streams and auth_failures_per_min must be >= 0, "
                              "max_open_bytes >= 1")
+        if isinstance(self.trusted_proxies, str) or not all(isinstance(p, str) for p in self.trusted_proxies):
+            raise ValueError(f"trusted_proxies must be a list of addresses or CIDR ranges, got {self.trusted_proxies!r}")
+        object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))  # YAML gives a list
+        parse_networks(self.trusted_proxies)
         if self.tenant_quotas:
             from liveserve.services.security.tenants import quotas_from_setting  # brings torch: only when quotas are set
 

@@ -28,7 +28,7 @@ def test_an_open_needs_one_of_the_keys_only_when_keys_are_configured():
 
 
 def test_failed_attempts_are_limited_per_host_in_bounded_memory():
-    limit = FailedAuthLimit(per_min=3, max_hosts=4)
+    limit = FailedAuthLimit(per_min=3, max_sources=4)
     for _ in range(2):
         limit.failed("10.0.0.1")
     assert limit.retry_after("10.0.0.1") == 0.0

@@ -219,16 +219,20 @@ def test_an_oversized_open_is_refused_before_any_key_check(tenant_servers, clien
     assert kinds(replies)[-1] == "closed" and replies[-1].closed.frames_decided == 1
 
 
-def test_a_host_with_too_many_failed_keys_is_refused_without_a_key_check(model, monkeypatch):
+def test_a_key_with_too_many_failed_checks_is_refused_and_the_right_key_still_admitted(model, monkeypatch):
+    """tests/test_auth_limits.py covers addresses, proxies and the Ray application."""
     monkeypatch.setenv("LIVESERVE_TENANT_KEYS", KEYS)
     server = start_local(model, "127.0.0.1:0", ServiceSettings(api_keys_env="LIVESERVE_TENANT_KEYS", pool_mb=8,
                                                                auth_failures_per_min=3))
     try:
         for _ in range(3):
             assert refused(server.address, [open_message("wrong")]).code() == grpc.StatusCode.UNAUTHENTICATED
-        error = refused(server.address, [open_message("ka", decisions_only=True)])  # even the right key
+        error = refused(server.address, [open_message("wrong")])
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "auth_failures_per_min: 3" in error.details() and "retry in" in error.details()
+        # Someone else's failures never refuse a valid key, from the same address.
+        replies = stream(server.address, [open_message("ka", decisions_only=True), pb.ClientMessage(close=pb.Close())])
+        assert kinds(replies) == ["opened", "closed"]
     finally:
         server.stop(grace_s=1)
 

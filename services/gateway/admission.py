@@ -53,13 +53,14 @@ class Admission:
         self.resumes, self.tenancy, self._keep = resumes, tenancy, keep
 
     def check(self, first: pb.ClientMessage | Unparsable | Unparsed,
-              host: str) -> tuple[str, ModelPools, SessionConfig]:
-        """The Open's tenant, model and session settings, or CallFailed."""
+              address: str | None) -> tuple[str, ModelPools, SessionConfig]:
+        """The Open's tenant, model and session settings, or CallFailed; `address`: the client's own
+        (Access.client_address), None when not known."""
         if isinstance(first, Unparsed):  # before any key check: an unauthenticated client gets no parsing
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT,
                              f"the first message is {len(first.data)} bytes; an open may be at most "
                              f"{self.settings.max_open_bytes} bytes (max_open_bytes)")
-        tenant = self.access.authenticate(first, host)
+        tenant = self.access.authenticate(first, address)
         pools = self._model(first.open)
         return tenant, pools, self._session_config(first.open, pools)
 

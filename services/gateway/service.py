@@ -11,8 +11,8 @@ Recoverable input problems come back as Warnings and the session goes on; proble
 it with a status: FAILED_PRECONDITION (no Open first), UNAUTHENTICATED (the deployment has API keys and
 the Open carries none of them), INVALID_ARGUMENT (bad Open; a first message over `max_open_bytes`,
 refused before any key is checked), RESOURCE_EXHAUSTED (no replica has room, the tenant is at its
-sessions quota, too many failed key checks from the client's host, or the session's cache filled up),
-UNAVAILABLE (a service failed or did not answer in time), INTERNAL.
+sessions quota, a wrong key after too many failed checks with that key or from the client's address, or
+the session's cache filled up), UNAVAILABLE (a service failed or did not answer in time), INTERNAL.
 
 GetTranscript reads a session's record and history from the registry (Redis), under the same API keys.
 """
@@ -43,7 +43,6 @@ from liveserve.services.gateway.session.inputs import StreamInputs
 from liveserve.services.gateway.session.stream_session import StreamSession
 from liveserve.services.observability.telemetry import GatewayMetrics
 from liveserve.services.observability.tracing import extract, tracer
-from liveserve.services.security.auth import peer_host
 from liveserve.services.security.tenants import Tenancy, quotas_from_setting
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.state.registry import SessionRegistry
@@ -108,7 +107,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
             first = await anext(aiter(request_iterator), None)
             if first is None:
                 return
-            session = await self._open(first, trace_parent, peer_host(context.peer() or ""))
+            session = await self._open(first, trace_parent, self.access.client_address(context))
         except CallFailed as failed:
             self.metrics.errors.inc(tags={"code": failed.code.name})
             await context.abort(failed.code, failed.details)
@@ -142,7 +141,7 @@ class Gateway(pb_grpc.LiveStreamServicer):
     async def GetTranscript(self, request: pb.GetTranscriptRequest | Unparsable,
                             context: grpc.aio.ServicerContext) -> pb.Transcript:
         try:
-            return await self._transcript(request, peer_host(context.peer() or ""))
+            return await self._transcript(request, self.access.client_address(context))
         except CallFailed as failed:
             self.metrics.errors.inc(tags={"code": failed.code.name})
             await context.abort(failed.code, failed.details)
@@ -153,21 +152,20 @@ class Gateway(pb_grpc.LiveStreamServicer):
     async def ListModels(self, request: pb.ListModelsRequest | Unparsable,
                          context: grpc.aio.ServicerContext) -> pb.ModelList:
         try:
-            self.access.check_host(peer_host(context.peer() or ""))
             if isinstance(request, Unparsable):
                 raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
-            self.access.tenant(request.credentials, peer_host(context.peer() or ""), "credentials")
+            self.access.tenant(request.credentials, self.access.client_address(context), "credentials")
         except CallFailed as failed:
             self.metrics.errors.inc(tags={"code": failed.code.name})
             await context.abort(failed.code, failed.details)
         return pb.ModelList(models=[model.info(is_default=model is self.default_model)
                                     for model in self.models.values()])
 
-    async def _transcript(self, request: pb.GetTranscriptRequest | Unparsable, host: str) -> pb.Transcript:
-        self.access.check_host(host)
+    async def _transcript(self, request: pb.GetTranscriptRequest | Unparsable,
+                          address: str | None) -> pb.Transcript:
         if isinstance(request, Unparsable):
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
-        self.access.tenant(request.credentials, host, "credentials")
+        self.access.tenant(request.credentials, address, "credentials")
         if not SESSION_ID.fullmatch(request.session_id):
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"session_id must be 1-128 letters, digits, '-' or "
                                                                f"'_' (SessionOpened.session_id), got "
@@ -187,8 +185,8 @@ class Gateway(pb_grpc.LiveStreamServicer):
         return transcript_from_record(record)
 
     async def _open(self, first: pb.ClientMessage | Unparsable | Unparsed, trace_parent: otel_context.Context,
-                    host: str) -> StreamSession:
-        tenant, pools, config = self.admission.check(first, host)
+                    address: str | None) -> StreamSession:
+        tenant, pools, config = self.admission.check(first, address)
         if self.unready:  # fail fast and retryably rather than hang on a pool that is not there
             raise CallFailed(grpc.StatusCode.UNAVAILABLE, self.unready)
         session = await self.admission.admit(first.open, tenant, pools, config, self.context, trace_parent)

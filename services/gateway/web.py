@@ -39,6 +39,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
+from liveserve.services.security.client_address import FORWARDED_FOR
 
 STREAM_PATH = "/v1/stream"
 MODELS_PATH = "/v1/models"
@@ -55,6 +56,15 @@ PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
 
 class BadClientMessage(ValueError):
     """A WebSocket message that is not a ClientMessage in the session's encoding."""
+
+
+def forwarded_for(connection: WebSocket | Request) -> tuple[tuple[str, str], ...]:
+    """The relayed call's metadata: the browser's address after any the front was forwarded, so the
+    Gateway, which sees every relayed call from loopback (a trusted proxy by default), counts failed keys
+    against the browser's address rather than its own front's (client_address.py)."""
+    chain = [entry for entry in (connection.headers.get(FORWARDED_FOR, ""),
+                                 connection.client.host if connection.client else "") if entry]
+    return ((FORWARDED_FOR, ", ".join(chain)),) if chain else ()
 
 
 def loopback_target(address: str) -> str:
@@ -103,7 +113,7 @@ async def bridge(websocket: WebSocket, channel: _Channel) -> None:
     except BadClientMessage as exc:
         await end(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return
-    call = _Call(channel.stub(), opening, asyncio.get_running_loop())
+    call = _Call(channel.stub(), opening, asyncio.get_running_loop(), forwarded_for(websocket))
     failure: list[BadClientMessage] = []
     reader = asyncio.get_running_loop().create_task(_relay_client(websocket, call, failure))
     try:
@@ -142,13 +152,14 @@ class _Call:
     in `responses` on the loop. Blocking gRPC rather than grpc.aio: there, a write that races the server's
     abort replaces the server's status with INTERNAL, and the browser would never learn why."""
 
-    def __init__(self, stub: pb_grpc.LiveStreamStub, opening: pb.ClientMessage, loop: asyncio.AbstractEventLoop):
+    def __init__(self, stub: pb_grpc.LiveStreamStub, opening: pb.ClientMessage, loop: asyncio.AbstractEventLoop,
+                 metadata: tuple[tuple[str, str], ...] = ()):
         self.responses: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self._loop = loop
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._requests.put(opening)
-        self._call = stub.Stream(iter(self._requests.get, None))
+        self._call = stub.Stream(iter(self._requests.get, None), metadata=metadata)
         threading.Thread(target=self._read, name="web-stream", daemon=True).start()
 
     def _read(self) -> None:
@@ -250,7 +261,8 @@ def web_app(grpc_address: str, refusal: str = "") -> Starlette:
         api_key = request.headers.get("x-api-key", "")
         listing = pb.ListModelsRequest(credentials={"api_key": api_key} if api_key else {})
         try:
-            answer = await asyncio.to_thread(channel.stub().ListModels, listing, timeout=10)
+            answer = await asyncio.to_thread(channel.stub().ListModels, listing, timeout=10,
+                                             metadata=forwarded_for(request))
         except grpc.RpcError as exc:
             return _error_response(exc.code(), exc.details() or "")
         return Response(json_format.MessageToJson(answer, always_print_fields_with_no_presence=True,

@@ -1,5 +1,8 @@
 """API keys for the public API: Open.credentials["api_key"] checked against keys from the environment, each
-key naming its tenant; and a limit on failed attempts per client host.
+key naming its tenant; and a limit on failed attempts by what the failing client controls: the key it
+presents (its first characters) and, where the address is the client's own (client_address.py), its address.
+A valid key is never refused by that limit: behind a proxy that hides clients' addresses, or a NAT, one
+client's failures would otherwise lock out everyone who shares its address.
 
 Keys live in an environment variable (named by the `api_keys_env` setting, e.g. filled from a Kubernetes
 Secret), never in the Serve config, which is committed and embedded in manifests. The variable holds
@@ -49,33 +52,44 @@ def tenant_of(credentials: Mapping[str, str], keys: Mapping[str, str]) -> str | 
     return tenant
 
 
+KEY_PREFIX_CHARS = 8  # failures are counted per presented key's first characters (key_source)
+
+
+def key_source(offered: str) -> str:
+    """What failures of the key `offered` are counted under: a digest of its first KEY_PREFIX_CHARS
+    characters, so a client retrying one wrong key (or copies of it cut short) is one source, and the limit
+    keeps no key material."""
+    return "key-" + hashlib.sha256(offered[:KEY_PREFIX_CHARS].encode()).hexdigest()[:16]
+
+
 class FailedAuthLimit:
-    """At most `per_min` failed key checks per client host in any minute; beyond, that host's Opens are
-    refused without checking keys until the oldest failure is a minute old. Remembers at most `max_hosts`
-    hosts (the least recently failing are forgotten first), so a scan from many addresses cannot grow it."""
+    """At most `per_min` failed key checks per source (an address, a key's prefix) in any minute; beyond,
+    that source is refused until its oldest failure is a minute old. Remembers at most `max_sources`
+    sources (the least recently failing are forgotten first), so a scan from many addresses or with many
+    keys cannot grow it."""
 
     WINDOW_S = 60.0
 
-    def __init__(self, per_min: int, max_hosts: int = 10_000) -> None:
-        self.per_min, self.max_hosts = per_min, max_hosts
+    def __init__(self, per_min: int, max_sources: int = 10_000) -> None:
+        self.per_min, self.max_sources = per_min, max_sources
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
-    def retry_after(self, host: str) -> float:
-        """Seconds until `host` may try again; 0 when it may now."""
-        failures = self._failures.get(host)
+    def retry_after(self, source: str) -> float:
+        """Seconds until `source` may try again; 0 when it may now."""
+        failures = self._failures.get(source)
         if not self.per_min or failures is None or len(failures) < self.per_min:
             return 0.0
         return max(0.0, failures[0] + self.WINDOW_S - time.monotonic())
 
-    def failed(self, host: str) -> None:
+    def failed(self, source: str) -> None:
         if not self.per_min:
             return
-        failures = self._failures.get(host)
+        failures = self._failures.get(source)
         if failures is None:
-            failures = self._failures[host] = deque(maxlen=self.per_min)
-            while len(self._failures) > self.max_hosts:
+            failures = self._failures[source] = deque(maxlen=self.per_min)
+            while len(self._failures) > self.max_sources:
                 self._failures.popitem(last=False)
-        self._failures.move_to_end(host)
+        self._failures.move_to_end(source)
         failures.append(time.monotonic())
 
 
