@@ -225,17 +225,16 @@ class CommentarySession:
                                         *t.turn_open("previous text")]),
                        Piece("previous", t.encode(self.commentary.previous_text)),
                        Piece("previous_end", t.turn_close())]
-            opening = []
-        else:
-            opening = [t.newline]  # the newline after the last reply's <|im_end|>
         c = chunk.index
         start, end = c * self.commentary.chunk_s, (c + 1) * self.commentary.chunk_s
-        pieces.append(Piece("turn", [*opening, *t.turn_open("user"), *t.encode(f"Time={start:.1f}-{end:.1f}s"),
-                                     t.vision_start], chunk=c))
-        pieces.append(Piece("vision", [t.video_pad] * self._grid.num_tokens, chunk=c, grid=self._grid))
+        pieces += [Piece("turn", t.turn_open("user"), chunk=c),
+                   Piece("time", t.encode(f"Time={start:.1f}-{end:.1f}s"), chunk=c),
+                   Piece("vision_start", [t.vision_start], chunk=c),
+                   Piece("vision", [t.video_pad] * self._grid.num_tokens, chunk=c, grid=self._grid),
+                   Piece("vision_end", [t.vision_end], chunk=c)]
         queries = ([self.commentary.query] if self._turns == 0 and self.commentary.query else []) + list(chunk.queries)
-        pieces.append(Piece("turn_end", [t.vision_end, *t.encode(" ".join(queries)), *t.turn_close(),
-                                         *t.turn_open("assistant")], chunk=c))
+        pieces.append(Piece("turn_end", [*t.encode(" ".join(queries)), *t.turn_close(), *t.turn_open("assistant")],
+                            chunk=c))
         ids = list(self._pending) + [i for piece in pieces for i in piece.ids]
         self._turn_memo = (key, (ids, pieces))
         return ids, pieces
@@ -282,8 +281,10 @@ class CommentarySession:
         eos = self.template.eos_id
         tokens = reply.tokens
         self.pieces[-1].content = reply.num_words(self.template)
-        # The last token is not in the cache yet; a reply cut at the limit is closed with <|im_end|>.
-        self._pending = [tokens[-1]] if tokens[-1] == eos else [tokens[-1], eos]
+        # The last token is not in the cache yet; a reply cut at the limit is closed with <|im_end|>. The
+        # newline closing the assistant turn is the reply's own: it leaves the cache with it.
+        self._pending = [tokens[-1], self.template.newline] if tokens[-1] == eos else [tokens[-1], eos,
+                                                                                       self.template.newline]
         self._pending_chunk = reply.chunk.index
         self._reply = None
         self.frames_decided += len(reply.chunk.distinct_frames())
@@ -354,7 +355,7 @@ def commentary_cache_limit(model: QwenVLModel, config: SessionConfig) -> int:
     cfg, t = config.commentary, model.template
     system = len(t.encode(config.system_prompt or model.system_prompt)) + 16
     framing = 32 + cfg.max_query_tokens  # a turn's ChatML and time text, and a query
-    turn = framing + model.grid(cfg.frames_per_chunk).num_tokens + cfg.max_tokens_per_chunk + 2
+    turn = framing + model.grid(cfg.frames_per_chunk).num_tokens + cfg.max_tokens_per_chunk + 3
     previous = max(len(t.encode(cfg.previous_text)), cfg.text_sink_tokens + cfg.text_window_tokens)
     # Moved words wait one turn before the trim: up to one reply more than the window.
     bound = system + previous + cfg.max_tokens_per_chunk + (max(cfg.vision_window_chunks, cfg.text_rounds) + 1) * turn

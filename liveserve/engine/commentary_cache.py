@@ -1,9 +1,11 @@
 """A commentary session's cache as pieces, and StreamingVLM's windows over them.
 
 The cache is a list of `Piece`s in cache order. Before each chunk's turn, the pieces older than the windows
-go: a turn's vision tokens once `vision_window_chunks` newer chunks exist, its reply once `text_rounds`
-newer ones do, the reply's words (without framing or marker) moved into the previous-text block rather
-than dropped, and that block trimmed to its first `text_sink_tokens` and last `text_window_tokens`. The
+go, as StreamingVLM's own loop deletes them: a turn's frames (with `<|vision_start|>` and `<|vision_end|>`)
+once `vision_window_chunks` newer chunks exist, its reply (with the newline closing it) and its `Time=`
+label once `text_rounds` newer ones do, the rest of its user turn once both have. The reply's words
+(without framing or marker) move into the previous-text block rather than being dropped, and that block
+is trimmed to its first `text_sink_tokens` and last `text_window_tokens`. The
 result is one `keep` of the cache: kept tokens in their new order, with contiguous positions recomputed
 as transformers' `get_rope_index` would over the kept tokens (text one per token, a chunk
 max(rows, columns)).
@@ -22,9 +24,10 @@ from liveserve.model.qwen_vl import VisionGrid
 @dataclass(slots=True)
 class Piece:
     """A run of cached tokens with one role. kinds: "system" (system turn and the previous-text opening:
-    the sink), "previous" (older replies' words), "previous_end", and per chunk "turn" (its user turn up
-    to the vision), "vision", "turn_end" (to the assistant's opening) and "reply" (the reply's tokens;
-    its first `content` are its words; "reply_end": a reply's last tokens fed after the reply itself left)."""
+    the sink), "previous" (older replies' words), "previous_end", and per chunk "turn" (`<|im_start|>user\n`),
+    "time" (its `Time=` label), "vision_start", "vision", "vision_end", "turn_end" (its query, to the
+    assistant's opening) and "reply" (the reply's tokens and the newline after its `<|im_end|>`; its first
+    `content` are its words; "reply_end": a reply's last tokens fed after the reply itself left)."""
 
     kind: str
     ids: list[int]
@@ -45,6 +48,11 @@ class Piece:
         return len(self.ids) if self.grid is None else self.grid.span
 
 
+TEXT_KINDS = ("time", "reply", "reply_end")  # a chunk's pieces that leave with its reply
+VISION_KINDS = ("vision_start", "vision", "vision_end")  # ... with its frames
+FRAMING_KINDS = ("turn", "turn_end")  # ... once both have left
+
+
 def apply_windows(pieces: list[Piece], cfg: CommentaryConfig) -> tuple[list[Piece], torch.Tensor] | None:
     """The pieces the windows keep and the cache indices of their tokens in their new order; None when
     nothing goes. Planned a piece at a time (runs of cache indices as ranges): a cache of thousands of
@@ -56,10 +64,11 @@ def apply_windows(pieces: list[Piece], cfg: CommentaryConfig) -> tuple[list[Piec
     moved: list[tuple[Piece, int]] = []  # replies leaving: their words go to the previous text
     start = 0
     for piece in pieces:
-        if piece.kind in ("reply", "reply_end") and piece.chunk in reply_gone:
+        text_gone, frames_gone = piece.chunk in reply_gone, piece.chunk in vision_gone
+        if piece.kind in ("reply", "reply_end") and text_gone:
             moved.append((piece, start))
-        elif not (piece.kind == "vision" and piece.chunk in vision_gone or piece.kind in ("turn", "turn_end")
-                  and piece.chunk in reply_gone and piece.chunk in vision_gone):
+        elif not (piece.kind in TEXT_KINDS and text_gone or piece.kind in VISION_KINDS and frames_gone
+                  or piece.kind in FRAMING_KINDS and text_gone and frames_gone):
             kept.append((piece, start))
         start += len(piece.ids)
     previous = next((piece for piece, _ in kept if piece.kind == "previous"), None)
