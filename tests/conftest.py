@@ -120,9 +120,22 @@ def ray_app(quiet_dir, qwen_dir, redis_url, otlp_collector):
            "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
     config = load_config(address=f"127.0.0.1:{free_port()}", args=args, replicas={"Gateway": 2, "Decision": 2},
                          deployments={"Perception": perception}, env=env)
-    app = start(config, redis_url=redis_url, timeout_s=300, progress=lambda message: None)
-    yield app
-    app.stop()
+    # Ray's workers export metrics every second rather than every 10 s, and Serve's controller re-reports
+    # its replica health as often, so gauges that are not re-reported drop out of a scrape within seconds
+    # (Ray drops a gauge after two export intervals): tests/test_gauges.py sees it without waiting 20 s.
+    export = {"RAY_metrics_report_interval_ms": "1000", "RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S": "0.5"}
+    saved = {name: os.environ.get(name) for name in export}
+    os.environ.update(export)  # read by the Ray processes this starts, the agent and the controller included
+    try:
+        app = start(config, redis_url=redis_url, timeout_s=300, progress=lambda message: None)
+        yield app
+        app.stop()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -7,6 +7,11 @@ under Ray's `ray_` namespace: `liveserve_frames_decided_total` is scraped as
 in a prometheus_client registry served by `serve_metrics` (`--metrics-port`), without the prefix.
 Names follow Prometheus conventions (base units, `_total` counters, `_seconds` histograms). Each
 service creates only the metrics it records.
+
+Ray's metrics agent drops a gauge series that no report refreshed for two export intervals (20 s by
+default), so a gauge set only when it changes (sessions open, replies in progress, a queue's depth) would
+vanish from dashboards exactly when the platform is steadily busy. Every Ray gauge of a process is
+therefore re-reported with its last values twice per export interval (`GaugeRefresher`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from liveserve.services.observability.gpu import read_gpus
@@ -49,6 +55,7 @@ class _Metric:
     def __init__(self, kind: str, name: str, description: str, tags: tuple[str, ...], boundaries=None) -> None:
         self.spec = MetricSpec(kind, tags, tuple(boundaries or ()))
         self.kind, self.tags = kind, tags
+        self._last: dict[tuple, tuple[float, dict[str, str] | None]] = {}  # a Ray gauge's values, re-reported
         if _backend == "ray":
             from ray.serve import metrics  # adds the deployment and replica tags
 
@@ -76,9 +83,66 @@ class _Metric:
 
     def set(self, value: float, tags: dict[str, str] | None = None) -> None:
         self._record("set", value, tags)
+        if self._ray is not None:
+            with _lock:
+                self._last[tuple(sorted((tags or {}).items()))] = (value, tags)
+            _refresher.start()
+
+    def report_again(self) -> None:
+        """A Ray gauge: every value it was last set to, reported again (before Ray's agent drops it)."""
+        with _lock:
+            last = list(self._last.values())
+        for value, tags in last:
+            self._record("set", value, tags)
 
     def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
         self._record("observe", value, tags)
+
+
+def ray_export_interval_s() -> float:
+    """How often Ray's workers export metrics to the node's agent (its `metrics_report_interval_ms`, at
+    least 1 s); the agent drops a gauge no export refreshed for twice this."""
+    try:
+        import ray
+
+        return max(1.0, ray._config.metrics_report_interval_ms() / 1000)
+    except Exception:  # not on Ray, or an older Ray without the setting: its default
+        return 10.0
+
+
+class GaugeRefresher:
+    """One daemon thread per process re-reporting every Ray gauge's last values twice per export
+    interval, started by the first Ray gauge set; a thread rather than a task, as gauges are set from
+    engine threads and event loops alike."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self.period_s = 0.0
+        self.rounds = 0  # completed re-reports (tests)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        with _lock:
+            if self._thread is None:
+                self.period_s = ray_export_interval_s() / 2
+                self._thread = threading.Thread(target=self._run, name="gauge-refresh", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.period_s)
+            with _lock:
+                gauges = [m for m in _metrics.values() if m.kind == "gauge"]
+            for gauge in gauges:
+                try:
+                    gauge.report_again()
+                except Exception:
+                    log.warning("re-reporting gauge values failed", exc_info=True)
+            self.rounds += 1
+
+
+_refresher = GaugeRefresher()
 
 
 def _metric(kind: str, name: str, description: str, tags: tuple[str, ...] = (), boundaries=None) -> _Metric:
