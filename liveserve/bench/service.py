@@ -327,10 +327,10 @@ def _load(served: tuple[str, ...], given: dict[str, str]) -> dict:
     note = (f"lockstep rounds, every stream declaring {DECLARED_FPS:g} fps and sending its next frame as soon as "
             f"the round is decided")
     if lifted:
-        note += (f"; ingress limit lifted on {', '.join(lifted)} (ingress_factor {LIFTED_INGRESS_FACTOR:g}, "
+        note += (f"; ingress limit lifted on {' and '.join(lifted)} (ingress_factor {LIFTED_INGRESS_FACTOR:g}, "
                  f"the default 2 drops frames sent faster than twice the declared fps)")
     if kept:
-        note += f"; {', '.join(kept)}: a running server, its own ingress limit applies"
+        note += f"; {' and '.join(kept)} already running, with their own ingress limits"
     return {"kind": "lockstep", "declared_fps": DECLARED_FPS, "ingress_factor": factors,
             "ingress_limit_lifted": bool(lifted), "note": note}
 
