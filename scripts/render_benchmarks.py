@@ -149,7 +149,8 @@ def render_capacity(records: list[dict]) -> list[str]:
         single = report["single_stream"]
         run = f"`{record['command'].split(' --json')[0].removeprefix('liveserve bench capacity ')}`, {_load(record)}"
         rows.append([f"{report['input']}, {report['forward']} forward", run, _levels(report["levels"], True),
-                     _levels(report["levels"], False), str(report["capacity"]),
+                     _levels(report["levels"], False),
+                     f">= {report['capacity']}" if report["capacity_is_lower_bound"] else str(report["capacity"]),
                      f"{report['single_stream_speedup']:.2f}x ({single['engine_frames_per_s']:.0f} vs "
                      f"{single['reference_frames_per_s']:.0f} frames/s)"])
     header = ["input", "run", "levels passed (p99)", "misses (p99, drops)", "`capacity`", "`single_stream_speedup`"]
@@ -192,13 +193,14 @@ BLOCKS: dict[str, tuple[Callable[[list[dict]], list[str]], tuple[str, ...]]] = {
 
 
 def render_block(name: str, results: Path = RESULTS) -> str:
+    """What goes between the block's markers: its lines, each ending in a newline."""
     renderer, files = BLOCKS[name]
     records = [json.loads((results / f"{file}.json").read_text()) for file in files]
-    return "\n".join(renderer(records))
+    return "".join(f"{line}\n" for line in renderer(records))
 
 
 def _marked(name: str) -> re.Pattern:
-    return re.compile(rf"(<!-- bench:{re.escape(name)} -->\n)(.*?)(\n<!-- /bench:{re.escape(name)} -->)", re.S)
+    return re.compile(rf"(<!-- bench:{re.escape(name)} -->\n)(.*?)(<!-- /bench:{re.escape(name)} -->)", re.S)
 
 
 def render_doc(text: str, results: Path = RESULTS) -> str:
@@ -213,8 +215,9 @@ def render_doc(text: str, results: Path = RESULTS) -> str:
 
 
 def stale_blocks(text: str, results: Path = RESULTS) -> list[str]:
-    """The blocks of `text` that differ from their rendering."""
-    return [name for name in BLOCKS if _marked(name).search(text).group(2) != render_block(name, results)]
+    """The blocks of `text` that differ from their rendering (or are missing)."""
+    return [name for name in BLOCKS
+            if not (found := _marked(name).search(text)) or found.group(2) != render_block(name, results)]
 
 
 # ---- recording ----------------------------------------------------------------------------------------------
