@@ -65,6 +65,9 @@ class CommentaryConfig:
     `text_sink_tokens` and last `text_window_tokens` tokens. `positions`: contiguous re-numbers the kept
     tokens after every eviction (M-RoPE stays in the trained range on endless streams); original keeps
     each token's first position (exact against a streaming-mask oracle, positions grow without bound).
+    `repetition_penalty`: transformers' rule over the tokens the reply has said so far (1 = none); with
+    SessionConfig's temperature, top_p and seed it makes the reply's decoding (`DECODINGS`).
+    `query`: StreamingVLM's own default.
     """
 
     chunk_s: float = 1.0
@@ -75,9 +78,10 @@ class CommentaryConfig:
     text_sink_tokens: int = 512
     text_window_tokens: int = 512
     positions: str = "contiguous"
-    query: str = "Commentate on this video."
+    query: str = "Commentate on this match"
     previous_text: str = ""
     max_query_tokens: int = 256
+    repetition_penalty: float = 1.0
 
     @property
     def frames_per_chunk(self) -> int:
@@ -95,6 +99,23 @@ class CommentaryConfig:
             raise ValueError("text_sink_tokens and text_window_tokens must be >= 0")
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {self.positions!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass(frozen=True, slots=True)
+class Decoding:
+    """How a commentary reply picks its tokens: SessionConfig's temperature and top_p, CommentaryConfig's
+    repetition_penalty."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+# "greedy" (the default: the same stream always gets the same commentary, batched or alone, on any replica)
+# and "reference", StreamingVLM's own sampling (temperature 0.9, repetition penalty 1.05, no top-p cut).
+DECODINGS = {"greedy": Decoding(), "reference": Decoding(temperature=0.9, top_p=1.0, repetition_penalty=1.05)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@ The reference's rules this file encodes (`reference_cache`):
 
 1. The sink: `<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>previous text\\n{previous}<|im_end|>\\n`.
 2. Chunk c's user turn: `<|im_start|>user\\n` + `Time={c}.0-{c+1}.0s` + `<|vision_start|>{pads}<|vision_end|>`
-   + the query (the first turn only) + `<|im_end|>\\n<|im_start|>assistant\\n`.
+   + the query (the first turn only: StreamingVLM's default, "Commentate on this match")
+   + `<|im_end|>\\n<|im_start|>assistant\\n`.
 3. Its reply: the generated tokens, ending with `<|im_end|>` (a reply cut at the cap is closed with one),
    then the `\\n` that closes the assistant turn. That newline belongs to the reply and leaves with it.
 4. Before chunk k's turn: chunk j's reply (with its newline) and its `Time=` label leave once
@@ -32,7 +33,7 @@ from liveserve.engine.commentary import CommentarySession
 from liveserve.engine.packed import forward_alone
 from liveserve.engine.readout import read_out
 
-REFERENCE_QUERY = "Commentate on this video."
+REFERENCE_QUERY = "Commentate on this match"
 
 
 @dataclass(frozen=True)

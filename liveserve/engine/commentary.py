@@ -27,12 +27,13 @@ import torch
 from liveserve.config import SessionConfig
 from liveserve.engine.chunk_inputs import Chunk, ChunkInputs
 from liveserve.engine.commentary_cache import Piece, apply_windows, contiguous_rows, turn_positions
+from liveserve.engine.commentary_decoding import ReplyDecoder
 from liveserve.engine.commentary_reply import ChunkReply
 from liveserve.engine.events import ChunkDone, Event, ResponseDone
 from liveserve.engine.inputs import QueuedFrame, SessionError
 from liveserve.engine.kv_pool import CacheFullError
 from liveserve.engine.packed import forward_alone, private_cache
-from liveserve.engine.readout import Readout, read_out, sample
+from liveserve.engine.readout import Readout, read_out
 from liveserve.model.qwen_vl import QwenVLModel
 
 __all__ = ["CommentarySession", "CommentaryStep", "Piece", "commentary_cache_limit", "encode_chunks"]
@@ -86,7 +87,7 @@ class CommentarySession:
         self._next_position = 0
         self._reply: ChunkReply | None = None
         self._planned: tuple[bool, CommentaryStep] | None = None  # (a turn, not a reply token; the step)
-        self._rng = torch.Generator().manual_seed(self.config.seed)
+        self.decoder = ReplyDecoder(model.never_said_ids(), self.config)
         self.frames_decided = self.responses = 0
         self.frames_replayed = 0  # (live sessions' counter: a commentary session replays nothing)
 
@@ -267,7 +268,7 @@ class CommentarySession:
 
     def _next_token(self, readout: Readout) -> list[Event]:
         reply = self._reply
-        token = self._pick(readout)
+        token = self.decoder.pick(readout, reply.tokens)
         reply.tokens.append(token)
         if len(reply.tokens) == 1:
             reply.ttft = time.monotonic() - reply.chunk.frames[-1].arrival
@@ -300,9 +301,6 @@ class CommentarySession:
                                 tuple(f.timestamp for f in frames), reply.shown, silent, len(tokens),
                                 time.monotonic() - reply.chunk.frames[-1].arrival, self.cache.length))
         return events
-
-    def _pick(self, readout: Readout) -> int:
-        return sample(readout, self.config.temperature, self.config.top_p, self._rng)
 
     # ---- the cache -----------------------------------------------------------------------------------
 

@@ -149,6 +149,14 @@ class QwenVLModel(DirectForward, nn.Module):
     def inv_freq(self) -> torch.Tensor:
         return self.hf.model.language_model.rotary_emb.inv_freq
 
+    def never_said_ids(self) -> tuple[int, ...]:
+        """Tokens that are never valid output (engine/commentary_decoding.py): the vision pads and markers,
+        `<|im_start|>`, and the LM head's rows past the tokenizer's vocabulary (padding)."""
+        t, vocab = self.template, self.template.tokenizer.get_vocab()
+        named = {t.video_pad, t.vision_start, t.vision_end, t.im_start,
+                 *(vocab[token] for token in ("<|image_pad|>", "<|vision_pad|>") if token in vocab)}
+        return tuple(sorted(named | set(range(len(t.tokenizer), self.vocab_size))))
+
     def grid(self, num_frames: int) -> VisionGrid:
         side = self.frame_size // (self.patch_size * self.merge)
         return VisionGrid(num_frames // self.temporal_patch_size, side, side)
