@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from liveserve import cli_loadtest, cli_serve
 from liveserve.cli_source import add_reconnect_options, reconnect_policy
-from liveserve.config import (ATTENTION_KERNELS, CACHE_POLICIES, DEFAULT_THRESHOLD, SESSION_MODES, CacheConfig,
-                              CommentaryConfig, SessionConfig)
+from liveserve.config import (ATTENTION_KERNELS, CACHE_POLICIES, DECODINGS, DEFAULT_THRESHOLD, SESSION_MODES,
+                              CacheConfig, CommentaryConfig, SessionConfig)
 
 if TYPE_CHECKING:  # torch/transformers take seconds to import; the CLI imports them only when needed
     from liveserve.model.live import LiveModel
@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--text-window", type=int, default=_CACHE_DEFAULTS.text_window_tokens,
                      help="sink_window: recent text tokens kept (default: 512)")
     run.add_argument("--max-new-tokens", type=int, default=100, help="reply length cap (default: 100)")
-    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    run.add_argument("--temperature", type=float,
+                     help="0 = greedy (default: 0, or in commentary mode the --decoding preset's)")
+    run.add_argument("--top-p", type=float, help="nucleus sampling (default: 1, or the --decoding preset's)")
+    run.add_argument("--seed", type=int, default=0, help="the session's sampling seed (default: %(default)s)")
     run.add_argument("--max-frames", type=int, help="stop after this many frames")
     run.add_argument("--realtime", action="store_true",
                      help="feed a file's frames at wall-clock pace (a live source always runs at its own pace)")
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--query", action="append", default=[], metavar="T:TEXT",
                      help="user query at stream time T seconds (repeatable; default: "
                           "'0:Please narrate the video in real time.', or in commentary mode the first turn's "
-                          "'Commentate on this video.')")
+                          "'Commentate on this match')")
     run.add_argument("--mode", choices=SESSION_MODES,
                      help="live: a decision per frame (LIVE models); commentary: a turn per chunk, StreamingVLM's "
                           "mode (Qwen2.5-VL models) (default: the model's own)")
@@ -93,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="commentary: seconds of video per turn (default: %(default)s)")
     run.add_argument("--max-tokens-per-chunk", type=_positive_int, default=_COMMENTARY_DEFAULTS.max_tokens_per_chunk,
                      help="commentary: most tokens said per chunk (default: %(default)s)")
+    run.add_argument("--decoding", choices=tuple(DECODINGS), default="greedy",
+                     help="commentary: greedy, or reference (StreamingVLM's sampling: temperature 0.9, repetition "
+                          "penalty 1.05); --temperature, --top-p and --repetition-penalty override it "
+                          "(default: %(default)s)")
+    run.add_argument("--repetition-penalty", type=_positive_float,
+                     help="commentary: penalty on the tokens a reply has said (default: the --decoding preset's)")
 
     bench = sub.add_parser("bench", help="benchmarks (JSON out)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -278,6 +287,16 @@ def load_live(args, what: str) -> LiveModel:
     return require_live(load(args), what)
 
 
+def _decoding(args, mode: str) -> dict:
+    """`run`'s reply decoding: in commentary mode the --decoding preset, then each option given."""
+    if mode != "commentary":
+        return {"temperature": args.temperature or 0.0, "top_p": 1.0 if args.top_p is None else args.top_p}
+    preset = DECODINGS[args.decoding]
+    return {"temperature": preset.temperature if args.temperature is None else args.temperature,
+            "top_p": preset.top_p if args.top_p is None else args.top_p,
+            "repetition_penalty": preset.repetition_penalty if args.repetition_penalty is None else args.repetition_penalty}
+
+
 def cmd_run(args) -> int:
     from liveserve.live_source import check_live_source, is_live_source
     from liveserve.run import DEFAULT_QUERY, parse_query, peak_memory_bytes, run_video
@@ -288,7 +307,8 @@ def cmd_run(args) -> int:
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
     commentary = CommentaryConfig(chunk_s=args.chunk_s, fps=args.fps, max_tokens_per_chunk=args.max_tokens_per_chunk)
-    config = SessionConfig(threshold=args.threshold, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    config = SessionConfig(threshold=args.threshold, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                           **_decoding(args, "live"),
                            cache=CacheConfig(policy=args.cache, window_frames=args.window_frames,
                                              text_window_tokens=args.text_window,
                                              evict_frames=min(_CACHE_DEFAULTS.evict_frames, max(args.window_frames, 1))),
@@ -306,7 +326,10 @@ def cmd_run(args) -> int:
     model = load(args)
     from liveserve.engine.sessions import check_mode, default_mode
 
-    config = replace(config, mode=args.mode or default_mode(model))
+    mode = args.mode or default_mode(model)
+    decoding = _decoding(args, mode)
+    penalty = decoding.pop("repetition_penalty", config.commentary.repetition_penalty)
+    config = replace(config, mode=mode, commentary=replace(config.commentary, repetition_penalty=penalty), **decoding)
     check_mode(model, config)
     if config.mode == "live":
         queries = queries or [DEFAULT_QUERY]

@@ -10,7 +10,8 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
+from liveserve.config import (DECODINGS, CacheConfig, CommentaryConfig, EngineConfig, PoolConfig, SchedulerConfig,
+                              SessionConfig)
 from liveserve.model.registry import model_family
 from liveserve.services.security.client_address import parse_networks
 
@@ -21,7 +22,7 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 MODEL_FAMILIES = ("live", "qwen2_5_vl")
 # What one model of `models` may set for itself; the rest of the settings are the deployment's.
 MODEL_OVERRIDES = ("threshold", "max_new_tokens", "cache_policy", "window_frames", "pool_mb", "max_lag_s",
-                   "max_sessions_per_replica", "capacity_streams", "max_batch_size", "threads")
+                   "max_sessions_per_replica", "capacity_streams", "max_batch_size", "threads", "commentary_decoding")
 MODEL_KEYS = frozenset({"path", "reaction_path", "family", "perception", *MODEL_OVERRIDES})
 
 
@@ -43,6 +44,9 @@ class ServiceSettings:
     max_new_tokens: int = 64
     cache_policy: str = "sink_window"
     window_frames: int = 64
+    # Commentary models: how what they say is decoded when the Open does not say (config.DECODINGS):
+    # "greedy" (reproducible) or "reference" (StreamingVLM's sampling: temperature 0.9, repetition penalty 1.05).
+    commentary_decoding: str = "greedy"
     # Sessions one Decision replica admits before refusing new ones (RESOURCE_EXHAUSTED), so the admitted
     # keep their latency: None = `capacity_streams`, the streams one replica serves within the SLO as
     # measured on this deployment's hardware (`liveserve loadtest --sweep`); 0 = no limit but KV memory.
@@ -205,6 +209,13 @@ class ServiceSettings:
         cache = CacheConfig(policy=self.cache_policy, window_frames=self.window_frames,
                             evict_frames=min(CacheConfig().evict_frames, self.window_frames))
         extra = {} if self.threshold is None else {"threshold": self.threshold}
+        if self.commentary_decoding not in DECODINGS:
+            raise ValueError(f"commentary_decoding must be one of {', '.join(DECODINGS)}, "
+                             f"got {self.commentary_decoding!r}")
+        if self.commentary_decoding != "greedy" and model_family(self.model) != "live":
+            decoding = DECODINGS[self.commentary_decoding]
+            extra.update(temperature=decoding.temperature, top_p=decoding.top_p,
+                         commentary=CommentaryConfig(repetition_penalty=decoding.repetition_penalty))
         return SessionConfig(max_new_tokens=self.max_new_tokens, cache=cache, **extra)
 
     def sessions_per_replica(self) -> int | None:

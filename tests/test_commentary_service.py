@@ -70,3 +70,38 @@ def test_an_open_the_model_cannot_run_is_refused(server, open_, message):
     with pytest.raises(grpc.RpcError) as err:
         stream(server.address, messages(1, open_))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
+def test_an_open_picks_the_commentary_decoding_over_the_deployments_default():
+    from dataclasses import replace
+
+    from liveserve.services.wire.messages import session_config
+
+    def resolved(open_: pb.Open, **settings):
+        defaults = replace(ServiceSettings(model="tiny-commentary", **settings).session_defaults(), mode="commentary")
+        config = session_config(open_, defaults, ("commentary",))
+        return config.temperature, config.top_p, config.commentary.repetition_penalty, config.seed
+
+    assert resolved(pb.Open()) == (0.0, 1.0, 1.0, 0)  # greedy unless the deployment or the Open says otherwise
+    assert resolved(pb.Open(), commentary_decoding="reference") == pytest.approx((0.9, 1.0, 1.05, 0))
+    reference = pb.CommentaryOptions(decoding="reference")
+    assert resolved(pb.Open(commentary=reference)) == pytest.approx((0.9, 1.0, 1.05, 0))
+    chosen = pb.CommentaryOptions(decoding="reference", temperature=0.5, top_p=0.8, seed=7)
+    assert resolved(pb.Open(commentary=chosen)) == pytest.approx((0.5, 0.8, 1.05, 7))
+    greedy = pb.CommentaryOptions(decoding="greedy", repetition_penalty=1.2)
+    assert resolved(pb.Open(commentary=greedy), commentary_decoding="reference") == pytest.approx((0.0, 1.0, 1.2, 0))
+    with pytest.raises(ValueError, match="decoding 'nucleus'"):
+        resolved(pb.Open(commentary=pb.CommentaryOptions(decoding="nucleus")))
+    with pytest.raises(ValueError, match="commentary_decoding must be one of greedy, reference"):
+        ServiceSettings(commentary_decoding="sampled")
+    live = ServiceSettings(model="tiny", commentary_decoding="reference").session_defaults()
+    assert live.temperature == 0.0  # a LIVE model's replies keep their own decoding
+
+
+def test_a_session_opened_with_the_reference_decoding_samples_from_its_seed(server):
+    def said(options: pb.CommentaryOptions) -> str:
+        replies = stream(server.address, messages(6, pb.Open(fps=2.0, commentary=options)))
+        return "".join(r.response_delta.text for r in replies if r.WhichOneof("kind") == "response_delta")
+
+    sampled = pb.CommentaryOptions(max_tokens_per_chunk=3, decoding="reference", seed=5)
+    assert said(sampled) == said(sampled) != said(pb.CommentaryOptions(max_tokens_per_chunk=3))

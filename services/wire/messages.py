@@ -4,7 +4,7 @@ server messages back into engine events for clients that reuse the engine's prin
 from __future__ import annotations
 
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.config import CacheConfig, CommentaryConfig, SessionConfig
+from liveserve.config import DECODINGS, CacheConfig, CommentaryConfig, SessionConfig
 from liveserve.engine.events import Event, FrameDecision, ResponseDelta, ResponseDone, ResponseStarted
 
 _ACTION_NAMES = {pb.ACTION_SILENT: "silent", pb.ACTION_RESPOND: "respond", pb.ACTION_QUERY: "query",
@@ -22,10 +22,12 @@ def session_config(open_: pb.Open, defaults: SessionConfig, modes: tuple[str, ..
         raise ValueError(f"mode {mode!r}: this model runs {' or '.join(map(repr, modes))}")
     if mode == "commentary" and open_.decisions_only:
         raise ValueError("decisions_only is for live mode; a commentary session says something or nothing each chunk")
-    chunk = defaults.commentary
-    commentary = CommentaryConfig(chunk_s=open_.commentary.chunk_s or chunk.chunk_s, fps=open_.fps or chunk.fps,
-                                  max_tokens_per_chunk=open_.commentary.max_tokens_per_chunk or chunk.max_tokens_per_chunk,
-                                  query=open_.commentary.query or chunk.query)
+    chunk, options = defaults.commentary, open_.commentary
+    temperature, top_p, penalty, seed = _decoding(options, defaults) if mode == "commentary" else (
+        defaults.temperature, defaults.top_p, chunk.repetition_penalty, defaults.seed)
+    commentary = CommentaryConfig(chunk_s=options.chunk_s or chunk.chunk_s, fps=open_.fps or chunk.fps,
+                                  max_tokens_per_chunk=options.max_tokens_per_chunk or chunk.max_tokens_per_chunk,
+                                  query=options.query or chunk.query, repetition_penalty=penalty)
     cache = defaults.cache
     options = open_.cache
     cache = CacheConfig(policy=options.policy or cache.policy, positions=cache.positions,
@@ -35,10 +37,24 @@ def session_config(open_: pb.Open, defaults: SessionConfig, modes: tuple[str, ..
     return SessionConfig(
         threshold=open_.threshold if open_.HasField("threshold") else defaults.threshold,
         max_new_tokens=open_.max_new_tokens or defaults.max_new_tokens,
-        temperature=defaults.temperature, top_p=defaults.top_p, seed=defaults.seed,
+        temperature=temperature, top_p=top_p, seed=seed,
         system_prompt=open_.system_prompt or defaults.system_prompt,
         max_query_tokens=defaults.max_query_tokens, cache=cache,
         replies="none" if open_.decisions_only else defaults.replies, mode=mode, commentary=commentary)
+
+
+def _decoding(options: pb.CommentaryOptions, defaults: SessionConfig) -> tuple[float, float, float, int]:
+    """A commentary session's (temperature, top_p, repetition penalty, seed): the Open's preset (or the
+    server's defaults), then each field the Open sets."""
+    if options.decoding and options.decoding not in DECODINGS:
+        raise ValueError(f"decoding {options.decoding!r}: one of {', '.join(map(repr, DECODINGS))}")
+    preset = DECODINGS.get(options.decoding)
+    temperature, top_p, penalty = ((preset.temperature, preset.top_p, preset.repetition_penalty) if preset else
+                                   (defaults.temperature, defaults.top_p, defaults.commentary.repetition_penalty))
+    return (options.temperature if options.HasField("temperature") else temperature,
+            options.top_p if options.HasField("top_p") else top_p,
+            options.repetition_penalty if options.HasField("repetition_penalty") else penalty,
+            options.seed if options.HasField("seed") else defaults.seed)
 
 
 def from_message(message: pb.ServerMessage) -> Event | None:
