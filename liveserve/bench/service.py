@@ -61,7 +61,9 @@ PATHS = ("in_process", "grpc", "ray")
 DECLARED_FPS = 60.0  # the most a stream may declare (the Gateway's MAX_FPS); frames are stamped at this rate
 # ingress_factor of the servers this bench starts: 60,000 frames/s per stream, beyond any lockstep round.
 LIFTED_INGRESS_FACTOR = 1000.0
-DEFAULT_WAIT_S = 60.0  # the longest a served path may take to open the streams, answer a round or close
+# The longest a served path may take to open the streams, answer a round or close them (a first round on a
+# GPU may compile kernels).
+DEFAULT_WAIT_S = 120.0
 
 
 class BenchStalled(RuntimeError):
