@@ -175,8 +175,9 @@ def render_loadtest(records: list[dict]) -> list[str]:
                _pair(ttft["p50_ms"], ttft["p99_ms"]) if ttft["count"] else "none"]
         row += [_ms(level["tpot_ms"]["p50_ms"]) if level["tpot_ms"]["count"] else "none"] if replies else []
         rows.append(row)
-    capacity = report["capacity"]
-    said = (f" Capacity: {capacity} concurrent streams with {report['slo_target']:.0%} of frames within "
+    capacity, largest = report["capacity"], max(level["sessions"] for level in report["levels"])
+    bound = "at least " if capacity == largest else ""  # the sweep stopped before a level missed
+    said = (f" Capacity: {bound}{capacity} concurrent streams with {report['slo_target']:.0%} of frames within "
             f"{report['slo_ms']:g} ms." if report["sweep"] and capacity is not None else "")
     return [_caption(record) + said, "", *_table(header, rows)]
 
