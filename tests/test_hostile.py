@@ -5,6 +5,7 @@ bytes) always end with a proper status, never a crash, with the server serving t
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 
@@ -167,6 +168,23 @@ def test_raw_bytes_end_with_a_proper_status(local, raw):
                                      response_deserializer=pb.ServerMessage.FromString)(iter(raw), timeout=30)
         code, _ = outcome(call)
     assert code in PROPER, code
+
+
+BAD_IMAGES = [b"\x00" * 16, b"not an image at all", b"GIF89a" + bytes(range(64)), b"\x89PNG\r\n\x1a\n" + bytes(200),
+              jpeg(0)[:300], bytes(range(256)) * 8]
+
+
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_warnings_about_bad_frames_carry_no_object_reprs(request, mode):
+    address = request.getfixturevalue("local").address if mode == "local" else \
+        request.getfixturevalue("ray_app").address
+    messages = [pb.ClientMessage(open=pb.Open(fps=2.0, decisions_only=True))]
+    messages += [pb.ClientMessage(frame=pb.Frame(timestamp=0.5 * i, image=image)) for i, image in enumerate(BAD_IMAGES)]
+    replies = stream(address, messages + [pb.ClientMessage(close=pb.Close())])
+    warnings = [r.warning.message for r in replies if r.WhichOneof("kind") == "warning"]
+    assert len(warnings) == len(BAD_IMAGES), warnings
+    assert all("bad frame image" in w for w in warnings), warnings
+    assert not [w for w in warnings if re.search(r"object at 0x|<[\w.]+ object", w)], warnings
 
 
 def test_after_the_fuzzing_the_server_serves_and_holds_nothing(local):

@@ -6,7 +6,9 @@ first one) and encodes them with one Perception call; an idle stream is delayed 
 It goes sooner once `max_frames` wait, or once every session that is open has a frame in the batch
 (no other session could join it, so waiting would only add latency). At most `max_calls` calls are
 in flight: when Perception falls behind, frames collect into fuller batches instead of piling up as
-ever more calls (the frames that then fall too far behind are dropped by Decision, and reported). A call
+ever more calls (the frames that then fall too far behind are dropped by Decision, and reported). An
+image that is costly to decode (perception.service.is_heavy) goes in a call of its own, one such call at a
+time, so the frames of a tick never wait for another client's decompression bomb. A call
 that fails is tried again (Perception is stateless; another replica takes it) before its frames fail. `ReplicaLink` is the gateway's connection to one Decision or Reaction
 replica: commands of all sessions on that replica go out together, one push at a time (a push that is
 in flight is the next one's batching window, and keeps the replica's view of each session in order),
@@ -19,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Callable
 
+from liveserve.services.perception.service import is_heavy
 from liveserve.services.wire.contracts import EncodeRequest, EncodeResult, FrameImage
 
 log = logging.getLogger(__name__)
@@ -44,8 +48,14 @@ class FrameBatcher:
         self.closed = False
         self._timer: asyncio.TimerHandle | None = None
         self._calls: set[asyncio.Task] = set()
+        self._heavy: deque[tuple[FrameImage, object]] = deque()  # heavy images, each to go in a call of its own
+        self._heavy_call: asyncio.Task | None = None
 
     def add(self, frame: FrameImage, owner) -> None:
+        if is_heavy(frame.image):
+            self._heavy.append((frame, owner))
+            self._send_heavy()
+            return
         self._batch.append((frame, owner))
         self._owners.add(id(owner))
         if len(self._batch) >= self.max_frames or len(self._owners) >= self._senders():
@@ -64,6 +74,13 @@ class FrameBatcher:
             task = asyncio.get_running_loop().create_task(self._encode(batch))
             self._calls.add(task)
             task.add_done_callback(self._call_ended)
+
+    def _send_heavy(self, ended: asyncio.Task | None = None) -> None:
+        if ended is not None:
+            self._heavy_call = None
+        if self._heavy and self._heavy_call is None and not self.closed:
+            self._heavy_call = asyncio.get_running_loop().create_task(self._encode([self._heavy.popleft()]))
+            self._heavy_call.add_done_callback(self._send_heavy)
 
     def _call_ended(self, task: asyncio.Task) -> None:
         self._calls.discard(task)
@@ -100,7 +117,7 @@ class FrameBatcher:
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
-        for task in list(self._calls):
+        for task in [*self._calls, *([self._heavy_call] if self._heavy_call else [])]:
             task.cancel()
 
 

@@ -237,8 +237,8 @@ class Gateway(pb_grpc.LiveStreamServicer):
                     return
         except asyncio.CancelledError:
             raise
-        except Exception:  # the client went away mid-stream: stop the session without draining
-            log.info("session %s: client stream ended abruptly", session.session_id, exc_info=True)
+        except Exception as exc:  # the client went away mid-stream (expected): stop the session without draining
+            log.info("session %s: client stream ended abruptly (%s)", session.session_id, _one_line(exc))
             drain = False
         if not session.finished:
             inputs.receive_close(drain)
@@ -352,3 +352,8 @@ class Gateway(pb_grpc.LiveStreamServicer):
         for task in self._tasks:
             task.cancel()
 
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one log line: its type and first line, no traceback (for failures that are expected)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__

@@ -31,6 +31,10 @@ from liveserve.services.security.rate_limit import IngressLimit
 from liveserve.services.wire import contracts as c
 
 BACKLOG = 64  # inputs waiting at the gateway before the session stops reading its client (flow control)
+# A query longer than max_query_tokens * this many characters is refused here: text averages a few
+# characters a token, so it could not fit, and Decision's engine need not spend its time (shared by every
+# session on the replica) tokenizing it first: a 1 MB query used to hold its neighbours up for ~0.9 s.
+MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass(slots=True)
@@ -150,6 +154,12 @@ class StreamInputs:
             return
         if not query.text.strip():
             self.client.warn(pb.WARNING_CODE_BAD_QUERY, "query text is empty")
+            return
+        tokens = max(self.config.max_query_tokens, self.config.commentary.max_query_tokens)
+        if len(query.text) > tokens * MAX_CHARS_PER_TOKEN:
+            self.client.warn(pb.WARNING_CODE_BAD_QUERY, f"query at {query.timestamp:.3f}s is {len(query.text)} "
+                                                        f"characters; at most {tokens} tokens (max_query_tokens) are "
+                                                        f"accepted, and this many characters cannot fit")
             return
         span = self.gateway.tracer.start_span("query", context=self.trace_parent,
                                               attributes={"liveserve.session_id": self.where.session_id,
