@@ -134,10 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("tiny", help="write a tiny random-weight checkpoint")
     tiny.add_argument("out", help="output directory")
-    tiny.add_argument("--family", choices=("live", "qwen2_5_vl"), default="live",
+    tiny.add_argument("--family", choices=("live", "qwen2_5_vl", "qwen2_vl"), default="live",
                       help="live: a LIVE model (VideoLLM-online's layout; the options below); qwen2_5_vl: a "
-                           "Qwen2.5-VL directory in StreamingVLM's release layout (not served yet) "
-                           "(default: %(default)s)")
+                           "Qwen2.5-VL directory in StreamingVLM's release layout; qwen2_vl: a Qwen2-VL directory "
+                           "in LiveCC's (both commentary mode) (default: %(default)s)")
     tiny.add_argument("--layout", choices=("liveserve", "videollm-online"), default="liveserve")
     tiny.add_argument("--llm", choices=("llama", "qwen2"), default="llama")
     tiny.add_argument("--vision", choices=("siglip", "clip"), default="siglip")
@@ -439,15 +439,15 @@ def cmd_bench_capacity(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-    from liveserve.model.tiny import write_tiny_checkpoint, write_tiny_qwen2_5_vl
+    from liveserve.model.tiny import write_tiny_checkpoint, write_tiny_qwen2_5_vl, write_tiny_qwen2_vl
 
-    if args.family == "qwen2_5_vl":
+    if args.family != "live":
         given = [flag for flag, value, default in (("--layout", args.layout, "liveserve"), ("--llm", args.llm, "llama"),
                                                    ("--vision", args.vision, "siglip"),
                                                    ("--tokenizer", args.tokenizer, "minimal")) if value != default]
         if given:
             raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --family live only")
-        print(write_tiny_qwen2_5_vl(args.out))
+        print({"qwen2_5_vl": write_tiny_qwen2_5_vl, "qwen2_vl": write_tiny_qwen2_vl}[args.family](args.out))
         return 0
     path = write_tiny_checkpoint(args.out, layout=args.layout, llm=args.llm, vision=args.vision,
                                  tokenizer=args.tokenizer)

@@ -18,8 +18,9 @@ from liveserve.services.security.client_address import parse_networks
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # live: VideoLLM-online's layout (a vision tower, a connector, a Llama/Qwen2 LM), in live mode;
-# qwen2_5_vl: Qwen2.5-VL (StreamingVLM's layout), in commentary mode: Decision writes what it says itself.
-MODEL_FAMILIES = ("live", "qwen2_5_vl")
+# qwen2_5_vl: Qwen2.5-VL (StreamingVLM's layout), qwen2_vl: Qwen2-VL (LiveCC's), in commentary mode: Decision
+# writes what it says itself.
+MODEL_FAMILIES = ("live", "qwen2_5_vl", "qwen2_vl")
 # What one model of `models` may set for itself; the rest of the settings are the deployment's.
 MODEL_OVERRIDES = ("threshold", "max_new_tokens", "cache_policy", "window_frames", "pool_mb", "max_lag_s",
                    "max_sessions_per_replica", "capacity_streams", "max_batch_size", "threads", "commentary_decoding")

@@ -311,8 +311,7 @@ class CommentarySession:
             return
         self.pieces, self.last_keep = kept
         if self._contiguous:
-            rows, self._next_position = contiguous_rows(self.pieces,
-                                                        self.model.tokens_per_second * self._seconds_per_grid)
+            rows, self._next_position = contiguous_rows(self.pieces, self.model.temporal_interval(self._seconds_per_grid))
             self.cache.keep(self.last_keep, self.model.inv_freq, rows)
         else:
             self.cache.keep(self.last_keep, None)

@@ -1,7 +1,7 @@
 """Which session runs a stream: the model family's, in the mode the session asks for.
 
-LIVE models (liveserve.model.live) run `Session`: a streaming-EOS decision per frame. Qwen2.5-VL models
-(liveserve.model.qwen_vl) run `CommentarySession`: a turn per chunk of video. A mode the model's family
+LIVE models (liveserve.model.live) run `Session`: a streaming-EOS decision per frame. Qwen2.5-VL and Qwen2-VL
+models (liveserve.model.qwen_vl, qwen2_vl) run `CommentarySession`: a turn per chunk of video. A mode the model's family
 does not have is refused before anything is allocated. `FAMILIES` says what else the engine does for a
 family: how its frames reach the vision tower.
 """
@@ -32,8 +32,8 @@ class Family:
     encode_scheduled: Callable[[object, list], None] | None = None
 
 
-FAMILIES = {"live": Family(("live",), encodes_pushed_frames=True),
-            "qwen2_5_vl": Family(("commentary",), encodes_pushed_frames=False, encode_scheduled=_encode_chunks)}
+_COMMENTARY = Family(("commentary",), encodes_pushed_frames=False, encode_scheduled=_encode_chunks)
+FAMILIES = {"live": Family(("live",), encodes_pushed_frames=True), "qwen2_5_vl": _COMMENTARY, "qwen2_vl": _COMMENTARY}
 MODES_BY_FAMILY = {name: family.modes for name, family in FAMILIES.items()}
 
 

@@ -1,5 +1,5 @@
 """A Llama-style decoder stack run directly for the engine's packed steps, without the Hugging Face
-module machinery around it: Llama, Qwen2, and Qwen2.5-VL's text model (its M-RoPE included).
+module machinery around it: Llama, Qwen2, and Qwen2.5-VL's and Qwen2-VL's text models (M-RoPE included).
 
 A step of a few sessions is a few dozen tokens: there the cost of a forward is not the arithmetic but
 the calls around it (module `__call__`s, attribute lookups, hooks and output bookkeeping, the rotary
@@ -26,7 +26,7 @@ from torch import nn
 from liveserve.model.attention import KVStep
 from liveserve.model.rope import rotate_half
 
-STACKS = ("llama", "qwen2", "qwen2_5_vl_text")  # model_type of the decoder's config
+STACKS = ("llama", "qwen2", "qwen2_5_vl_text", "qwen2_vl_text")  # model_type of the decoder's config
 STATIC_ROPE = ("default", "linear", "llama3")  # inv_freq fixed at load: no per-length update
 
 

@@ -58,10 +58,15 @@ def load_model(path: str | Path, *, base_model: str | Path | None = None, vision
                merge_lora: bool = True, load_vision: bool = True) -> LiveModel:
     """Load a LIVE model from `path` in either layout (see module docs)."""
     path, device, dtype = _target(path, device, dtype)
-    if _model_type(path) == QWEN_FAMILY:
+    model_type = _model_type(path)
+    if model_type == "qwen2_5_vl":
         from liveserve.model.qwen_vl import load_qwen_vl
 
         return load_qwen_vl(path, device, dtype)
+    if model_type == "qwen2_vl":
+        from liveserve.model.qwen2_vl import load_qwen2_vl
+
+        return load_qwen2_vl(path, device, dtype)
     if (path / LIVE_CONFIG).is_file():
         model = _load_liveserve(path, device, dtype, load_vision)
     elif (path / ADAPTER_CONFIG).is_file():
@@ -74,9 +79,9 @@ def load_model(path: str | Path, *, base_model: str | Path | None = None, vision
 def load_vision_model(path: str | Path, *, vision_model: str | Path | None = None,
                       device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> VisionModel:
     """The vision tower of the LIVE checkpoint at `path` (either layout), without its LM or connector; for a
-    Qwen2.5-VL checkpoint, what its Perception does (decode and resize frames: qwen_vl.FramePixels)."""
+    Qwen2.5-VL or Qwen2-VL checkpoint, what its Perception does (decode and resize frames: qwen_vl.FramePixels)."""
     path, device, dtype = _target(path, device, dtype)
-    if _model_type(path) == QWEN_FAMILY:  # its tower runs on the LM's replica: Perception sends pixels
+    if _model_type(path) in COMMENTARY_FAMILIES:  # its tower runs on the LM's replica: Perception sends pixels
         from liveserve.model.qwen_vl import load_frame_pixels
 
         return load_frame_pixels(path)
@@ -93,9 +98,9 @@ def load_vision_model(path: str | Path, *, vision_model: str | Path | None = Non
     return model.eval().requires_grad_(False)
 
 
-QWEN_FAMILY = "qwen2_5_vl"  # served in commentary mode (liveserve.model.qwen_vl)
-# Vision-language families that are not served (yet), by config.json's model_type: what they are.
-UNSERVED_FAMILIES = {"qwen2_vl": "a Qwen2-VL checkpoint (the layout LiveCC releases)"}
+# Served in commentary mode, by config.json's model_type: Qwen2.5-VL (StreamingVLM; liveserve.model.qwen_vl)
+# and Qwen2-VL (LiveCC; liveserve.model.qwen2_vl).
+COMMENTARY_FAMILIES = ("qwen2_5_vl", "qwen2_vl")
 
 
 def require_live(model, what: str):
@@ -118,15 +123,10 @@ def _model_type(path: Path) -> str:
 
 
 def _unknown_layout(path: Path) -> CheckpointError:
-    """Why `path` is not a LIVE checkpoint, naming what it is when it is a known other family."""
-    model_type = _model_type(path)
-    if model_type in UNSERVED_FAMILIES:
-        return CheckpointError(f"{path} is {UNSERVED_FAMILIES[model_type]} (model_type {model_type!r}): that family "
-                               f"is not served yet; liveserve serves LIVE models (VideoLLM-online's layout: a vision "
-                               f"tower, a connector and a Llama or Qwen2 LM; {LIVE_CONFIG} or {ADAPTER_CONFIG}) and "
-                               f"Qwen2.5-VL models (model_type {QWEN_FAMILY!r}, StreamingVLM's layout)")
+    """Why `path` is not a checkpoint liveserve serves."""
     return CheckpointError(f"{path} has neither {LIVE_CONFIG} (liveserve layout) nor {ADAPTER_CONFIG} "
-                           "(VideoLLM-online layout)")
+                           f"(VideoLLM-online layout), nor a config.json of model_type "
+                           f"{' or '.join(map(repr, COMMENTARY_FAMILIES))} (StreamingVLM's and LiveCC's layouts)")
 
 
 def _target(path, device, dtype) -> tuple[Path, torch.device, torch.dtype]:

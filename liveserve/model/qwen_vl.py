@@ -194,9 +194,14 @@ class QwenVLModel(DirectForward, nn.Module):
         merged = getattr(out, "pooler_output", out)  # the merger's output: one row per LM token
         return list(merged.split([g.num_tokens for g in grids]))
 
+    def temporal_interval(self, seconds_per_grid: float) -> float:
+        """Temporal M-RoPE positions between a chunk's temporal groups: Qwen2.5-VL's are in time
+        (tokens_per_second x the seconds a group spans), as its get_rope_index numbers them."""
+        return self.tokens_per_second * seconds_per_grid
+
     def vision_positions(self, start: int, grid: VisionGrid, seconds_per_grid: float) -> torch.Tensor:
         """M-RoPE rows [3, tokens] of a chunk whose first position is `start` (host tensor)."""
-        interval = self.tokens_per_second * seconds_per_grid
+        interval = self.temporal_interval(seconds_per_grid)
         t = (torch.arange(grid.t) * interval).long()
         rows, cols = torch.arange(grid.h), torch.arange(grid.w)
         tt, hh, ww = torch.meshgrid(t, rows, cols, indexing="ij")
@@ -248,12 +253,11 @@ class FramePixels:
     square input. The tower itself runs a chunk of frames at a time, on the Decision replica with the LM
     (its frames are encoded together), so Perception sends pixels (uint8 [3, S, S]) and loads no weights."""
 
-    family = FAMILY
     device = torch.device("cpu")
     dtype = torch.uint8
 
-    def __init__(self, frame_size: int, name: str = "") -> None:
-        self.frame_size, self.name = frame_size, name
+    def __init__(self, frame_size: int, name: str = "", family: str = FAMILY) -> None:
+        self.frame_size, self.name, self.family = frame_size, name, family
 
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels
@@ -280,16 +284,22 @@ def _frame_size(path: Path, config: dict) -> tuple[int, dict]:
 
 
 def load_frame_pixels(path: Path) -> FramePixels:
-    """A Perception replica's model for the Qwen2.5-VL checkpoint at `path`: its frame size, no weights."""
-    return FramePixels(_frame_size(path, json.loads((path / "config.json").read_text()))[0], name=str(path))
+    """A Perception replica's model for the Qwen2.5-VL (or Qwen2-VL) checkpoint at `path`: its frame size, no
+    weights."""
+    config = json.loads((path / "config.json").read_text())
+    return FramePixels(_frame_size(path, config)[0], name=str(path), family=config.get("model_type", FAMILY))
 
 
-def load_qwen_vl(path: Path, device: torch.device, dtype: torch.dtype, *, frame_size: int | None = None) -> QwenVLModel:
+def load_qwen_vl(path: Path, device: torch.device, dtype: torch.dtype, *, frame_size: int | None = None,
+                 hf_class=None, model_class: type[QwenVLModel] = QwenVLModel, what: str = "Qwen2.5-VL") -> QwenVLModel:
     """A Qwen2.5-VL checkpoint in the plain Hugging Face layout (config.json, safetensors, tokenizer,
-    preprocessor_config.json): StreamingVLM's release, or Qwen2.5-VL-*-Instruct."""
+    preprocessor_config.json): StreamingVLM's release, or Qwen2.5-VL-*-Instruct. `hf_class`, `model_class`:
+    another family of the same layout (qwen2_vl.py)."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from liveserve.model.checkpoint import CheckpointError, check_supported
+
+    hf_class = hf_class or Qwen2_5_VLForConditionalGeneration
 
     config = json.loads((path / "config.json").read_text())
     check_supported(config.get("text_config", config), path)
@@ -299,15 +309,15 @@ def load_qwen_vl(path: Path, device: torch.device, dtype: torch.dtype, *, frame_
         raise CheckpointError(f"cannot load the tokenizer from {path}: {exc}") from exc
     size, image = _frame_size(path, config)
     try:
-        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        hf = hf_class.from_pretrained(
             str(path), dtype=dtype, local_files_only=True,
             attn_implementation={"text_config": ATTN_IMPLEMENTATION, "vision_config": "sdpa", "": "sdpa"})
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load the Qwen2.5-VL model from {path}: {exc}") from exc
+        raise CheckpointError(f"cannot load the {what} model from {path}: {exc}") from exc
     vision = hf.config.vision_config
     unit = vision.patch_size * vision.spatial_merge_size
     try:
-        model = QwenVLModel(hf.to(device), tokenizer, image_mean=image["image_mean"], image_std=image["image_std"],
+        model = model_class(hf.to(device), tokenizer, image_mean=image["image_mean"], image_std=image["image_std"],
                             frame_size=frame_size or size, name=str(path))
     except (QwenTemplateError, KeyError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc

@@ -59,7 +59,8 @@ def write_default_init(out: str | Path, seed: int = 0) -> Path:
 
 def model_family(model: str | Path, unknown: str | None = "live") -> str | None:
     """The family of a model as `resolve_model` takes it, from its config.json without loading it (no torch
-    import): "qwen2_5_vl" for a Qwen2.5-VL directory or 'tiny-commentary' (commentary mode), else "live";
+    import): "qwen2_5_vl" for a Qwen2.5-VL directory or 'tiny-commentary', "qwen2_vl" for a Qwen2-VL directory
+    (both commentary mode), else "live";
     `unknown` where there is no config.json to read (a LIVE layout has none at the top, or the directory is
     not on this host)."""
     if str(model) == "tiny-commentary":
@@ -70,4 +71,5 @@ def model_family(model: str | Path, unknown: str | None = "live") -> str | None:
         config = json.loads((Path(model).expanduser() / "config.json").read_text())
     except (OSError, ValueError):
         return unknown
-    return "qwen2_5_vl" if isinstance(config, dict) and config.get("model_type") == "qwen2_5_vl" else "live"
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return model_type if model_type in ("qwen2_5_vl", "qwen2_vl") else "live"

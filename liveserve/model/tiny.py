@@ -186,6 +186,38 @@ def write_tiny_qwen2_5_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
+def write_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A random-weight Qwen2-VL checkpoint in the layout Qwen2-VL-*-Instruct and LiveCC release: a plain
+    Hugging Face directory whose config.json is flat as theirs is (the text model's fields at the top, the
+    vision tower's `embed_dim`/`hidden_size`/`mlp_ratio` under vision_config, M-RoPE as rope_scaling),
+    safetensors weights, a Qwen2 tokenizer with its vision markers, preprocessor_config.json."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer("qwen2")
+    ids = {f"{name}_token_id": tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
+        ("vision_end", "<|vision_end|>"))}
+    release = {  # Qwen2-VL-7B-Instruct's config.json, shrunk
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "attention_dropout": 0.0,
+        "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **ids,
+        "hidden_act": "silu", "hidden_size": 64, "intermediate_size": 128, "initializer_range": 0.02,
+        "max_position_embeddings": 32768, "max_window_layers": 2, "num_attention_heads": 4, "num_hidden_layers": 2,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "sliding_window": 32768,
+        "use_sliding_window": False, "tie_word_embeddings": False, "use_cache": True,
+        "vocab_size": ((len(tokenizer) + 63) // 64) * 64,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},  # head_dim 16: 8 rotary pairs
+        "vision_config": {"depth": 2, "embed_dim": 32, "mlp_ratio": 2, "num_heads": 2, "in_chans": 3,
+                          "hidden_size": 64, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}}
+    Qwen2VLForConditionalGeneration(Qwen2VLConfig(**json.loads(json.dumps(release)))).save_pretrained(out)
+    (out / "config.json").write_text(json.dumps(release, indent=2))  # the release's flat layout, not v5's nested one
+    tokenizer.save_pretrained(out)
+    Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(out)
+    return out
+
+
 def _write_adapter(out: Path, lm, connector, vision_hidden: int, rank: int) -> Path:
     from peft import LoraConfig, get_peft_model
 
