@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from engine_helpers import frame_bank
-from liveserve.bench.capacity import (CapacitySettings, DecisionBias, engine_single_stream,
-                                      reference_single_stream, sweep_levels)
+from liveserve.bench.capacity import CapacitySettings, sweep_levels
+from liveserve.bench.open_loop import DecisionBias
+from liveserve.bench.single_stream import engine_single_stream, reference_single_stream
 from liveserve.cli import main
 from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
 from liveserve.engine.batch import BatchEngine
