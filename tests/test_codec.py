@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from liveserve.api.v1 import live_stream_pb2 as pb
-from liveserve.config import CacheConfig, SessionConfig
+from liveserve.config import CacheConfig, CommentaryConfig, SessionConfig
 from liveserve.engine.inputs import AwaitedReply
 from liveserve.internal.v2 import decision_pb2 as dpb
 from liveserve.internal.v2 import perception_pb2 as ppb
@@ -53,6 +53,34 @@ def test_an_open_keeps_every_session_setting():
     assert codec.open_from_proto(wire(codec.open_to_proto(request), spb.OpenRequest)) == request
     placed = c.SessionPlaced("s", "replica-1", 4, c.Limits(256, 7, 2.0, 11))
     assert codec.placed_from_proto("s", wire(codec.placed_to_proto(placed), spb.OpenResponse)) == placed
+
+
+# A value other than the default for every CommentaryConfig field.
+CHANGED_COMMENTARY = {"chunk_s": 2.0, "fps": 4.0, "max_tokens_per_chunk": 9, "vision_window_chunks": 5, "text_rounds": 3,
+                      "text_sink_tokens": 7, "text_window_tokens": 11, "positions": "original", "query": "who leads?",
+                      "previous_text": "kick-off", "max_query_tokens": 40, "repetition_penalty": 1.05}
+
+
+def test_an_open_keeps_every_commentary_setting():
+    assert set(CHANGED_COMMENTARY) == {f.name for f in dataclasses.fields(CommentaryConfig)}, \
+        "a CommentaryConfig field without a value here: give it one, and carry it in codec.settings_to_proto"
+    defaults = CommentaryConfig()
+    assert [name for name, value in CHANGED_COMMENTARY.items() if getattr(defaults, name) == value] == []
+    config = SessionConfig(mode="commentary", temperature=0.9, top_p=0.8, seed=5,
+                           commentary=CommentaryConfig(**CHANGED_COMMENTARY))
+    request = c.OpenSession("s", "g", config)
+    assert codec.open_from_proto(wire(codec.open_to_proto(request), spb.OpenRequest)) == request
+
+
+def test_settings_from_a_gateway_without_the_later_commentary_fields_get_the_defaults():
+    message = codec.settings_to_proto(SessionConfig(mode="commentary", commentary=CommentaryConfig(**CHANGED_COMMENTARY)))
+    for name in codec._COMMENTARY_WIRE.values():
+        if name not in codec._COMMENTARY_ALWAYS:
+            message.ClearField(name)
+    read = codec.settings_from_proto(wire(message, spb.SessionSettings)).commentary
+    assert (read.chunk_s, read.fps, read.max_tokens_per_chunk, read.query) == (2.0, 4.0, 9, "who leads?")
+    assert read == dataclasses.replace(CommentaryConfig(), chunk_s=2.0, fps=4.0, max_tokens_per_chunk=9,
+                                       query="who leads?")
 
 
 @pytest.mark.parametrize("awaited", [None, AwaitedReply(2.5, "what now?"), AwaitedReply(3.0, None)])

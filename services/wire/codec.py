@@ -122,6 +122,17 @@ def _put(entry, value) -> None:
 
 # ---- sessions --------------------------------------------------------------------------------------------
 
+# CommentaryConfig's field -> its SessionSettings field (every field: test_codec checks). Those after the
+# first four are optional on the wire: a gateway from before them sends none, and the replica's default holds.
+_COMMENTARY_WIRE = {"chunk_s": "chunk_s", "fps": "fps", "max_tokens_per_chunk": "max_tokens_per_chunk",
+                    "query": "commentary_query", "repetition_penalty": "repetition_penalty",
+                    "vision_window_chunks": "vision_window_chunks", "text_rounds": "text_rounds",
+                    "text_sink_tokens": "text_sink_tokens", "text_window_tokens": "commentary_text_window_tokens",
+                    "positions": "commentary_positions", "previous_text": "previous_text",
+                    "max_query_tokens": "commentary_max_query_tokens"}
+_COMMENTARY_ALWAYS = ("chunk_s", "fps", "max_tokens_per_chunk", "commentary_query")
+
+
 def settings_to_proto(config: SessionConfig) -> spb.SessionSettings:
     cache = config.cache
     return spb.SessionSettings(
@@ -130,16 +141,15 @@ def settings_to_proto(config: SessionConfig) -> spb.SessionSettings:
         max_query_tokens=config.max_query_tokens, cache_policy=cache.policy, positions=cache.positions,
         window_frames=cache.window_frames, text_window_tokens=cache.text_window_tokens,
         evict_frames=cache.evict_frames, decisions_only=config.replies == "none", mode=config.mode,
-        chunk_s=config.commentary.chunk_s, fps=config.commentary.fps,
-        max_tokens_per_chunk=config.commentary.max_tokens_per_chunk, commentary_query=config.commentary.query)
+        **{wire: getattr(config.commentary, name) for name, wire in _COMMENTARY_WIRE.items()})
 
 
 def settings_from_proto(message: spb.SessionSettings) -> SessionConfig:
     """Validated again here (SessionConfig checks every field): a replica trusts no caller blindly."""
     cache = CacheConfig(policy=message.cache_policy, positions=message.positions, window_frames=message.window_frames,
                         text_window_tokens=message.text_window_tokens, evict_frames=message.evict_frames)
-    commentary = CommentaryConfig(chunk_s=message.chunk_s, fps=message.fps,
-                                  max_tokens_per_chunk=message.max_tokens_per_chunk, query=message.commentary_query)
+    commentary = CommentaryConfig(**{name: getattr(message, wire) for name, wire in _COMMENTARY_WIRE.items()
+                                     if wire in _COMMENTARY_ALWAYS or message.HasField(wire)})
     return SessionConfig(threshold=message.threshold, max_new_tokens=message.max_new_tokens,
                          temperature=message.temperature, top_p=message.top_p, seed=message.seed,
                          system_prompt=message.system_prompt or None, max_query_tokens=message.max_query_tokens,
