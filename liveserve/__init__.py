@@ -10,8 +10,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Session": "liveserve.engine.session",
-    "SessionError": "liveserve.engine.session",
+    "Session": "liveserve.engine.live.session",
+    "SessionError": "liveserve.engine.live.session",
     "SessionConfig": "liveserve.config",
     "CacheConfig": "liveserve.config",
     "CacheFullError": "liveserve.engine.kv_pool",
@@ -32,7 +32,7 @@ _EXPORTS = {
     "SchedulerConfig": "liveserve.config",
     "PerceptionConfig": "liveserve.config",
     "PoolFullError": "liveserve.engine.kv_pool",
-    "CommentarySession": "liveserve.engine.commentary",
+    "CommentarySession": "liveserve.engine.commentary.session",
     "CommentaryConfig": "liveserve.config",
     "ChunkDone": "liveserve.engine.events",
     "QwenVLModel": "liveserve.model.qwen_vl",

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from liveserve.config import SessionConfig
-from liveserve.engine.commentary import CommentarySession
+from liveserve.engine.commentary.session import CommentarySession
 from liveserve.engine.events import ChunkDone, FrameDecision, ResponseDelta, ResponseDone, ResponseStarted
-from liveserve.engine.session import Session
+from liveserve.engine.live.session import Session
 from liveserve.engine.sessions import new_session
 from liveserve.model.live import LiveModel
 from liveserve.live_source import ReconnectPolicy, SourceEvent, open_frame_source

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from liveserve.engine.session import ForwardTrace
+from liveserve.engine.live.session import ForwardTrace
 
 
 def steered(model, interval_bias: float = 0.0, eos_bias: float = 0.0):

@@ -14,7 +14,7 @@ from liveserve.config import CacheConfig, EngineConfig, PerceptionConfig, PoolCo
 from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import FrameDecision, FramesDropped, ResponseDone, SessionFailed
 from liveserve.engine.kv_pool import KVPool, PoolFullError
-from liveserve.engine.session import Session, SessionError, cache_limit
+from liveserve.engine.live.session import Session, SessionError, cache_limit
 
 TIMING_FIELDS = {"lag_s", "ttft_s", "duration_s"}
 WORDS = "what is the man holding now and where does he go".split()

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from engine_helpers import frame_bank, steered, streaming_mask_oracle
 from liveserve.config import CacheConfig, SessionConfig
-from liveserve.engine.ledger import Ledger, Segment
-from liveserve.engine.session import Session
+from liveserve.engine.live.ledger import Ledger, Segment
+from liveserve.engine.live.session import Session
 
 WORDS = "what is the man holding now and where does he go".split()
 

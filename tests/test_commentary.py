@@ -10,7 +10,7 @@ import torch
 
 from liveserve.config import CommentaryConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
 from liveserve.engine.batch import BatchEngine
-from liveserve.engine.commentary import CommentarySession
+from liveserve.engine.commentary.session import CommentarySession
 from liveserve.engine.events import ChunkDone, ResponseDelta, ResponseDone, ResponseStarted
 from liveserve.engine.inputs import SessionError
 from liveserve.engine.packed import forward_alone

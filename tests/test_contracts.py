@@ -9,10 +9,10 @@ import inspect
 import pytest
 
 from liveserve.config import SessionConfig
-from liveserve.engine.commentary import CommentarySession
+from liveserve.engine.commentary.session import CommentarySession
 from liveserve.engine.contracts import EngineModel, EngineSession, SplitReplies
-from liveserve.engine.planned import Work
-from liveserve.engine.session import REPLY_ROLES, Session
+from liveserve.engine.live.planned import Work
+from liveserve.engine.live.session import REPLY_ROLES, Session
 
 EMPTY = inspect.Parameter.empty
 

@@ -11,7 +11,7 @@ import torch
 from engine_helpers import frame_bank, steered
 from liveserve.config import CacheConfig, SessionConfig
 from liveserve.engine.events import FrameDecision
-from liveserve.engine.session import Session
+from liveserve.engine.live.session import Session
 from liveserve.model.loading import load_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

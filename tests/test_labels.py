@@ -14,7 +14,7 @@ from liveserve.data.dialogue import Dialogue, StreamTurn, TextTurn
 from liveserve.data.labels import (IGNORE, PROACTIVE, QUERY, TRAILING, LabelError, TurnSpan, build_example,
                                    example_turns)
 from liveserve.data.synthetic import synthesize
-from liveserve.engine.session import Session
+from liveserve.engine.live.session import Session
 from liveserve.model.template import DEFAULT_SYSTEM_PROMPT, StreamTemplate
 from liveserve.model.tiny import build_tiny_tokenizer
 

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine_helpers import frame_bank, steered
 from liveserve.config import CacheConfig, SessionConfig
-from liveserve.engine.session import Session
+from liveserve.engine.live.session import Session
 from liveserve.model.llama_step import unsupported
 from liveserve.model.loading import load_model
 
@@ -159,7 +159,7 @@ def test_graphed_pieces_take_m_rope_positions(qwen):
     """The commentary family's steps (a chunk's turn, reply tokens) through the bucketed pieces, M-RoPE's
     [3, T] positions in the static buffers: the same logits as the direct forward run eagerly."""
     from liveserve.config import CommentaryConfig
-    from liveserve.engine.commentary import CommentarySession
+    from liveserve.engine.commentary.session import CommentarySession
 
     model = copy.deepcopy(qwen)
     g = torch.Generator().manual_seed(4)

@@ -15,7 +15,7 @@ from transformers import (AutoModelForCausalLM, CLIPVisionModel, LlamaForCausalL
 
 from liveserve.config import SessionConfig
 from liveserve.engine.events import FrameDecision, ResponseDone
-from liveserve.engine.session import Session
+from liveserve.engine.live.session import Session
 from liveserve.model.live import build_connector
 from liveserve.model.checkpoint import CheckpointError
 from liveserve.model.loading import load_model

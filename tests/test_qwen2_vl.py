@@ -12,7 +12,7 @@ import torch
 
 from liveserve.config import CommentaryConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
 from liveserve.engine.batch import BatchEngine
-from liveserve.engine.commentary import CommentarySession
+from liveserve.engine.commentary.session import CommentarySession
 from liveserve.model.loading import load_model
 
 # Two temporal groups a chunk (4 frames at 1 FPS, 2 s a group): where Qwen2-VL's temporal positions (one per

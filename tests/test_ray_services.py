@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.config import CacheConfig, SessionConfig
 from liveserve.engine.events import FrameDecision, ResponseDone
-from liveserve.engine.session import Session
+from liveserve.engine.live.session import Session
 from liveserve.services.state.registry import SessionRegistry
 from liveserve.video import decode_image_bytes
 from stream_helpers import LiveCall, jpeg, kinds, session_messages, stream

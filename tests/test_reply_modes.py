@@ -16,7 +16,7 @@ from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerCon
 from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import (FrameDecision, FramesDropped, ReplyRequested, ResponseDelta, ResponseDone,
                                      ResponseStarted)
-from liveserve.engine.session import Session, SessionError, cache_limit
+from liveserve.engine.live.session import Session, SessionError, cache_limit
 
 
 @pytest.fixture(scope="module")

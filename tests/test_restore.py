@@ -11,7 +11,7 @@ from engine_helpers import frame_bank, steered
 from liveserve.config import SessionConfig
 from liveserve.engine.events import FrameDecision, ReplyRequested
 from liveserve.engine.inputs import AwaitedReply, RestoredFrame, RestoredTurn
-from liveserve.engine.session import Session, SessionError
+from liveserve.engine.live.session import Session, SessionError
 
 EXTERNAL = SessionConfig(max_new_tokens=6, replies="external")
 

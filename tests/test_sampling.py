@@ -1,4 +1,4 @@
-"""How commentary replies pick their tokens (engine/commentary_decoding.py): StreamingVLM's seeded sampling
+"""How commentary replies pick their tokens (engine/commentary/decoding.py): StreamingVLM's seeded sampling
 with a repetition penalty over the reply equals a plain implementation of the same rule on the same
 logits, and a model that wants to say vision or control tokens never breaks its session."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from liveserve.config import DECODINGS, CommentaryConfig, SessionConfig
-from liveserve.engine.commentary import CommentarySession
-from liveserve.engine.commentary_decoding import ReplyDecoder
+from liveserve.engine.commentary.session import CommentarySession
+from liveserve.engine.commentary.decoding import ReplyDecoder
 from liveserve.engine.events import ChunkDone, ResponseDone
 from liveserve.engine.readout import read_out
 

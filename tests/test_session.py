@@ -14,7 +14,7 @@ from liveserve.config import CacheConfig, SessionConfig
 from liveserve.engine.events import FrameDecision, ResponseDelta, ResponseDone, ResponseStarted
 from liveserve.engine.kv_pool import CacheFullError, KVPool
 from liveserve.engine.packed import PackedStep, private_cache
-from liveserve.engine.session import Session, SessionError
+from liveserve.engine.live.session import Session, SessionError
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from liveserve.config import CommentaryConfig, SessionConfig
-from liveserve.engine.commentary import CommentarySession
+from liveserve.engine.commentary.session import CommentarySession
 from liveserve.engine.packed import forward_alone
 from liveserve.engine.readout import read_out
 

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 from liveserve.config import SessionConfig
 from liveserve.engine.events import FrameDecision, ResponseDone, ResponseStarted
-from liveserve.engine.session import Session
+from liveserve.engine.live.session import Session
 from liveserve.model.template import StreamTemplate, TemplateError
 
 REFERENCE_SYSTEM = ("A multimodal AI assistant is helping users with some activities. Below is their conversation, "

@@ -11,7 +11,7 @@ import torch
 
 from liveserve.config import SessionConfig
 from liveserve.engine.events import FrameDecision, ResponseDone
-from liveserve.engine.session import Session
+from liveserve.engine.live.session import Session
 from liveserve.model.checkpoint import CheckpointError
 from liveserve.model.loading import load_model
 from liveserve.model.template import StreamTemplate, TemplateError

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from liveserve.config import SessionConfig
 from liveserve.data.synthetic import write_dataset
 from liveserve.engine.events import FrameDecision, ResponseDone
-from liveserve.engine.session import Session
+from liveserve.engine.live.session import Session
 from liveserve.model.loading import load_model
 from liveserve.train.config import TrainConfig
 from liveserve.train.features import FEATURE_DIR, load_features, vision_fingerprint

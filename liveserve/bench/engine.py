@@ -18,7 +18,7 @@ import torch
 from liveserve.bench.common import environment, force_silence, sync, write_report
 from liveserve.config import CacheConfig, SessionConfig
 from liveserve.engine.kv_pool import CacheFullError
-from liveserve.engine.session import Session
+from liveserve.engine.live.session import Session
 from liveserve.model.live import LiveModel
 
 

@@ -16,7 +16,7 @@ from liveserve.engine.inputs import SessionError
 
 
 def _encode_chunks(model, sessions) -> None:
-    from liveserve.engine.commentary import encode_chunks
+    from liveserve.engine.commentary.session import encode_chunks
 
     encode_chunks(model, sessions)
 
@@ -52,10 +52,10 @@ def session_tokens(model, config: SessionConfig) -> int:
     """The most KV tokens a session of `config` can hold: what a pool reserves for it."""
     check_mode(model, config)
     if config.mode == "commentary":
-        from liveserve.engine.commentary import commentary_cache_limit
+        from liveserve.engine.commentary.session import commentary_cache_limit
 
         return commentary_cache_limit(model, config)
-    from liveserve.engine.session import cache_limit
+    from liveserve.engine.live.session import cache_limit
 
     return cache_limit(model, config)
 
@@ -63,10 +63,10 @@ def session_tokens(model, config: SessionConfig) -> int:
 def new_session(model, config: SessionConfig, session_id: str = "", *, cache=None, encoder=None):
     check_mode(model, config)
     if config.mode == "commentary":
-        from liveserve.engine.commentary import CommentarySession
+        from liveserve.engine.commentary.session import CommentarySession
 
         return CommentarySession(model, config, session_id, cache=cache)
-    from liveserve.engine.session import Session
+    from liveserve.engine.live.session import Session
 
     return Session(model, config, session_id, cache=cache, encoder=encoder)
 

@@ -150,7 +150,7 @@ class QwenVLModel(DirectForward, nn.Module):
         return self.hf.model.language_model.rotary_emb.inv_freq
 
     def never_said_ids(self) -> tuple[int, ...]:
-        """Tokens that are never valid output (engine/commentary_decoding.py): the vision pads and markers,
+        """Tokens that are never valid output (engine/commentary/decoding.py): the vision pads and markers,
         `<|im_start|>`, and the LM head's rows past the tokenizer's vocabulary (padding)."""
         t, vocab = self.template, self.template.tokenizer.get_vocab()
         named = {t.video_pad, t.vision_start, t.vision_end, t.im_start,

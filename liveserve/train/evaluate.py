@@ -35,7 +35,7 @@ from liveserve.data.dialogue import Dialogue, TextTurn, load_dialogues
 from liveserve.data.labels import PROACTIVE, Example
 from liveserve.data.synthetic import DATASET_DIALOGUES, EVENT_KINDS, parse_narration, write_dataset
 from liveserve.engine.events import ResponseDone
-from liveserve.engine.session import Session
+from liveserve.engine.live.session import Session
 from liveserve.model.live import LiveModel
 from liveserve.train.forward import hidden_states, input_embeddings, logits_at
 from liveserve.train.metrics import (lm_correct_prefix, lm_correctness, lm_ppl, match_decisions, mean_over_videos,

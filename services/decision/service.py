@@ -26,7 +26,7 @@ from liveserve.engine.events import (ChunkDone, Event, FrameDecision, FramesDrop
                                      ResponseDone, ResponseStarted, SessionFailed)
 from liveserve.engine.inputs import FeatureShapeError, RestoredTurn, SessionError
 from liveserve.engine.kv_pool import PoolFullError
-from liveserve.engine.session import Session
+from liveserve.engine.live.session import Session
 from liveserve.engine.sessions import default_mode, tokens_per_frame
 from liveserve.model.live import LiveModel
 from liveserve.services.wire import contracts as c

@@ -23,7 +23,7 @@ from liveserve.config import EngineConfig, SchedulerConfig
 from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import Event, ResponseDelta, ResponseDone, ResponseStarted, SessionFailed
 from liveserve.engine.inputs import SessionError
-from liveserve.engine.session import Session
+from liveserve.engine.live.session import Session
 from liveserve.model.live import LiveModel
 from liveserve.services.wire import contracts as c
 from liveserve.services.replica.engine_worker import EngineWorker

@@ -21,7 +21,7 @@ from liveserve.config import SessionConfig
 from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import Event
 from liveserve.engine.inputs import SessionError
-from liveserve.engine.session import Session
+from liveserve.engine.live.session import Session
 
 log = logging.getLogger(__name__)
 

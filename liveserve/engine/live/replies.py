@@ -20,10 +20,10 @@ import torch
 from liveserve.config import SessionConfig
 from liveserve.engine.events import Event, ResponseDelta, ResponseDone, ResponseStarted
 from liveserve.engine.inputs import QueuedFrame, QueuedQuery, SessionError
-from liveserve.engine.planned import Completion, Planned, Work
+from liveserve.engine.live.planned import Completion, Planned, Work
 from liveserve.engine.readout import Readout, sample
-from liveserve.engine.session_inputs import SessionInputs
-from liveserve.engine.stream_cache import StreamCache
+from liveserve.engine.live.inputs import SessionInputs
+from liveserve.engine.live.stream_cache import StreamCache
 
 
 @dataclass(slots=True)

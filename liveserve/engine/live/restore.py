@@ -15,13 +15,13 @@ from typing import Sequence
 
 from liveserve.config import SessionConfig
 from liveserve.engine.events import Event
-from liveserve.engine.external_replies import ExternalReplies
+from liveserve.engine.live.external_replies import ExternalReplies
 from liveserve.engine.inputs import (AwaitedReply, QueuedFrame, Restored, RestoredFrame, RestoredTurn, SessionError,
                                      as_frame, check_frame_id, check_time)
-from liveserve.engine.planned import Completion, Planned, Work
+from liveserve.engine.live.planned import Completion, Planned, Work
 from liveserve.engine.readout import Readout
-from liveserve.engine.session_inputs import SessionInputs
-from liveserve.engine.stream_cache import NEW, StreamCache
+from liveserve.engine.live.inputs import SessionInputs
+from liveserve.engine.live.stream_cache import NEW, StreamCache
 
 
 class Restore:

@@ -16,8 +16,8 @@ import torch
 from liveserve.config import SessionConfig
 from liveserve.engine.inputs import QueuedFrame
 from liveserve.engine.kv_pool import CacheFullError
-from liveserve.engine.ledger import Ledger
-from liveserve.engine.planned import Planned, StepInput, Work
+from liveserve.engine.live.ledger import Ledger
+from liveserve.engine.live.planned import Planned, StepInput, Work
 
 NEW, STREAMING, REPLIED = "new", "streaming", "replied"  # nothing fed / inside "[..." / after a reply's eos
 

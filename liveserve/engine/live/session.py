@@ -27,15 +27,15 @@ from typing import Iterator, Sequence
 
 from liveserve.config import SessionConfig
 from liveserve.engine.events import Event, FrameDecision
-from liveserve.engine.external_replies import ExternalReplies
+from liveserve.engine.live.external_replies import ExternalReplies
 from liveserve.engine.inputs import QueuedFrame, QueuedQuery, Restored, SessionError, SubmitFrame
 from liveserve.engine.packed import forward_alone, private_cache
-from liveserve.engine.planned import Completion, ForwardTrace, Planned, StepInput, Work
+from liveserve.engine.live.planned import Completion, ForwardTrace, Planned, StepInput, Work
 from liveserve.engine.readout import Readout, read_out
-from liveserve.engine.replies import InlineReplies, NoReplies, Replies, RequestedReplies
-from liveserve.engine.restore import Restore
-from liveserve.engine.session_inputs import SessionInputs
-from liveserve.engine.stream_cache import StreamCache
+from liveserve.engine.live.replies import InlineReplies, NoReplies, Replies, RequestedReplies
+from liveserve.engine.live.restore import Restore
+from liveserve.engine.live.inputs import SessionInputs
+from liveserve.engine.live.stream_cache import StreamCache
 from liveserve.model.live import LiveModel
 
 __all__ = ["Session", "SessionError", "StepInput", "ForwardTrace", "cache_limit"]

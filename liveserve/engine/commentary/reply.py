@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from liveserve.engine.chunk_inputs import Chunk
+from liveserve.engine.commentary.inputs import Chunk
 from liveserve.engine.events import Event, ResponseDelta, ResponseStarted
 from liveserve.model.qwen_vl import NO_COMMENT, ChatTemplate
 

@@ -25,10 +25,10 @@ from typing import Iterator
 import torch
 
 from liveserve.config import SessionConfig
-from liveserve.engine.chunk_inputs import Chunk, ChunkInputs
-from liveserve.engine.commentary_cache import Piece, apply_windows, contiguous_rows, turn_positions
-from liveserve.engine.commentary_decoding import ReplyDecoder
-from liveserve.engine.commentary_reply import ChunkReply
+from liveserve.engine.commentary.inputs import Chunk, ChunkInputs
+from liveserve.engine.commentary.cache import Piece, apply_windows, contiguous_rows, turn_positions
+from liveserve.engine.commentary.decoding import ReplyDecoder
+from liveserve.engine.commentary.reply import ChunkReply
 from liveserve.engine.events import ChunkDone, Event, ResponseDone
 from liveserve.engine.inputs import QueuedFrame, SessionError
 from liveserve.engine.kv_pool import CacheFullError

@@ -21,11 +21,11 @@ from dataclasses import replace
 from liveserve.config import SessionConfig
 from liveserve.engine.events import Event, ReplyRequested
 from liveserve.engine.inputs import QueuedFrame, QueuedQuery, SessionError
-from liveserve.engine.planned import Completion, Planned, Work
+from liveserve.engine.live.planned import Completion, Planned, Work
 from liveserve.engine.readout import Readout
-from liveserve.engine.replies import Replies, Reply
-from liveserve.engine.session_inputs import SessionInputs
-from liveserve.engine.stream_cache import STREAMING, CachePoint, StreamCache
+from liveserve.engine.live.replies import Replies, Reply
+from liveserve.engine.live.inputs import SessionInputs
+from liveserve.engine.live.stream_cache import STREAMING, CachePoint, StreamCache
 
 
 class ExternalReplies(Replies):
