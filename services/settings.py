@@ -25,6 +25,16 @@ MODEL_FAMILIES = ("live", "qwen2_5_vl", "qwen2_vl")
 MODEL_OVERRIDES = ("threshold", "max_new_tokens", "cache_policy", "window_frames", "pool_mb", "max_lag_s",
                    "max_sessions_per_replica", "capacity_streams", "max_batch_size", "threads", "commentary_decoding")
 MODEL_KEYS = frozenset({"path", "reaction_path", "family", "perception", *MODEL_OVERRIDES})
+# Streams one Decision replica of a bundled model serves within the 250 ms SLO, by device type: what such
+# a model admits where the config records no figure of its own. From `liveserve loadtest --sweep` (2 fps,
+# 99% of frames, a few queries a minute) on a 2-core CPU host shared with other work (docs/benchmarks.md):
+# the default model met it at 64 streams and missed it at 128 (`serve --local`); tiny met it at 64, the
+# sweep's top (`serve`, on Ray).
+RECORDED_CAPACITY = {"tiny": {"cpu": 64}, "default": {"cpu": 64}}
+# A model with no figure anywhere: admitting by KV memory alone let one CPU server take 229 sessions of
+# the default model's size, far past what it serves; 16 streams are within the SLO for the models measured
+# here, and an operator raises it by recording `capacity_streams`.
+FALLBACK_CAPACITY_STREAMS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +62,9 @@ class ServiceSettings:
     # keep their latency: None = `capacity_streams`, the streams one replica serves within the SLO as
     # measured on this deployment's hardware (`liveserve loadtest --sweep`); 0 = no limit but KV memory.
     max_sessions_per_replica: int | None = None
-    capacity_streams: int = 0  # 0: not measured (admission by KV memory alone)
+    # 0: not recorded here; a bundled model then admits its RECORDED_CAPACITY, any other
+    # FALLBACK_CAPACITY_STREAMS (admission_limit), each replica logging which and why.
+    capacity_streams: int = 0
     # Decision and Reaction engines
     attention: str = "auto"  # the attention kernel (EngineConfig.attention): auto, sdpa, flashinfer, ...
     cuda_graphs: bool = False  # CUDA graphs of the direct forward (EngineConfig.cuda_graphs; CUDA only)
@@ -220,9 +232,32 @@ class ServiceSettings:
         return SessionConfig(max_new_tokens=self.max_new_tokens, cache=cache, **extra)
 
     def sessions_per_replica(self) -> int | None:
-        """The most sessions one Decision replica admits; None: as many as its KV pool holds."""
+        """The most sessions one Decision replica admits by these settings alone (None: they set no figure;
+        admission_limit says what a replica then admits)."""
         limit = self.capacity_streams if self.max_sessions_per_replica is None else self.max_sessions_per_replica
         return limit or None
+
+    def admission_limit(self, device_type: str) -> AdmissionLimit:
+        """What one Decision replica of this model on `device_type` ("cpu", "cuda") admits, and why: the
+        settings' figure, else the one recorded for a bundled model, else a conservative fallback; never
+        KV memory alone unless `max_sessions_per_replica: 0` asks for it."""
+        if self.max_sessions_per_replica == 0:
+            return AdmissionLimit(None, "max_sessions_per_replica is 0: as many as the KV pool holds")
+        if self.max_sessions_per_replica is not None:
+            return AdmissionLimit(self.max_sessions_per_replica,
+                                  f"max_sessions_per_replica ({self.max_sessions_per_replica})")
+        if self.capacity_streams:
+            return AdmissionLimit(self.capacity_streams, f"capacity_streams ({self.capacity_streams}), the "
+                                                         f"deployment's measured capacity")
+        recorded = RECORDED_CAPACITY.get(self.model, {}).get(device_type)
+        if recorded:
+            return AdmissionLimit(recorded, f"the capacity recorded for the bundled {self.model!r} model on "
+                                            f"{device_type} ({recorded} streams; set capacity_streams to this "
+                                            f"host's own)")
+        return AdmissionLimit(FALLBACK_CAPACITY_STREAMS,
+                              f"no capacity figure for this model on {device_type}, so a conservative "
+                              f"{FALLBACK_CAPACITY_STREAMS}; measure it with `liveserve loadtest --sweep` (or "
+                              f"`liveserve bench capacity`) and set capacity_streams")
 
     def pool(self) -> PoolConfig:
         return PoolConfig(budget_bytes=self.pool_mb << 20 if self.pool_mb else None)
@@ -231,6 +266,14 @@ class ServiceSettings:
         """The Decision engine: its KV pool, and frames dropped once they lag `max_lag_s` behind."""
         return EngineConfig(pool=self.pool(), scheduler=SchedulerConfig(max_lag_s=self.max_lag_s),
                             attention=self.attention, cuda_graphs=self.cuda_graphs)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimit:
+    """The most sessions a Decision replica admits (None: as many as its KV pool holds), and why."""
+
+    sessions: int | None
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,7 +109,8 @@ def ray_app(quiet_dir, qwen_dir, redis_url, otlp_collector):
               "narrator": {"path": str(qwen_dir)}}
     args = {"models": models, "max_new_tokens": 8, "window_frames": 8, "max_lag_s": 30.0, "pool_mb": 64,
             "max_frame_bytes": 64 << 10, "heartbeat_s": 0.5, "session_ttl_s": 10.0, "closed_ttl_s": 3.0,
-            "reaction_sync_frames": 4}
+            "reaction_sync_frames": 4,
+            "capacity_streams": 64}  # recorded, as a deployment records its own: the tests never near it
     busy = {"policy_function": "liveserve.services.deploy.autoscaling:BusyScaling", "policy_kwargs": {"target_busy": 0.02}}
     perception = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0.5,
                                          "downscale_delay_s": 3.0, "look_back_period_s": 11.0, "policy": busy}}

@@ -72,7 +72,10 @@ class DecisionService:
         self.outboxes = Outboxes(self._gateway_gone, interval_s=settings.hop_ms / 1000)
         self.leases = GatewayLeases(settings.session_ttl_s, self._gateway_gone)
         self._worker: EngineWorker | None = None  # started on the serving loop by the first call
-        self.max_sessions = settings.sessions_per_replica()  # None: as many as the KV pool holds
+        self.admission = settings.admission_limit(model.device.type)
+        self.max_sessions = self.admission.sessions  # None: as many as the KV pool holds
+        log.info("decision replica %s admits %s: %s", replica, "as many sessions as its KV pool holds"
+                 if self.max_sessions is None else f"at most {self.max_sessions} sessions", self.admission.reason)
         self._opening = 0  # sessions being admitted (counted against max_sessions before they are held)
         self._background: list[asyncio.Task] = []
         self.stopping = False  # the replica goes away: its sessions live on where their gateways move them
@@ -114,7 +117,7 @@ class DecisionService:
         # The engine's sessions: those closing still take compute until they are gone.
         if self.max_sessions is not None and len(self.engine.sessions) + self._opening >= self.max_sessions:
             raise PoolFullError(f"decision replica {self.replica} holds {len(self.engine.sessions) + self._opening}"
-                                f" sessions, its max_sessions_per_replica ({self.max_sessions})")
+                                f" sessions, its admission limit: {self.admission.reason}")
         self._opening += 1
         try:
             session = await asyncio.to_thread(worker.open, sid, config)
