@@ -170,7 +170,7 @@ def test_metrics_listen_on_loopback_unless_told_otherwise(capsys):
 
 def test_serve_takes_tls_files_as_absolute_settings_and_refuses_bad_ones_before_loading(pki, tmp_path, capsys,
                                                                                      monkeypatch):
-    from liveserve.cli_serve import _settings
+    from liveserve.cli.serve import _settings
 
     monkeypatch.chdir(pki["folder"])
     args = build_parser().parse_args(["serve", "--local", "--tls-cert", "server.pem", "--tls-key", "server.key",

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from liveserve.cli_connection import add_connection_options
+from liveserve.cli.connection import add_connection_options
 from liveserve.loadtest.config import (DEFAULT_ADDRESS, MAX_DURATION_S, MAX_FPS, MAX_QUERIES_PER_MIN, MAX_RAMP_UP_S,
                                        MAX_SESSIONS, MAX_SWEEP_LEVELS, ConfigError, LoadConfig, parse_levels)
 

@@ -12,8 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-from liveserve.cli_connection import add_connection_options, channel_credentials
-from liveserve.cli_source import add_reconnect_options, reconnect_policy
+from liveserve.cli.connection import add_connection_options, channel_credentials
+from liveserve.cli.source import add_reconnect_options, reconnect_policy
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_METRICS_HOST = "127.0.0.1"
