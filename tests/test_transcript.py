@@ -80,6 +80,18 @@ def test_get_transcript_returns_the_sessions_queries_and_replies(recorded):
     assert [t.timestamp for t in assistant] == [d.timestamp for d in done]
 
 
+def test_a_closed_sessions_transcript_reaches_its_last_decided_frame(recorded):
+    """Heartbeats carry the stream's time only every heartbeat_s: the close carries it too."""
+    server = recorded[0]
+    messages = list(session_messages(6))
+    messages[0].open.credentials["api_key"] = API_KEY
+    replies = stream(server.address, messages)
+    decided = [r.decision.timestamp for r in replies if r.WhichOneof("kind") == "decision"]
+    assert decided and replies[-1].closed.frames_decided == len(decided)
+    transcript = _closed_transcript(server.address, replies[0].opened.session_id, 0)
+    assert transcript.state == "closed" and transcript.last_timestamp == max(decided)
+
+
 def test_unknown_sessions_bad_ids_and_missing_keys_get_specific_statuses(recorded):
     server, session_id, _ = recorded
     cases = [("0" * 32, API_KEY, grpc.StatusCode.NOT_FOUND, "expired"),

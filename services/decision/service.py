@@ -318,7 +318,14 @@ class DecisionService:
             session_id, session.frames_decided, session.frames_dropped, session.responses, session.frames_replayed,
             code, message))
         if self.registry is not None:
-            self._write_registry(self.registry.close, session_id, self.replica, held.epoch)
+            self._write_registry(self._close_record, held)
+
+    def _close_record(self, held: _Held) -> None:
+        """The record's last timestamp as the session ended (heartbeats carry it only every heartbeat_s, so
+        the frames decided since the last one would be missing from its transcript), then closed."""
+        if held.last_timestamp is not None:
+            self.registry.record(held.session_id, self.replica, held.epoch, last_timestamp=held.last_timestamp)
+        self.registry.close(held.session_id, self.replica, held.epoch)
 
     def _gateway_gone(self, gateway_id: str) -> None:
         """The gateway's event stream ended, or its lease ran out: nobody will read its sessions' events,
