@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from liveserve.bench.batch import run_batch_bench
-from liveserve.bench.capacity import CapacitySettings, run_capacity_bench
+from liveserve.bench.capacity import run_capacity_bench
+from liveserve.bench.capacity_settings import CapacitySettings
 from liveserve.bench.engine import run_engine_bench
 from liveserve.bench.service import BenchStalled, _frames, drive, run_service_bench
 from liveserve.cli import main

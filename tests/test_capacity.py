@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from engine_helpers import frame_bank
-from liveserve.bench.capacity import CapacitySettings, sweep_levels
+from liveserve.bench.capacity import sweep_levels
+from liveserve.bench.capacity_settings import CapacitySettings
 from liveserve.bench.open_loop import DecisionBias
 from liveserve.bench.single_stream import engine_single_stream, reference_single_stream
 from liveserve.cli import main

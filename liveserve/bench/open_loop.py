@@ -9,10 +9,11 @@ import heapq
 import math
 import resource
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
+from liveserve.bench.capacity_settings import CapacitySettings
 from liveserve.bench.common import percentile, sync
 from liveserve.bench.single_stream import single_pool
 from liveserve.config import CacheConfig, CommentaryConfig, EngineConfig, SchedulerConfig, SessionConfig
@@ -20,10 +21,6 @@ from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import ChunkDone, FrameDecision, FramesDropped, ReplyRequested, SessionFailed
 from liveserve.engine.kv_pool import PoolFullError
 from liveserve.model.live import LiveModel
-
-if TYPE_CHECKING:
-    from liveserve.bench.capacity import CapacitySettings
-
 
 # ---- realistic decisions ----------------------------------------------------------------------------------
 

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
+from liveserve.bench.capacity_settings import CapacitySettings
 from liveserve.bench.common import sync
 from liveserve.config import CacheConfig, EngineConfig, PoolConfig, SchedulerConfig, SessionConfig
 from liveserve.engine.batch import BatchEngine
 from liveserve.engine.events import FrameDecision, ResponseDone
 from liveserve.model.live import LiveModel
-
-if TYPE_CHECKING:
-    from liveserve.bench.capacity import CapacitySettings
 
 
 def single_pool(model: LiveModel, frames: int, reply_tokens: int = 0) -> PoolConfig:

@@ -54,7 +54,7 @@ def _sessions_parser(bench_sub, name: str, help_text: str, sessions: str) -> arg
 
 
 def _capacity_parser(bench_sub) -> None:
-    from liveserve.bench.capacity import CapacitySettings
+    from liveserve.bench.capacity_settings import CapacitySettings
     from liveserve.model.presets import PRESETS
 
     d = CapacitySettings()
@@ -156,7 +156,8 @@ def cmd_bench_sessions(args) -> int:
 
 
 def cmd_bench_capacity(args) -> int:
-    from liveserve.bench.capacity import CapacitySettings, run_capacity_bench, sweep_levels
+    from liveserve.bench.capacity import run_capacity_bench, sweep_levels
+    from liveserve.bench.capacity_settings import CapacitySettings
 
     if args.sessions:
         try:
