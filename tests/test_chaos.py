@@ -155,6 +155,8 @@ def test_killing_the_reaction_replica_moves_reply_writing_and_the_stream_goes_on
         assert sorted(decided(call)) == list(range(10))
         assert replies[-1].WhichOneof("kind") == "closed" and replies[-1].closed.frames_decided == 10
         assert "replies are written on another replica" in recovered_warnings(call)[0].message
+        told = [w.message for w in call.of_kind("warning")]
+        assert len(told) == len(set(told)), told  # each trigger without a reply is told once
     print(f"\nreaction recovery: sessions writing replies again {moved_in:.1f}s after the kill")
     replaced("Reaction", victim, 1)
 

@@ -64,6 +64,7 @@ class EventRelay:
         self._counted = [0, 0, 0]  # frames decided, dropped, replies: this call's, for SessionClosed after a move
         self._carried = (0, 0, 0)  # ... what earlier replicas counted (SessionClosed counts on the last one)
         self._last_decided_trace: c.Trace = c.NO_TRACE
+        self._unwritten: tuple | None = None  # the last trigger told "no reply": told once, however often asked
 
     # ---- dispatch by type -----------------------------------------------------------------------------------
 
@@ -179,18 +180,16 @@ class EventRelay:
                         "none can be written" if where.reaction is None else "another is being written")
             return
         if where.reaction_moving:  # not written; Decision goes on as if the trigger had been silent
-            self.client.warn(pb.WARNING_CODE_UNSPECIFIED, f"no reply at {event.timestamp:.3f}s: the session's reply "
-                                                          f"writer is moving to another replica")
-            where.hand_back("")
+            self._not_written(event, f"no reply at {event.timestamp:.3f}s: the session's reply writer is moving to "
+                                     f"another replica")
             return
         if event.trigger == c.Trigger.QUERY:
             self.inputs.answered(event.timestamp)
         if self.tenant is not None and not self.tenant.take_reply():  # not written; Decision goes on without it
             what = f"the query {event.query!r}" if event.trigger == c.Trigger.QUERY else "the frame's trigger"
-            self.client.warn(pb.WARNING_CODE_UNSPECIFIED,
-                             f"no reply at {event.timestamp:.3f}s to {what}: tenant {self.tenant.tenant!r} is at its "
-                             f"quota of {self.tenant.quota.replies_per_min} replies a minute (replies_per_min)")
-            where.hand_back("")
+            self._not_written(event, f"no reply at {event.timestamp:.3f}s to {what}: tenant {self.tenant.tenant!r} is "
+                                     f"at its quota of {self.tenant.quota.replies_per_min} replies a minute "
+                                     f"(replies_per_min)")
             return
         parent = extract(event.trace or self._last_decided_trace)
         span = self.gateway.tracer.start_span("reply", context=parent,
@@ -200,6 +199,15 @@ class EventRelay:
         self.sync_reaction()
         where.reaction_link().send(c.Respond(where.session_id, event.trigger, event.timestamp, event.query,
                                              carried(span)))
+
+    def _not_written(self, event: c.ReplyRequested, message: str) -> None:
+        """Decision goes on without this reply. A trigger Decision asks about again (seen while a Reaction
+        replica was replaced) gets its answer again, but the client is told once."""
+        trigger = (event.trigger, event.timestamp, event.query)
+        if trigger != self._unwritten:
+            self._unwritten = trigger
+            self.client.warn(pb.WARNING_CODE_UNSPECIFIED, message)
+        self.where.hand_back("")
 
     def _response_started(self, event: c.ResponseStarted) -> None:
         if (reply := self._alive()) is not None:
