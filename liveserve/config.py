@@ -243,7 +243,7 @@ class EngineConfig:
     perception: PerceptionConfig = field(default_factory=PerceptionConfig)
     attention: str = "auto"  # auto: flashinfer, else flash-attn, where they run (CUDA, fp16/bf16, installed), else SDPA
     # CUDA graphs of the direct Llama forward's fixed-shape pieces, per bucket of step sizes
-    # (model/graphed_step.py): CUDA only, models the direct forward takes (both families)
+    # (model/forward/graphed_step.py): CUDA only, models the direct forward takes (both families)
     cuda_graphs: bool = False
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""The direct Llama forward of engine steps (model/llama_step.py) against the Hugging Face forward."""
+"""The direct Llama forward of engine steps (model/forward/llama_step.py) against the Hugging Face forward."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from engine_helpers import frame_bank, steered
 from liveserve.config import CacheConfig, SessionConfig
 from liveserve.engine.live.session import Session
-from liveserve.model.llama_step import unsupported
+from liveserve.model.forward.llama_step import unsupported
 from liveserve.model.loading import load_model
 
 
@@ -69,7 +69,7 @@ def test_direct_layers_with_biases_equal_the_hugging_face_model(tiny_model, mode
     the same logits as the Hugging Face model over one sequence."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from liveserve.model.llama_step import LlamaStep
+    from liveserve.model.forward.llama_step import LlamaStep
 
     base = tiny_model.lm.config.to_dict()
     extra = {"attention_bias": True, "mlp_bias": True} if model_type == "llama" else {"use_sliding_window": False}
@@ -92,7 +92,7 @@ def test_direct_layers_with_biases_equal_the_hugging_face_model(tiny_model, mode
 def test_direct_layers_turn_m_rope_as_qwen2_5_vl_does(qwen):
     """Qwen2.5-VL's text stack with M-RoPE: each frequency band turns with its own row (time, height,
     width) of the positions. Attention is sharpened so that a band turned with the wrong row shows."""
-    from liveserve.model.llama_step import LlamaStep
+    from liveserve.model.forward.llama_step import LlamaStep
 
     model = copy.deepcopy(qwen)
     decoder, head = model.decoder_and_head()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from liveserve.config import PoolConfig
-from liveserve.model.rope import shift_keys
+from liveserve.model.forward.rope import shift_keys
 
 
 CPU_BUDGET_BYTES = 1 << 30  # host memory is shared with everything else: a fixed, modest default

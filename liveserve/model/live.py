@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from liveserve.model.attention import KVStep
-from liveserve.model.direct_forward import DirectForward
+from liveserve.model.forward.direct_forward import DirectForward
 from liveserve.model.template import StreamTemplate
 from liveserve.model.vision import FrameLayout, VisionEncoder
 

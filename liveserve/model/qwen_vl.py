@@ -8,7 +8,7 @@ What differs from a LIVE model, and how the engine meets it:
                     a chunk's vision tokens sit at (p + t * interval, p + row, p + column) and the text after
                     them starts at p + max(rows, columns), the rule of transformers' `get_rope_index`.
   re-rotation       compacting the cache shifts every later token by the same amount in all three rows, so a
-                    cached key is re-rotated by one angle per frequency, as for 1-D RoPE (model/rope.py).
+                    cached key is re-rotated by one angle per frequency, as for 1-D RoPE (model/forward/rope.py).
   template          ChatML (`<|im_start|>role\\n...<|im_end|>`), built from the tokenizer's own marker tokens.
 
 Frames reach the tower as square S x S images (resized and padded like a LIVE model's), S the largest
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from liveserve.model.attention import ATTN_IMPLEMENTATION, KVStep
-from liveserve.model.direct_forward import DirectForward
+from liveserve.model.forward.direct_forward import DirectForward
 
 FAMILY = "qwen2_5_vl"
 NO_COMMENT = " ..."  # StreamingVLM ends every reply with it; a reply of only this is silence

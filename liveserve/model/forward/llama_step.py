@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from liveserve.model.attention import KVStep
-from liveserve.model.rope import rotate_half
+from liveserve.model.forward.rope import rotate_half
 
 STACKS = ("llama", "qwen2", "qwen2_5_vl_text", "qwen2_vl_text")  # model_type of the decoder's config
 STATIC_ROPE = ("default", "linear", "llama3")  # inv_freq fixed at load: no per-length update

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from liveserve.model.attention import KVStep
-from liveserve.model.llama_step import LlamaStep
+from liveserve.model.forward.llama_step import LlamaStep
 
 # capture(fn) runs `fn` and returns (replay, outputs): after replay(), `outputs` (the tensors fn returned)
 # hold what fn would compute now from the same input buffers.

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from liveserve.model.attention import KVStep
-from liveserve.model.graphed_step import MAX_GRAPH_TOKENS, GraphedLlamaStep
-from liveserve.model.llama_step import LlamaStep, unsupported
+from liveserve.model.forward.graphed_step import MAX_GRAPH_TOKENS, GraphedLlamaStep
+from liveserve.model.forward.llama_step import LlamaStep, unsupported
 
 
 class DirectForward:
