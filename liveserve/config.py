@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from liveserve.frame_format import RESIZE_MODES, check_pixel_bounds
+
 CACHE_POLICIES = ("full", "sink_window")
 POSITION_MODES = ("contiguous", "original")
 
@@ -67,7 +69,10 @@ class CommentaryConfig:
     each token's first position (exact against a streaming-mask oracle, positions grow without bound).
     `repetition_penalty`: transformers' rule over the tokens the reply has said so far (1 = none); with
     SessionConfig's temperature, top_p and seed it makes the reply's decoding (`DECODINGS`).
-    `query`: StreamingVLM's own default.
+    `query`: StreamingVLM's own default. `resize`: how frames are sized for the tower (frame_format.py):
+    "smart", the reference's (aspect ratio kept, sides multiples of 28, within `min_pixels`..`max_pixels`,
+    None: the model's, qwen-vl-utils' video bounds 100,352..602,112 for the released checkpoints: 360 x 640
+    becomes 364 x 644, 299 tokens a chunk of two frames), or "square" (the model's square input).
     """
 
     chunk_s: float = 1.0
@@ -82,6 +87,9 @@ class CommentaryConfig:
     previous_text: str = ""
     max_query_tokens: int = 256
     repetition_penalty: float = 1.0
+    resize: str = "smart"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     @property
     def frames_per_chunk(self) -> int:
@@ -101,6 +109,13 @@ class CommentaryConfig:
             raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {self.positions!r}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) is not None and getattr(self, name) < 28 * 28:
+                raise ValueError(f"{name} must be at least one 28 x 28 patch (784), got {getattr(self, name)}")
+        if self.min_pixels is not None and self.max_pixels is not None:
+            check_pixel_bounds(self.min_pixels, self.max_pixels)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import av
 
+from liveserve.frame_format import FrameFormat
 from liveserve.video import VideoError, VideoFrame, _check_positive, _rgb_frame, iter_video_frames, paced, probe_video
 
 # Schemes FFmpeg reads as a stream with no end known in advance. HLS and DASH are http(s) URLs.
@@ -161,8 +162,8 @@ class LiveSource:
     `on_event` is called from the iterating thread on every loss, reconnection and final give-up.
     """
 
-    def __init__(self, name: str, *, fps: float, size: int, reconnect: ReconnectPolicy = ReconnectPolicy(),
-                 max_frames: int | None = None, on_event: Callable[[SourceEvent], None] | None = None,
+    def __init__(self, name: str, *, fps: float, size: int | FrameFormat,
+                 reconnect: ReconnectPolicy = ReconnectPolicy(), max_frames: int | None = None, on_event: Callable[[SourceEvent], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         _check_positive("fps", fps)
         if max_frames is not None and max_frames < 0:
@@ -293,7 +294,7 @@ class FrameSource:
     counters: SourceCounters = field(default_factory=SourceCounters)
 
 
-def open_frame_source(name: str, *, fps: float, size: int, realtime: bool, max_frames: int | None = None,
+def open_frame_source(name: str, *, fps: float, size: int | FrameFormat, realtime: bool, max_frames: int | None = None,
                       reconnect: ReconnectPolicy = ReconnectPolicy(),
                       on_event: Callable[[SourceEvent], None] | None = None) -> FrameSource:
     """Open a file or live input, failing now (VideoError) on a bad file, scheme, device or unreachable source.

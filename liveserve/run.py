@@ -115,8 +115,10 @@ def run_video(model: LiveModel, video: str, *, fps: float, config: SessionConfig
               realtime: bool = False, max_frames: int | None = None, printer: Printer | None = None,
               reconnect: ReconnectPolicy = ReconnectPolicy()) -> RunStats:
     """`video`: a file, or a live source (URL or device), which is always read at its own pace."""
-    # The printer is bound before the source reports anything: events only come once frames are read.
-    source = open_frame_source(video, fps=fps, size=model.frame_size, realtime=False, max_frames=max_frames,
+    # The printer is bound before the source reports anything: events only come once frames are read. A
+    # commentary session's frames are sized as its CommentaryConfig says (once: the session keeps them so).
+    size = model.frame_format(config.commentary) if config.mode == "commentary" else model.frame_size
+    source = open_frame_source(video, fps=fps, size=size, realtime=False, max_frames=max_frames,
                                reconnect=reconnect, on_event=lambda event: printer.source_event(event))
     printer = printer or Printer(source.total)
     session = new_session(model, config, session_id="run")

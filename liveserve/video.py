@@ -3,6 +3,8 @@
 The reference pipeline is ``ffmpeg -vf fps=F,scale=<long side=S, short side -2>,pad=S:S:centred``:
 frames are resampled to a target fps, scaled (bicubic) so the long side equals ``size`` with the
 short side rounded to an even number of pixels, then centred on a black ``size x size`` canvas.
+Where a ``size`` is taken, a FrameFormat (frame_format.py) may be given instead: "smart" keeps the
+aspect ratio (Qwen-VL's rule), scaling bicubic to its size without padding.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from liveserve.frame_format import FrameFormat
+
 SAMPLE_VIDEO = Path(__file__).parent / "assets" / "sample.mp4"
 
 # Tolerance when comparing frame presentation times with sampling targets (float rounding of pts*tb).
@@ -36,7 +40,7 @@ class VideoError(Exception):
 class VideoFrame:
     index: int  # 0, 1, 2, ... in sampled order
     timestamp: float  # seconds: start_s + index / fps (a live source: its sampling slot's k / fps, see live_source)
-    pixels: torch.Tensor  # uint8 [3, size, size], RGB
+    pixels: torch.Tensor  # uint8 [3, H, W], RGB: size x size, or a smart FrameFormat's size
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +101,7 @@ def resize_and_pad(image: torch.Tensor | np.ndarray | Image.Image, size: int) ->
         raise ValueError(f"cannot resize an empty image of shape {tuple(chw.shape)}")
     new_w, new_h = _scaled_size(w, h, size)
     if (new_h, new_w) != (h, w):
-        # Interpolate in float and round back: bicubic overshoots, so clamp to the uint8 range.
-        resized = F.interpolate(
-            chw.unsqueeze(0).float(), size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
-        )[0]
-        chw = resized.round_().clamp_(0, 255).to(torch.uint8)
+        chw = scale_to(chw, new_h, new_w)
     elif (h, w) == (size, size):
         return chw.contiguous()  # already square at the tower's size: nothing to pad
     out = torch.zeros((3, size, size), dtype=torch.uint8)
@@ -110,15 +110,39 @@ def resize_and_pad(image: torch.Tensor | np.ndarray | Image.Image, size: int) ->
     return out
 
 
+def fit_frame(image: torch.Tensor | np.ndarray | Image.Image, size: int | FrameFormat) -> torch.Tensor:
+    """`image` sized for the tower: an int or a square format squares it (resize_and_pad), a smart format
+    scales it to its size (bicubic, antialiased), aspect ratio kept."""
+    if isinstance(size, int):
+        return resize_and_pad(image, size)
+    if size.resize == "square":
+        return resize_and_pad(image, size.size)
+    chw = _to_chw_tensor(image)
+    return scale_to(chw, *size.output_size(*chw.shape[1:]))
+
+
+def scale_to(chw: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [3, h, w] -> [3, height, width], bicubic and antialiased (unpadded: the aspect ratio may change)."""
+    if tuple(chw.shape[1:]) == (height, width):
+        return chw.contiguous()
+    # Interpolate in float and round back: bicubic overshoots, so clamp to the uint8 range.
+    resized = F.interpolate(chw.unsqueeze(0).float(), size=(height, width), mode="bicubic", align_corners=False,
+                            antialias=True)[0]
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
 _EXIF_ORIENTATION = 0x0112
+_EXIF_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
 
 
 class ImageTooLarge(VideoError):
     """The image's header claims more pixels than allowed; nothing was decoded."""
 
 
-def decode_image_bytes(data: bytes, size: int, max_pixels: int | None = None) -> torch.Tensor:
-    """Decode JPEG/PNG/WebP (anything PIL reads) into a ``[3, size, size]`` uint8 tensor. An image with more
+def decode_image_bytes(data: bytes, size: int | FrameFormat, max_pixels: int | None = None) -> torch.Tensor:
+    """Decode JPEG/PNG/WebP (anything PIL reads) into a uint8 tensor sized by `fit_frame` (an int: ``[3, size,
+    size]``; a smart format: its size for the image's full dimensions, even when decoded at a reduced scale).
+    An image with more
     than `max_pixels` pixels is refused from its header, before any pixel is decoded (a small, highly
     compressed file can claim gigapixels)."""
     if not data:
@@ -130,18 +154,24 @@ def decode_image_bytes(data: bytes, size: int, max_pixels: int | None = None) ->
                 raise ImageTooLarge(f"the image is {width}x{height} pixels; the limit is {max_pixels} pixels")
             # A JPEG much larger than the tower's input is decoded at a reduced scale (libjpeg scales in the
             # DCT, a fraction of the cost), never below twice the input size, then resized as any image.
-            img.draft("RGB", (2 * size, 2 * size))
+            smart = isinstance(size, FrameFormat) and size.resize == "smart"
+            target = size.output_size(height, width) if smart else None
+            side = max(target) if smart else size if isinstance(size, int) else size.size
+            img.draft("RGB", (2 * side, 2 * side))
             img.load()
             # Honour EXIF orientation so phone photos are upright, as a viewer would show them (transposing
             # copies the image, so only when a tag asks for it).
-            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+            if orientation != 1:
                 img = ImageOps.exif_transpose(img)
+                if smart and orientation in _EXIF_TRANSPOSED:
+                    target = size.output_size(width, height)
             pixels = _to_chw_tensor(img)  # read before the file (and the image with it) is closed
     except ImageTooLarge:
         raise
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
         raise VideoError(f"cannot decode image: {exc}") from exc
-    return resize_and_pad(pixels, size)
+    return scale_to(pixels, *target) if target is not None else fit_frame(pixels, size)
 
 
 def _open(path: str | os.PathLike[str]) -> tuple[str, av.container.InputContainer, av.video.stream.VideoStream]:
@@ -182,15 +212,15 @@ def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
         return VideoInfo(path=name, width=ctx.width, height=ctx.height, duration_s=duration, native_fps=fps)
 
 
-def _rgb_frame(frame: av.VideoFrame, size: int) -> torch.Tensor:
+def _rgb_frame(frame: av.VideoFrame, size: int | FrameFormat) -> torch.Tensor:
     rgb = frame.to_ndarray(format="rgb24")  # swscale handles the YUV->RGB colour conversion
-    return resize_and_pad(rgb, size)
+    return fit_frame(rgb, size)
 
 
 def iter_video_frames(
     path: str | os.PathLike[str],
     fps: float = 2.0,
-    size: int = 384,
+    size: int | FrameFormat = 384,
     *,
     max_frames: int | None = None,
     start_s: float = 0.0,
@@ -201,7 +231,7 @@ def iter_video_frames(
     frame (as ffmpeg's fps filter does); sampling stops once t_k reaches the end of the last frame.
     """
     _check_positive("fps", fps)
-    if size <= 0:
+    if isinstance(size, int) and size <= 0:
         raise ValueError(f"size must be > 0, got {size!r}")
     if max_frames is not None and max_frames < 0:
         raise ValueError(f"max_frames must be >= 0, got {max_frames!r}")
@@ -217,7 +247,7 @@ def _decode_loop(
     container: av.container.InputContainer,
     stream: av.video.stream.VideoStream,
     fps: float,
-    size: int,
+    size: int | FrameFormat,
     max_frames: int | None,
     start_s: float,
 ) -> Iterator[VideoFrame]:

@@ -58,7 +58,8 @@ def test_an_open_keeps_every_session_setting():
 # A value other than the default for every CommentaryConfig field.
 CHANGED_COMMENTARY = {"chunk_s": 2.0, "fps": 4.0, "max_tokens_per_chunk": 9, "vision_window_chunks": 5, "text_rounds": 3,
                       "text_sink_tokens": 7, "text_window_tokens": 11, "positions": "original", "query": "who leads?",
-                      "previous_text": "kick-off", "max_query_tokens": 40, "repetition_penalty": 1.05}
+                      "previous_text": "kick-off", "max_query_tokens": 40, "repetition_penalty": 1.05,
+                      "resize": "square", "min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64}
 
 
 def test_an_open_keeps_every_commentary_setting():
@@ -152,6 +153,16 @@ def test_tensors_keep_their_dtype_and_refuse_a_wrong_size():
         tensors.from_message(tensor_pb2.Tensor(shape=[1], dtype="int128", data=b"\0"))
     with pytest.raises(ValueError, match="expected 3 stacked rows"):
         tensors.unpack(tensors.pack([features(0), features(1)]), 3)
+
+
+def test_frames_of_different_sizes_travel_in_one_tensor():
+    """A commentary model's frames keep their sources' aspect ratios: one push holds several sizes."""
+    frames = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((364, 644), (644, 364), (476, 476))]
+    back = tensors.unpack(wire(tensors.pack(frames), tensor_pb2.Tensor), 3)
+    assert [tuple(f.shape) for f in back] == [tuple(f.shape) for f in frames]
+    assert all(torch.equal(a, b) for a, b in zip(back, frames))
+    with pytest.raises(ValueError, match="do not describe 2 rows"):
+        tensors.unpack(tensors.pack(frames), 2)
 
 
 def test_perception_scales_on_how_busy_its_encoders_are():

@@ -73,8 +73,8 @@ def new_session(model, config: SessionConfig, session_id: str = "", *, cache=Non
 
 def tokens_per_frame(model, config: SessionConfig) -> int:
     """KV tokens a frame costs (what clients size their sessions by): a LIVE frame's slots and its interval
-    token; in commentary mode a chunk's vision tokens per frame, rounded up."""
+    token; in commentary mode the largest chunk's vision tokens per frame (its frames' pixel budget), rounded up."""
     if config.mode == "commentary":
         frames = config.commentary.frames_per_chunk
-        return -(-model.grid(frames).num_tokens // frames)
+        return -(-model.largest_chunk_tokens(config.commentary) // frames)
     return model.layout.num_tokens + 1

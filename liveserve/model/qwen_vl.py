@@ -3,7 +3,7 @@
 What differs from a LIVE model, and how the engine meets it:
   frames -> tokens  frames are encoded a chunk at a time: `temporal_patch_size` frames (2) make one
                     temporal grid, and the merger turns each 2x2 block of 14-px patches into one LM token, so
-                    a chunk of square S-px frames is (S / 28)^2 tokens, already in the LM's embedding space.
+                    a chunk of H x W frames is (H / 28) x (W / 28) tokens a group, in the LM's embedding space.
   positions         M-RoPE: three rows (temporal, height, width). Text advances all three by one per token;
                     a chunk's vision tokens sit at (p + t * interval, p + row, p + column) and the text after
                     them starts at p + max(rows, columns), the rule of transformers' `get_rope_index`.
@@ -11,9 +11,11 @@ What differs from a LIVE model, and how the engine meets it:
                     cached key is re-rotated by one angle per frequency, as for 1-D RoPE (model/forward/rope.py).
   template          ChatML (`<|im_start|>role\\n...<|im_end|>`), built from the tokenizer's own marker tokens.
 
-Frames reach the tower as square S x S images (resized and padded like a LIVE model's), S the largest
-multiple of 28 whose square fits StreamingVLM's frame size (360 x 640 pixels) and the image processor's
-`max_pixels`: 476 px, 17 x 17 = 289 LM tokens a chunk, for the released checkpoints.
+Frames reach the tower sized as the session's CommentaryConfig says (`frame_format`): by default as the
+reference sizes them, aspect ratio kept under a pixel budget (360 x 640 becomes 364 x 644: 13 x 23 = 299 LM
+tokens a chunk), or squared as a LIVE model's are to S x S, S the largest multiple of 28 whose square fits
+StreamingVLM's frame size (360 x 640 pixels) and the image processor's `max_pixels` (476 px, 289 tokens).
+Each chunk has the grid of its own frames.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from liveserve.config import CommentaryConfig
+from liveserve.frame_format import FrameFormat, stream_pixel_bounds
 from liveserve.model.attention import ATTN_IMPLEMENTATION, KVStep
 from liveserve.model.forward.direct_forward import DirectForward
 
@@ -117,9 +121,11 @@ class VisionGrid:
 class QwenVLModel(DirectForward, nn.Module):
     family = FAMILY
 
-    def __init__(self, hf: nn.Module, tokenizer, *, image_mean, image_std, frame_size: int, name: str = "") -> None:
+    def __init__(self, hf: nn.Module, tokenizer, *, image_mean, image_std, frame_size: int, name: str = "",
+                 pixel_bounds: tuple[int, int] = stream_pixel_bounds(None, None)) -> None:
+        """`pixel_bounds`: a smart-sized frame's (min_pixels, max_pixels) when the session sets none."""
         super().__init__()
-        self.hf, self.name = hf, name
+        self.hf, self.name, self.pixel_bounds = hf, name, pixel_bounds
         self.template = ChatTemplate.from_tokenizer(tokenizer)
         self.system_prompt = DEFAULT_SYSTEM_PROMPT
         text, vision = hf.config.text_config, hf.config.vision_config
@@ -157,37 +163,54 @@ class QwenVLModel(DirectForward, nn.Module):
                  *(vocab[token] for token in ("<|image_pad|>", "<|vision_pad|>") if token in vocab)}
         return tuple(sorted(named | set(range(len(t.tokenizer), self.vocab_size))))
 
-    def grid(self, num_frames: int) -> VisionGrid:
-        side = self.frame_size // (self.patch_size * self.merge)
-        return VisionGrid(num_frames // self.temporal_patch_size, side, side)
+    @property
+    def frame_unit(self) -> int:
+        """Frame sides are multiples of this (a merged patch: 28 px)."""
+        return self.patch_size * self.merge
+
+    def grid(self, num_frames: int, height: int | None = None, width: int | None = None) -> VisionGrid:
+        """A chunk of `num_frames` frames of `height` x `width` px (by default the square frame size)."""
+        unit = self.frame_unit
+        return VisionGrid(num_frames // self.temporal_patch_size, (height or self.frame_size) // unit,
+                          (width or self.frame_size) // unit)
+
+    def frame_format(self, commentary: CommentaryConfig) -> FrameFormat:
+        """How a session of CommentaryConfig `commentary` sizes its frames."""
+        return commentary_frame_format(self.frame_size, self.frame_unit, self.pixel_bounds, commentary)
+
+    def largest_chunk_tokens(self, commentary: CommentaryConfig) -> int:
+        """The most vision tokens a chunk of a session of CommentaryConfig `commentary` has (what its cache
+        reserves for it)."""
+        groups = commentary.frames_per_chunk // self.temporal_patch_size
+        return groups * (self.frame_format(commentary).largest_area // self.frame_unit ** 2)
 
     # ---- vision ----------------------------------------------------------------------------------------
 
     def patchify(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 frames [F, 3, S, S] (F a multiple of temporal_patch_size) -> the tower's input rows
-        [F / tp * (S / p)^2, 3 * tp * p * p], normalized, in the order of Qwen's image processor (merge
-        blocks together, so the merger's 2x2 groups are adjacent rows)."""
-        f, c, s, _ = frames.shape
+        """uint8 frames [F, 3, H, W] (F a multiple of temporal_patch_size, H and W of `frame_unit`) -> the
+        tower's input rows [F / tp * (H / p) * (W / p), 3 * tp * p * p], normalized, in the order of Qwen's
+        image processor (merge blocks together, so the merger's 2x2 groups are adjacent rows)."""
+        f, c, h, w = frames.shape
         tp, p, m = self.temporal_patch_size, self.patch_size, self.merge
-        if f % tp or s != self.frame_size:
-            raise ValueError(f"a chunk is a multiple of {tp} frames of {self.frame_size}x{self.frame_size} px, "
-                             f"got {f} of {s}x{s}")
+        if f % tp or h % self.frame_unit or w % self.frame_unit:
+            raise ValueError(f"a chunk is a multiple of {tp} frames with sides multiples of {self.frame_unit} px, "
+                             f"got {f} of {w}x{h}")
         x = (frames.to(self._mean.device, torch.float32) / 255.0 - self._mean) / self._std
-        g = s // p
-        x = x.reshape(f // tp, tp, c, g // m, m, p, g // m, m, p)
+        gh, gw = h // p, w // p
+        x = x.reshape(f // tp, tp, c, gh // m, m, p, gw // m, m, p)
         x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, row block, col block, row in block, col in block, c, tp, p, p
-        return x.reshape(f // tp * g * g, c * tp * p * p)
+        return x.reshape(f // tp * gh * gw, c * tp * p * p)
 
     @torch.inference_mode()
     def encode_chunk(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 frames [F, 3, S, S] -> LM embeddings of the chunk's vision tokens [tokens, hidden]."""
+        """uint8 frames [F, 3, H, W] -> LM embeddings of the chunk's vision tokens [tokens, hidden]."""
         return self.encode_chunks([frames])[0]
 
     @torch.inference_mode()
     def encode_chunks(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
         """Several chunks (of several sessions) in one call of the tower: each attends within itself only
         (the tower's own per-grid attention), so each result equals encoding it alone."""
-        grids = [self.grid(frames.shape[0]) for frames in chunks]
+        grids = [self.grid(frames.shape[0], frames.shape[2], frames.shape[3]) for frames in chunks]
         patches = torch.cat([self.patchify(frames) for frames in chunks]).to(self.device, self.dtype)
         thw = torch.tensor([[g.t, g.h * self.merge, g.w * self.merge] for g in grids], device=self.device)
         out = self.vision(patches, grid_thw=thw)
@@ -249,18 +272,30 @@ class QwenVLModel(DirectForward, nn.Module):
 
 
 class FramePixels:
-    """What a Perception replica does for a Qwen2.5-VL model: decode frames and resize them to the tower's
-    square input. The tower itself runs a chunk of frames at a time, on the Decision replica with the LM
-    (its frames are encoded together), so Perception sends pixels (uint8 [3, S, S]) and loads no weights."""
+    """What a Perception replica does for a Qwen2.5-VL model: decode frames and size them for the tower
+    (`frame_format`: a default session's, aspect ratio kept; a session that sizes its frames otherwise
+    re-sizes them on its Decision replica). The tower itself runs a chunk of frames at a time, on the
+    Decision replica with the LM (its frames are encoded together), so Perception sends pixels (uint8
+    [3, H, W]) and loads no weights."""
 
     device = torch.device("cpu")
     dtype = torch.uint8
 
-    def __init__(self, frame_size: int, name: str = "", family: str = FAMILY) -> None:
+    def __init__(self, frame_size: int, name: str = "", family: str = FAMILY, unit: int = 28,
+                 pixel_bounds: tuple[int, int] = stream_pixel_bounds(None, None)) -> None:
         self.frame_size, self.name, self.family = frame_size, name, family
+        self.frame_format = commentary_frame_format(frame_size, unit, pixel_bounds, CommentaryConfig())
 
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels
+
+
+def commentary_frame_format(frame_size: int, unit: int, pixel_bounds: tuple[int, int],
+                            commentary: CommentaryConfig) -> FrameFormat:
+    """How a commentary session sizes its frames: CommentaryConfig's `resize` and pixel bounds (where it sets
+    them, else the model's `pixel_bounds`) over the model's square `frame_size` and side `unit`."""
+    low, high = commentary.min_pixels or pixel_bounds[0], commentary.max_pixels or pixel_bounds[1]
+    return FrameFormat(frame_size, commentary.resize, unit, low, high)
 
 
 def frame_size_for(max_pixels: int, unit: int) -> int:
@@ -270,7 +305,7 @@ def frame_size_for(max_pixels: int, unit: int) -> int:
 
 def _frame_size(path: Path, config: dict) -> tuple[int, dict]:
     """The square frame size of the checkpoint at `path` (from its image processor's max_pixels) and that
-    processor's settings."""
+    processor's settings (`_pixel_bounds` reads its pixel bounds)."""
     from liveserve.model.checkpoint import CheckpointError
 
     processor = path / "preprocessor_config.json"
@@ -283,11 +318,22 @@ def _frame_size(path: Path, config: dict) -> tuple[int, dict]:
     return frame_size_for(min(max_pixels, STREAM_FRAME_PIXELS), unit), image
 
 
+def _pixel_bounds(image: dict) -> tuple[int, int]:
+    """Smart-sized frames' default (min_pixels, max_pixels) for the image processor settings `image`."""
+    size = image.get("size") or {}
+    return stream_pixel_bounds(image.get("min_pixels") or size.get("shortest_edge"),
+                               image.get("max_pixels") or size.get("longest_edge"))
+
+
 def load_frame_pixels(path: Path) -> FramePixels:
     """A Perception replica's model for the Qwen2.5-VL (or Qwen2-VL) checkpoint at `path`: its frame size, no
     weights."""
     config = json.loads((path / "config.json").read_text())
-    return FramePixels(_frame_size(path, config)[0], name=str(path), family=config.get("model_type", FAMILY))
+    vision = config.get("vision_config") or {}
+    size, image = _frame_size(path, config)
+    return FramePixels(size, name=str(path), family=config.get("model_type", FAMILY),
+                       unit=vision.get("patch_size", 14) * vision.get("spatial_merge_size", 2),
+                       pixel_bounds=_pixel_bounds(image))
 
 
 def load_qwen_vl(path: Path, device: torch.device, dtype: torch.dtype, *, frame_size: int | None = None,
@@ -318,7 +364,7 @@ def load_qwen_vl(path: Path, device: torch.device, dtype: torch.dtype, *, frame_
     unit = vision.patch_size * vision.spatial_merge_size
     try:
         model = model_class(hf.to(device), tokenizer, image_mean=image["image_mean"], image_std=image["image_std"],
-                            frame_size=frame_size or size, name=str(path))
+                            frame_size=frame_size or size, name=str(path), pixel_bounds=_pixel_bounds(image))
     except (QwenTemplateError, KeyError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     if model.frame_size % unit:

@@ -48,7 +48,8 @@ class LocalServer:
         if commentary and reaction_model is not None:
             raise ValueError(f"{model.name} is a commentary model: it writes what it says itself, so a reaction "
                              "model does not apply")
-        frames = FramePixels(model.frame_size, model.name) if commentary else model
+        frames = FramePixels(model.frame_size, model.name, model.family, model.frame_unit,
+                             model.pixel_bounds) if commentary else model
         self.encoder = FrameEncoder(frames, settings.max_batch_size, settings.max_frame_pixels)
         self.decision = DecisionService(model, settings, replica="local", registry=registry)
         self.reaction = None if commentary else ReactionService(reaction_model or model, settings, replica="local")

@@ -114,7 +114,9 @@ class FrameEncoder:
         from liveserve.video import VideoError, decode_image_bytes
 
         try:
-            return decode_image_bytes(frame.image, self.model.frame_size, self.max_pixels)
+            # A commentary model's frames keep their aspect ratio (FramePixels.frame_format); a LIVE model's are square.
+            size = getattr(self.model, "frame_format", self.model.frame_size)
+            return decode_image_bytes(frame.image, size, self.max_pixels)
         except (ValueError, VideoError) as exc:
             return f"bad frame image at {frame.timestamp:.3f}s: {OBJECT_REPR.sub('', str(exc))}"
 

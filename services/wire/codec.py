@@ -123,13 +123,15 @@ def _put(entry, value) -> None:
 # ---- sessions --------------------------------------------------------------------------------------------
 
 # CommentaryConfig's field -> its SessionSettings field (every field: test_codec checks). Those after the
-# first four are optional on the wire: a gateway from before them sends none, and the replica's default holds.
+# first four are optional on the wire: a gateway from before them sends none, and the replica's default holds
+# (a None, the model's own pixel bounds, is sent as no value).
 _COMMENTARY_WIRE = {"chunk_s": "chunk_s", "fps": "fps", "max_tokens_per_chunk": "max_tokens_per_chunk",
                     "query": "commentary_query", "repetition_penalty": "repetition_penalty",
                     "vision_window_chunks": "vision_window_chunks", "text_rounds": "text_rounds",
                     "text_sink_tokens": "text_sink_tokens", "text_window_tokens": "commentary_text_window_tokens",
                     "positions": "commentary_positions", "previous_text": "previous_text",
-                    "max_query_tokens": "commentary_max_query_tokens"}
+                    "max_query_tokens": "commentary_max_query_tokens", "resize": "resize",
+                    "min_pixels": "min_pixels", "max_pixels": "max_pixels"}
 _COMMENTARY_ALWAYS = ("chunk_s", "fps", "max_tokens_per_chunk", "commentary_query")
 
 
@@ -141,7 +143,7 @@ def settings_to_proto(config: SessionConfig) -> spb.SessionSettings:
         max_query_tokens=config.max_query_tokens, cache_policy=cache.policy, positions=cache.positions,
         window_frames=cache.window_frames, text_window_tokens=cache.text_window_tokens,
         evict_frames=cache.evict_frames, decisions_only=config.replies == "none", mode=config.mode,
-        **{wire: getattr(config.commentary, name) for name, wire in _COMMENTARY_WIRE.items()})
+        **{wire: value for name, wire in _COMMENTARY_WIRE.items() if (value := getattr(config.commentary, name)) is not None})
 
 
 def settings_from_proto(message: spb.SessionSettings) -> SessionConfig:

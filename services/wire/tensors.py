@@ -38,15 +38,40 @@ def from_message(message: tensor_pb2.Tensor) -> torch.Tensor:
 
 
 def pack(rows: list[torch.Tensor]) -> tensor_pb2.Tensor | None:
-    """Same-shaped rows -> one stacked tensor message (None for no rows)."""
-    return to_message(torch.stack([row.detach().to("cpu") for row in rows])) if rows else None
+    """Rows -> one tensor message (None for no rows): stacked when they share a shape, else one after
+    another with their shapes (`row_shapes`)."""
+    if not rows:
+        return None
+    rows = [row.detach().to("cpu") for row in rows]
+    if all(row.shape == rows[0].shape for row in rows):
+        return to_message(torch.stack(rows))
+    if any(row.dim() != rows[0].dim() for row in rows):
+        raise ValueError("rows of different ranks cannot travel in one tensor")
+    message = to_message(torch.cat([row.reshape(-1) for row in rows]))
+    message.row_shapes.extend(size for row in rows for size in row.shape)
+    return message
 
 
 def unpack(message: tensor_pb2.Tensor, count: int) -> list[torch.Tensor]:
-    """A stacked tensor message -> its `count` rows (views of one buffer)."""
+    """A tensor message from `pack` -> its `count` rows (views of one buffer)."""
     if count == 0:
         return []
+    if message.row_shapes:
+        return _unpack_rows(message, count)
     stacked = from_message(message)
     if stacked.dim() < 1 or stacked.shape[0] != count:
         raise ValueError(f"expected {count} stacked rows, got a tensor of shape {tuple(stacked.shape)}")
     return list(stacked.unbind(0))
+
+
+def _unpack_rows(message: tensor_pb2.Tensor, count: int) -> list[torch.Tensor]:
+    """Rows of different shapes, one after another."""
+    flat, dims = from_message(message), list(message.row_shapes)
+    if flat.dim() != 1 or len(dims) % count:
+        raise ValueError(f"{len(dims)} row dimensions do not describe {count} rows of a flat tensor")
+    rank = len(dims) // count
+    shapes = [torch.Size(dims[i:i + rank]) for i in range(0, len(dims), rank)]
+    sizes = [shape.numel() for shape in shapes]
+    if sum(sizes) != flat.numel():
+        raise ValueError(f"rows of {sum(sizes)} elements in a tensor of {flat.numel()}")
+    return [row.view(shape) for row, shape in zip(flat.split(sizes), shapes)]

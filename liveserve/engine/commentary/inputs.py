@@ -3,7 +3,10 @@ asks. Validated on the caller's thread before anything changes; thread-safe (cal
 engine steps; the commentary session takes whole chunks from here).
 
 A chunk is complete with its `chunk_s * fps` frames, or early when a frame of a later chunk's time
-arrives (a short chunk repeats its last frame). Chunk k is labelled `Time=k*chunk_s-(k+1)*chunk_s`: the
+arrives (a short chunk repeats its last frame). Frames are sized by the session's CommentaryConfig
+(`model.frame_format`; frames already at their size stay as they are), and a chunk's frames share the size
+of its first (the tower takes a chunk as one grid), so a source that changes resolution mid-chunk is
+sized to it. Chunk k is labelled `Time=k*chunk_s-(k+1)*chunk_s`: the
 chunk after the last one, or the chunk of its first frame's time after a gap, so jittery timestamps
 never repeat a label.
 """
@@ -44,6 +47,10 @@ class Chunk:
 class ChunkInputs:
     def __init__(self, model, config: SessionConfig) -> None:
         self.model, self.commentary = model, config.commentary
+        try:
+            self.frame_format = model.frame_format(config.commentary)
+        except ValueError as exc:  # the session's pixel bounds against the model's
+            raise SessionError(str(exc)) from None
         self.lock = threading.Lock()
         self.chunks: deque[Chunk] = deque()  # full chunks, waiting for their turn
         self._filling: list[QueuedFrame] = []  # the chunk being filled
@@ -65,7 +72,7 @@ class ChunkInputs:
             raise SessionError("commentary sessions take images: the tower encodes a chunk of frames together")
         with self.lock:  # refuse early and cheaply, before decoding
             self._check_in_order(timestamp)
-        pixels = _pixels(frame, self.model.frame_size)
+        pixels = _pixels(frame, self.frame_format)
         with self.lock:
             self._check_in_order(timestamp)
             self._last_frame_time = timestamp
@@ -77,6 +84,8 @@ class ChunkInputs:
                 self._close_chunk()
             if not self._filling:  # a new chunk: the next one, or the one of this time after a gap
                 self._filling_index = max(self._last_index + 1, second)
+            elif pixels.shape != (first := self._filling[0].pixels).shape:
+                item = replace(item, pixels=_sized_as(pixels, first))
             self._filling.append(item)
             if len(self._filling) == self.commentary.frames_per_chunk:
                 self._close_chunk()
@@ -147,12 +156,19 @@ class ChunkInputs:
         check_not_before(timestamp, self._last_frame_time)
 
 
-def _pixels(frame, size: int) -> torch.Tensor:
-    from liveserve.video import VideoError, decode_image_bytes, resize_and_pad
+def _pixels(frame, size) -> torch.Tensor:
+    """`frame` (image bytes, a tensor, array or PIL image) sized by the FrameFormat `size`."""
+    from liveserve.video import VideoError, decode_image_bytes, fit_frame
 
     try:
         if isinstance(frame, (bytes, bytearray, memoryview)):
             return decode_image_bytes(bytes(frame), size)
-        return resize_and_pad(frame, size)
+        return fit_frame(frame, size)
     except (ValueError, VideoError, TypeError) as exc:
         raise SessionError(f"bad frame image: {exc}") from exc
+
+
+def _sized_as(pixels: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    from liveserve.video import scale_to
+
+    return scale_to(pixels, *first.shape[1:])

@@ -34,7 +34,7 @@ from liveserve.engine.inputs import QueuedFrame, SessionError
 from liveserve.engine.kv_pool import CacheFullError
 from liveserve.engine.packed import forward_alone, private_cache
 from liveserve.engine.readout import Readout, read_out
-from liveserve.model.qwen_vl import QwenVLModel
+from liveserve.model.qwen_vl import QwenVLModel, VisionGrid
 
 __all__ = ["CommentarySession", "CommentaryStep", "Piece", "commentary_cache_limit", "encode_chunks"]
 
@@ -48,10 +48,17 @@ class CommentaryStep:
     features: torch.Tensor | None  # [vision tokens, hidden]: LM embeddings from the tower's merger
     positions: torch.Tensor
     start: int
+    grid: VisionGrid | None = None  # a turn's: its chunk's vision grid
 
     @property
     def num_tokens(self) -> int:
         return len(self.ids)
+
+
+def chunk_grid(model: QwenVLModel, chunk: Chunk) -> VisionGrid:
+    """The vision grid of `chunk`: its frames' count and size."""
+    frame = chunk.frames[0].pixels
+    return model.grid(len(chunk.frames), frame.shape[1], frame.shape[2])
 
 
 class CommentarySession:
@@ -78,7 +85,6 @@ class CommentarySession:
         self.trace: list | None = None
         self._contiguous = self.commentary.positions == "contiguous"
         self._seconds_per_grid = tp / self.commentary.fps  # the video time one temporal group of frames spans
-        self._grid = model.grid(self.commentary.frames_per_chunk)
         self._turns = 0  # chunks fed so far
         self._pending: list[int] = []  # the last reply's tokens not fed yet (its end)
         self._pending_chunk = -1  # ... and its chunk
@@ -94,8 +100,8 @@ class CommentarySession:
     # ---- input -------------------------------------------------------------------------------------
 
     def push_frame(self, timestamp: float, frame, frame_id: int | None = None) -> None:
-        """Queue a frame (encoded image bytes, an image tensor/array/PIL image; resized and padded to the
-        tower's square input), into the chunk of its time (chunk_inputs.py)."""
+        """Queue a frame (encoded image bytes, an image tensor/array/PIL image; sized as the session's
+        CommentaryConfig says), into the chunk of its time (chunk_inputs.py)."""
         self.inputs.push_frame(timestamp, frame, frame_id)
 
     def push_query(self, timestamp: float, text: str) -> None:
@@ -195,7 +201,7 @@ class CommentarySession:
         self._make_room()
         features = chunk.features if chunk.features is not None else self.model.encode_chunk(chunk.pixels())
         ids, pieces = self._turn_ids(chunk)
-        step = self._reserve(ids, features)
+        step = self._reserve(ids, features, chunk_grid(self.model, chunk))
         self._planned = (True, step)
         self._reply = ChunkReply(chunk, chunk.index * self.commentary.chunk_s, (chunk.index + 1) * self.commentary.chunk_s)
         self._turn_pieces = pieces
@@ -228,10 +234,11 @@ class CommentarySession:
                        Piece("previous_end", t.turn_close())]
         c = chunk.index
         start, end = c * self.commentary.chunk_s, (c + 1) * self.commentary.chunk_s
+        grid = chunk_grid(self.model, chunk)
         pieces += [Piece("turn", t.turn_open("user"), chunk=c),
                    Piece("time", t.encode(f"Time={start:.1f}-{end:.1f}s"), chunk=c),
                    Piece("vision_start", [t.vision_start], chunk=c),
-                   Piece("vision", [t.video_pad] * self._grid.num_tokens, chunk=c, grid=self._grid),
+                   Piece("vision", [t.video_pad] * grid.num_tokens, chunk=c, grid=grid),
                    Piece("vision_end", [t.vision_end], chunk=c)]
         queries = ([self.commentary.query] if self._turns == 0 and self.commentary.query else []) + list(chunk.queries)
         pieces.append(Piece("turn_end", [*t.encode(" ".join(queries)), *t.turn_close(), *t.turn_open("assistant")],
@@ -253,16 +260,12 @@ class CommentarySession:
         self._turns += 1
         self._turn_pieces = []
         self.cache.commit(step.positions[0])
-        self._next_position = step.start + self._span(step)
+        self._next_position = step.start + step.num_tokens - step.grid.num_tokens + step.grid.span
 
     def _commit_ids(self, step: CommentaryStep, piece: Piece) -> None:
         piece.ids.extend(step.ids)
         self.cache.commit(step.positions[0])
         self._next_position = step.start + step.num_tokens
-
-    def _span(self, step: CommentaryStep) -> int:
-        vision = 0 if step.features is None else self._grid.num_tokens
-        return step.num_tokens - vision + (0 if step.features is None else self._grid.span)
 
     # ---- replies -------------------------------------------------------------------------------------
 
@@ -321,10 +324,12 @@ class CommentarySession:
         over the kept conversation would read."""
         return [i for piece in self.pieces for i in piece.ids]
 
-    def _reserve(self, ids: list[int], features: torch.Tensor | None) -> CommentaryStep:
+    def _reserve(self, ids: list[int], features: torch.Tensor | None, grid: VisionGrid | None = None) -> CommentaryStep:
         n, start = len(ids), self._next_position
         if features is not None:
-            positions = turn_positions(self.model, self._grid, self._seconds_per_grid, ids, start)
+            if features.shape[0] != grid.num_tokens:
+                raise SessionError(f"a chunk of {grid.num_tokens} vision tokens got {features.shape[0]} features")
+            positions = turn_positions(self.model, grid, self._seconds_per_grid, ids, start)
         else:
             positions = torch.arange(start, start + n).expand(3, n)
         if int(positions.max()) >= self.model.max_positions:
@@ -334,7 +339,7 @@ class CommentarySession:
             raise CacheFullError(f"cache holds {self.cache.length} tokens; {n} more would pass its limit "
                                  f"of {self.cache.max_tokens}")
         self.cache.reserve(n)
-        return CommentaryStep(tuple(ids), features, positions, start)  # positions on the host: sent with the step
+        return CommentaryStep(tuple(ids), features, positions, start, grid)  # positions on the host: sent with it
 
 
 def encode_chunks(model: QwenVLModel, sessions) -> None:
@@ -352,7 +357,7 @@ def commentary_cache_limit(model: QwenVLModel, config: SessionConfig) -> int:
     cfg, t = config.commentary, model.template
     system = len(t.encode(config.system_prompt or model.system_prompt)) + 16
     framing = 32 + cfg.max_query_tokens  # a turn's ChatML and time text, and a query
-    turn = framing + model.grid(cfg.frames_per_chunk).num_tokens + cfg.max_tokens_per_chunk + 3
+    turn = framing + model.largest_chunk_tokens(cfg) + cfg.max_tokens_per_chunk + 3
     previous = max(len(t.encode(cfg.previous_text)), cfg.text_sink_tokens + cfg.text_window_tokens)
     # Moved words wait one turn before the trim: up to one reply more than the window.
     bound = system + previous + cfg.max_tokens_per_chunk + (max(cfg.vision_window_chunks, cfg.text_rounds) + 1) * turn

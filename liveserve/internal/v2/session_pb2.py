@@ -26,7 +26,7 @@ from liveserve.api.v1 import live_stream_pb2 as liveserve_dot_api_dot_v1_dot_liv
 from liveserve.internal.v2 import tensor_pb2 as liveserve_dot_internal_dot_v2_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#liveserve/internal/v2/session.proto\x12\x15liveserve.internal.v2\x1a\"liveserve/api/v1/live_stream.proto\x1a\"liveserve/internal/v2/tensor.proto\"\xe1\x06\n\x0fSessionSettings\x12\x11\n\tthreshold\x18\x01 \x01(\x01\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05top_p\x18\x04 \x01(\x01\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x15\n\rsystem_prompt\x18\x06 \x01(\t\x12\x18\n\x10max_query_tokens\x18\x07 \x01(\r\x12\x14\n\x0c\x63\x61\x63he_policy\x18\x08 \x01(\t\x12\x11\n\tpositions\x18\t \x01(\t\x12\x15\n\rwindow_frames\x18\n \x01(\r\x12\x1a\n\x12text_window_tokens\x18\x0b \x01(\r\x12\x14\n\x0c\x65vict_frames\x18\x0c \x01(\r\x12\x16\n\x0e\x64\x65\x63isions_only\x18\r \x01(\x08\x12\x0c\n\x04mode\x18\x0e \x01(\t\x12\x0f\n\x07\x63hunk_s\x18\x0f \x01(\x01\x12\x0b\n\x03\x66ps\x18\x10 \x01(\x01\x12\x1c\n\x14max_tokens_per_chunk\x18\x11 \x01(\r\x12\x18\n\x10\x63ommentary_query\x18\x12 \x01(\t\x12\x1f\n\x12repetition_penalty\x18\x13 \x01(\x01H\x00\x88\x01\x01\x12!\n\x14vision_window_chunks\x18\x14 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btext_rounds\x18\x15 \x01(\rH\x02\x88\x01\x01\x12\x1d\n\x10text_sink_tokens\x18\x16 \x01(\rH\x03\x88\x01\x01\x12*\n\x1d\x63ommentary_text_window_tokens\x18\x17 \x01(\rH\x04\x88\x01\x01\x12!\n\x14\x63ommentary_positions\x18\x18 \x01(\tH\x05\x88\x01\x01\x12\x1a\n\rprevious_text\x18\x19 \x01(\tH\x06\x88\x01\x01\x12(\n\x1b\x63ommentary_max_query_tokens\x18\x1a \x01(\rH\x07\x88\x01\x01\x42\x15\n\x13_repetition_penaltyB\x17\n\x15_vision_window_chunksB\x0e\n\x0c_text_roundsB\x13\n\x11_text_sink_tokensB \n\x1e_commentary_text_window_tokensB\x17\n\x15_commentary_positionsB\x10\n\x0e_previous_textB\x1e\n\x1c_commentary_max_query_tokens\"\xa0\x01\n\x0bOpenRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ngateway_id\x18\x02 \x01(\t\x12\x38\n\x08settings\x18\x03 \x01(\x0b\x32&.liveserve.internal.v2.SessionSettings\x12/\n\x07restore\x18\x04 \x01(\x0b\x32\x1e.liveserve.internal.v2.Restore\"\xab\x01\n\x07Restore\x12\x11\n\tframe_ids\x18\x01 \x03(\x04\x12\x12\n\ntimestamps\x18\x02 \x03(\x01\x12/\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x1d.liveserve.internal.v2.Tensor\x12\x16\n\x0e\x61waiting_reply\x18\x04 \x01(\x08\x12\x19\n\x11\x61waited_timestamp\x18\x05 \x01(\x01\x12\x15\n\rawaited_query\x18\x06 \x01(\t\"s\n\x0cOpenResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12(\n\x06limits\x18\x03 \x01(\x0b\x32\x18.liveserve.api.v1.Limits\x12\x16\n\x0erestored_turns\x18\x04 \x01(\r\"#\n\rEventsRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"\t\n\x07PushAck\"@\n\x0c\x43loseSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\r\n\x05\x64rain\x18\x03 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#liveserve/internal/v2/session.proto\x12\x15liveserve.internal.v2\x1a\"liveserve/api/v1/live_stream.proto\x1a\"liveserve/internal/v2/tensor.proto\"\xd1\x07\n\x0fSessionSettings\x12\x11\n\tthreshold\x18\x01 \x01(\x01\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05top_p\x18\x04 \x01(\x01\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x15\n\rsystem_prompt\x18\x06 \x01(\t\x12\x18\n\x10max_query_tokens\x18\x07 \x01(\r\x12\x14\n\x0c\x63\x61\x63he_policy\x18\x08 \x01(\t\x12\x11\n\tpositions\x18\t \x01(\t\x12\x15\n\rwindow_frames\x18\n \x01(\r\x12\x1a\n\x12text_window_tokens\x18\x0b \x01(\r\x12\x14\n\x0c\x65vict_frames\x18\x0c \x01(\r\x12\x16\n\x0e\x64\x65\x63isions_only\x18\r \x01(\x08\x12\x0c\n\x04mode\x18\x0e \x01(\t\x12\x0f\n\x07\x63hunk_s\x18\x0f \x01(\x01\x12\x0b\n\x03\x66ps\x18\x10 \x01(\x01\x12\x1c\n\x14max_tokens_per_chunk\x18\x11 \x01(\r\x12\x18\n\x10\x63ommentary_query\x18\x12 \x01(\t\x12\x1f\n\x12repetition_penalty\x18\x13 \x01(\x01H\x00\x88\x01\x01\x12!\n\x14vision_window_chunks\x18\x14 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btext_rounds\x18\x15 \x01(\rH\x02\x88\x01\x01\x12\x1d\n\x10text_sink_tokens\x18\x16 \x01(\rH\x03\x88\x01\x01\x12*\n\x1d\x63ommentary_text_window_tokens\x18\x17 \x01(\rH\x04\x88\x01\x01\x12!\n\x14\x63ommentary_positions\x18\x18 \x01(\tH\x05\x88\x01\x01\x12\x1a\n\rprevious_text\x18\x19 \x01(\tH\x06\x88\x01\x01\x12(\n\x1b\x63ommentary_max_query_tokens\x18\x1a \x01(\rH\x07\x88\x01\x01\x12\x13\n\x06resize\x18\x1b \x01(\tH\x08\x88\x01\x01\x12\x17\n\nmin_pixels\x18\x1c \x01(\rH\t\x88\x01\x01\x12\x17\n\nmax_pixels\x18\x1d \x01(\rH\n\x88\x01\x01\x42\x15\n\x13_repetition_penaltyB\x17\n\x15_vision_window_chunksB\x0e\n\x0c_text_roundsB\x13\n\x11_text_sink_tokensB \n\x1e_commentary_text_window_tokensB\x17\n\x15_commentary_positionsB\x10\n\x0e_previous_textB\x1e\n\x1c_commentary_max_query_tokensB\t\n\x07_resizeB\r\n\x0b_min_pixelsB\r\n\x0b_max_pixels\"\xa0\x01\n\x0bOpenRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ngateway_id\x18\x02 \x01(\t\x12\x38\n\x08settings\x18\x03 \x01(\x0b\x32&.liveserve.internal.v2.SessionSettings\x12/\n\x07restore\x18\x04 \x01(\x0b\x32\x1e.liveserve.internal.v2.Restore\"\xab\x01\n\x07Restore\x12\x11\n\tframe_ids\x18\x01 \x03(\x04\x12\x12\n\ntimestamps\x18\x02 \x03(\x01\x12/\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x1d.liveserve.internal.v2.Tensor\x12\x16\n\x0e\x61waiting_reply\x18\x04 \x01(\x08\x12\x19\n\x11\x61waited_timestamp\x18\x05 \x01(\x01\x12\x15\n\rawaited_query\x18\x06 \x01(\t\"s\n\x0cOpenResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12(\n\x06limits\x18\x03 \x01(\x0b\x32\x18.liveserve.api.v1.Limits\x12\x16\n\x0erestored_turns\x18\x04 \x01(\r\"#\n\rEventsRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"\t\n\x07PushAck\"@\n\x0c\x43loseSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\r\n\x05\x64rain\x18\x03 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'liveserve.internal.v2.sessi
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SESSIONSETTINGS']._serialized_start=135
-  _globals['_SESSIONSETTINGS']._serialized_end=1000
-  _globals['_OPENREQUEST']._serialized_start=1003
-  _globals['_OPENREQUEST']._serialized_end=1163
-  _globals['_RESTORE']._serialized_start=1166
-  _globals['_RESTORE']._serialized_end=1337
-  _globals['_OPENRESPONSE']._serialized_start=1339
-  _globals['_OPENRESPONSE']._serialized_end=1454
-  _globals['_EVENTSREQUEST']._serialized_start=1456
-  _globals['_EVENTSREQUEST']._serialized_end=1491
-  _globals['_PUSHACK']._serialized_start=1493
-  _globals['_PUSHACK']._serialized_end=1502
-  _globals['_CLOSESESSION']._serialized_start=1504
-  _globals['_CLOSESESSION']._serialized_end=1568
+  _globals['_SESSIONSETTINGS']._serialized_end=1112
+  _globals['_OPENREQUEST']._serialized_start=1115
+  _globals['_OPENREQUEST']._serialized_end=1275
+  _globals['_RESTORE']._serialized_start=1278
+  _globals['_RESTORE']._serialized_end=1449
+  _globals['_OPENRESPONSE']._serialized_start=1451
+  _globals['_OPENRESPONSE']._serialized_end=1566
+  _globals['_EVENTSREQUEST']._serialized_start=1568
+  _globals['_EVENTSREQUEST']._serialized_end=1603
+  _globals['_PUSHACK']._serialized_start=1605
+  _globals['_PUSHACK']._serialized_end=1614
+  _globals['_CLOSESESSION']._serialized_start=1616
+  _globals['_CLOSESESSION']._serialized_end=1680
 # @@protoc_insertion_point(module_scope)

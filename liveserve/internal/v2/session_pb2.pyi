@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SessionSettings(_message.Message):
-    __slots__ = ("threshold", "max_new_tokens", "temperature", "top_p", "seed", "system_prompt", "max_query_tokens", "cache_policy", "positions", "window_frames", "text_window_tokens", "evict_frames", "decisions_only", "mode", "chunk_s", "fps", "max_tokens_per_chunk", "commentary_query", "repetition_penalty", "vision_window_chunks", "text_rounds", "text_sink_tokens", "commentary_text_window_tokens", "commentary_positions", "previous_text", "commentary_max_query_tokens")
+    __slots__ = ("threshold", "max_new_tokens", "temperature", "top_p", "seed", "system_prompt", "max_query_tokens", "cache_policy", "positions", "window_frames", "text_window_tokens", "evict_frames", "decisions_only", "mode", "chunk_s", "fps", "max_tokens_per_chunk", "commentary_query", "repetition_penalty", "vision_window_chunks", "text_rounds", "text_sink_tokens", "commentary_text_window_tokens", "commentary_positions", "previous_text", "commentary_max_query_tokens", "resize", "min_pixels", "max_pixels")
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,9 @@ class SessionSettings(_message.Message):
     COMMENTARY_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_TEXT_FIELD_NUMBER: _ClassVar[int]
     COMMENTARY_MAX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    MIN_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
     threshold: float
     max_new_tokens: int
     temperature: float
@@ -62,7 +65,10 @@ class SessionSettings(_message.Message):
     commentary_positions: str
     previous_text: str
     commentary_max_query_tokens: int
-    def __init__(self, threshold: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., system_prompt: _Optional[str] = ..., max_query_tokens: _Optional[int] = ..., cache_policy: _Optional[str] = ..., positions: _Optional[str] = ..., window_frames: _Optional[int] = ..., text_window_tokens: _Optional[int] = ..., evict_frames: _Optional[int] = ..., decisions_only: _Optional[bool] = ..., mode: _Optional[str] = ..., chunk_s: _Optional[float] = ..., fps: _Optional[float] = ..., max_tokens_per_chunk: _Optional[int] = ..., commentary_query: _Optional[str] = ..., repetition_penalty: _Optional[float] = ..., vision_window_chunks: _Optional[int] = ..., text_rounds: _Optional[int] = ..., text_sink_tokens: _Optional[int] = ..., commentary_text_window_tokens: _Optional[int] = ..., commentary_positions: _Optional[str] = ..., previous_text: _Optional[str] = ..., commentary_max_query_tokens: _Optional[int] = ...) -> None: ...
+    resize: str
+    min_pixels: int
+    max_pixels: int
+    def __init__(self, threshold: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., system_prompt: _Optional[str] = ..., max_query_tokens: _Optional[int] = ..., cache_policy: _Optional[str] = ..., positions: _Optional[str] = ..., window_frames: _Optional[int] = ..., text_window_tokens: _Optional[int] = ..., evict_frames: _Optional[int] = ..., decisions_only: _Optional[bool] = ..., mode: _Optional[str] = ..., chunk_s: _Optional[float] = ..., fps: _Optional[float] = ..., max_tokens_per_chunk: _Optional[int] = ..., commentary_query: _Optional[str] = ..., repetition_penalty: _Optional[float] = ..., vision_window_chunks: _Optional[int] = ..., text_rounds: _Optional[int] = ..., text_sink_tokens: _Optional[int] = ..., commentary_text_window_tokens: _Optional[int] = ..., commentary_positions: _Optional[str] = ..., previous_text: _Optional[str] = ..., commentary_max_query_tokens: _Optional[int] = ..., resize: _Optional[str] = ..., min_pixels: _Optional[int] = ..., max_pixels: _Optional[int] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
     __slots__ = ("session_id", "gateway_id", "settings", "restore")
