@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from liveserve.config import (DECODINGS, CacheConfig, CommentaryConfig, EngineConfig, PoolConfig, SchedulerConfig,
                               SessionConfig)
+from liveserve.frame_format import RESIZE_MODES
 from liveserve.model.registry import model_family
 from liveserve.services.security.client_address import parse_networks
 
@@ -23,7 +24,8 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 MODEL_FAMILIES = ("live", "qwen2_5_vl", "qwen2_vl")
 # What one model of `models` may set for itself; the rest of the settings are the deployment's.
 MODEL_OVERRIDES = ("threshold", "max_new_tokens", "cache_policy", "window_frames", "pool_mb", "max_lag_s",
-                   "max_sessions_per_replica", "capacity_streams", "max_batch_size", "threads", "commentary_decoding")
+                   "max_sessions_per_replica", "capacity_streams", "max_batch_size", "threads", "commentary_decoding",
+                   "commentary_resize")
 MODEL_KEYS = frozenset({"path", "reaction_path", "family", "perception", *MODEL_OVERRIDES})
 # Streams one Decision replica of a bundled model serves within the 250 ms SLO, by device type: what such
 # a model admits where the config records no figure of its own. From `liveserve loadtest --sweep` (2 fps,
@@ -58,6 +60,9 @@ class ServiceSettings:
     # Commentary models: how what they say is decoded when the Open does not say (config.DECODINGS):
     # "greedy" (reproducible) or "reference" (StreamingVLM's sampling: temperature 0.9, repetition penalty 1.05).
     commentary_decoding: str = "greedy"
+    # Commentary models: how frames are sized when the Open does not say (frame_format.py): "smart" (the
+    # reference's: aspect ratio kept under the checkpoint's pixel budget) or "square".
+    commentary_resize: str = "smart"
     # Sessions one Decision replica admits before refusing new ones (RESOURCE_EXHAUSTED), so the admitted
     # keep their latency: None = `capacity_streams`, the streams one replica serves within the SLO as
     # measured on this deployment's hardware (`liveserve loadtest --sweep`); 0 = no limit but KV memory.
@@ -225,11 +230,16 @@ class ServiceSettings:
         if self.commentary_decoding not in DECODINGS:
             raise ValueError(f"commentary_decoding must be one of {', '.join(DECODINGS)}, "
                              f"got {self.commentary_decoding!r}")
+        penalty = CommentaryConfig().repetition_penalty
         if self.commentary_decoding != "greedy" and model_family(self.model) != "live":
             decoding = DECODINGS[self.commentary_decoding]
-            extra.update(temperature=decoding.temperature, top_p=decoding.top_p,
-                         commentary=CommentaryConfig(repetition_penalty=decoding.repetition_penalty))
-        return SessionConfig(max_new_tokens=self.max_new_tokens, cache=cache, **extra)
+            extra.update(temperature=decoding.temperature, top_p=decoding.top_p)
+            penalty = decoding.repetition_penalty
+        if self.commentary_resize not in RESIZE_MODES:
+            raise ValueError(f"commentary_resize must be one of {', '.join(RESIZE_MODES)}, "
+                             f"got {self.commentary_resize!r}")
+        commentary = CommentaryConfig(repetition_penalty=penalty, resize=self.commentary_resize)
+        return SessionConfig(commentary=commentary, max_new_tokens=self.max_new_tokens, cache=cache, **extra)
 
     def sessions_per_replica(self) -> int | None:
         """The most sessions one Decision replica admits by these settings alone (None: they set no figure;

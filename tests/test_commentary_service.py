@@ -105,3 +105,22 @@ def test_a_session_opened_with_the_reference_decoding_samples_from_its_seed(serv
 
     sampled = pb.CommentaryOptions(max_tokens_per_chunk=3, decoding="reference", seed=5)
     assert said(sampled) == said(sampled) != said(pb.CommentaryOptions(max_tokens_per_chunk=3))
+
+
+def test_an_open_picks_how_frames_are_sized_over_the_deployments_default():
+    from dataclasses import replace
+
+    from liveserve.services.wire.messages import session_config
+
+    def resize(open_: pb.Open, **settings) -> str:
+        defaults = replace(ServiceSettings(model="tiny-commentary", **settings).session_defaults(), mode="commentary")
+        return session_config(open_, defaults, ("commentary",)).commentary.resize
+
+    square = pb.Open(commentary=pb.CommentaryOptions(resize="square"))
+    assert (resize(pb.Open()), resize(square)) == ("smart", "square")  # the reference's, unless the Open says
+    assert resize(pb.Open(), commentary_resize="square") == "square"
+    assert resize(pb.Open(commentary=pb.CommentaryOptions(resize="smart")), commentary_resize="square") == "smart"
+    with pytest.raises(ValueError, match="resize must be one of smart, square"):
+        resize(pb.Open(commentary=pb.CommentaryOptions(resize="crop")))
+    with pytest.raises(ValueError, match="commentary_resize must be one of smart, square"):
+        ServiceSettings(commentary_resize="crop")

@@ -13,6 +13,7 @@ from pathlib import Path
 from liveserve.cli import bench, loadtest, serve
 from liveserve.cli.options import add_model_options, default_model, load, load_live, positive_float, positive_int
 from liveserve.cli.source import add_reconnect_options, reconnect_policy
+from liveserve.frame_format import RESIZE_MODES
 from liveserve.config import (
     CACHE_POLICIES,
     DECODINGS,
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="commentary: greedy, or reference (StreamingVLM's sampling: temperature 0.9, repetition "
                           "penalty 1.05); --temperature, --top-p and --repetition-penalty override it "
                           "(default: %(default)s)")
+    run.add_argument("--resize", choices=RESIZE_MODES, default=_COMMENTARY_DEFAULTS.resize,
+                     help="commentary: smart keeps the aspect ratio as the reference does (sides multiples of 28 "
+                          "within the model's pixel budget), square squares frames (default: %(default)s)")
     run.add_argument("--repetition-penalty", type=positive_float,
                      help="commentary: penalty on the tokens a reply has said (default: the --decoding preset's)")
 
@@ -168,7 +172,8 @@ def cmd_run(args) -> int:
     queries = [parse_query(q) for q in args.query]
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
-    commentary = CommentaryConfig(chunk_s=args.chunk_s, fps=args.fps, max_tokens_per_chunk=args.max_tokens_per_chunk)
+    commentary = CommentaryConfig(chunk_s=args.chunk_s, fps=args.fps, max_tokens_per_chunk=args.max_tokens_per_chunk,
+                                  resize=args.resize)
     config = SessionConfig(threshold=args.threshold, max_new_tokens=args.max_new_tokens, seed=args.seed,
                            **_decoding(args, "live"),
                            cache=CacheConfig(policy=args.cache, window_frames=args.window_frames,

@@ -27,7 +27,9 @@ def session_config(open_: pb.Open, defaults: SessionConfig, modes: tuple[str, ..
         defaults.temperature, defaults.top_p, chunk.repetition_penalty, defaults.seed)
     commentary = CommentaryConfig(chunk_s=options.chunk_s or chunk.chunk_s, fps=open_.fps or chunk.fps,
                                   max_tokens_per_chunk=options.max_tokens_per_chunk or chunk.max_tokens_per_chunk,
-                                  query=options.query or chunk.query, repetition_penalty=penalty)
+                                  query=options.query or chunk.query, repetition_penalty=penalty,
+                                  resize=options.resize or chunk.resize, min_pixels=chunk.min_pixels,
+                                  max_pixels=chunk.max_pixels)
     cache = defaults.cache
     options = open_.cache
     cache = CacheConfig(policy=options.policy or cache.policy, positions=cache.positions,

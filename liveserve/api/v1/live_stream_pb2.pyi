@@ -114,7 +114,7 @@ class Open(_message.Message):
     def __init__(self, model: _Optional[str] = ..., threshold: _Optional[float] = ..., fps: _Optional[float] = ..., cache: _Optional[_Union[CacheOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., system_prompt: _Optional[str] = ..., credentials: _Optional[_Mapping[str, str]] = ..., client_session_id: _Optional[str] = ..., decisions_only: _Optional[bool] = ..., resume_session_id: _Optional[str] = ..., resume_token: _Optional[str] = ..., mode: _Optional[str] = ..., commentary: _Optional[_Union[CommentaryOptions, _Mapping]] = ...) -> None: ...
 
 class CommentaryOptions(_message.Message):
-    __slots__ = ("chunk_s", "max_tokens_per_chunk", "query", "decoding", "temperature", "top_p", "repetition_penalty", "seed")
+    __slots__ = ("chunk_s", "max_tokens_per_chunk", "query", "decoding", "temperature", "top_p", "repetition_penalty", "seed", "resize")
     CHUNK_S_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class CommentaryOptions(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
     chunk_s: float
     max_tokens_per_chunk: int
     query: str
@@ -131,7 +132,8 @@ class CommentaryOptions(_message.Message):
     top_p: float
     repetition_penalty: float
     seed: int
-    def __init__(self, chunk_s: _Optional[float] = ..., max_tokens_per_chunk: _Optional[int] = ..., query: _Optional[str] = ..., decoding: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    resize: str
+    def __init__(self, chunk_s: _Optional[float] = ..., max_tokens_per_chunk: _Optional[int] = ..., query: _Optional[str] = ..., decoding: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., resize: _Optional[str] = ...) -> None: ...
 
 class CacheOptions(_message.Message):
     __slots__ = ("policy", "window_frames", "text_window_tokens")
