@@ -163,7 +163,8 @@ class LiveSource:
     """
 
     def __init__(self, name: str, *, fps: float, size: int | FrameFormat,
-                 reconnect: ReconnectPolicy = ReconnectPolicy(), max_frames: int | None = None, on_event: Callable[[SourceEvent], None] | None = None,
+                 reconnect: ReconnectPolicy = ReconnectPolicy(), max_frames: int | None = None,
+                 on_event: Callable[[SourceEvent], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         _check_positive("fps", fps)
         if max_frames is not None and max_frames < 0:

@@ -56,8 +56,8 @@ def test_an_open_keeps_every_session_setting():
 
 
 # A value other than the default for every CommentaryConfig field.
-CHANGED_COMMENTARY = {"chunk_s": 2.0, "fps": 4.0, "max_tokens_per_chunk": 9, "vision_window_chunks": 5, "text_rounds": 3,
-                      "text_sink_tokens": 7, "text_window_tokens": 11, "positions": "original", "query": "who leads?",
+CHANGED_COMMENTARY = {"chunk_s": 2.0, "fps": 4.0, "max_tokens_per_chunk": 9, "vision_window_chunks": 5,
+                      "text_rounds": 3, "text_sink_tokens": 7, "text_window_tokens": 11, "positions": "original", "query": "who leads?",
                       "previous_text": "kick-off", "max_query_tokens": 40, "repetition_penalty": 1.05,
                       "resize": "square", "min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64}
 
@@ -74,7 +74,8 @@ def test_an_open_keeps_every_commentary_setting():
 
 
 def test_settings_from_a_gateway_without_the_later_commentary_fields_get_the_defaults():
-    message = codec.settings_to_proto(SessionConfig(mode="commentary", commentary=CommentaryConfig(**CHANGED_COMMENTARY)))
+    changed = CommentaryConfig(**CHANGED_COMMENTARY)
+    message = codec.settings_to_proto(SessionConfig(mode="commentary", commentary=changed))
     for name in codec._COMMENTARY_WIRE.values():
         if name not in codec._COMMENTARY_ALWAYS:
             message.ClearField(name)

@@ -143,7 +143,8 @@ def settings_to_proto(config: SessionConfig) -> spb.SessionSettings:
         max_query_tokens=config.max_query_tokens, cache_policy=cache.policy, positions=cache.positions,
         window_frames=cache.window_frames, text_window_tokens=cache.text_window_tokens,
         evict_frames=cache.evict_frames, decisions_only=config.replies == "none", mode=config.mode,
-        **{wire: value for name, wire in _COMMENTARY_WIRE.items() if (value := getattr(config.commentary, name)) is not None})
+        **{wire: value for name, wire in _COMMENTARY_WIRE.items()
+           if (value := getattr(config.commentary, name)) is not None})
 
 
 def settings_from_proto(message: spb.SessionSettings) -> SessionConfig:
