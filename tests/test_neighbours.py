@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 
 from hostile_corpus import corpus, measure, p99
+from stream_helpers import LiveCall, jpeg
+from liveserve.api.v1 import live_stream_pb2 as pb
 from liveserve.services.deploy.local import start_local
 from liveserve.services.settings import ServiceSettings
 
@@ -29,3 +31,15 @@ def test_the_neighbours_p99_stays_within_the_slo(server, name):
                for which, latencies in results.items()}
     assert p99(results[name]) <= SLO_S, figures
     assert len(results[name]) >= 10, figures
+
+
+def test_a_query_too_long_to_fit_is_refused_at_the_gateway_and_the_session_goes_on(server):
+    """Refused by its length before Decision's engine, shared by every session there, tokenizes it."""
+    call = LiveCall(server.address, pb.Open(fps=2.0))
+    call.send(pb.ClientMessage(query=pb.Query(timestamp=0.0, text="x" * (1 << 20))))
+    (warning,) = call.wait_for(lambda: call.of_kind("warning"), timeout=10)
+    assert warning.code == pb.WARNING_CODE_BAD_QUERY
+    assert "1048576 characters" in warning.message and "max_query_tokens" in warning.message
+    call.send(pb.ClientMessage(frame=pb.Frame(timestamp=0.0, image=jpeg(0))))
+    call.wait_for(lambda: call.of_kind("decision"))
+    assert call.close()[-1].WhichOneof("kind") == "closed"
