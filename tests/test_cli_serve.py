@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,17 @@ def test_serve_refuses_bad_deployment_options_before_starting_anything(tmp_path,
     assert "does not combine with --tls-cert" in capsys.readouterr().err
 
 
+def test_a_metrics_port_in_use_is_a_one_line_error_before_the_model_loads(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--local", "--model", "no-such-model", "--metrics-port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"liveserve: error: cannot serve metrics on 127.0.0.1:{port}: Address already in use")
+
+
 def test_client_without_a_server_is_a_one_line_error(capsys):
     code = main(["client", "--address", f"127.0.0.1:{free_port()}", "--max-frames", "1"])
     err = capsys.readouterr().err
@@ -99,7 +111,8 @@ def test_single_process_server_answers_a_client_keeps_its_transcript_and_stops_o
     port, http_port = free_port(), free_port()
     env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
     server = subprocess.Popen([sys.executable, "-m", "liveserve", "serve", "--local", "--model", str(tiny_dir),
-                               "--address", f"127.0.0.1:{port}", "--pool-mb", "64", "--http-port", str(http_port)],
+                               "--address", f"127.0.0.1:{port}", "--pool-mb", "64", "--http-port", str(http_port),
+                               "--metrics-port", str(free_port())],
                               stderr=subprocess.PIPE, text=True, env={**env, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 120

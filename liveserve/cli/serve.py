@@ -346,15 +346,15 @@ def _serve_local(args, load) -> int:
     _check_tls(settings.to_dict())
     if args.threads:  # one process: the pools share torch's threads, all of the host's cores by default
         torch.set_num_threads(args.threads)
+    metrics = web_note = ""
+    if args.metrics_port:  # before the model loads: a port in use fails at once, not after the load
+        host = args.metrics_host
+        metrics = f"; metrics http://{host}:{serve_metrics(f'{host}:{args.metrics_port}')}/metrics"
     model = load(args)
     registry, redis_note = _local_registry(settings)
     server = start_local(model, args.address, settings, reaction_model=_reaction_model(args, load), registry=registry)
-    metrics = web_note = ""
     web = None
     try:
-        if args.metrics_port:
-            host = args.metrics_host
-            metrics = f"; metrics http://{host}:{serve_metrics(f'{host}:{args.metrics_port}')}/metrics"
         if args.http_port:
             web = WebServer(server.address, args.http_host, args.http_port, settings.max_frame_bytes).start()
             web_note = f"; browser page {web.url}"

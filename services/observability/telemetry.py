@@ -169,7 +169,11 @@ def serve_metrics(address: str) -> int:
     import prometheus_client
 
     host, _, port = address.rpartition(":")
-    server, _ = prometheus_client.start_http_server(int(port), addr=host or "127.0.0.1")
+    try:
+        server, _ = prometheus_client.start_http_server(int(port), addr=host or "127.0.0.1")
+    except OSError as exc:
+        raise ValueError(f"cannot serve metrics on {address}: {exc.strerror}; choose another --metrics-port, "
+                         "or 0 to serve none") from None
     return server.server_port
 
 
