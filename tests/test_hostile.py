@@ -187,6 +187,33 @@ def test_warnings_about_bad_frames_carry_no_object_reprs(request, mode):
     assert not [w for w in warnings if re.search(r"object at 0x|<[\w.]+ object", w)], warnings
 
 
+def test_on_ray_an_open_refused_by_decision_is_one_log_line_with_its_request_id(ray_app):
+    """Serve logs a replica method's exception with its traceback; a refusal its client is told about is
+    not a failure: one line, with the request id Serve writes on each of the request's lines."""
+    from pathlib import Path
+
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+
+    def decision_logs() -> dict[Path, str]:
+        return {path: path.read_text(errors="replace") for path in logs.glob("replica_liveserve_Decision_*.log")}
+
+    def since(before: dict[Path, str]) -> str:
+        return "".join(text[len(before.get(path, "")):] for path, text in decision_logs().items())
+
+    before = decision_logs()
+    with pytest.raises(grpc.RpcError) as info:
+        stream(ray_app.address, [pb.ClientMessage(open=pb.Open(cache=pb.CacheOptions(window_frames=1_000_000)))])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "positions" in info.value.details()
+    deadline = time.monotonic() + 20
+    while "Request refused" not in (new := since(before)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (line,) = [line for line in new.splitlines() if "Request refused" in line]
+    assert "ValueError: sink_window needs" in line and re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-", line), line
+    assert "Traceback" not in new, new
+
+
 def test_after_the_fuzzing_the_server_serves_and_holds_nothing(local):
     replies = stream(local.address, session_messages(3))
     assert kinds(replies)[0] == "opened" and kinds(replies)[-1] == "closed"

@@ -13,6 +13,8 @@ import os
 import redis
 from ray import serve
 
+from liveserve.engine.kv_pool import PoolFullError
+
 from liveserve.internal.v2 import perception_pb2 as ppb
 from liveserve.internal.v2 import session_pb2 as spb
 from liveserve.services.wire import codec
@@ -25,6 +27,7 @@ from liveserve.services.state.redis_server import connect
 from liveserve.services.state.registry import SessionRegistry
 from liveserve.model.loading import require_live
 from liveserve.services.replica.startup import load_replica_model, replica_id
+from liveserve.services.deploy.request_log import quiet_refusals, refused
 from liveserve.services.deploy.routing import SESSION_ROUTER
 from liveserve.services.wire.seams import RayPerception, ray_decision, ray_reaction
 from liveserve.services.gateway.server import GatewayServer
@@ -36,6 +39,7 @@ from liveserve.services.gateway.web import web_app
 
 def _settings(values: dict | None) -> ServiceSettings:
     use_ray_metrics()  # before any service creates its metrics
+    quiet_refusals()
     return ServiceSettings.from_dict(values)
 
 
@@ -136,7 +140,12 @@ class _SessionPool:
         await self.service.ping()
 
     async def Open(self, request: spb.OpenRequest, avoid: str = "") -> spb.OpenResponse:  # avoid: for the router
-        return codec.placed_to_proto(await self.service.open(codec.open_from_proto(request)))
+        try:
+            placed = await self.service.open(codec.open_from_proto(request))
+        except (PoolFullError, ValueError) as exc:  # no room, or settings that do not fit: the client is told
+            refused(exc)
+            raise
+        return codec.placed_to_proto(placed)
 
     async def Push(self, request, route_to: str = "") -> spb.PushAck:
         await self.service.push(type(self).push_from_proto(request))
