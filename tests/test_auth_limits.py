@@ -63,6 +63,22 @@ def test_failures_count_per_key_prefix_without_keeping_the_key():
     assert "abcdefgh" not in key_source("abcdefgh-1")
 
 
+def test_the_browser_front_forwards_the_browsers_address_after_those_it_was_forwarded():
+    from starlette.requests import Request
+
+    from liveserve.services.gateway.web import forwarded_for
+
+    def request(headers: list, client) -> Request:
+        return Request({"type": "http", "headers": headers, "client": client})
+
+    relayed = request([(b"x-forwarded-for", b"203.0.113.1")], ("198.51.100.2", 5000))
+    assert forwarded_for(relayed) == (("x-forwarded-for", "203.0.113.1, 198.51.100.2"),)
+    assert forwarded_for(request([], ("198.51.100.2", 5000))) == (("x-forwarded-for", "198.51.100.2"),)
+    assert forwarded_for(request([], None)) == ()
+    # The Gateway, reached from loopback, then counts the browser's own address.
+    assert TrustedProxies(["127.0.0.1"]).client_address("127.0.0.1", "198.51.100.2") == "198.51.100.2"
+
+
 # ---- over gRPC -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
