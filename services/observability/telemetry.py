@@ -82,18 +82,19 @@ class _Metric:
             self._record("inc", value, tags)
 
     def set(self, value: float, tags: dict[str, str] | None = None) -> None:
-        self._record("set", value, tags)
-        if self._ray is not None:
-            with _lock:
-                self._last[tuple(sorted((tags or {}).items()))] = (value, tags)
-            _refresher.start()
+        if self._ray is None:
+            self._record("set", value, tags)
+            return
+        with _lock:  # with report_again: a value re-reported is never older than one just set
+            self._record("set", value, tags)
+            self._last[tuple(sorted((tags or {}).items()))] = (value, tags)
+        _refresher.start()
 
     def report_again(self) -> None:
         """A Ray gauge: every value it was last set to, reported again (before Ray's agent drops it)."""
         with _lock:
-            last = list(self._last.values())
-        for value, tags in last:
-            self._record("set", value, tags)
+            for value, tags in self._last.values():
+                self._record("set", value, tags)
 
     def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
         self._record("observe", value, tags)
@@ -118,7 +119,6 @@ class GaugeRefresher:
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self.period_s = 0.0
-        self.rounds = 0  # completed re-reports (tests)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -139,7 +139,6 @@ class GaugeRefresher:
                     gauge.report_again()
                 except Exception:
                     log.warning("re-reporting gauge values failed", exc_info=True)
-            self.rounds += 1
 
 
 _refresher = GaugeRefresher()
