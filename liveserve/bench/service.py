@@ -110,10 +110,16 @@ def bench_in_process(model: LiveModel, sessions: int, rounds: int, warmup: int, 
     return latencies, wall
 
 
+def _lifted_limits(max_sessions: int) -> dict:
+    """The settings that let the bench's own servers take its load: no per-stream ingress limit, and each
+    Decision replica admitting the largest level's sessions (whatever capacity figure the model has)."""
+    return {"ingress_factor": LIFTED_INGRESS_FACTOR, "max_sessions_per_replica": max(1, max_sessions)}
+
+
 @contextlib.contextmanager
 def local_server(model_ref: str, device: str, max_sessions: int, threads: int):
-    """`liveserve serve --local` as its own process (as it is deployed), its ingress limit lifted (a Serve
-    config with only `ingress_factor`); yields its address."""
+    """`liveserve serve --local` as its own process (as it is deployed), its limits lifted for the bench's load
+    (a Serve config with only `_lifted_limits`); yields its address."""
     import yaml
 
     from liveserve.orchestration.launch import APP_NAME
@@ -123,7 +129,7 @@ def local_server(model_ref: str, device: str, max_sessions: int, threads: int):
     with tempfile.TemporaryDirectory(prefix="liveserve-bench-") as tmp:
         config = Path(tmp) / "serve_config.yaml"
         config.write_text(yaml.safe_dump({"applications": [{"name": APP_NAME,
-                                                            "args": {"ingress_factor": LIFTED_INGRESS_FACTOR}}]}))
+                                                            "args": _lifted_limits(max_sessions)}]}))
         command = [sys.executable, "-m", "liveserve", "serve", "--local", "--model", model_ref, "--device", device,
                    "--address", address, "--pool-mb", str(_pool_mb(max_sessions)), "--metrics-port", "0",
                    "--max-lag-s", str(_NO_DROPS), "--threads", str(threads), "--config", str(config)]
@@ -163,12 +169,12 @@ def _drain(pipe, ready: str) -> tuple[deque[str], threading.Event]:
 
 @contextlib.contextmanager
 def ray_app(model_ref: str, max_sessions: int):
-    """The Serve application on a local Ray, one replica per pool, its ingress limit lifted; yields the
+    """The Serve application on a local Ray, one replica per pool, its limits lifted; yields the
     public API's address."""
     from liveserve.orchestration.launch import free_port, load_config, start
 
     args = {"model": model_ref, "max_lag_s": _NO_DROPS, "max_batch_size": max(1, max_sessions),
-            "pool_mb": _pool_mb(max_sessions), "threads": replica_threads(), "ingress_factor": LIFTED_INGRESS_FACTOR}
+            "pool_mb": _pool_mb(max_sessions), "threads": replica_threads(), **_lifted_limits(max_sessions)}
     config = load_config(address=f"127.0.0.1:{free_port()}", args=args,
                          replicas={"Gateway": 1, "Perception": 1, "Decision": 1, "Reaction": 1})
     app = start(config, progress=lambda message: print(f"  ray: {message}", file=sys.stderr, flush=True))
@@ -330,7 +336,8 @@ def _load(served: tuple[str, ...], given: dict[str, str]) -> dict:
             f"the round is decided")
     if lifted:
         note += (f"; ingress limit lifted on {' and '.join(lifted)} (ingress_factor {LIFTED_INGRESS_FACTOR:g}, "
-                 f"the default 2 drops frames sent faster than twice the declared fps)")
+                 f"the default 2 drops frames sent faster than twice the declared fps), and their Decision "
+                 f"replicas admit every session of the largest level (max_sessions_per_replica)")
     if kept:
         note += f"; {' and '.join(kept)} already running, with their own ingress limits"
     return {"kind": "lockstep", "declared_fps": DECLARED_FPS, "ingress_factor": factors,
