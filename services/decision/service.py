@@ -16,47 +16,29 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 
 import grpc
-from opentelemetry.trace import Span
+from liveserve.services.decision.events import EventTranslator, HeldSession
+from liveserve.services.decision.recovery import restore_items
+from liveserve.services.observability.telemetry import DecisionMetrics, GpuMetrics, sample_periodically
+from liveserve.services.observability.tracing import extract, tracer
+from liveserve.services.replica.engine_worker import EngineWorker
+from liveserve.services.replica.outbox import GatewayLeases, Outboxes
+from liveserve.services.settings import ServiceSettings
+from liveserve.services.state.registry import RegistryError, SessionRegistry, UnknownSessionError
+from liveserve.services.wire import contracts as c
 
 from liveserve.engine.batch import BatchEngine
-from liveserve.engine.events import (ChunkDone, Event, FrameDecision, FramesDropped, ReplyRequested, ResponseDelta,
-                                     ResponseDone, ResponseStarted, SessionFailed)
+from liveserve.engine.events import (
+    Event,
+)
 from liveserve.engine.inputs import FeatureShapeError, RestoredTurn, SessionError
 from liveserve.engine.kv_pool import PoolFullError
 from liveserve.engine.live.session import Session
 from liveserve.engine.sessions import default_mode, tokens_per_frame
 from liveserve.model.live import LiveModel
-from liveserve.services.wire import contracts as c
-from liveserve.services.replica.engine_worker import EngineWorker
-from liveserve.services.wire.errors import internal
-from liveserve.services.replica.outbox import GatewayLeases, Outboxes
-from liveserve.services.decision.recovery import restore_items
-from liveserve.services.state.registry import RegistryError, SessionRegistry, UnknownSessionError
-from liveserve.services.settings import ServiceSettings
-from liveserve.services.observability.telemetry import DecisionMetrics, GpuMetrics, sample_periodically
-from liveserve.services.observability.tracing import carried, extract, tracer
 
 log = logging.getLogger(__name__)
-_FAILURES = {"cache_full": grpc.StatusCode.RESOURCE_EXHAUSTED, "internal": grpc.StatusCode.INTERNAL}
-
-
-@dataclass(slots=True)
-class _Held:
-    """A session this replica holds."""
-
-    session_id: str
-    gateway_id: str
-    epoch: int
-    session: Session  # the engine's session, kept for its counters after the engine lets go of it
-    decide_spans: dict[int, Span] = field(default_factory=dict)  # frame id -> decision.decide (traced frames)
-    trigger_traces: dict[float, c.Trace] = field(default_factory=dict)  # query timestamp -> its trace
-    record: dict = field(default_factory=dict)  # what the registry holds for it (written again if lost)
-    last_timestamp: float | None = None
-    reply_at: float = 0.0  # stream time of the trigger whose reply is awaited (the history's timestamp)
-    failure: tuple[int, str] | None = None  # (grpc status value, message) when the engine failed it
 
 
 class DecisionService:
@@ -68,7 +50,9 @@ class DecisionService:
         defaults = dataclasses.replace(settings.session_defaults(), mode=default_mode(model))
         log.info("decision replica %s: %s", replica, self.engine.describe_capacity(defaults))
         self.metrics, self.gpu, self.tracer = DecisionMetrics(), GpuMetrics(), tracer("decision")
-        self.sessions: dict[str, _Held] = {}
+        self.translate = EventTranslator(replica, self.metrics, self._record_turn,
+                                         close_failed=lambda sid: self._worker.close_when_drained(sid, 0))
+        self.sessions: dict[str, HeldSession] = {}
         self.outboxes = Outboxes(self._gateway_gone, interval_s=settings.hop_ms / 1000)
         self.leases = GatewayLeases(settings.session_ttl_s, self._gateway_gone)
         self._worker: EngineWorker | None = None  # started on the serving loop by the first call
@@ -141,7 +125,7 @@ class DecisionService:
         except Exception:
             worker.close(sid)
             raise
-        self.sessions[sid] = _Held(sid, request.gateway_id, epoch, session, record=record)
+        self.sessions[sid] = HeldSession(sid, request.gateway_id, epoch, session, record=record)
         limits = c.Limits(max_query_tokens=config.max_query_tokens, max_new_tokens=config.max_new_tokens,
                           max_lag_s=self.engine.config.scheduler.max_lag_s or 0.0,
                           tokens_per_frame=tokens_per_frame(self.model, config))
@@ -188,7 +172,7 @@ class DecisionService:
         """The events of `gateway_id`'s sessions here, a batch at a time, until the gateway cancels."""
         return self.outboxes.stream(gateway_id)
 
-    def _apply(self, worker: EngineWorker, held: _Held, command: c.DecisionCommand) -> None:
+    def _apply(self, worker: EngineWorker, held: HeldSession, command: c.DecisionCommand) -> None:
         sid, session = held.session_id, held.session
         if isinstance(command, c.FrameFeatures):
             try:
@@ -233,78 +217,8 @@ class DecisionService:
             held = self.sessions.get(sid)
             if held is None:
                 continue
-            if isinstance(event, (ChunkDone, ResponseStarted, ResponseDelta, ResponseDone)):
-                translated = self._commentary(held, event)
-            else:
-                translated = self._translate(held, event)
-                translated = [] if translated is None else [translated]
-            for message in translated:
+            for message in self.translate(held, event):
                 self.outboxes.put(held.gateway_id, message)
-
-    def _commentary(self, held: _Held, event: ChunkDone | ResponseStarted | ResponseDelta | ResponseDone
-                    ) -> list[c.DecisionEvent]:
-        """A commentary session's events: a chunk's frames decided (fired: something was said about it),
-        and what it says, streamed as a reply is."""
-        sid = held.session_id
-        if isinstance(event, ChunkDone):
-            self.metrics.frames_decided.inc(len(event.frame_ids))
-            self.metrics.decision_latency.observe(event.lag_s)
-            action = c.Action.SILENT if event.silent else c.Action.RESPOND
-            decided = []
-            for frame_id, timestamp in zip(event.frame_ids, event.timestamps):
-                span = held.decide_spans.pop(frame_id, None)
-                trace_context = c.NO_TRACE
-                if span is not None:
-                    span.set_attributes({"liveserve.fired": not event.silent, "liveserve.action": str(action)})
-                    trace_context = carried(span)
-                    span.end()
-                decided.append(c.Decision(sid, frame_id, timestamp, float(event.silent), not event.silent, action,
-                                         trace_context))
-            return decided
-        if isinstance(event, ResponseStarted):
-            self.metrics.responses.inc(tags={"trigger": event.trigger})
-            return [c.ResponseStarted(sid, event.timestamp, c.Trigger.COMMENTARY, "")]
-        if isinstance(event, ResponseDelta):
-            return [c.ResponseDelta(sid, event.text, len(event.token_ids))]
-        self._record_turn(held, event.timestamp, "assistant", event.text)
-        return [c.ResponseDone(sid, event.text, event.num_tokens, event.finish_reason, event.ttft_s, event.duration_s,
-                            event.token_ids)]
-
-    def _translate(self, held: _Held, event: Event) -> c.DecisionEvent | None:
-        sid = held.session_id
-        if isinstance(event, FrameDecision):
-            self.metrics.frames_decided.inc()
-            self.metrics.decision_latency.observe(event.lag_s)
-            trace_context = c.NO_TRACE
-            span = held.decide_spans.pop(event.frame_index, None)
-            if span is not None:
-                span.set_attributes({"liveserve.p_silent": event.p_silent, "liveserve.fired": event.fired,
-                                     "liveserve.action": event.action})
-                trace_context = carried(span)
-                span.end()
-            return c.Decision(sid, event.frame_index, event.timestamp, event.p_silent, event.fired,
-                             c.Action(event.action), trace_context)
-        if isinstance(event, FramesDropped):
-            self.metrics.frames_dropped.inc(len(event.timestamps))
-            for frame_id in event.frame_ids:
-                span = held.decide_spans.pop(frame_id, None)
-                if span is not None:
-                    span.set_attribute("liveserve.dropped", True)
-                    span.end()
-            return c.FramesDropped(sid, tuple(event.frame_ids), tuple(event.timestamps), event.reason)
-        if isinstance(event, ReplyRequested):
-            self.metrics.responses.inc(tags={"trigger": event.trigger})
-            held.reply_at = event.timestamp
-            trace_context = held.trigger_traces.pop(event.timestamp, c.NO_TRACE) if event.trigger == "query" else ()
-            return c.ReplyRequested(sid, c.Trigger(event.trigger), event.timestamp, event.query or "",
-                                 event.frame_index, trace_context)
-        if isinstance(event, SessionFailed):  # its own cache is full (the message says why), or a bug (logged)
-            message = event.message if event.code == "cache_full" else internal(
-                log, f"session {sid} failed on decision replica {self.replica}", detail=event.message)
-            held.failure = (_FAILURES[event.code].value[0], message)
-            self._worker.close_when_drained(sid, 0)
-            return None  # SessionClosed follows, with the status and the message
-        raise TypeError(f"a Decision session reported {type(event).__name__}")
 
     def _ended(self, session_id: str, session: Session) -> None:
         held = self.sessions.pop(session_id, None)
@@ -320,7 +234,7 @@ class DecisionService:
         if self.registry is not None:
             self._write_registry(self._close_record, held)
 
-    def _close_record(self, held: _Held) -> None:
+    def _close_record(self, held: HeldSession) -> None:
         """The record's last timestamp as the session ended (heartbeats carry it only every heartbeat_s, so
         the frames decided since the last one would be missing from its transcript), then closed."""
         if held.last_timestamp is not None:
@@ -339,7 +253,7 @@ class DecisionService:
 
     # ---- registry, metrics, introspection ------------------------------------------------------------------
 
-    def _record_turn(self, held: _Held, timestamp: float, role: str, text: str) -> None:
+    def _record_turn(self, held: HeldSession, timestamp: float, role: str, text: str) -> None:
         if self.registry is not None:
             self._write_registry(self.registry.record, held.session_id, self.replica, held.epoch,
                                  turn={"t": timestamp, "role": role, "text": text})
@@ -373,7 +287,7 @@ class DecisionService:
                 except Exception:
                     log.warning("heartbeat for session %s failed", held.session_id, exc_info=True)
 
-    async def _register_again(self, held: _Held) -> None:
+    async def _register_again(self, held: HeldSession) -> None:
         log.warning("session %s had no registry record any more (Redis restarted?); writing it again",
                     held.session_id)
         try:
