@@ -63,6 +63,13 @@ def add_parsers(sub, add_model_options, positive_float) -> None:
                         help="the served model the session runs (`liveserve models` lists them; default: the "
                              "deployment's default)")
     add_reconnect_options(client)
+    resume = client.add_argument_group("the connection to the server")
+    resume.add_argument("--resume-attempts", type=int, default=8, metavar="N",
+                        help="when the connection breaks (UNAVAILABLE: the network, or the Gateway stopping), "
+                             "reconnect and resume the session up to N times in a row before giving up; frames "
+                             "not yet decided are sent again (default: 8; 0: never)")
+    resume.add_argument("--resume-max-s", type=positive_float, default=2.0, metavar="S",
+                        help="longest wait between those attempts: waits double from 0.05 s up to this (default: 2)")
     add_connection_options(client)
 
     transcript = sub.add_parser("transcript", help="print a session's queries and replies (GetTranscript) as JSON "
@@ -147,15 +154,25 @@ def _stream(args, address: str) -> int:
     connection = {}  # `client` has connection flags; `demo` talks plaintext to the server it started itself
     if hasattr(args, "api_key"):
         connection = {"credentials": channel_credentials(args), "api_key": args.api_key,
-                      "reconnect": reconnect_policy(args), "model": args.served_model}
+                      "reconnect": reconnect_policy(args), "model": args.served_model, "resume": _resume_policy(args)}
     result = stream_video(address, video, fps=args.fps, realtime=not args.fast, queries=_queries(args),
                           threshold=args.threshold, max_frames=args.max_frames, **connection)
     print(f"liveserve: session {result.session_id}: {result.decisions} frames decided, {result.fired} fired, "
           f"{len(result.responses)} responses in {time.perf_counter() - started:.1f}s; "
           f"max decision lag {result.max_lag_s * 1e3:.0f} ms"
           + (f"; source: {result.source_reconnects} reconnects, {result.source_dropped} frames dropped"
-             if result.live else ""), file=sys.stderr)
+             if result.live else "")
+          + (f"; server connection: {len(result.reconnects)} resume(s), the longest "
+             f"{max(r.took_s for r in result.reconnects):.2f}s" if result.reconnects else ""), file=sys.stderr)
     return 0
+
+
+def _resume_policy(args):
+    from liveserve.services.client import ResumePolicy
+
+    if args.resume_attempts < 0:
+        raise ValueError(f"--resume-attempts must be >= 0, got {args.resume_attempts}")
+    return ResumePolicy(attempts=args.resume_attempts, max_delay_s=max(args.resume_max_s, 0.05))
 
 
 def cmd_client(args) -> int:
