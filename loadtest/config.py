@@ -60,6 +60,7 @@ class LoadConfig:
     open_timeout_s: float = 30.0  # Open -> SessionOpened (admission may queue behind a running step)
     drain_timeout_s: float = 30.0  # Close -> the last decision
     streams_per_connection: int = 32
+    resume_attempts: int = 8  # reconnections in a row a session whose connection broke may try (0: none)
     levels: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +101,8 @@ class LoadConfig:
         _check_range("--open-timeout", self.open_timeout_s, 0.0, 600.0, low_open=True, unit="s")
         _check_range("--drain-timeout", self.drain_timeout_s, 0.0, 3600.0, low_open=True, unit="s")
         _check_count("--streams-per-connection", self.streams_per_connection, 1000)
+        if not isinstance(self.resume_attempts, int) or not 0 <= self.resume_attempts <= 100:
+            raise ConfigError(f"--resume-attempts must be a whole number from 0 to 100, got {self.resume_attempts!r}")
         object.__setattr__(self, "levels", self._levels())
 
     def _levels(self) -> tuple[int, ...]:

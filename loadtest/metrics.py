@@ -176,6 +176,9 @@ class LevelReport:
     timeline: list[TimelinePoint]
     # With mixed models (--model repeated): per model, its sessions' figures ("" is the default model).
     by_model: dict[str, dict] = field(default_factory=dict)
+    resumes: int = 0  # streams that went on after their connection broke (resumed, or in a new session)
+    resume_ms: Distribution = field(default_factory=Distribution)  # the break -> SessionOpened
+    inputs_resent: int = 0  # frames, queries and Closes written again after those breaks
 
 
 def timeline(records: Sequence[SessionRecord], wall_s: float) -> list[TimelinePoint]:
@@ -230,7 +233,10 @@ def aggregate(records: Sequence[SessionRecord], *, sessions: int, wall_s: float,
         sessions_sustained=sum(r.sustained for r in records),
         errors=dict(sorted(errors.items())), error_messages=messages, warnings=dict(sorted(warnings.items())),
         slo_ms=slo_ms, slo_attainment=attainment, slo_met=meets_target(attainment, slo_target),
-        timeline=timeline(records, wall_s), by_model=per_model(records, slo_ms))
+        timeline=timeline(records, wall_s), by_model=per_model(records, slo_ms),
+        resumes=sum(len(r.resume_s) for r in records),
+        resume_ms=Distribution.of(v for r in records for v in r.resume_s),
+        inputs_resent=sum(r.inputs_resent for r in records))
 
 
 def per_model(records: Sequence[SessionRecord], slo_ms: float) -> dict[str, dict]:

@@ -75,6 +75,11 @@ def summary_text(report: RunReport) -> str:
             lines.append(f"{level.sessions} sessions: errors {errors}; warnings {warnings}")
             lines += [f"  {m}" for m in level.error_messages]
     for level in report.levels:
+        if level.resumes:
+            lines.append(f"{level.sessions} sessions: {level.resumes} resume(s) after a broken connection, p50 "
+                         f"{_f(level.resume_ms.p50_ms)} ms, max {_f(level.resume_ms.max_ms)} ms; "
+                         f"{level.inputs_resent} input(s) sent again")
+    for level in report.levels:
         for model, figures in level.by_model.items():
             lines.append(f"{level.sessions} sessions, model {model}: {figures['sessions']} sessions "
                          f"({figures['sessions_sustained']} sustained), {figures['frames_decided']} frames decided, "

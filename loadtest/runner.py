@@ -28,6 +28,8 @@ from liveserve.loadtest.metrics import LevelReport, LiveStats, RunReport, aggreg
 from liveserve.loadtest.progress import Progress
 from liveserve.loadtest.session import SessionDriver
 from liveserve.loadtest.workload import FrameBank, frame_bank
+from liveserve.services.client import ResumePolicy
+from liveserve.services.client.session import channel_options
 from liveserve.services.security.tls import channel_credentials
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LiveStream"].full_name
@@ -44,6 +46,7 @@ def _channel(config: LoadConfig) -> grpc.aio.Channel:
         ("grpc.use_local_subchannel_pool", 1),  # each channel its own TCP connection, not a shared one
         ("grpc.max_send_message_length", 16 << 20),
         ("grpc.max_receive_message_length", 16 << 20),
+        *channel_options(ResumePolicy()),  # a Gateway back after a restart is seen within the sessions' backoff
     ]
     if config.uses_tls:
         credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)

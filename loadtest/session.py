@@ -5,7 +5,9 @@ wall-clock schedule (frame k at first-frame + k / fps) whatever the server answe
 shows up as latency, lag and dropped frames rather than as a client that politely slows down.
 All times are `time.perf_counter()` (monotonic); reported instants are seconds since the level began.
 Frames are matched to their decisions by `frame_index` (the frame's number in this stream), never by
-timestamp, so frames with equal timestamps are told apart.
+timestamp, so frames with equal timestamps are told apart. The call is a LiveStreamClient
+(services/client/session.py): a session whose connection breaks resumes by itself, its undecided frames
+sent again and still numbered as first sent, so their latency includes the outage; the resumes are counted.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from liveserve.api.v1 import live_stream_pb2_grpc as pb_grpc
 from liveserve.loadtest.config import LoadConfig
 from liveserve.loadtest.metrics import LiveStats
 from liveserve.loadtest.workload import FrameBank, query_schedule, stream_plan
+from liveserve.services.client import ClientError, LiveStreamClient, Reconnected, ResumePolicy
 
 _TRIGGERS = {pb.TRIGGER_PROACTIVE: "proactive", pb.TRIGGER_QUERY: "query"}
 
@@ -55,6 +58,8 @@ class SessionRecord:
     status: str = "OK"  # final gRPC status name, or DEADLINE_EXCEEDED for a client-side timeout
     detail: str = ""
     closed: bool = False  # SessionClosed arrived
+    resume_s: list[float] = field(default_factory=list)  # per broken connection: the break -> SessionOpened again
+    inputs_resent: int = 0
 
     @property
     def sustained(self) -> bool:
@@ -96,21 +101,17 @@ class SessionDriver:
             return record
         record.started_s = self.clock() - self.origin
         self.live.sessions_active += 1
-        call = self.stub.Stream(timeout=self._deadline_s())
+        call = self._client()
         try:
             await self._stream(call)
         except TimeoutError as exc:  # client-side limits (open, drain): the server did not keep up
-            call.cancel()
             record.status, record.detail = "DEADLINE_EXCEEDED", str(exc)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass  # the call ended with a status; read below
+        except ClientError as exc:  # the stream ended with a status (after any resumes it was allowed)
+            if record.status == "OK":
+                record.status, record.detail = exc.code.name, exc.details
         finally:
-            if record.status == "OK" and call.done():
-                code = await call.code()
-                if code != grpc.StatusCode.OK:
-                    record.status, record.detail = code.name, (await call.details()) or ""
-            elif not call.done():
-                call.cancel()
+            await call.aclose()  # cancels a stream still going
+            record.inputs_resent = call.resent
             record.ended_s = self.clock() - self.origin
             record.undecided = len(self._sent_at)
             self.live.frames_dropped += record.undecided
@@ -123,6 +124,10 @@ class SessionDriver:
         """A backstop for the whole call; the open and drain timeouts normally fire first."""
         return self.config.open_timeout_s + self.config.duration_s + self.config.drain_timeout_s + 30.0
 
+    def _client(self) -> LiveStreamClient:
+        return LiveStreamClient(self.stub, self._open_message().open, timeout_s=self._deadline_s(),
+                                resume=ResumePolicy(attempts=self.config.resume_attempts))
+
     def _open_message(self) -> pb.ClientMessage:
         c = self.config
         open_ = pb.Open(model=self.record.model, fps=c.fps, max_new_tokens=c.max_new_tokens, cache=pb.CacheOptions(policy=c.cache_policy),
@@ -131,19 +136,15 @@ class SessionDriver:
             open_.threshold = c.threshold
         return pb.ClientMessage(open=open_)
 
-    async def _stream(self, call) -> None:
+    async def _stream(self, call: LiveStreamClient) -> None:
+        """ClientError when the stream ends with an error status (a server breaking the protocol too: its
+        first answer must be SessionOpened)."""
         sent = self.clock()
-        await call.write(self._open_message())
+        call.start()
         try:
-            first = await asyncio.wait_for(call.read(), self.config.open_timeout_s)
+            await asyncio.wait_for(call.read(), self.config.open_timeout_s)  # SessionOpened
         except TimeoutError:
             raise TimeoutError(f"no SessionOpened within {self.config.open_timeout_s:g} s") from None
-        if first is grpc.aio.EOF:
-            return  # ended before opening: the status says why
-        if first.WhichOneof("kind") != "opened":  # a server breaking the protocol fails the session
-            self.record.status = "UNKNOWN"
-            self.record.detail = f"expected SessionOpened first, got {first.WhichOneof('kind')}"
-            return
         self._t0 = self.clock()
         self.record.open_s = self._t0 - sent
         receiver = asyncio.create_task(self._receive(call))
@@ -156,12 +157,11 @@ class SessionDriver:
             await receiver  # raises the call's error status, if it ended with one
             return
         if (failure := sender.exception()) is not None:
-            if not isinstance(failure, (grpc.aio.AioRpcError, asyncio.InvalidStateError)):
+            if not isinstance(failure, ClientError):
                 raise failure  # a bug, not the server: do not dress it up as a status
-            await asyncio.gather(receiver, return_exceptions=True)  # the call is over; its status tells why
+            await receiver  # the stream is over: raises its status
             return
-        await call.write(pb.ClientMessage(close=pb.Close()))
-        await call.done_writing()
+        await call.close()
         try:  # Close drains: every frame sent is decided before SessionClosed
             await asyncio.wait_for(receiver, self.config.drain_timeout_s)
         except TimeoutError:
@@ -185,7 +185,7 @@ class SessionDriver:
                 record.queries_sent += 1
                 continue
             record.send_slip_s.append(now - due)
-            self._sent_at[record.frames_sent] = now  # the server numbers frames in the order they are sent
+            self._sent_at[record.frames_sent] = now  # the client numbers frames in the order they are sent
             await call.write(pb.ClientMessage(frame=pb.Frame(
                 timestamp=stream_t, image=self.bank.frame(self.index, index, fps))))
             record.frames_sent += 1
@@ -194,6 +194,9 @@ class SessionDriver:
     async def _receive(self, call) -> None:
         while (message := await call.read()) is not grpc.aio.EOF:
             now = self.clock()
+            if isinstance(message, Reconnected):
+                self.record.resume_s.append(message.took_s)
+                continue
             kind = message.WhichOneof("kind")
             if kind == "decision":
                 self._on_decision(message.decision, now)

@@ -278,3 +278,30 @@ def test_liveserve_client_goes_on_across_a_gateway_restart(local):
     (reconnect,) = result.reconnects
     assert "the connection broke (UNAVAILABLE: the server is shutting down" in err.getvalue()
     assert reconnect.took_s < 2.0
+
+
+def test_the_load_generator_resumes_its_sessions_and_counts_the_resumes(local):
+    from liveserve.loadtest.config import LoadConfig
+    from liveserve.loadtest.progress import Progress
+    from liveserve.loadtest.report import summary_text
+    from liveserve.loadtest.runner import run
+
+    relay = Relay(local.address)
+    config = LoadConfig(address=relay.address, sessions=2, duration_s=1.5, fps=8, frame_size=64, threshold=1.0,
+                        slo_ms=5000, streams_per_connection=1)
+    cutter = threading.Timer(0.7, relay.cut)  # mid-stream: both sessions are sending
+    cutter.start()
+    try:
+        report = run(config, progress=Progress(io.StringIO()))
+    finally:
+        cutter.join(10)
+        relay.close()
+    (level,) = report.levels
+    assert level.sessions_sustained == 2 and level.errors == {}, level.error_messages
+    assert level.resumes == 2 and level.resume_ms.max_ms < 2000
+    assert level.frames_sent == level.frames_scheduled == 2 * 12
+    # None lost, but for what the Gateway refuses: a resumed session's time goes on from the last frame it
+    # received, so of two or more frames in flight at the cut the earlier ones come back "backwards".
+    refused = level.warnings.get("BAD_FRAME", 0)
+    assert level.frames_decided + refused == level.frames_sent and level.frames_undecided == refused
+    assert "2 resume(s) after a broken connection" in summary_text(report)

@@ -207,6 +207,20 @@ class _FakeCall:
         self.clock.now = self.times.pop(0)
         return self.messages.pop(0)
 
+    def done(self) -> bool:
+        return not self.messages
+
+    def cancel(self) -> None:
+        self.messages = []
+
+
+class _FakeStub:
+    def __init__(self, call: _FakeCall) -> None:
+        self.call = call
+
+    def Stream(self, **kwargs) -> _FakeCall:
+        return self.call
+
 
 class _Clock:
     now = 0.0
@@ -257,7 +271,8 @@ def test_session_matches_decisions_replies_and_drops_by_frame_index():
 def test_a_server_that_answers_open_with_something_else_fails_the_session():
     driver = _driver()
     driver.clock = clock = _Clock()
-    asyncio.run(driver._stream(_FakeCall([pb.ServerMessage(decision=pb.Decision())], clock, [1.0])))
+    driver.stub = _FakeStub(_FakeCall([pb.ServerMessage(decision=pb.Decision())], clock, [1.0]))
+    asyncio.run(driver.run())
     assert driver.record.status == "UNKNOWN" and driver.record.detail == "expected SessionOpened first, got decision"
     assert not driver.record.sustained and driver.record.frames_sent == 0
 

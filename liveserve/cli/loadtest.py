@@ -78,6 +78,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="seed of the synthetic frames and the query arrivals (default: %(default)s)")
     load.add_argument("--streams-per-connection", type=int, default=_D.streams_per_connection, metavar="N",
                       help="sessions multiplexed on one HTTP/2 connection (default: %(default)s)")
+    load.add_argument("--resume-attempts", type=int, default=_D.resume_attempts, metavar="N",
+                      help="a session whose connection breaks (UNAVAILABLE: the network, or a Gateway stopping) "
+                           "reconnects and resumes up to N times in a row, resending the frames not yet decided; "
+                           "the report counts the resumes (default: %(default)s; 0: the session ends there)")
 
     frames = p.add_argument_group("frames")
     frames.add_argument("--video", metavar="PATH",
@@ -137,7 +141,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         slo_target=args.slo_target,
         sweep=parse_levels(args.sweep) if args.sweep else (), sweep_max=args.sweep_max,
         connect_timeout_s=args.connect_timeout, open_timeout_s=args.open_timeout,
-        drain_timeout_s=args.drain_timeout, streams_per_connection=args.streams_per_connection)
+        drain_timeout_s=args.drain_timeout, streams_per_connection=args.streams_per_connection,
+        resume_attempts=args.resume_attempts)
 
 
 def _check_writable(flag: str, path: str | None) -> None:
