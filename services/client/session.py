@@ -78,7 +78,6 @@ class LiveStreamClient:
         self._room = asyncio.Event()
         self._opened: asyncio.Future[pb.SessionOpened] | None = None
         self._task: asyncio.Task | None = None
-        self._call = None
         self._closing = False
         self._write_broke = False  # the current call's write failed in the transport
         self.session_id, self.resume_token = "", ""
@@ -239,7 +238,7 @@ class LiveStreamClient:
 
     async def _call_once(self, open_: pb.Open, broke_at: float | None, reason: str, attempt: int,
                          resuming: bool) -> None:
-        call = self._call = self._stub.Stream(timeout=self._timeout_s, metadata=self._metadata or None)
+        call = self._stub.Stream(timeout=self._timeout_s, metadata=self._metadata or None)
         try:
             try:
                 await call.write(pb.ClientMessage(open=open_))
