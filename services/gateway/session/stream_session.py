@@ -65,10 +65,12 @@ class StreamSession:
             resume_token=self.resume_token, next_frame_index=self.inputs.next_frame_id))
 
     def parked(self) -> Parked:
-        """What resuming the session needs, should its client come back (resume.py)."""
-        inputs = self.inputs
+        """What resuming the session needs, should its client come back (resume.py). Frames received but not
+        decided when the call broke are gone with it, so the resumed call takes frames from the last decided
+        one's time on: a client sends those frames again without their being refused as out of order."""
+        kept = self.relay.kept_frames
         return Parked(self.session_id, self.tenant.tenant if self.tenant is not None else "", self.pools.name,
-                      inputs.next_frame_id, max(0.0, inputs.last_timestamp), self.relay.kept_frames)
+                      self.inputs.next_frame_id, kept[-1].timestamp if kept else 0.0, kept)
 
     def shut_down(self, reason: str) -> None:
         """The server drains: take no more input, have what was sent decided, then end with `reason`."""
