@@ -13,16 +13,9 @@ from pathlib import Path
 from liveserve.cli import bench, loadtest, serve
 from liveserve.cli.options import add_model_options, default_model, load, load_live, positive_float, positive_int
 from liveserve.cli.source import add_reconnect_options, reconnect_policy
+from liveserve.config import (CACHE_POLICIES, DECODINGS, DEFAULT_THRESHOLD, SESSION_MODES, CacheConfig,
+                              CommentaryConfig, SessionConfig)
 from liveserve.frame_format import RESIZE_MODES
-from liveserve.config import (
-    CACHE_POLICIES,
-    DECODINGS,
-    DEFAULT_THRESHOLD,
-    SESSION_MODES,
-    CacheConfig,
-    CommentaryConfig,
-    SessionConfig,
-)
 
 _CACHE_DEFAULTS = CacheConfig()
 _COMMENTARY_DEFAULTS = CommentaryConfig()

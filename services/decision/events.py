@@ -9,24 +9,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry.trace import Span
+
+from liveserve.engine.events import (ChunkDone, Event, FrameDecision, FramesDropped, ReplyRequested, ResponseDelta,
+                                     ResponseDone, ResponseStarted, SessionFailed)
+from liveserve.engine.live.session import Session
 from liveserve.services.observability.telemetry import DecisionMetrics
 from liveserve.services.observability.tracing import carried
 from liveserve.services.wire import contracts as c
 from liveserve.services.wire.errors import internal
-from opentelemetry.trace import Span
-
-from liveserve.engine.events import (
-    ChunkDone,
-    Event,
-    FrameDecision,
-    FramesDropped,
-    ReplyRequested,
-    ResponseDelta,
-    ResponseDone,
-    ResponseStarted,
-    SessionFailed,
-)
-from liveserve.engine.live.session import Session
 
 log = logging.getLogger("liveserve.services.decision.service")  # one logger for the replica's lines
 _FAILURES = {"cache_full": grpc.StatusCode.RESOURCE_EXHAUSTED, "internal": grpc.StatusCode.INTERNAL}

@@ -18,6 +18,14 @@ import dataclasses
 import logging
 
 import grpc
+
+from liveserve.engine.batch import BatchEngine
+from liveserve.engine.events import Event
+from liveserve.engine.inputs import FeatureShapeError, RestoredTurn, SessionError
+from liveserve.engine.kv_pool import PoolFullError
+from liveserve.engine.live.session import Session
+from liveserve.engine.sessions import default_mode, tokens_per_frame
+from liveserve.model.live import LiveModel
 from liveserve.services.decision.events import EventTranslator, HeldSession
 from liveserve.services.decision.recovery import restore_items
 from liveserve.services.observability.telemetry import DecisionMetrics, GpuMetrics, sample_periodically
@@ -27,16 +35,6 @@ from liveserve.services.replica.outbox import GatewayLeases, Outboxes
 from liveserve.services.settings import ServiceSettings
 from liveserve.services.state.registry import RegistryError, SessionRegistry, UnknownSessionError
 from liveserve.services.wire import contracts as c
-
-from liveserve.engine.batch import BatchEngine
-from liveserve.engine.events import (
-    Event,
-)
-from liveserve.engine.inputs import FeatureShapeError, RestoredTurn, SessionError
-from liveserve.engine.kv_pool import PoolFullError
-from liveserve.engine.live.session import Session
-from liveserve.engine.sessions import default_mode, tokens_per_frame
-from liveserve.model.live import LiveModel
 
 log = logging.getLogger(__name__)
 
