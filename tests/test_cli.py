@@ -138,3 +138,13 @@ def test_tiny_writes_a_loadable_videollm_online_checkpoint(tmp_path, capsys):
     assert printed == f"{tmp_path / 'ckpt' / 'adapter'}\n"
     model = load_model(printed.strip(), device="cpu")
     assert model.vision is not None and model.layout.num_tokens == 10
+
+
+def test_bench_count_lists_are_checked_with_the_flag_named(capsys):
+    """Session counts and stream lengths that are not counts >= 1 are a one-line error naming the flag."""
+    for argv, flag in ((["engine", "--lengths", "100,x"], "--lengths"), (["batch", "--sessions", "0,4"], "--sessions"),
+                       (["capacity", "--sessions", "two"], "--sessions")):
+        assert main(["bench", *argv, "--json", "unused.json"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"liveserve: error: {flag} must be a comma-separated list of counts >= 1") and \
+            err.count("\n") == 1, err

@@ -117,24 +117,21 @@ def cmd_bench(args) -> int:
         return cmd_bench_capacity(args)
     from liveserve.bench.engine import run_engine_bench
 
-    lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
+    lengths = _counts(args.lengths, "--lengths")
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for policy in policies:
         if policy not in CACHE_POLICIES:
             raise ValueError(f"unknown cache policy {policy!r}; choose from {', '.join(CACHE_POLICIES)}")
-    if not lengths or lengths[0] < 1 or args.window < 1:
-        raise ValueError("--lengths must be positive frame counts and --window >= 1")
+    if args.window < 1:
+        raise ValueError(f"--window must be >= 1, got {args.window}")
     run_engine_bench(load_live(args, "bench engine"), lengths=lengths, policies=policies, window=args.window, out=args.json_out)
     return 0
 
 
 def cmd_bench_sessions(args) -> int:
-    try:
-        sessions = sorted({int(x) for x in args.sessions.split(",") if x.strip()})
-    except ValueError:
-        raise ValueError(f"--sessions must be a comma-separated list of counts, got {args.sessions!r}") from None
-    if not sessions or sessions[0] < 1 or args.rounds < 1 or args.warmup < 0:
-        raise ValueError("--sessions must be positive counts, --rounds >= 1 and --warmup >= 0")
+    sessions = _counts(args.sessions, "--sessions")
+    if args.rounds < 1 or args.warmup < 0:
+        raise ValueError("--rounds must be >= 1 and --warmup >= 0")
     if args.bench == "service":
         from liveserve.bench.service import BenchStalled, run_service_bench
 
@@ -159,15 +156,7 @@ def cmd_bench_capacity(args) -> int:
     from liveserve.bench.capacity import run_capacity_bench, sweep_levels
     from liveserve.bench.capacity_settings import CapacitySettings
 
-    if args.sessions:
-        try:
-            levels = sorted({int(x) for x in args.sessions.split(",") if x.strip()})
-        except ValueError:
-            raise ValueError(f"--sessions must be a comma-separated list of counts, got {args.sessions!r}") from None
-        if not levels or levels[0] < 1:
-            raise ValueError("--sessions must be positive counts")
-    else:
-        levels = sweep_levels(args.sweep_max)
+    levels = _counts(args.sessions, "--sessions") if args.sessions else sweep_levels(args.sweep_max)
     if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
         raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
     settings = CapacitySettings(fps=args.fps, duration_s=args.duration, warmup_s=args.warmup, slo_ms=args.slo_ms,
@@ -191,3 +180,14 @@ def cmd_bench_capacity(args) -> int:
                        sweep=not args.sessions, refine=args.refine, memory_fraction=args.memory_fraction,
                        attention=args.attention)
     return 0
+
+
+def _counts(text: str, flag: str) -> list[int]:
+    """A comma-separated list of counts >= 1 (session counts, stream lengths), sorted, each once."""
+    try:
+        counts = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise ValueError(f"{flag} must be a comma-separated list of counts >= 1, got {text!r}")
+    return counts
