@@ -40,8 +40,9 @@ class SessionRecovery:
         self.client.warn(pb.WARNING_CODE_SESSION_RECOVERED,
                          f"resumed: the session was rebuilt from its last {len(parked.frames)} frame(s)"
                          f"{'' if parked.frames else ' (another gateway kept them, or they expired)'} and "
-                         f"{self.where.decision.restored_turns} turn(s) of conversation; frames sent after the "
-                         f"connection broke never arrived; the next frame gets index {parked.next_frame}")
+                         f"{self.where.decision.restored_turns} turn(s) of conversation; frames not decided before "
+                         f"the connection broke were not kept: send those from {parked.last_timestamp:.3f}s on "
+                         f"again; the next frame gets index {parked.next_frame}")
 
     # ---- moving to another Decision replica --------------------------------------------------------------------
 
